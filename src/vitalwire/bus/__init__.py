@@ -1,0 +1,20 @@
+"""Fan-out and stream history behind a small interface; the URL scheme picks the backend."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from vitalwire.bus.base import Bus, Listener
+
+
+def open_bus(url: str, *, history_size: int = 1000) -> Bus:
+    """Return an (unopened) bus for ``url``: ``memory://`` (default)."""
+    scheme = urlparse(url).scheme
+    if scheme == "memory":
+        from vitalwire.bus.memory import MemoryBus
+
+        return MemoryBus(history_size=history_size)
+    raise ValueError(f"bus URL must start with memory://, got {url!r}")
+
+
+__all__ = ["Bus", "Listener", "open_bus"]

@@ -1,0 +1,314 @@
+"""The ``vitalwire`` command: serve, demo, simulate, watch, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from vitalwire import __version__
+from vitalwire.settings import Settings
+
+app = typer.Typer(help="vitalwire: real-time vital-signs monitoring.", no_args_is_help=True)
+admin_app = typer.Typer(help="Administer patients, devices, bindings and users.", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+console = Console()
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="Store URL (sqlite:///... or postgresql://...).")]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _uvicorn_server(settings: Settings, log_level: str = "info", asgi: Any = None) -> Any:
+    import uvicorn
+
+    from vitalwire.app import create_app
+
+    config = uvicorn.Config(
+        asgi if asgi is not None else create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.hard_frame_bytes,
+        ws_ping_interval=settings.heartbeat_s,
+        ws_ping_timeout=settings.heartbeat_s,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    return uvicorn.Server(config)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(__version__)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (0 picks a free one).")] = None,
+    db: DbOpt = None,
+    bus: Annotated[str | None, typer.Option("--bus", help="Bus URL (memory://).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the server. Every option may also come from VITALWIRE_* environment variables."""
+    settings = _settings(host=host, port=port, db=db, bus=bus)
+    _uvicorn_server(settings, log_level).run()
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    db: Annotated[str, typer.Option("--db", help="Store URL.")] = "sqlite:///./vitalwire.db",
+    patients: Annotated[int, typer.Option(help="Simulated patients.")] = 12,
+    rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
+) -> None:
+    """Server + a simulated ward of 12 patients on SQLite and the in-memory bus. Ctrl-C stops."""
+    settings = _settings(host=host, port=port, db=db, bus="memory://")
+    asyncio.run(_demo(settings, patients, rate))
+
+
+async def _demo(settings: Settings, patients: int, rate: float) -> None:
+    from vitalwire.provision import provision_ward
+    from vitalwire.simulator import SimDevice, run_ward
+
+    from vitalwire.app import create_app
+
+    asgi = create_app(settings)
+    server = _uvicorn_server(settings, "warning", asgi)
+    serving = asyncio.create_task(server.serve())
+    while not server.started:  # uvicorn offers no event for this; poll its flag
+        if serving.done():
+            await serving
+            return
+        await asyncio.sleep(0.05)
+    svc = asgi.state.services
+    creds = await provision_ward(svc.store, patients=patients, registry=svc.registry)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base = f"http://{settings.host}:{port}"
+    _print_banner(base, creds.users, patients, settings.db)
+    devices = [SimDevice(d["device_id"], d["secret"], d["patient_id"]) for d in creds.devices]
+    stop = asyncio.Event()
+    ward = asyncio.create_task(
+        run_ward(base, devices, rate_hz=rate, scenario="mixed", stop=stop)
+    )
+    try:
+        await serving
+    finally:
+        stop.set()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(ward, 15)
+        console.print("[bold]vitalwire demo stopped.[/bold]")
+
+
+def _print_banner(base: str, users: list[dict[str, str]], patients: int, db: str) -> None:
+    ws = base.replace("http://", "ws://")
+    console.rule("[bold green]vitalwire demo is running")
+    console.print(f"  Health        {base}/healthz")
+    console.print(f"  Login (REST)  POST {base}/auth/login")
+    console.print(f"  Clients (WS)  {ws}/ws")
+    console.print(f"  Devices (WS)  {ws}/ws/device")
+    console.print(f"  API docs      {base}/docs")
+    console.print(f"  Store         {db}   Bus memory://")
+    console.print(f"  Simulated ward: {patients} patients (P001..), one monitor each, mixed scenarios")
+    console.print("  Demo users:")
+    for u in users:
+        console.print(f"    {u['role']:<10} {u['username']} / {u['password']}")
+    console.print(
+        f"  Watch live:   .venv/bin/vitalwire watch --url {base} "
+        "--user clinician --password vitalwire-clinician"
+    )
+    console.print("  Stop:         Ctrl-C")
+    console.rule()
+
+
+@app.command()
+def simulate(
+    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
+    devices: Annotated[int, typer.Option(help="Number of simulated devices.")] = 12,
+    rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
+    scenario: Annotated[str, typer.Option(help="normal, desaturation, tachycardia, bradycardia, "
+                                          "probe_off, battery_drain, disconnect, or mixed.")] = "mixed",
+    duration: Annotated[float | None, typer.Option(help="Seconds to run (default: until Ctrl-C).")] = None,
+    replay: Annotated[Path | None, typer.Option(help="Replay a BIDMC numerics CSV on one device.")] = None,
+    speed: Annotated[float, typer.Option(help="Replay speed (1 = real time, 0 = flat out).")] = 1.0,
+    credentials: Annotated[Path | None, typer.Option(help="JSON written by `admin provision-ward`.")] = None,
+    db: DbOpt = None,
+    prefix: Annotated[str, typer.Option(help="Id prefix when provisioning via --db.")] = "",
+) -> None:
+    """Simulated devices streaming realistic physiology (or a recorded file) to a server.
+
+    Devices come from --credentials, or are provisioned in the store given by --db (default: the
+    server's default SQLite file).
+    """
+    from vitalwire.simulator import SimDevice, replay_file, run_ward
+
+    async def main() -> None:
+        if credentials is not None:
+            from vitalwire.provision import WardCredentials
+
+            creds = WardCredentials.load(credentials)
+        else:
+            creds = await _provision(db, devices, prefix)
+        devs = [SimDevice(d["device_id"], d["secret"], d.get("patient_id")) for d in creds.devices]
+        if replay is not None:
+            client = await replay_file(url, devs[0], replay, speed=speed)
+            console.print(f"replayed {client.seq} readings from {replay}, {client.acked} acknowledged")
+            return
+        clients = await run_ward(url, devs[:devices], rate_hz=rate, scenario=scenario,
+                                 duration_s=duration)
+        sent = sum(c.seq for c in clients)
+        acked = sum(c.acked for c in clients)
+        console.print(f"{len(clients)} devices sent {sent} readings, {acked} acknowledged")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+async def _provision(db: str | None, patients: int, prefix: str) -> Any:
+    from vitalwire.provision import provision_ward
+    from vitalwire.store import open_store
+
+    store = open_store(db or Settings().db)
+    await store.open()
+    try:
+        return await provision_ward(store, patients=patients, prefix=prefix, users=False)
+    finally:
+        await store.close()
+
+
+@app.command()
+def watch(
+    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
+    user: Annotated[str, typer.Option(help="Username.")] = "clinician",
+    password: Annotated[str, typer.Option(help="Password.", envvar="VITALWIRE_PASSWORD")] = "vitalwire-clinician",
+    patients: Annotated[str | None, typer.Option(help="Comma-separated patient ids (default all).")] = None,
+    once: Annotated[bool, typer.Option(help="Print one table after the snapshot and exit.")] = False,
+) -> None:
+    """A live terminal view of patients' vitals and device status."""
+    from vitalwire.watch import run_watch
+
+    ids = [p.strip() for p in patients.split(",")] if patients else None
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_watch(url, user, password, ids, once=once, console=console))
+
+
+# -- admin ------------------------------------------------------------------------------------
+
+
+def _run_admin(db: str | None, fn: Any) -> Any:
+    from vitalwire.services.registry import Registry
+    from vitalwire.store import open_store
+
+    async def main() -> Any:
+        store = open_store(db or Settings().db)
+        await store.open()
+        try:
+            return await fn(Registry(store, time.time), store)
+        finally:
+            await store.close()
+
+    from vitalwire.core.errors import PeerError
+
+    try:
+        return asyncio.run(main())
+    except PeerError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+
+
+@admin_app.command("create-patient")
+def create_patient(
+    patient_id: str, name: Annotated[str, typer.Option(help="Full name.")],
+    ward: Annotated[str, typer.Option(help="Ward id.")] = "ward-a", db: DbOpt = None,
+) -> None:
+    """Create a patient."""
+    out = _run_admin(db, lambda reg, _s: reg.create_patient(patient_id, name, ward))
+    console.print(json.dumps(out))
+
+
+@admin_app.command("create-device")
+def create_device(
+    device_id: str, kind: Annotated[str, typer.Option(help="Device kind.")] = "monitor",
+    db: DbOpt = None,
+) -> None:
+    """Create a device and print its secret (shown once, stored hashed)."""
+    cred = _run_admin(db, lambda reg, _s: reg.create_device(device_id, kind))
+    console.print(json.dumps({"device_id": cred.device_id, "secret": cred.secret}))
+
+
+@admin_app.command("rotate-device-secret")
+def rotate_device_secret(device_id: str, db: DbOpt = None) -> None:
+    """Give a device a new secret (printed once); the old one stops working."""
+    cred = _run_admin(db, lambda reg, _s: reg.rotate_device_secret(device_id))
+    console.print(json.dumps({"device_id": cred.device_id, "secret": cred.secret}))
+
+
+@admin_app.command("bind")
+def bind(device_id: str, patient_id: str, db: DbOpt = None) -> None:
+    """Bind a device to a patient (ends its previous binding: a transfer)."""
+    _run_admin(db, lambda reg, _s: reg.bind(device_id, patient_id))
+    console.print(f"{device_id} -> {patient_id}")
+
+
+@admin_app.command("unbind")
+def unbind(device_id: str, db: DbOpt = None) -> None:
+    """End a device's binding."""
+    _run_admin(db, lambda reg, _s: reg.unbind(device_id))
+    console.print(f"{device_id} unbound")
+
+
+@admin_app.command("create-user")
+def create_user(
+    username: str,
+    role: Annotated[str, typer.Option(help="admin, clinician or viewer.")] = "clinician",
+    password: Annotated[str | None, typer.Option(help="Password (prompted if absent).")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Create a user (password hashed with argon2)."""
+    pw = password or typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    out = _run_admin(db, lambda reg, _s: reg.create_user(username, pw, role))
+    console.print(json.dumps(out))
+
+
+@admin_app.command("list-patients")
+def list_patients(db: DbOpt = None) -> None:
+    """List patients and their bound devices."""
+    rows = _run_admin(db, lambda _r, store: store.list_patients())
+    for p in rows:
+        console.print(f"{p['id']:<10} {p['ward']:<10} {p['name']:<24} {','.join(p['devices'])}")
+
+
+@admin_app.command("provision-ward")
+def provision_ward_cmd(
+    patients: Annotated[int, typer.Option(help="Patients, one monitor each.")] = 12,
+    out: Annotated[Path, typer.Option(help="Where to write device credentials (JSON).")] = Path(
+        "vitalwire-credentials.json"
+    ),
+    prefix: Annotated[str, typer.Option(help="Id prefix.")] = "",
+    db: DbOpt = None,
+) -> None:
+    """Create patients P001.., monitors mon-001.. bound to them, demo users; write credentials."""
+    from vitalwire.provision import provision_ward
+
+    creds = _run_admin(db, lambda _r, store: provision_ward(store, patients=patients, prefix=prefix))
+    creds.save(out)
+    console.print(f"{len(creds.devices)} devices provisioned; credentials in {out}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    app()

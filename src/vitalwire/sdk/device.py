@@ -1,0 +1,291 @@
+"""The device client: hello, send readings, reconnect with backoff, resend what is not acknowledged.
+
+How it works: every reading gets the next ``seq`` and goes into a bounded buffer of unacknowledged
+readings. A sender task transmits the buffer in order; the server's cumulative ``ack`` trims it.
+After a reconnect the server's ``welcome`` says the last durable seq: everything after it is sent
+again (the server drops duplicates by (device, seq)). Past ``buffer_size`` the oldest readings are
+dropped and counted in :attr:`DeviceClient.dropped`.
+
+Report by exception (push on change): with a :class:`ReportByException` policy, a measurement is
+sent only when a metric moved past its deadband since the last one sent, or when ``max_silence_s``
+has passed, so a stable patient costs little bandwidth and silence never looks like a dead device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from vitalwire import wire
+
+log = logging.getLogger("vitalwire.sdk.device")
+
+#: Default deadbands for report by exception (units of each metric).
+DEFAULT_DEADBANDS: dict[str, float] = {
+    "spo2": 1.0,
+    "pulse": 2.0,
+    "hr": 2.0,
+    "rr": 1.0,
+    "temp_c": 0.1,
+    "sbp": 3.0,
+    "dbp": 3.0,
+    "pi": 0.5,
+    "battery": 5.0,
+}
+
+
+@dataclass
+class ReportByException:
+    """Send a measurement only when it changed past a deadband, or after ``max_silence_s``."""
+
+    deadbands: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DEADBANDS))
+    max_silence_s: float = 30.0
+    _last: dict[str, Any] = field(default_factory=dict)
+    _last_ts: float | None = None
+
+    def should_send(self, values: dict[str, Any], ts: float) -> bool:
+        if self._last_ts is None or ts - self._last_ts >= self.max_silence_s:
+            return True
+        if set(values) != set(self._last):
+            return True
+        for name, value in values.items():
+            old = self._last.get(name)
+            if isinstance(value, bool) or name not in self.deadbands:
+                if value != old:
+                    return True
+            elif old is None or abs(float(value) - float(old)) >= self.deadbands[name]:
+                return True
+        return False
+
+    def sent(self, values: dict[str, Any], ts: float) -> None:
+        self._last = dict(values)
+        self._last_ts = ts
+
+
+class DeviceClient:
+    """A device's connection to vitalwire. Use as an async context manager or start()/close()."""
+
+    def __init__(
+        self,
+        url: str,
+        device_id: str,
+        secret: str,
+        *,
+        firmware: str | None = "vitalwire-sdk",
+        buffer_size: int = 10_000,
+        report: ReportByException | None = None,
+        clock: Callable[[], float] = time.time,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+        max_batch: int = 200,
+    ) -> None:
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/ws/device") else "/ws/device")
+        self.url = self.url.replace("http://", "ws://").replace("https://", "wss://")
+        self.device_id = device_id
+        self.secret = secret
+        self.firmware = firmware
+        self.buffer_size = buffer_size
+        self.report = report
+        self.clock = clock
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.max_batch = max_batch
+        self.seq = 0
+        self.acked = 0
+        self.dropped = 0
+        self.skipped = 0  # measurements not sent because of report by exception
+        self.errors: list[wire.Error] = []
+        self.patient_id: str | None = None
+        self.connections = 0
+        self.on_error: Callable[[wire.Error], None] | None = None
+        self.on_message: Callable[[Any], Awaitable[None] | None] | None = None
+        self._buffer: deque[wire.ReadingBody] = deque()
+        self._sent_upto = 0
+        self._new = asyncio.Event()
+        self._acked_cond = asyncio.Condition()
+        self._connected = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> DeviceClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self, *, wait: bool = True, timeout: float = 10.0) -> None:
+        """Start connecting (and reconnecting). With ``wait``, return once welcomed."""
+        self._task = asyncio.create_task(self._run(), name=f"device-{self.device_id}")
+        if wait:
+            await self.wait_connected(timeout)
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+    async def drop_connection(self) -> None:
+        """Abort the current connection (tests, simulated network loss); it reconnects."""
+        ws = self._ws
+        if ws is not None:
+            ws.transport.abort()
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def send(self, values: dict[str, Any] | None = None, ts: float | None = None, **kw: Any) -> int:
+        """Queue one reading; return its seq, or 0 when report by exception skipped it."""
+        values = {**(values or {}), **kw}
+        ts = self.clock() if ts is None else ts
+        if self.report is not None:
+            if not self.report.should_send(values, ts):
+                self.skipped += 1
+                return 0
+            self.report.sent(values, ts)
+        self.seq += 1
+        body = wire.ReadingBody(seq=self.seq, ts=ts, **values)
+        self._buffer.append(body)
+        while len(self._buffer) > self.buffer_size:
+            self._buffer.popleft()
+            self.dropped += 1
+        self._new.set()
+        return self.seq
+
+    @property
+    def unacked(self) -> int:
+        return len(self._buffer)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every reading sent so far is acknowledged (durable on the server)."""
+        target = self.seq
+
+        async def _wait() -> None:
+            async with self._acked_cond:
+                await self._acked_cond.wait_for(lambda: self.acked >= target or not self._buffer)
+
+        await asyncio.wait_for(_wait(), timeout)
+
+    async def send_raw(self, frame: str) -> None:
+        """Send a frame as-is (tests of the server's validation)."""
+        assert self._ws is not None
+        await self._ws.send(frame)
+
+    # -- connection loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.backoff_initial_s
+        while not self._closing:
+            try:
+                async with connect(
+                    self.url, proxy=None, max_size=2**20, ping_interval=20, open_timeout=10
+                ) as ws:
+                    self._ws = ws
+                    await self._session(ws)
+                    delay = self.backoff_initial_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # network errors, server restarts: retry with backoff
+                log.debug("device %s connection ended: %r", self.device_id, exc)
+            finally:
+                self._ws = None
+                self._connected.clear()
+            if self._closing:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.backoff_max_s)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        hello = wire.Hello(self.device_id, self.secret, self.firmware, last_seq=self.seq)
+        await ws.send(wire.encode_text(hello))
+        welcome = wire.decode_from_server_to_device(await ws.recv())
+        if isinstance(welcome, wire.Error):
+            self.errors.append(welcome)
+            raise ConnectionError(f"{welcome.code}: {welcome.message}")
+        assert isinstance(welcome, wire.Welcome)
+        self.patient_id = welcome.patient_id
+        await self._on_ack(welcome.last_seq)
+        self._sent_upto = welcome.last_seq
+        self.max_batch = min(self.max_batch, welcome.max_batch)
+        self.connections += 1
+        self._connected.set()
+        sender = asyncio.create_task(self._sender(ws))
+        try:
+            async for raw in ws:
+                msg = wire.decode_from_server_to_device(raw)
+                if isinstance(msg, wire.Ack):
+                    await self._on_ack(msg.seq)
+                elif isinstance(msg, wire.Error):
+                    self._on_server_error(msg)
+                elif isinstance(msg, wire.Ping):
+                    await ws.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
+                if self.on_message is not None:
+                    result = self.on_message(msg)
+                    if result is not None:
+                        await result
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+
+    async def _sender(self, ws: ClientConnection) -> None:
+        while True:
+            pending = [b for b in self._buffer if b.seq > self._sent_upto]
+            if not pending:
+                self._new.clear()
+                await self._new.wait()
+                continue
+            for i in range(0, len(pending), self.max_batch):
+                chunk = pending[i : i + self.max_batch]
+                if len(chunk) == 1:
+                    b = chunk[0]
+                    frame = wire.encode_text(wire.Reading(**_fields(b)))
+                else:
+                    frame = wire.encode_text(wire.Readings(chunk))
+                await ws.send(frame)
+                self._sent_upto = chunk[-1].seq
+
+    async def _on_ack(self, seq: int) -> None:
+        if seq > self.acked:
+            self.acked = seq
+        while self._buffer and self._buffer[0].seq <= self.acked:
+            self._buffer.popleft()
+        async with self._acked_cond:
+            self._acked_cond.notify_all()
+
+    def _on_server_error(self, err: wire.Error) -> None:
+        self.errors.append(err)
+        if err.seq is not None:  # this reading was rejected for good: never resend it
+            self._buffer = deque(b for b in self._buffer if b.seq != err.seq)
+        if self.on_error is not None:
+            self.on_error(err)
+
+
+def _fields(body: wire.ReadingBody) -> dict[str, Any]:
+    return {f: getattr(body, f) for f in body.__struct_fields__}

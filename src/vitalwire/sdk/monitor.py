@@ -1,0 +1,233 @@
+"""The monitor client: log in, subscribe to patient streams, iterate events; resume by offset.
+
+It remembers the last offset of every stream it has seen. When the connection drops (network,
+server restart, slow-consumer close) it reconnects, authenticates again and subscribes with
+``since`` = those offsets, so the caller's iteration continues with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from vitalwire import wire
+
+log = logging.getLogger("vitalwire.sdk.monitor")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    stream: str
+    offset: int
+    kind: str
+    ts: float
+    data: dict[str, Any]
+
+
+def _base(url: str) -> str:
+    return url.rstrip("/").removesuffix("/ws")
+
+
+async def login(url: str, username: str, password: str) -> str:
+    """``POST /auth/login``; return the access token."""
+    http = _base(url).replace("ws://", "http://").replace("wss://", "https://")
+    async with httpx.AsyncClient(base_url=http, timeout=10) as client:
+        r = await client.post("/auth/login", json={"username": username, "password": password})
+        if r.status_code != 200:
+            raise PermissionError(f"login failed: {r.status_code} {r.text}")
+        token: str = r.json()["access_token"]
+        return token
+
+
+class MonitorClient:
+    """A clinician-side client. ``url`` is the server's base URL (http:// or ws://)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        reconnect: bool = True,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        base = _base(url)
+        self.http_url = base.replace("ws://", "http://").replace("wss://", "https://")
+        self.ws_url = base.replace("http://", "ws://").replace("https://", "wss://") + "/ws"
+        self.token = token
+        self.username = username
+        self.password = password
+        self.reconnect = reconnect
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.offsets: dict[str, int] = {}
+        self.starts: dict[str, wire.StreamStart] = {}
+        self.reconnects = 0
+        self.close_codes: list[int | None] = []
+        self._streams: list[str] = []
+        self._ws: ClientConnection | None = None
+        self._events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 0
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._closing = False
+
+    async def __aenter__(self) -> MonitorClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        if self.token is None:
+            if self.username is None or self.password is None:
+                raise ValueError("MonitorClient needs a token or a username and password")
+            self.token = await login(self.http_url, self.username, self.password)
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+    async def drop_connection(self) -> None:
+        """Abort the connection (tests); it reconnects and resumes."""
+        if self._ws is not None:
+            self._ws.transport.abort()
+
+    async def subscribe(
+        self, streams: list[str], since: dict[str, int] | None = None, timeout: float = 10.0
+    ) -> dict[str, wire.StreamStart]:
+        """Subscribe; return where each stream starts (snapshot, offset, recovered)."""
+        for s in streams:
+            if s not in self._streams:
+                self._streams.append(s)
+        reply = await self.request(wire.Subscribe(streams=streams, since=since), timeout)
+        if isinstance(reply, wire.Error):
+            raise ValueError(f"{reply.code}: {reply.message}")
+        assert isinstance(reply, wire.Subscribed)
+        return self._started(reply)
+
+    def _started(self, reply: wire.Subscribed) -> dict[str, wire.StreamStart]:
+        out = {}
+        for start in reply.streams:
+            out[start.stream] = start
+            self.starts[start.stream] = start
+            if not start.recovered or start.stream not in self.offsets:
+                # the snapshot stands for everything up to start.offset; replayed events follow
+                self.offsets[start.stream] = start.offset - start.replayed
+        return out
+
+    async def request(self, msg: Any, timeout: float = 10.0) -> Any:
+        """Send a request with a fresh id and wait for the reply that echoes it."""
+        if self._ws is None:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        self._next_id += 1
+        msg.id = self._next_id
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[msg.id] = fut
+        assert self._ws is not None
+        await self._ws.send(wire.encode_text(msg))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(msg.id, None)
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Every event, in offset order per stream, across reconnects."""
+        while True:
+            item = await self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def next_event(self, timeout: float = 10.0) -> StreamEvent:
+        item = await asyncio.wait_for(self._events.get(), timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    # -- connection loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.backoff_initial_s
+        first = True
+        while not self._closing:
+            try:
+                async with connect(self.ws_url, proxy=None, max_size=2**24) as ws:
+                    await ws.send(wire.encode_text(wire.Auth(token=self.token or "", id=0)))
+                    reply = wire.decode_from_server_to_client(await ws.recv())
+                    if isinstance(reply, wire.Error):
+                        raise PermissionError(f"{reply.code}: {reply.message}")
+                    self._ws = ws
+                    if self._streams:  # resume where we were
+                        since = {s: self.offsets[s] for s in self._streams if s in self.offsets}
+                        await ws.send(
+                            wire.encode_text(wire.Subscribe(self._streams, since or None, id=-1))
+                        )
+                    if not first:
+                        self.reconnects += 1
+                    first = False
+                    self._ready.set()
+                    delay = self.backoff_initial_s
+                    await self._receive(ws)
+            except asyncio.CancelledError:
+                raise
+            except PermissionError as exc:
+                self._events.put_nowait(exc)
+                return
+            except Exception as exc:
+                log.debug("monitor connection ended: %r", exc)
+            finally:
+                self._ws = None
+                self._ready.clear()
+            if self._closing or not self.reconnect:
+                self._events.put_nowait(ConnectionError("connection closed"))
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.backoff_max_s)
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
+                msg = wire.decode_from_server_to_client(raw)
+                if isinstance(msg, wire.EventFrame):
+                    last = self.offsets.get(msg.stream, 0)
+                    if msg.offset <= last:
+                        continue  # already delivered to the caller before a reconnect
+                    self.offsets[msg.stream] = msg.offset
+                    data = msgspec.json.decode(msg.data)
+                    self._events.put_nowait(
+                        StreamEvent(msg.stream, msg.offset, msg.kind, msg.ts, data)
+                    )
+                elif isinstance(msg, wire.Ping):
+                    await ws.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
+                elif isinstance(msg, wire.Subscribed) and msg.id == -1:
+                    self._started(msg)
+                else:
+                    req_id = getattr(msg, "id", None)
+                    fut = self._pending.get(req_id) if req_id is not None else None
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+        except websockets.ConnectionClosed as exc:
+            self.close_codes.append(exc.rcvd.code if exc.rcvd else None)

@@ -1,0 +1,190 @@
+"""A client (clinician app, dashboard, ``vitalwire watch``) connection, independent of transport.
+
+How the send path works: the fan-out calls :meth:`ClientSession.push` without awaiting. Frames go
+into two queues that one sender task (in the transport) drains: ``_control`` (replies, snapshots,
+replayed events) first, then ``_live`` (live events). A stream's ``subscribed`` reply and replay are
+queued before any of its live events can be, so per-stream order holds. ``_live`` is bounded:
+past ``max_queue`` frames the client is too slow and is closed with the slow-consumer code; it then
+resumes from its last offset (docs/protocol.md).
+
+Resume is race-free: on subscribe the session first registers for live events (which it *holds*),
+then replays from the bus history or the store up to the offset it registered at, then releases
+the held events, dropping any at or below the last offset sent. Nothing is missed at the seam and
+nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from vitalwire.core import events as ev
+from vitalwire.core.errors import InvalidMessage
+from vitalwire.services.auth import Principal
+from vitalwire.services.streams import Streams
+from vitalwire.wire import Event, StreamStart, Subscribed, encode_text
+
+CLOSE_SLOW_CONSUMER = 4008
+
+
+class ClientSession:
+    """Subscriptions and the bounded outgoing queues of one client connection."""
+
+    def __init__(
+        self,
+        principal: Principal,
+        streams: Streams,
+        *,
+        max_queue: int = 5000,
+        max_streams: int = 200,
+        max_replay: int = 50_000,
+        on_overflow: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.principal = principal
+        self.streams = streams
+        self.max_queue = max_queue
+        self.max_streams = max_streams
+        self.max_replay = max_replay
+        self.on_overflow = on_overflow
+        self._last: dict[str, int] = {}  # last offset queued per subscribed stream
+        self._holding: dict[str, list[Event]] = {}
+        self._control: deque[str] = deque()
+        self._live: deque[str] = deque()
+        self._wake = asyncio.Event()
+        self.closed = False
+        self.overflowed = False
+
+    # -- fan-out side (never awaits) ------------------------------------------------------------
+
+    def push(self, event: Event) -> None:
+        held = self._holding.get(event.stream)
+        if held is not None:
+            held.append(event)
+            return
+        last = self._last.get(event.stream)
+        if last is None or event.offset <= last or self.closed:
+            return
+        self._last[event.stream] = event.offset
+        if len(self._live) >= self.max_queue:
+            self._overflow()
+            return
+        self._live.append(event.frame)
+        self._wake.set()
+
+    def send(self, frame: str) -> None:
+        """Queue a reply or control frame."""
+        if self.closed:
+            return
+        self._control.append(frame)
+        self._wake.set()
+
+    def _overflow(self) -> None:
+        if self.overflowed:
+            return
+        self.overflowed = True
+        self._live.clear()
+        self._control.clear()
+        if self.on_overflow is not None:
+            self.on_overflow(CLOSE_SLOW_CONSUMER, "slow consumer: send queue full, resume by offset")
+
+    # -- sender side ----------------------------------------------------------------------------
+
+    async def take(self) -> list[str] | None:
+        """Wait for frames to send; ``None`` once the session is closed."""
+        while not self._control and not self._live:
+            if self.closed or self.overflowed:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        out = list(self._control)
+        self._control.clear()
+        out.extend(self._live)
+        self._live.clear()
+        return out
+
+    @property
+    def queued(self) -> int:
+        return len(self._control) + len(self._live)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def subscribe(
+        self, streams: list[str], since: dict[str, int] | None, req_id: int | None
+    ) -> None:
+        """Subscribe to ``streams``; queue the ``subscribed`` reply, the replay, then go live."""
+        names = list(dict.fromkeys(ev.check_stream(s) for s in streams))
+        if not names:
+            raise InvalidMessage("streams must name at least one stream", field="streams")
+        since = since or {}
+        for s in since:
+            if s not in names:
+                raise InvalidMessage(f"since names {s!r}, which is not in streams", field="since")
+        new = [s for s in names if s not in self._last]
+        if len(self._last) + len(new) > self.max_streams:
+            raise InvalidMessage(
+                f"streams per connection must be at most {self.max_streams}, "
+                f"got {len(self._last) + len(new)}",
+                field="streams",
+            )
+        starts: list[tuple[str, int, dict[str, Any]]] = []
+        for s in names:
+            self._holding[s] = []
+            self.streams.detach(s, self)
+            offset, snapshot = self.streams.attach(s, self)
+            starts.append((s, offset, snapshot))
+        replays: dict[str, list[Event] | None] = {}
+        try:
+            for s, offset, _ in starts:
+                after = since.get(s)
+                if after is None:
+                    replays[s] = []
+                elif after < 0 or after > offset or offset - after > self.max_replay:
+                    replays[s] = None
+                else:
+                    replays[s] = await self.streams.replay(s, after, offset)
+        except BaseException:
+            for s, _, _ in starts:
+                self._holding.pop(s, None)
+                self.streams.detach(s, self)
+                self._last.pop(s, None)
+            raise
+        reply = Subscribed(streams=[], id=req_id)
+        frames: list[str] = []
+        for s, offset, snapshot in starts:
+            replay = replays[s]
+            reply.streams.append(
+                StreamStart(s, offset, replay is not None, snapshot, len(replay or ()))
+            )
+            last = offset
+            for e in replay or ():
+                frames.append(e.frame)
+                last = e.offset
+            self._last[s] = last
+        self.send(encode_text(reply))
+        self._control.extend(frames)
+        for s, _, _ in starts:
+            for e in self._holding.pop(s):
+                self.push(e)
+
+    def unsubscribe(self, streams: list[str]) -> list[str]:
+        gone = []
+        for s in streams:
+            if s in self._last:
+                self.streams.detach(s, self)
+                del self._last[s]
+                gone.append(s)
+        return gone
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return sorted(self._last)
+
+    def close(self) -> None:
+        """Detach from every stream; the sender stops."""
+        for s in list(self._last):
+            self.streams.detach(s, self)
+        self._last.clear()
+        self.closed = True
+        self._wake.set()

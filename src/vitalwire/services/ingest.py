@@ -1,0 +1,206 @@
+"""Device ingest: authenticate, validate, deduplicate by (device, seq), assign offsets, acknowledge.
+
+A device numbers its readings (``seq``, only grows). Anything at or below the highest seq already
+received from that device is a duplicate (a resend after reconnect) and is dropped; the cumulative
+``ack`` tells the device it can forget it. An ``ack`` is sent only after the commit that made the
+reading durable (services/writer.py), so an acknowledged reading survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vitalwire.core import events as ev
+from vitalwire.core.errors import InvalidReading, PeerError
+from vitalwire.core.metrics import validate_header, validate_values
+from vitalwire.services.registry import Registry
+from vitalwire.services.streams import Streams
+from vitalwire.services.writer import BatchWriter
+from vitalwire.store import ReadingRow, Store
+from vitalwire.wire import Ack, Error, Hello, ReadingBody, Welcome, encode_text
+from vitalwire.wire import Event as WireEvent
+
+log = logging.getLogger("vitalwire.ingest")
+
+
+class Overloaded(PeerError):
+    """The write queue is full; the device keeps its readings and resends them."""
+
+
+@dataclass(slots=True, eq=False)
+class DeviceSession:
+    """One connected device. ``send`` queues a text frame; ``close`` closes with a code."""
+
+    device_id: str
+    patient_id: str | None
+    send: Callable[[str], None]
+    close: Callable[[int, str], None]
+    firmware: str | None = None
+    acked: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def stream(self) -> str | None:
+        return None if self.patient_id is None else ev.patient_stream(self.patient_id)
+
+
+class Ingest:
+    """Turns device messages into durable stream events."""
+
+    def __init__(
+        self,
+        store: Store,
+        streams: Streams,
+        writer: BatchWriter,
+        registry: Registry,
+        clock: Callable[[], float],
+        *,
+        max_pending_rows: int = 50_000,
+        heartbeat_s: float = 15.0,
+        max_frame_bytes: int = 65536,
+        max_batch: int = 500,
+    ) -> None:
+        self.store = store
+        self.streams = streams
+        self.writer = writer
+        self.registry = registry
+        self.clock = clock
+        self.max_pending_rows = max_pending_rows
+        self.heartbeat_s = heartbeat_s
+        self.max_frame_bytes = max_frame_bytes
+        self.max_batch = max_batch
+        self._high: dict[str, int] = {}  # highest seq received (accepted or rejected) per device
+        self._durable: dict[str, int] = {}  # highest seq committed per device
+        self.sessions: dict[str, DeviceSession] = {}
+        registry.on_binding_change = self._on_binding_change
+
+    async def hello(
+        self, msg: Hello, send: Callable[[str], None], close: Callable[[int, str], None]
+    ) -> tuple[DeviceSession, Welcome]:
+        """Authenticate a device and open its session; a previous session of it is replaced."""
+        ev.check_id("device_id", msg.device_id)
+        await self.registry.authenticate_device(msg.device_id, msg.secret)
+        did = msg.device_id
+        if did not in self._high:
+            last = await self.store.device_last_seq(did)
+            self._high.setdefault(did, last)
+            self._durable.setdefault(did, last)
+        binding = await self.store.active_binding(did)
+        old = self.sessions.get(did)
+        if old is not None:
+            self._go_offline(old, "replaced")
+            old.close(4009, "replaced by a new connection of the same device")
+        session = DeviceSession(did, binding.patient_id if binding else None, send, close)
+        session.firmware = msg.firmware
+        session.acked = self._durable[did]
+        self.sessions[did] = session
+        self._status(session, "online")
+        welcome = Welcome(
+            server_time=self.clock(),
+            last_seq=self._durable[did],
+            patient_id=session.patient_id,
+            heartbeat_s=self.heartbeat_s,
+            max_frame_bytes=self.max_frame_bytes,
+            max_batch=self.max_batch,
+        )
+        return session, welcome
+
+    def readings(self, session: DeviceSession, bodies: list[ReadingBody]) -> list[Error]:
+        """Accept a frame of readings; return one error per rejected reading.
+
+        Raises:
+            Overloaded: the write queue is past its bound; nothing in this frame was taken.
+        """
+        if len(bodies) > self.max_batch:
+            raise InvalidReading(
+                f"items must hold at most {self.max_batch} readings, got {len(bodies)}",
+                field="items",
+            )
+        if self.writer.pending_rows > self.max_pending_rows:
+            raise Overloaded(
+                f"server write queue is full ({self.max_pending_rows} rows); resend later"
+            )
+        did = session.device_id
+        now = self.clock()
+        high = self._high[did]
+        stream = session.stream
+        rows: list[ReadingRow] = []
+        events: list[WireEvent] = []
+        errors: list[Error] = []
+        dup_max = 0
+        for body in bodies:
+            seq = body.seq
+            if seq <= high:
+                dup_max = max(dup_max, seq)
+                session.duplicates += 1
+                continue
+            try:
+                validate_header(seq, body.ts, now)
+                values = validate_values(body.values())
+            except InvalidReading as exc:
+                if 1 <= seq:
+                    high = seq
+                session.rejected += 1
+                errors.append(
+                    Error(code="invalid_reading", message=exc.message, field=exc.field, seq=seq)
+                )
+                continue
+            high = seq
+            data: dict[str, object] = {"device": did, "seq": seq, "ts": body.ts}
+            data.update(values)
+            if body.probe is not None:
+                data["probe"] = body.probe
+            if stream is None:
+                rows.append(ReadingRow(did, seq, None, None, body.ts, now, json.dumps(data)))
+            else:
+                event = self.streams.new_event(stream, ev.READING, now, data)
+                events.append(event)
+                rows.append(ReadingRow(did, seq, session.patient_id, event.offset, body.ts, now))
+        self._high[did] = high
+        if rows:
+            session.accepted += len(rows)
+            top = rows[-1].seq
+            self.writer.submit(rows, events, lambda: self._durable_to(did, top))
+        elif dup_max and self._durable[did] >= dup_max:
+            session.send(encode_text(Ack(self._durable[did])))
+        return errors
+
+    def _durable_to(self, did: str, seq: int) -> None:
+        if seq > self._durable[did]:
+            self._durable[did] = seq
+        session = self.sessions.get(did)
+        if session is not None and self._durable[did] > session.acked:
+            session.acked = self._durable[did]
+            session.send(encode_text(Ack(session.acked)))
+
+    def goodbye(self, session: DeviceSession, reason: str) -> None:
+        """The device's connection ended."""
+        if self.sessions.get(session.device_id) is session:
+            del self.sessions[session.device_id]
+            self._go_offline(session, reason)
+
+    def _go_offline(self, session: DeviceSession, reason: str) -> None:
+        self._status(session, "offline", reason)
+
+    def _status(self, session: DeviceSession, status: str, reason: str | None = None) -> None:
+        stream = session.stream
+        if stream is None:
+            return
+        data: dict[str, object] = {"device": session.device_id, "status": status}
+        if reason is not None:
+            data["reason"] = reason
+        if session.firmware is not None and status == "online":
+            data["firmware"] = session.firmware
+        self.writer.submit([], [self.streams.new_event(stream, ev.DEVICE_STATUS, self.clock(), data)])
+
+    def _on_binding_change(self, did: str, pid: str | None) -> None:
+        session = self.sessions.get(did)
+        if session is not None and session.patient_id != pid:
+            session.patient_id = pid
+            self._status(session, "online")

@@ -1,0 +1,122 @@
+"""Patient streams: offsets, the live picture per stream, fan-out and race-free replay.
+
+How fan-out works: the bus delivers every committed event to :meth:`Streams.on_events` (one reader
+per process). It folds the event into the stream's :class:`PatientState` and pushes the *same*
+event object (whose frame is encoded once) to every local subscriber of that stream. ``push`` never
+awaits: each subscriber has its own bounded queue and sender (see services/clients.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from vitalwire.bus import Bus
+from vitalwire.core import events as ev
+from vitalwire.core.state import PatientState
+from vitalwire.store import Store
+from vitalwire.wire import Event
+
+log = logging.getLogger("vitalwire.streams")
+
+#: Events read from the store per query when a replay falls back to it.
+STORE_PAGE = 5000
+#: Events read per stream at start-up to rebuild the live picture.
+STATE_WARMUP = 500
+
+
+class Subscriber(Protocol):
+    def push(self, event: Event) -> None: ...
+
+
+class Streams:
+    """Offsets, live state and local subscribers of every stream this process serves."""
+
+    def __init__(self, store: Store, bus: Bus) -> None:
+        self.store = store
+        self.bus = bus
+        self._assigned: dict[str, int] = {}  # last offset handed out (may be uncommitted)
+        self._states: dict[str, PatientState] = {}  # as of the last published event
+        self._subs: dict[str, set[Subscriber]] = {}
+
+    async def load(self) -> None:
+        """Read each stream's head and rebuild the live picture from its recent events."""
+        self._assigned = await self.store.stream_heads()
+        for stream, head in self._assigned.items():
+            state = self._states[stream] = PatientState()
+            for e in await self.store.recent_events(stream, STATE_WARMUP):
+                state.apply(e.offset, e.kind, e.ts, e.data)
+            state.offset = head
+
+    def new_event(self, stream: str, kind: str, ts: float, data: dict[str, Any]) -> Event:
+        """Create the next event of ``stream``; it must go to the writer, which commits in order."""
+        offset = self._assigned.get(stream, 0) + 1
+        self._assigned[stream] = offset
+        return Event.new(stream, offset, kind, ts, data)
+
+    def head(self, stream: str) -> int:
+        """The offset of the last published event of ``stream`` (0 if none)."""
+        state = self._states.get(stream)
+        return state.offset if state else 0
+
+    def on_events(self, events: Sequence[Event]) -> None:
+        """The bus listener: fold and fan out committed events."""
+        for e in events:
+            state = self._states.get(e.stream)
+            if state is None:
+                state = self._states[e.stream] = PatientState()
+            state.apply(e.offset, e.kind, e.ts, e.data)
+            subs = self._subs.get(e.stream)
+            if subs:
+                for sub in tuple(subs):
+                    sub.push(e)
+
+    def attach(self, stream: str, sub: Subscriber) -> tuple[int, dict[str, Any]]:
+        """Register ``sub`` for live events and return the (offset, snapshot) it starts from.
+
+        Synchronous on purpose: no event can be published between reading the snapshot and
+        registering, so the first live event ``sub`` receives is the one after ``offset``.
+        """
+        self._subs.setdefault(stream, set()).add(sub)
+        state = self._states.get(stream)
+        if state is None:
+            return 0, PatientState().snapshot()
+        return state.offset, state.snapshot()
+
+    def detach(self, stream: str, sub: Subscriber) -> None:
+        subs = self._subs.get(stream)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[stream]
+
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    async def replay(self, stream: str, after: int, upto: int) -> list[Event] | None:
+        """Events with ``after < offset <= upto``: bus history first, then the store.
+
+        Returns ``None`` when they can no longer be replayed (older than retention).
+        """
+        if after >= upto:
+            return []
+        recent = await self.bus.history(stream, after)
+        if recent is not None:
+            return [e for e in recent if e.offset <= upto]
+        first = await self.store.first_offset(stream)
+        if first is None or first > after + 1:
+            return None
+        out: list[Event] = []
+        cursor = after
+        while cursor < upto:
+            page = await self.store.events_after(stream, cursor, min(STORE_PAGE, upto - cursor))
+            if not page:
+                break
+            out.extend(page)
+            cursor = page[-1].offset
+        return out
+
+
+def patient_of(stream: str) -> str | None:
+    return ev.stream_patient(stream)

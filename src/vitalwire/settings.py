@@ -1,0 +1,47 @@
+"""Configuration: defaults, overridden by ``VITALWIRE_*`` environment variables and CLI options.
+
+docs/configuration.md lists every setting; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VITALWIRE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    db: str = "sqlite:///./vitalwire.db"
+    bus: str = "memory://"
+    #: HS256 key for access tokens. Empty: generated once and kept in the store.
+    jwt_secret: str = ""
+    token_ttl_s: float = Field(3600.0, gt=0)
+    #: SQLite ``PRAGMA synchronous``: NORMAL survives kill -9; FULL survives power loss too.
+    sqlite_synchronous: str = "NORMAL"
+    #: A write batch holds at most this many rows ...
+    batch_max_rows: int = Field(500, ge=1, le=10_000)
+    #: ... and waits at most this long for more rows before it commits.
+    batch_max_wait_ms: float = Field(5.0, ge=0, le=50)
+    #: Past this many uncommitted rows, devices get ``overloaded`` and resend later.
+    max_pending_rows: int = Field(50_000, ge=1000)
+    #: Events kept per stream in the bus's recent history (older ones come from the store).
+    bus_history: int = Field(1000, ge=1)
+    #: Largest frame handled with an error reply; larger ones are rejected alone.
+    max_frame_bytes: int = Field(65_536, ge=1024)
+    #: Largest frame the server reads at all: past it the socket closes with 1009.
+    hard_frame_bytes: int = Field(1_048_576, ge=1024)
+    #: Readings per ``readings`` frame.
+    max_batch: int = Field(500, ge=1, le=10_000)
+    #: First message (hello/auth) must arrive within this time.
+    auth_timeout_s: float = Field(10.0, gt=0)
+    #: Server ping interval; a peer silent for 3 intervals is closed.
+    heartbeat_s: float = Field(15.0, gt=0)
+    #: Live events queued for one client before it is closed as a slow consumer.
+    client_queue_max: int = Field(5000, ge=10)
+    #: Streams one client connection may subscribe to.
+    max_streams_per_connection: int = Field(200, ge=1)
+    #: Most events one subscribe may replay; beyond it the reply says recovered: false.
+    max_replay: int = Field(50_000, ge=1)

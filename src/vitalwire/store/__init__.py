@@ -1,0 +1,15 @@
+"""Persistence behind a small interface; the URL scheme picks the backend."""
+
+from __future__ import annotations
+
+from vitalwire.store.base import Batch, Binding, ReadingRow, Store
+
+
+def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> Store:
+    """Return an (unopened) store for ``url``: ``sqlite:///path`` or ``postgresql://...``."""
+    from vitalwire.store.sql import SqlStore
+
+    return SqlStore(url, sqlite_synchronous=sqlite_synchronous)
+
+
+__all__ = ["Batch", "Binding", "ReadingRow", "Store", "open_store"]

@@ -1,0 +1,74 @@
+"""The store interface: a handful of methods every backend (SQLite, PostgreSQL) implements.
+
+The event log in the store is the source of truth; the bus's history is a cache in front of it.
+Writes come in batches (one transaction per batch, never one per reading).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vitalwire.wire import Event
+
+
+@dataclass(slots=True)
+class ReadingRow:
+    device_id: str
+    seq: int
+    patient_id: str | None
+    stream_offset: int | None
+    device_ts: float
+    received_ts: float
+    unbound_data: str | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one transaction writes."""
+
+    readings: list[ReadingRow] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.readings) + len(self.events)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    device_id: str
+    patient_id: str
+    start_ts: float
+    end_ts: float | None
+
+
+class Store(Protocol):
+    """Persistence. ``url`` picks the backend (see :func:`vitalwire.store.open_store`)."""
+
+    backend: str
+    transactions: int  # committed write transactions, for tests and metrics
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # the event log
+    async def write_batch(self, batch: Batch) -> None: ...
+    async def stream_heads(self) -> dict[str, int]: ...
+    async def events_after(self, stream: str, after: int, limit: int) -> list[Event]: ...
+    async def first_offset(self, stream: str) -> int | None: ...
+    async def recent_events(self, stream: str, limit: int) -> list[Event]: ...
+    async def device_last_seq(self, device_id: str) -> int: ...
+
+    # registry
+    async def create_patient(self, pid: str, name: str, ward: str, now: float) -> None: ...
+    async def list_patients(self) -> list[dict[str, Any]]: ...
+    async def create_device(self, did: str, secret_hash: str, kind: str, now: float) -> None: ...
+    async def set_device_secret(self, did: str, secret_hash: str) -> None: ...
+    async def get_device(self, did: str) -> dict[str, Any] | None: ...
+    async def bind(self, did: str, pid: str, now: float) -> Binding | None: ...
+    async def unbind(self, did: str, now: float) -> Binding | None: ...
+    async def active_binding(self, did: str) -> Binding | None: ...
+    async def create_user(self, username: str, password_hash: str, role: str, now: float) -> None: ...
+    async def get_user(self, username: str) -> dict[str, Any] | None: ...
+    async def get_meta(self, key: str) -> str | None: ...
+    async def set_meta(self, key: str, value: str) -> None: ...

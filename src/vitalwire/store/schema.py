@@ -1,0 +1,91 @@
+"""The tables, as SQLAlchemy Core metadata. Migrations (``migrations/versions``) create the same."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("ward", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("secret_hash", Text, nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# A device is bound to one patient at a time; a transfer ends one binding and starts another, so
+# history stays with the patient it was measured on.
+bindings = Table(
+    "bindings",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("start_ts", Float, nullable=False),
+    Column("end_ts", Float, nullable=True),
+    Index("ix_bindings_device", "device_id", "end_ts"),
+    Index("ix_bindings_patient", "patient_id"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("username", String(64), primary_key=True),
+    Column("password_hash", Text, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# One row per accepted device reading: (device_id, seq) is the deduplication key. The values live
+# in the patient's stream event (stream, stream_offset); unbound readings keep their values here.
+readings = Table(
+    "readings",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("patient_id", String(64), nullable=True),
+    Column("stream_offset", BigInteger, nullable=True),
+    Column("device_ts", Float, nullable=False),
+    Column("received_ts", Float, nullable=False),
+    Column("unbound_data", Text, nullable=True),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("stream", String(80), primary_key=True),
+    Column("offset", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(32), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("data", Text, nullable=False),
+)

@@ -1,0 +1,274 @@
+"""SQLAlchemy 2 async Core store for SQLite (aiosqlite, the default) and PostgreSQL (asyncpg).
+
+SQLite runs in WAL mode. ``synchronous`` is configurable: ``NORMAL`` (default) survives a kill -9
+of the server (the WAL is in the OS page cache); ``FULL`` also survives power loss, at the cost of
+an fsync per commit (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from vitalwire.core.errors import Conflict
+from vitalwire.store import schema as t
+from vitalwire.store.base import Batch, Binding
+from vitalwire.wire import Event
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def _async_url(url: str) -> str:
+    u = make_url(url)
+    if u.drivername in ("sqlite", "sqlite+aiosqlite"):
+        return str(u.set(drivername="sqlite+aiosqlite"))
+    if u.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
+        return str(u.set(drivername="postgresql+asyncpg"))
+    raise ValueError(f"db URL must start with sqlite:/// or postgresql://, got {u.drivername}://")
+
+
+def _run_migrations(conn: Connection) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+
+
+class SqlStore:
+    """The :class:`~vitalwire.store.base.Store` on SQLAlchemy async Core."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL") -> None:
+        self.url = _async_url(url)
+        self.backend = "sqlite" if self.url.startswith("sqlite") else "postgresql"
+        sync = sqlite_synchronous.upper()
+        if sync not in SYNCHRONOUS_MODES:
+            raise ValueError(f"sqlite synchronous must be one of {SYNCHRONOUS_MODES}, got {sync}")
+        self._synchronous = sync
+        self.transactions = 0
+        self._engine: AsyncEngine | None = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        assert self._engine is not None, "store not opened"
+        return self._engine
+
+    async def open(self) -> None:
+        kwargs: dict[str, Any] = {}
+        engine = create_async_engine(self.url, **kwargs)
+        if self.backend == "sqlite":
+            synchronous = self._synchronous
+
+            @event.listens_for(engine.sync_engine, "connect")
+            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute(f"PRAGMA synchronous={synchronous}")
+                cur.execute("PRAGMA busy_timeout=10000")
+                cur.close()
+
+        self._engine = engine
+        async with engine.begin() as conn:
+            await conn.run_sync(_run_migrations)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    def _insert_ignore(self, table: Any) -> Any:
+        dialect = sqlite if self.backend == "sqlite" else postgresql
+        return dialect.insert(table).on_conflict_do_nothing()
+
+    # -- the event log ------------------------------------------------------------------------
+
+    async def write_batch(self, batch: Batch) -> None:
+        async with self.engine.begin() as conn:
+            if batch.readings:
+                await conn.execute(
+                    self._insert_ignore(t.readings),
+                    [
+                        {
+                            "device_id": r.device_id,
+                            "seq": r.seq,
+                            "patient_id": r.patient_id,
+                            "stream_offset": r.stream_offset,
+                            "device_ts": r.device_ts,
+                            "received_ts": r.received_ts,
+                            "unbound_data": r.unbound_data,
+                        }
+                        for r in batch.readings
+                    ],
+                )
+            if batch.events:
+                await conn.execute(
+                    insert(t.events),
+                    [
+                        {
+                            "stream": e.stream,
+                            "offset": e.offset,
+                            "kind": e.kind,
+                            "ts": e.ts,
+                            "data": e.data_json.decode(),
+                        }
+                        for e in batch.events
+                    ],
+                )
+        self.transactions += 1
+
+    async def stream_heads(self) -> dict[str, int]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(t.events.c.stream, func.max(t.events.c.offset)).group_by(t.events.c.stream)
+            )
+            return {stream: int(head) for stream, head in rows}
+
+    async def events_after(self, stream: str, after: int, limit: int) -> list[Event]:
+        q = (
+            select(t.events.c.offset, t.events.c.kind, t.events.c.ts, t.events.c.data)
+            .where(t.events.c.stream == stream, t.events.c.offset > after)
+            .order_by(t.events.c.offset)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(q)
+            return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in rows]
+
+    async def first_offset(self, stream: str) -> int | None:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                select(func.min(t.events.c.offset)).where(t.events.c.stream == stream)
+            )
+            return None if value is None else int(value)
+
+    async def recent_events(self, stream: str, limit: int) -> list[Event]:
+        q = (
+            select(t.events.c.offset, t.events.c.kind, t.events.c.ts, t.events.c.data)
+            .where(t.events.c.stream == stream)
+            .order_by(t.events.c.offset.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = list(await conn.execute(q))
+        return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in reversed(rows)]
+
+    async def device_last_seq(self, device_id: str) -> int:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                select(func.max(t.readings.c.seq)).where(t.readings.c.device_id == device_id)
+            )
+            return int(value or 0)
+
+    # -- registry ----------------------------------------------------------------------------
+
+    async def _insert_new(self, table: Any, what: str, row: dict[str, Any]) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(table), [row])
+        except IntegrityError:
+            raise Conflict(f"{what} already exists", field="id") from None
+
+    async def create_patient(self, pid: str, name: str, ward: str, now: float) -> None:
+        row = {"id": pid, "name": name, "ward": ward, "created_at": now}
+        await self._insert_new(t.patients, f"patient {pid}", row)
+
+    async def list_patients(self) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(t.patients).order_by(t.patients.c.id))
+            out = [dict(r._mapping) for r in rows]
+            active = await conn.execute(
+                select(t.bindings.c.patient_id, t.bindings.c.device_id).where(
+                    t.bindings.c.end_ts.is_(None)
+                )
+            )
+            devices: dict[str, list[str]] = {}
+            for pid, did in active:
+                devices.setdefault(pid, []).append(did)
+        for p in out:
+            p["devices"] = sorted(devices.get(p["id"], []))
+        return out
+
+    async def create_device(self, did: str, secret_hash: str, kind: str, now: float) -> None:
+        row = {
+            "id": did,
+            "secret_hash": secret_hash,
+            "kind": kind,
+            "disabled": False,
+            "created_at": now,
+        }
+        await self._insert_new(t.devices, f"device {did}", row)
+
+    async def set_device_secret(self, did: str, secret_hash: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(t.devices).where(t.devices.c.id == did).values(secret_hash=secret_hash)
+            )
+
+    async def get_device(self, did: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.devices).where(t.devices.c.id == did))).first()
+            return None if row is None else dict(row._mapping)
+
+    async def bind(self, did: str, pid: str, now: float) -> Binding | None:
+        async with self.engine.begin() as conn:
+            previous = await self._end_binding(conn, did, now)
+            await conn.execute(
+                insert(t.bindings),
+                [{"device_id": did, "patient_id": pid, "start_ts": now, "end_ts": None}],
+            )
+        return previous
+
+    async def unbind(self, did: str, now: float) -> Binding | None:
+        async with self.engine.begin() as conn:
+            return await self._end_binding(conn, did, now)
+
+    async def _end_binding(self, conn: Any, did: str, now: float) -> Binding | None:
+        row = (
+            await conn.execute(
+                select(t.bindings).where(
+                    t.bindings.c.device_id == did, t.bindings.c.end_ts.is_(None)
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        await conn.execute(update(t.bindings).where(t.bindings.c.id == row.id).values(end_ts=now))
+        return Binding(did, row.patient_id, row.start_ts, now)
+
+    async def active_binding(self, did: str) -> Binding | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t.bindings).where(
+                        t.bindings.c.device_id == did, t.bindings.c.end_ts.is_(None)
+                    )
+                )
+            ).first()
+        return None if row is None else Binding(did, row.patient_id, row.start_ts, None)
+
+    async def create_user(self, username: str, password_hash: str, role: str, now: float) -> None:
+        row = {"username": username, "password_hash": password_hash, "role": role, "created_at": now}
+        await self._insert_new(t.users, f"user {username}", row)
+
+    async def get_user(self, username: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.users).where(t.users.c.username == username))).first()
+            return None if row is None else dict(row._mapping)
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self.engine.connect() as conn:
+            return await conn.scalar(select(t.meta.c.value).where(t.meta.c.key == key))
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self.engine.begin() as conn:
+            stmt = self._insert_ignore(t.meta).values(key=key, value=value)
+            await conn.execute(stmt)
+            await conn.execute(update(t.meta).where(t.meta.c.key == key).values(value=value))

@@ -1,0 +1,1 @@
+"""Thin adapters: decode, call a service, encode. No clinical rule lives here."""

@@ -1,0 +1,143 @@
+"""``/ws``: clients authenticate with their first message, subscribe to streams, receive events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from starlette.websockets import WebSocket
+
+from vitalwire import wire
+from vitalwire.core.errors import InvalidMessage, PeerError, Unauthenticated
+from vitalwire.services.auth import Principal
+from vitalwire.services.clients import ClientSession
+from vitalwire.transports.common import Disconnected, close_quietly, pump, receive_frame
+from vitalwire.transports.errors import Close, public_message, row_for
+
+if TYPE_CHECKING:
+    from vitalwire.app import Services
+
+log = logging.getLogger("vitalwire.client_ws")
+
+
+def _error(exc: BaseException, req_id: int | None = None) -> str:
+    row = row_for(exc)
+    if row.code == "internal":
+        log.error("internal error on client request", exc_info=exc)
+    return wire.encode_text(
+        wire.Error(
+            code=row.code, message=public_message(exc), field=getattr(exc, "field", None), id=req_id
+        )
+    )
+
+
+async def _authenticate(ws: WebSocket, svc: Services) -> tuple[Principal, int | None]:
+    s = svc.settings
+    raw = await asyncio.wait_for(receive_frame(ws, s.max_frame_bytes), s.auth_timeout_s)
+    msg = wire.decode_client(raw)
+    if not isinstance(msg, wire.Auth):
+        raise Unauthenticated("first message must be auth", field="type")
+    return svc.tokens.verify(msg.token, svc.clock()), msg.id
+
+
+async def client_endpoint(ws: WebSocket, svc: Services) -> None:
+    s = svc.settings
+    await ws.accept()
+    try:
+        principal, auth_id = await _authenticate(ws, svc)
+    except TimeoutError:
+        await close_quietly(ws, Close.AUTH_TIMEOUT, "no auth within the auth timeout")
+        return
+    except Disconnected:
+        return
+    except PeerError as exc:
+        with contextlib.suppress(Exception):
+            await ws.send_text(_error(exc))
+        await close_quietly(ws, Close.UNAUTHENTICATED, public_message(exc))
+        return
+
+    closing: list[tuple[int, str]] = []
+
+    def on_overflow(code: int, reason: str) -> None:
+        closing.append((code, reason))
+        sender.cancel()
+        asyncio.get_running_loop().create_task(close_quietly(ws, code, reason, timeout=1.0))
+
+    session = ClientSession(
+        principal,
+        svc.streams,
+        max_queue=s.client_queue_max,
+        max_streams=s.max_streams_per_connection,
+        max_replay=s.max_replay,
+        on_overflow=on_overflow,
+    )
+    svc.clients.add(session)
+    sender = asyncio.create_task(pump(ws, session.take))
+    session.send(
+        wire.encode_text(
+            wire.Result(
+                id=auth_id,
+                data={
+                    "user": principal.name,
+                    "role": principal.role,
+                    "server_time": svc.clock(),
+                    "heartbeat_s": s.heartbeat_s,
+                },
+            )
+        )
+    )
+    heartbeat = asyncio.create_task(_heartbeat(session, s.heartbeat_s))
+    try:
+        while not closing:
+            try:
+                raw = await asyncio.wait_for(
+                    receive_frame(ws, s.max_frame_bytes), s.heartbeat_s * 3
+                )
+            except PeerError as exc:
+                session.send(_error(exc))
+                continue
+            req_id: int | None = None
+            try:
+                msg = wire.decode_client(raw)
+                req_id = getattr(msg, "id", None)
+                await _handle(svc, session, msg)
+            except PeerError as exc:
+                session.send(_error(exc, req_id))
+            except Exception as exc:  # never leak internals; keep serving
+                session.send(_error(exc, req_id))
+    except TimeoutError:
+        await close_quietly(ws, Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+    except Disconnected:
+        pass
+    finally:
+        heartbeat.cancel()
+        session.close()
+        svc.clients.discard(session)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(sender, 1.0)
+
+
+async def _heartbeat(session: ClientSession, interval: float) -> None:
+    frame = wire.encode_text(wire.Ping())
+    while True:
+        await asyncio.sleep(interval)
+        session.send(frame)
+
+
+async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
+    if isinstance(msg, wire.Subscribe):
+        await session.subscribe(msg.streams, msg.since, msg.id)
+    elif isinstance(msg, wire.Unsubscribe):
+        gone = session.unsubscribe(msg.streams)
+        session.send(wire.encode_text(wire.Result(id=msg.id, data={"unsubscribed": gone})))
+    elif isinstance(msg, wire.Ping):
+        session.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
+    elif isinstance(msg, wire.Pong):
+        return
+    elif isinstance(msg, wire.Auth):
+        session.principal = svc.tokens.verify(msg.token, svc.clock())
+        session.send(wire.encode_text(wire.Result(id=msg.id, data={"user": session.principal.name})))
+    else:
+        raise InvalidMessage("unsupported message", field="type")

@@ -1,0 +1,141 @@
+"""``/ws/device``: devices say ``hello``, then send ``reading`` / ``readings``; the server acks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from starlette.websockets import WebSocket
+
+from vitalwire import wire
+from vitalwire.core.errors import InvalidMessage, PeerError
+from vitalwire.services.ingest import DeviceSession
+from vitalwire.transports.common import (
+    Disconnected,
+    Outbox,
+    close_quietly,
+    pump,
+    receive_frame,
+)
+from vitalwire.transports.errors import Close, public_message, row_for
+
+if TYPE_CHECKING:
+    from vitalwire.app import Services
+
+log = logging.getLogger("vitalwire.device_ws")
+
+
+def _error(exc: BaseException, **extra: int | None) -> str:
+    row = row_for(exc)
+    field = getattr(exc, "field", None)
+    return wire.encode_text(
+        wire.Error(code=row.code, message=public_message(exc), field=field, **extra)
+    )
+
+
+async def device_endpoint(ws: WebSocket, svc: Services) -> None:
+    s = svc.settings
+    await ws.accept()
+    outbox = Outbox()
+    sender = asyncio.create_task(pump(ws, outbox.take))
+    session: DeviceSession | None = None
+    reason = "closed"
+    try:
+        try:
+            raw = await asyncio.wait_for(receive_frame(ws, s.max_frame_bytes), s.auth_timeout_s)
+            hello = wire.decode_device(raw)
+            if not isinstance(hello, wire.Hello):
+                raise InvalidMessage("first message must be hello", field="type")
+        except TimeoutError:
+            outbox.put(_error(PeerError("no hello within the auth timeout")))
+            await _finish(outbox, sender)
+            await close_quietly(ws, Close.AUTH_TIMEOUT, "auth timeout")
+            return
+        except PeerError as exc:
+            outbox.put(_error(exc))
+            await _finish(outbox, sender)
+            await close_quietly(ws, Close.UNAUTHENTICATED, "hello required")
+            return
+
+        def close(code: int, why: str) -> None:
+            outbox.close()
+            asyncio.get_running_loop().create_task(close_quietly(ws, code, why))
+
+        try:
+            session, welcome = await svc.ingest.hello(hello, outbox.put, close)
+        except PeerError as exc:
+            outbox.put(_error(exc))
+            await _finish(outbox, sender)
+            await close_quietly(ws, Close.UNAUTHENTICATED, public_message(exc))
+            return
+        outbox.put(wire.encode_text(welcome))
+        heartbeat = asyncio.create_task(_heartbeat(outbox, s.heartbeat_s))
+        try:
+            await _serve(ws, svc, session, outbox)
+        except TimeoutError:
+            reason = "heartbeat timeout"
+            await close_quietly(ws, Close.HEARTBEAT_TIMEOUT, reason)
+        finally:
+            heartbeat.cancel()
+    except Disconnected:
+        pass
+    finally:
+        if session is not None:
+            svc.ingest.goodbye(session, reason)
+        outbox.close()
+        sender.cancel()
+        with contextlib.suppress(BaseException):
+            await sender
+
+
+async def _finish(outbox: Outbox, sender: asyncio.Task[None]) -> None:
+    outbox.close()
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(sender, 2.0)
+
+
+async def _heartbeat(outbox: Outbox, interval: float) -> None:
+    frame = wire.encode_text(wire.Ping())
+    while True:
+        await asyncio.sleep(interval)
+        outbox.put(frame)
+
+
+async def _serve(ws: WebSocket, svc: Services, session: DeviceSession, outbox: Outbox) -> None:
+    s = svc.settings
+    silence = s.heartbeat_s * 3
+    while not outbox.closed:
+        try:
+            raw = await asyncio.wait_for(receive_frame(ws, s.max_frame_bytes), silence)
+            msg = wire.decode_device(raw)
+        except PeerError as exc:
+            outbox.put(_error(exc))
+            continue
+        if isinstance(msg, wire.Reading):
+            _take(svc, session, outbox, [msg], None)
+        elif isinstance(msg, wire.Readings):
+            _take(svc, session, outbox, msg.items, None)
+        elif isinstance(msg, wire.Ping):
+            outbox.put(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
+        elif isinstance(msg, wire.Pong):
+            pass
+        elif isinstance(msg, wire.Hello):
+            outbox.put(_error(InvalidMessage("hello was already received", field="type")))
+
+
+def _take(
+    svc: Services,
+    session: DeviceSession,
+    outbox: Outbox,
+    bodies: list[wire.ReadingBody],
+    req_id: int | None,
+) -> None:
+    try:
+        errors = svc.ingest.readings(session, bodies)
+    except PeerError as exc:
+        outbox.put(_error(exc, id=req_id))
+        return
+    for err in errors:
+        outbox.put(wire.encode_text(err))

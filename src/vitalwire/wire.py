@@ -1,0 +1,271 @@
+"""The one wire codec: msgspec Structs for every message, shared by transports, SDK and simulator.
+
+Every message is a JSON object with a ``type``. Requests may carry an ``id``; the reply echoes it.
+docs/protocol.md is the reference for each message; this module is its implementation.
+
+Decoding checks shape and types only (and rejects unknown fields, so a misspelt metric is an error,
+not silently dropped). Physical bounds live in :mod:`vitalwire.core.metrics` so a bad value in a
+batch rejects that reading alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from vitalwire.core.errors import InvalidMessage
+
+PROTOCOL_VERSION = 1
+
+_opts: dict[str, Any] = {"tag_field": "type", "forbid_unknown_fields": True, "omit_defaults": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Device <-> server
+# --------------------------------------------------------------------------------------------
+
+
+class ReadingBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One measurement set: ``seq`` (per device, only grows), device time ``ts`` (epoch s)."""
+
+    seq: int
+    ts: float
+    spo2: float | None = None
+    pulse: float | None = None
+    hr: float | None = None
+    rr: float | None = None
+    temp_c: float | None = None
+    sbp: float | None = None
+    dbp: float | None = None
+    pi: float | None = None
+    battery: float | None = None
+    probe: bool | None = None
+
+    def values(self) -> dict[str, float | None]:
+        return {
+            "spo2": self.spo2,
+            "pulse": self.pulse,
+            "hr": self.hr,
+            "rr": self.rr,
+            "temp_c": self.temp_c,
+            "sbp": self.sbp,
+            "dbp": self.dbp,
+            "pi": self.pi,
+            "battery": self.battery,
+        }
+
+
+class Hello(msgspec.Struct, tag="hello", **_opts):
+    device_id: str
+    secret: str
+    firmware: str | None = None
+    last_seq: int | None = None
+    protocol: int = PROTOCOL_VERSION
+
+
+class Reading(ReadingBody, tag="reading", **_opts):
+    pass
+
+
+class Readings(msgspec.Struct, tag="readings", **_opts):
+    items: list[ReadingBody]
+
+
+class Ping(msgspec.Struct, tag="ping", **_opts):
+    id: int | None = None
+    ts: float | None = None
+
+
+class Pong(msgspec.Struct, tag="pong", **_opts):
+    id: int | None = None
+    ts: float | None = None
+
+
+DeviceMessage = Hello | Reading | Readings | Ping | Pong
+
+
+class Welcome(msgspec.Struct, tag="welcome", **_opts):
+    server_time: float
+    last_seq: int
+    patient_id: str | None = None
+    heartbeat_s: float = 15.0
+    max_frame_bytes: int = 65536
+    max_batch: int = 500
+    protocol: int = PROTOCOL_VERSION
+
+
+class Ack(msgspec.Struct, tag="ack", **_opts):
+    """Every reading with a seq up to and including ``seq`` is durable."""
+
+    seq: int
+
+
+class Error(msgspec.Struct, tag="error", **_opts):
+    code: str
+    message: str
+    field: str | None = None
+    id: int | None = None
+    seq: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Client <-> server
+# --------------------------------------------------------------------------------------------
+
+
+class Auth(msgspec.Struct, tag="auth", **_opts):
+    token: str
+    id: int | None = None
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", **_opts):
+    streams: list[str]
+    since: dict[str, int] | None = None
+    id: int | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", **_opts):
+    streams: list[str]
+    id: int | None = None
+
+
+ClientMessage = Auth | Subscribe | Unsubscribe | Ping | Pong
+
+
+class Result(msgspec.Struct, tag="result", **_opts):
+    id: int | None = None
+    ok: bool = True
+    data: Any = None
+
+
+class StreamStart(msgspec.Struct, omit_defaults=False):
+    """Where a subscription starts: the snapshot as of ``offset``; ``recovered`` for ``since``."""
+
+    stream: str
+    offset: int
+    recovered: bool
+    snapshot: Any = None
+    replayed: int = 0
+
+
+class Subscribed(msgspec.Struct, tag="subscribed", **_opts):
+    streams: list[StreamStart]
+    id: int | None = None
+
+
+class EventFrame(msgspec.Struct, tag="event", tag_field="type"):
+    stream: str
+    offset: int
+    kind: str
+    ts: float
+    data: msgspec.Raw
+
+
+ServerToClient = Result | Subscribed | EventFrame | Error | Ping | Pong
+ServerToDevice = Welcome | Ack | Error | Ping | Pong
+
+
+# --------------------------------------------------------------------------------------------
+# Events inside the server
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Event:
+    """One committed stream event. ``frame`` is encoded once and sent as-is to every subscriber."""
+
+    stream: str
+    offset: int
+    kind: str
+    ts: float
+    data: dict[str, Any]
+    data_json: bytes
+    _frame: str | None = None
+
+    @property
+    def frame(self) -> str:
+        if self._frame is None:
+            self._frame = _encoder.encode(
+                EventFrame(self.stream, self.offset, self.kind, self.ts, msgspec.Raw(self.data_json))
+            ).decode()
+        return self._frame
+
+    @classmethod
+    def new(cls, stream: str, offset: int, kind: str, ts: float, data: dict[str, Any]) -> Event:
+        return cls(stream, offset, kind, ts, data, _encoder.encode(data))
+
+    @classmethod
+    def from_stored(cls, stream: str, offset: int, kind: str, ts: float, data_json: bytes) -> Event:
+        return cls(stream, offset, kind, ts, msgspec.json.decode(data_json), data_json)
+
+
+# --------------------------------------------------------------------------------------------
+# Codec
+# --------------------------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_device_decoder = msgspec.json.Decoder(DeviceMessage)
+_client_decoder = msgspec.json.Decoder(ClientMessage)
+_server_to_client = msgspec.json.Decoder(ServerToClient)
+_server_to_device = msgspec.json.Decoder(ServerToDevice)
+
+_PATH_RE = re.compile(r" - at `\$(?:\.([A-Za-z_][\w]*))?((?:\[\d+\]|\.\w+)*)`$")
+_NAMED_RE = re.compile(r"(?:unknown|required) field `(\w+)`")
+_TYPE_HINT = {
+    DeviceMessage: "hello, reading, readings, ping, pong",
+    ClientMessage: "auth, subscribe, unsubscribe, ping, pong",
+}
+
+
+def encode(msg: Any) -> bytes:
+    """Encode a message (a Struct, dict or list) to JSON bytes."""
+    return _encoder.encode(msg)
+
+
+def encode_text(msg: Any) -> str:
+    return _encoder.encode(msg).decode()
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, kinds: str) -> Any:
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = _PATH_RE.search(text)
+        field = None
+        if m:
+            field = (m.group(1) or "") + (m.group(2) or "") or None
+            text = text[: m.start()]
+        named = _NAMED_RE.search(text)
+        if named:
+            inner = named.group(1)
+            field = f"{field}.{inner}" if field else inner
+        if field == "type" or text.startswith("Object missing required field `type`"):
+            raise InvalidMessage(f"type must be one of: {kinds}", field="type") from None
+        where = f" (at {field})" if field else ""
+        raise InvalidMessage(f"{text}{where}", field=field) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidMessage(f"malformed JSON: {exc}") from None
+
+
+def decode_device(data: bytes | str) -> Any:
+    """Decode a device -> server message; raise :class:`InvalidMessage` naming the field."""
+    return _decode(_device_decoder, data, _TYPE_HINT[DeviceMessage])
+
+
+def decode_client(data: bytes | str) -> Any:
+    """Decode a client -> server message; raise :class:`InvalidMessage` naming the field."""
+    return _decode(_client_decoder, data, _TYPE_HINT[ClientMessage])
+
+
+def decode_from_server_to_client(data: bytes | str) -> Any:
+    """Used by the SDK's MonitorClient."""
+    return _server_to_client.decode(data)
+
+
+def decode_from_server_to_device(data: bytes | str) -> Any:
+    """Used by the SDK's DeviceClient."""
+    return _server_to_device.decode(data)

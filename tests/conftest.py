@@ -1,0 +1,104 @@
+"""Shared fixtures: a real vitalwire server on port 0 with a fresh SQLite file per test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from vitalwire.app import Services, create_app
+from vitalwire.provision import WardCredentials, provision_ward
+from vitalwire.settings import Settings
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "vitals"
+REQUIRE_SERVICES = os.environ.get("VITALWIRE_REQUIRE_SERVICES") == "1"
+
+
+def need_data() -> Path:
+    if not DATA_DIR.is_dir():
+        if REQUIRE_SERVICES:
+            pytest.fail(f"recorded vitals not found at {DATA_DIR} (shared/ must sit beside the clone)")
+        pytest.skip(f"recorded vitals not found at {DATA_DIR} (shared/ is not beside the clone)")
+    return DATA_DIR
+
+
+@dataclass
+class RunningServer:
+    url: str
+    ws_url: str
+    services: Services
+    creds: WardCredentials
+    server: uvicorn.Server
+
+    def device(self, i: int = 0) -> tuple[str, str, str]:
+        d = self.creds.devices[i]
+        return d["device_id"], d["secret"], d["patient_id"]
+
+    def user(self, role: str = "clinician") -> tuple[str, str]:
+        u = next(u for u in self.creds.users if u["role"] == role)
+        return u["username"], u["password"]
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Wait for ``predicate()`` to hold, checking on every loop turn, failing after ``timeout``."""
+    async def _wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+    try:
+        await asyncio.wait_for(_wait(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+async def start_server(
+    tmp_path: Path, patients: int = 3, **overrides: Any
+) -> tuple[RunningServer, asyncio.Task[None]]:
+    settings = Settings(
+        db=f"sqlite:///{tmp_path / 'vitalwire.db'}",
+        port=0,
+        jwt_secret="test-secret-" + "x" * 40,
+        **overrides,
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        ws="websockets-sansio",
+        ws_max_size=settings.hard_frame_bytes,
+        log_level="warning",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = False  # type: ignore[attr-defined]
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or task.done(), 20, "server start")
+    if task.done():
+        await task
+    port = server.servers[0].sockets[0].getsockname()[1]
+    svc: Services = app.state.services
+    creds = await provision_ward(svc.store, patients=patients, registry=svc.registry)
+    await svc.writer.flush()
+    url = f"http://127.0.0.1:{port}"
+    return RunningServer(url, f"ws://127.0.0.1:{port}", svc, creds, server), task
+
+
+async def stop_server(running: RunningServer, task: asyncio.Task[None]) -> None:
+    running.server.should_exit = True
+    await asyncio.wait_for(task, 20)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    running, task = await start_server(tmp_path)
+    try:
+        yield running
+    finally:
+        await stop_server(running, task)
