@@ -23,7 +23,9 @@ REQUIRE_SERVICES = os.environ.get("VITALWIRE_REQUIRE_SERVICES") == "1"
 def need_data() -> Path:
     if not DATA_DIR.is_dir():
         if REQUIRE_SERVICES:
-            pytest.fail(f"recorded vitals not found at {DATA_DIR} (shared/ must sit beside the clone)")
+            pytest.fail(
+                f"recorded vitals not found at {DATA_DIR} (shared/ must sit beside the clone)"
+            )
         pytest.skip(f"recorded vitals not found at {DATA_DIR} (shared/ is not beside the clone)")
     return DATA_DIR
 
@@ -47,6 +49,7 @@ class RunningServer:
 
 async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
     """Wait for ``predicate()`` to hold, checking on every loop turn, failing after ``timeout``."""
+
     async def _wait() -> None:
         while not predicate():
             await asyncio.sleep(0.005)

@@ -18,11 +18,15 @@ from vitalwire import __version__
 from vitalwire.settings import Settings
 
 app = typer.Typer(help="vitalwire: real-time vital-signs monitoring.", no_args_is_help=True)
-admin_app = typer.Typer(help="Administer patients, devices, bindings and users.", no_args_is_help=True)
+admin_app = typer.Typer(
+    help="Administer patients, devices, bindings and users.", no_args_is_help=True
+)
 app.add_typer(admin_app, name="admin")
 console = Console()
 
-DbOpt = Annotated[str | None, typer.Option("--db", help="Store URL (sqlite:///... or postgresql://...).")]
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help="Store URL (sqlite:///... or postgresql://...).")
+]
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -82,10 +86,9 @@ def demo(
 
 
 async def _demo(settings: Settings, patients: int, rate: float) -> None:
+    from vitalwire.app import create_app
     from vitalwire.provision import provision_ward
     from vitalwire.simulator import SimDevice, run_ward
-
-    from vitalwire.app import create_app
 
     asgi = create_app(settings)
     server = _uvicorn_server(settings, "warning", asgi)
@@ -102,9 +105,7 @@ async def _demo(settings: Settings, patients: int, rate: float) -> None:
     _print_banner(base, creds.users, patients, settings.db)
     devices = [SimDevice(d["device_id"], d["secret"], d["patient_id"]) for d in creds.devices]
     stop = asyncio.Event()
-    ward = asyncio.create_task(
-        run_ward(base, devices, rate_hz=rate, scenario="mixed", stop=stop)
-    )
+    ward = asyncio.create_task(run_ward(base, devices, rate_hz=rate, scenario="mixed", stop=stop))
     try:
         await serving
     finally:
@@ -123,7 +124,9 @@ def _print_banner(base: str, users: list[dict[str, str]], patients: int, db: str
     console.print(f"  Devices (WS)  {ws}/ws/device")
     console.print(f"  API docs      {base}/docs")
     console.print(f"  Store         {db}   Bus memory://")
-    console.print(f"  Simulated ward: {patients} patients (P001..), one monitor each, mixed scenarios")
+    console.print(
+        f"  Simulated ward: {patients} patients (P001..), one monitor each, mixed scenarios"
+    )
     console.print("  Demo users:")
     for u in users:
         console.print(f"    {u['role']:<10} {u['username']} / {u['password']}")
@@ -140,12 +143,23 @@ def simulate(
     url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
     devices: Annotated[int, typer.Option(help="Number of simulated devices.")] = 12,
     rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
-    scenario: Annotated[str, typer.Option(help="normal, desaturation, tachycardia, bradycardia, "
-                                          "probe_off, battery_drain, disconnect, or mixed.")] = "mixed",
-    duration: Annotated[float | None, typer.Option(help="Seconds to run (default: until Ctrl-C).")] = None,
-    replay: Annotated[Path | None, typer.Option(help="Replay a BIDMC numerics CSV on one device.")] = None,
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="normal, desaturation, tachycardia, bradycardia, "
+            "probe_off, battery_drain, disconnect, or mixed."
+        ),
+    ] = "mixed",
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds to run (default: until Ctrl-C).")
+    ] = None,
+    replay: Annotated[
+        Path | None, typer.Option(help="Replay a BIDMC numerics CSV on one device.")
+    ] = None,
     speed: Annotated[float, typer.Option(help="Replay speed (1 = real time, 0 = flat out).")] = 1.0,
-    credentials: Annotated[Path | None, typer.Option(help="JSON written by `admin provision-ward`.")] = None,
+    credentials: Annotated[
+        Path | None, typer.Option(help="JSON written by `admin provision-ward`.")
+    ] = None,
     db: DbOpt = None,
     prefix: Annotated[str, typer.Option(help="Id prefix when provisioning via --db.")] = "",
 ) -> None:
@@ -166,10 +180,13 @@ def simulate(
         devs = [SimDevice(d["device_id"], d["secret"], d.get("patient_id")) for d in creds.devices]
         if replay is not None:
             client = await replay_file(url, devs[0], replay, speed=speed)
-            console.print(f"replayed {client.seq} readings from {replay}, {client.acked} acknowledged")
+            console.print(
+                f"replayed {client.seq} readings from {replay}, {client.acked} acknowledged"
+            )
             return
-        clients = await run_ward(url, devs[:devices], rate_hz=rate, scenario=scenario,
-                                 duration_s=duration)
+        clients = await run_ward(
+            url, devs[:devices], rate_hz=rate, scenario=scenario, duration_s=duration
+        )
         sent = sum(c.seq for c in clients)
         acked = sum(c.acked for c in clients)
         console.print(f"{len(clients)} devices sent {sent} readings, {acked} acknowledged")
@@ -194,9 +211,15 @@ async def _provision(db: str | None, patients: int, prefix: str) -> Any:
 def watch(
     url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
     user: Annotated[str, typer.Option(help="Username.")] = "clinician",
-    password: Annotated[str, typer.Option(help="Password.", envvar="VITALWIRE_PASSWORD")] = "vitalwire-clinician",
-    patients: Annotated[str | None, typer.Option(help="Comma-separated patient ids (default all).")] = None,
-    once: Annotated[bool, typer.Option(help="Print one table after the snapshot and exit.")] = False,
+    password: Annotated[
+        str, typer.Option(help="Password.", envvar="VITALWIRE_PASSWORD")
+    ] = "vitalwire-clinician",
+    patients: Annotated[
+        str | None, typer.Option(help="Comma-separated patient ids (default all).")
+    ] = None,
+    once: Annotated[
+        bool, typer.Option(help="Print one table after the snapshot and exit.")
+    ] = False,
 ) -> None:
     """A live terminal view of patients' vitals and device status."""
     from vitalwire.watch import run_watch
@@ -232,8 +255,10 @@ def _run_admin(db: str | None, fn: Any) -> Any:
 
 @admin_app.command("create-patient")
 def create_patient(
-    patient_id: str, name: Annotated[str, typer.Option(help="Full name.")],
-    ward: Annotated[str, typer.Option(help="Ward id.")] = "ward-a", db: DbOpt = None,
+    patient_id: str,
+    name: Annotated[str, typer.Option(help="Full name.")],
+    ward: Annotated[str, typer.Option(help="Ward id.")] = "ward-a",
+    db: DbOpt = None,
 ) -> None:
     """Create a patient."""
     out = _run_admin(db, lambda reg, _s: reg.create_patient(patient_id, name, ward))
@@ -242,7 +267,8 @@ def create_patient(
 
 @admin_app.command("create-device")
 def create_device(
-    device_id: str, kind: Annotated[str, typer.Option(help="Device kind.")] = "monitor",
+    device_id: str,
+    kind: Annotated[str, typer.Option(help="Device kind.")] = "monitor",
     db: DbOpt = None,
 ) -> None:
     """Create a device and print its secret (shown once, stored hashed)."""
@@ -304,7 +330,9 @@ def provision_ward_cmd(
     """Create patients P001.., monitors mon-001.. bound to them, demo users; write credentials."""
     from vitalwire.provision import provision_ward
 
-    creds = _run_admin(db, lambda _r, store: provision_ward(store, patients=patients, prefix=prefix))
+    creds = _run_admin(
+        db, lambda _r, store: provision_ward(store, patients=patients, prefix=prefix)
+    )
     creds.save(out)
     console.print(f"{len(creds.devices)} devices provisioned; credentials in {out}")
 

@@ -19,9 +19,21 @@ DEMO_USERS: tuple[tuple[str, str, str], ...] = (
 )
 
 _NAMES = (
-    "Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov",
-    "Donald Knuth", "Frances Allen", "John Backus", "Margaret Hamilton", "Ken Thompson",
-    "Radia Perlman", "Tony Hoare", "Niklaus Wirth", "Karen Sparck Jones", "Leslie Lamport",
+    "Ada Lovelace",
+    "Alan Turing",
+    "Grace Hopper",
+    "Edsger Dijkstra",
+    "Barbara Liskov",
+    "Donald Knuth",
+    "Frances Allen",
+    "John Backus",
+    "Margaret Hamilton",
+    "Ken Thompson",
+    "Radia Perlman",
+    "Tony Hoare",
+    "Niklaus Wirth",
+    "Karen Sparck Jones",
+    "Leslie Lamport",
 )
 
 

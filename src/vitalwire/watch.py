@@ -69,15 +69,20 @@ class WardView:
             for _, key in COLUMNS:
                 if key == "bp":
                     sbp, dbp = v.get("sbp"), v.get("dbp")
-                    cells.append(f"{sbp:.0f}/{dbp:.0f}" if sbp is not None and dbp is not None else "–")
+                    cells.append(
+                        f"{sbp:.0f}/{dbp:.0f}" if sbp is not None and dbp is not None else "–"
+                    )
                 else:
                     cells.append(_fmt(v.get(key)))
             if v.get("probe") is False:
                 cells[0] = "[yellow]probe off[/yellow]"
-            devices = ", ".join(
-                f"{d}:{'[green]' if x['status'] == 'online' else '[red]'}{x['status']}[/]"
-                for d, x in sorted(st.devices.items())
-            ) or "–"
+            devices = (
+                ", ".join(
+                    f"{d}:{'[green]' if x['status'] == 'online' else '[red]'}{x['status']}[/]"
+                    for d, x in sorted(st.devices.items())
+                )
+                or "–"
+            )
             age = now - self.updated[pid] if pid in self.updated else None
             table.add_row(
                 pid,
@@ -125,6 +130,7 @@ async def run_watch(
             console.print(view.table())
             return view
         with Live(view.table(), console=console, refresh_per_second=4) as live:
+
             async def refresh() -> None:
                 while True:
                     await asyncio.sleep(0.5)

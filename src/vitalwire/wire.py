@@ -135,7 +135,7 @@ class Unsubscribe(msgspec.Struct, tag="unsubscribe", **_opts):
 ClientMessage = Auth | Subscribe | Unsubscribe | Ping | Pong
 
 
-class Result(msgspec.Struct, tag="result", **_opts):
+class Result(msgspec.Struct, tag="result", tag_field="type", forbid_unknown_fields=True):
     id: int | None = None
     ok: bool = True
     data: Any = None
@@ -189,7 +189,9 @@ class Event:
     def frame(self) -> str:
         if self._frame is None:
             self._frame = _encoder.encode(
-                EventFrame(self.stream, self.offset, self.kind, self.ts, msgspec.Raw(self.data_json))
+                EventFrame(
+                    self.stream, self.offset, self.kind, self.ts, msgspec.Raw(self.data_json)
+                )
             ).decode()
         return self._frame
 

@@ -1,4 +1,4 @@
-"""In-memory bus for one process: publish calls the listener directly; bounded history per stream."""
+"""In-memory bus for one process: publish calls the listener directly; bounded history."""
 
 from __future__ import annotations
 

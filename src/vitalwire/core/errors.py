@@ -3,7 +3,7 @@
 ::
 
     VitalwireError
-    ├── PeerError                 the peer (device, client) sent something wrong; its fault, not ours
+    ├── PeerError                 the peer (device, client) sent something wrong
     │   ├── InvalidMessage        malformed JSON, wrong type, unknown field, unknown message type
     │   │   └── FrameTooLarge     the frame exceeds the documented size limit
     │   ├── InvalidReading        a value outside its physical bound

@@ -29,7 +29,7 @@ def check_id(field: str, value: str) -> str:
     """Return ``value`` when it is a valid patient/device/user id, else raise naming ``field``."""
     if not ID_RE.match(value):
         raise InvalidMessage(
-            f"{field} must be 1 to 64 characters of letters, digits, '_', '.', '-', got {value!r:.80}",
+            f"{field} must be 1 to 64 letters, digits, '_', '.' or '-', got {value!r:.80}",
             field=field,
         )
     return value

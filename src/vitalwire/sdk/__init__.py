@@ -1,4 +1,4 @@
-"""Python clients: :class:`DeviceClient` for devices, :class:`MonitorClient` for clinicians' apps."""
+"""Python clients: :class:`DeviceClient` for devices, :class:`MonitorClient` for clinicians."""
 
 from vitalwire.sdk.device import DeviceClient, ReportByException
 from vitalwire.sdk.monitor import MonitorClient, StreamEvent, login

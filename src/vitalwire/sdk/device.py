@@ -89,7 +89,9 @@ class DeviceClient:
         backoff_max_s: float = 10.0,
         max_batch: int = 200,
     ) -> None:
-        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/ws/device") else "/ws/device")
+        self.url = url.rstrip("/") + (
+            "" if url.rstrip("/").endswith("/ws/device") else "/ws/device"
+        )
         self.url = self.url.replace("http://", "ws://").replace("https://", "wss://")
         self.device_id = device_id
         self.secret = secret

@@ -1,1 +1,1 @@
-"""Use cases that combine the core, the bus and the store. Transports call these and nothing else."""
+"""Use cases combining the core, the bus and the store. Transports call these only."""

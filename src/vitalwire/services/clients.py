@@ -87,7 +87,9 @@ class ClientSession:
         self._live.clear()
         self._control.clear()
         if self.on_overflow is not None:
-            self.on_overflow(CLOSE_SLOW_CONSUMER, "slow consumer: send queue full, resume by offset")
+            self.on_overflow(
+                CLOSE_SLOW_CONSUMER, "slow consumer: send queue full, resume by offset"
+            )
 
     # -- sender side ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from vitalwire.core import events as ev
 from vitalwire.core.errors import InvalidReading, PeerError
-from vitalwire.core.metrics import validate_header, validate_values
+from vitalwire.core.metrics import MAX_SEQ, validate_header, validate_values
 from vitalwire.services.registry import Registry
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
@@ -136,15 +136,15 @@ class Ingest:
         dup_max = 0
         for body in bodies:
             seq = body.seq
-            if seq <= high:
-                dup_max = max(dup_max, seq)
-                session.duplicates += 1
-                continue
             try:
                 validate_header(seq, body.ts, now)
+                if seq <= high:
+                    dup_max = max(dup_max, seq)
+                    session.duplicates += 1
+                    continue
                 values = validate_values(body.values())
             except InvalidReading as exc:
-                if 1 <= seq:
+                if high < seq <= MAX_SEQ:
                     high = seq
                 session.rejected += 1
                 errors.append(
@@ -197,7 +197,9 @@ class Ingest:
             data["reason"] = reason
         if session.firmware is not None and status == "online":
             data["firmware"] = session.firmware
-        self.writer.submit([], [self.streams.new_event(stream, ev.DEVICE_STATUS, self.clock(), data)])
+        self.writer.submit(
+            [], [self.streams.new_event(stream, ev.DEVICE_STATUS, self.clock(), data)]
+        )
 
     def _on_binding_change(self, did: str, pid: str | None) -> None:
         session = self.sessions.get(did)

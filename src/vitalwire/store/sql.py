@@ -255,12 +255,19 @@ class SqlStore:
         return None if row is None else Binding(did, row.patient_id, row.start_ts, None)
 
     async def create_user(self, username: str, password_hash: str, role: str, now: float) -> None:
-        row = {"username": username, "password_hash": password_hash, "role": role, "created_at": now}
+        row = {
+            "username": username,
+            "password_hash": password_hash,
+            "role": role,
+            "created_at": now,
+        }
         await self._insert_new(t.users, f"user {username}", row)
 
     async def get_user(self, username: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(t.users).where(t.users.c.username == username))).first()
+            row = (
+                await conn.execute(select(t.users).where(t.users.c.username == username))
+            ).first()
             return None if row is None else dict(row._mapping)
 
     async def get_meta(self, key: str) -> str | None:

@@ -138,6 +138,8 @@ async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
         return
     elif isinstance(msg, wire.Auth):
         session.principal = svc.tokens.verify(msg.token, svc.clock())
-        session.send(wire.encode_text(wire.Result(id=msg.id, data={"user": session.principal.name})))
+        session.send(
+            wire.encode_text(wire.Result(id=msg.id, data={"user": session.principal.name}))
+        )
     else:
         raise InvalidMessage("unsupported message", field="type")

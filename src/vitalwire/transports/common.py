@@ -23,8 +23,8 @@ async def receive_frame(ws: WebSocket, max_bytes: int) -> str | bytes:
     data: str | bytes | None = message.get("text")
     if data is None:
         data = message.get("bytes") or b""
-    size = len(data) if isinstance(data, bytes) or len(data) * 4 <= max_bytes else len(
-        data.encode()
+    size = (
+        len(data) if isinstance(data, bytes) or len(data) * 4 <= max_bytes else len(data.encode())
     )
     if size > max_bytes:
         raise FrameTooLarge(f"frame must be at most {max_bytes} bytes, got {size}", field="frame")

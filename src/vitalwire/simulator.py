@@ -1,0 +1,594 @@
+"""Simulated patients and devices: realistic vitals, scripted scenarios, replay of recorded vitals.
+
+How it works: a :class:`PatientModel` holds one patient's baseline (drawn from an injected
+``random.Random``) and, per metric, a slow Ornstein-Uhlenbeck deviation around a *target* that the
+scenario moves over time (SpO2 sliding down under ``desaturation``, HR up under ``tachycardia``...).
+Each :meth:`PatientModel.sample` advances the deviations by the time since the previous sample and
+adds Gaussian measurement noise, so the same seed and the same timestamps give the same samples.
+Heart rate follows SpO2 (hypoxaemia raises HR), the oximeter's pulse rate tracks HR closely, and
+every value is kept inside the physical bounds of :mod:`vitalwire.core.metrics`.
+
+:func:`run_device` drives one model through a :class:`~vitalwire.sdk.DeviceClient` at a fixed rate
+(a scheduler that does not drift); :func:`run_ward` runs many at once; :func:`replay_file` streams a
+recorded BIDMC numerics file through a device.
+
+Recorded vitals: :func:`read_bidmc` parses the 1 Hz numerics files of the BIDMC PPG and Respiration
+Dataset v1.0.0 (PhysioNet), used under the Open Data Commons Attribution License v1.0 (ODC-By 1.0).
+Cite: Pimentel MAF, Johnson AEW, Charlton PH, Birrenkott D, Watkinson PJ, Tarassenko L, Clifton DA.
+"Toward a Robust Estimation of Respiratory Rate From Pulse Oximeters", IEEE Trans Biomed Eng
+64(8):1914-1923, 2017, doi:10.1109/TBME.2016.2613124; the dataset: Pimentel M, Johnson A,
+Charlton P, Clifton D, BIDMC PPG and Respiration Dataset (v1.0.0), PhysioNet, 2018,
+doi:10.13026/C2208R; and PhysioNet: Goldberger AL et al., Circulation 101(23):e215-e220, 2000.
+The data are engineering test material, not clinical ground truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from vitalwire.core.metrics import METRIC_BY_NAME
+from vitalwire.sdk import DeviceClient, ReportByException
+
+#: Scenario names accepted by :class:`PatientModel`, :func:`run_device` and :func:`run_ward`.
+SCENARIOS: tuple[str, ...] = (
+    "normal",
+    "desaturation",
+    "tachycardia",
+    "bradycardia",
+    "probe_off",
+    "battery_drain",
+    "disconnect",
+)
+
+#: The abnormal scenarios a ``"mixed"`` ward gets one device each of (the rest are ``normal``).
+MIXED_ABNORMAL: tuple[str, ...] = (
+    "desaturation",
+    "tachycardia",
+    "bradycardia",
+    "probe_off",
+    "battery_drain",
+)
+
+#: Header of a BIDMC numerics file, after stripping each name.
+BIDMC_HEADER: tuple[str, ...] = ("Time [s]", "HR", "PULSE", "RESP", "SpO2")
+
+_Sample = dict[str, float | bool]
+
+
+@dataclass(frozen=True)
+class SimDevice:
+    """A provisioned device: its id and secret, and the patient it is bound to (if known)."""
+
+    device_id: str
+    secret: str
+    patient_id: str | None = None
+
+
+def _check_scenario(scenario: str) -> None:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
+
+
+def _ramp(elapsed: float, start: float, duration: float) -> float:
+    """0 before ``start``, 1 after ``start + duration``, linear in between."""
+    if elapsed <= start:
+        return 0.0
+    if elapsed >= start + duration:
+        return 1.0
+    return (elapsed - start) / duration
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
+
+
+def _bounded(name: str, value: float) -> float:
+    metric = METRIC_BY_NAME[name]
+    return _clamp(value, metric.low, metric.high)
+
+
+class _OU:
+    """An Ornstein-Uhlenbeck deviation around 0 with time constant ``tau_s`` and stationary SD."""
+
+    __slots__ = ("tau_s", "sd", "x")
+
+    def __init__(self, rng: random.Random, tau_s: float, sd: float) -> None:
+        self.tau_s = tau_s
+        self.sd = sd
+        self.x = rng.gauss(0.0, sd)
+
+    def step(self, rng: random.Random, dt: float) -> float:
+        a = math.exp(-dt / self.tau_s)
+        # Always draw, even for dt == 0, so rng use does not depend on the timestamps.
+        z = rng.gauss(0.0, 1.0)
+        self.x = self.x * a + self.sd * math.sqrt(1.0 - a * a) * z
+        return self.x
+
+
+class PatientModel:
+    """Realistic physiology for one simulated patient, shaped over time by a scenario.
+
+    Per-patient baseline from ``rng``; per metric a slow Ornstein-Uhlenbeck drift around the
+    scenario's target plus Gaussian measurement noise. HR rises as SpO2 falls (about 1.5 /min per
+    % of desaturation), ``pulse`` tracks ``hr`` within a beat or two, ``dbp`` stays below ``sbp``,
+    ``battery`` drains slowly (fast under ``battery_drain``). Every value stays inside the physical
+    bounds of :mod:`vitalwire.core.metrics`; ``spo2``, ``pulse``, ``hr``, ``rr``, ``sbp``, ``dbp``
+    and ``battery`` are whole numbers, ``temp_c`` has 1 decimal and ``pi`` 2.
+
+    Scenarios (time measured from ``start_ts``):
+
+    - ``normal``: a stable adult within normal ranges.
+    - ``desaturation``: from ~20 s SpO2 slides over 1-2 min to 82-85 % and stays; HR and RR rise.
+    - ``tachycardia``: HR/pulse rise within ~30 s to 125-150 /min.
+    - ``bradycardia``: HR/pulse fall within ~30 s to 35-48 /min.
+    - ``probe_off``: recurring periods (10-25 s, every ~1 min) with ``probe`` False and no
+      ``spo2``, ``pulse`` or ``pi`` (an oximeter gives no SpO2 without its probe).
+    - ``battery_drain``: battery starts at 45-65 % and falls 1 % every 10 s down to 0.
+    - ``disconnect``: normal physiology; :meth:`wants_disconnect` is True for 5-10 s about every
+      minute.
+
+    Args:
+        scenario: one of :data:`SCENARIOS`.
+        rng: the source of randomness (seed it for reproducible patients).
+        start_ts: device time (s) at which the scenario starts.
+
+    Raises:
+        ValueError: ``scenario`` is not one of :data:`SCENARIOS`.
+    """
+
+    #: Desaturation: how much HR rises (/min) per % of SpO2 below baseline.
+    HR_PER_SPO2: float = 1.5
+    #: Desaturation: how much RR rises (/min) per % of SpO2 below baseline.
+    RR_PER_SPO2: float = 0.4
+
+    def __init__(self, scenario: str = "normal", *, rng: random.Random, start_ts: float = 0.0):
+        _check_scenario(scenario)
+        self.scenario = scenario
+        self.start_ts = start_ts
+        self._rng = rng
+        # Baseline of this patient (a healthy-ish adult at rest).
+        self.base_spo2 = rng.uniform(96.0, 99.0)
+        self.base_hr = rng.uniform(62.0, 88.0)
+        self.base_rr = rng.uniform(12.0, 18.0)
+        self.base_temp_c = rng.uniform(36.5, 37.2)
+        self.base_sbp = rng.uniform(108.0, 132.0)
+        self.base_dbp = rng.uniform(65.0, 82.0)
+        self.base_pi = rng.uniform(1.5, 5.0)
+        self.base_battery = rng.uniform(60.0, 100.0)
+        self.battery_drain_per_s = 1.0 / 3600.0  # ~1 % per hour in normal use
+        # Scenario parameters (always drawn, so a seed gives the same baseline in every scenario).
+        self.desat_target = rng.uniform(82.5, 85.0)
+        self.desat_start_s = 20.0
+        self.desat_duration_s = rng.uniform(60.0, 120.0)
+        self.tachy_target = rng.uniform(132.0, 142.0)
+        self.brady_target = rng.uniform(39.0, 44.0)
+        self.rate_ramp_s = 30.0
+        drain_start = rng.uniform(45.0, 65.0)
+        if scenario == "battery_drain":
+            self.base_battery = drain_start
+            self.battery_drain_per_s = 0.1  # 1 % every 10 s
+        # Slow drifts (tau s, stationary SD) around the targets.
+        self._drift = {
+            "spo2": _OU(rng, 60.0, 0.7),
+            "hr": _OU(rng, 90.0, 3.0),
+            "rr": _OU(rng, 60.0, 1.0),
+            "temp_c": _OU(rng, 900.0, 0.1),
+            "sbp": _OU(rng, 120.0, 4.0),
+            "dbp": _OU(rng, 120.0, 3.0),
+            "pi": _OU(rng, 60.0, 0.3),
+        }
+        # Event schedules (probe-off periods, network outages) from their own stream of randomness,
+        # so they do not depend on how many samples were taken.
+        self._schedule_rng = random.Random(rng.getrandbits(64))
+        self._probe_off: list[tuple[float, float]] = []
+        self._outages: list[tuple[float, float]] = []
+        self._last_ts: float | None = None
+
+    # -- schedules ----------------------------------------------------------------------------
+
+    def _periods(
+        self,
+        periods: list[tuple[float, float]],
+        elapsed: float,
+        first: tuple[float, float],
+        gap: tuple[float, float],
+        length: tuple[float, float],
+    ) -> list[tuple[float, float]]:
+        r = self._schedule_rng
+        while not periods or periods[-1][0] <= elapsed:
+            begin = r.uniform(*first) if not periods else periods[-1][1] + r.uniform(*gap)
+            periods.append((begin, begin + r.uniform(*length)))
+        return periods
+
+    @staticmethod
+    def _inside(periods: Sequence[tuple[float, float]], elapsed: float) -> bool:
+        i = bisect.bisect_right(periods, (elapsed, math.inf)) - 1
+        return i >= 0 and periods[i][0] <= elapsed < periods[i][1]
+
+    def probe_attached(self, ts: float) -> bool:
+        """Whether the oximeter probe is on the patient at device time ``ts``."""
+        if self.scenario != "probe_off":
+            return True
+        elapsed = ts - self.start_ts
+        periods = self._periods(self._probe_off, elapsed, (20.0, 40.0), (35.0, 60.0), (10.0, 25.0))
+        return not self._inside(periods, elapsed)
+
+    def wants_disconnect(self, ts: float) -> bool:
+        """True while the ``disconnect`` scenario has the network down (5-10 s about every minute).
+
+        Always False for the other scenarios.
+        """
+        if self.scenario != "disconnect":
+            return False
+        elapsed = ts - self.start_ts
+        periods = self._periods(self._outages, elapsed, (45.0, 60.0), (50.0, 55.0), (5.0, 10.0))
+        return self._inside(periods, elapsed)
+
+    # -- measurements -------------------------------------------------------------------------
+
+    def sample(self, ts: float) -> dict[str, float | bool]:
+        """One measurement set at device time ``ts`` (s), as the ``values`` of a reading.
+
+        Deterministic given the rng's seed and the sequence of timestamps. Always has ``hr``,
+        ``rr``, ``temp_c``, ``sbp``, ``dbp``, ``battery`` and ``probe``; ``spo2``, ``pulse`` and
+        ``pi`` only while the probe is attached.
+        """
+        rng = self._rng
+        dt = 0.0 if self._last_ts is None else max(0.0, ts - self._last_ts)
+        self._last_ts = ts if self._last_ts is None else max(ts, self._last_ts)
+        elapsed = max(0.0, ts - self.start_ts)
+        d = {name: ou.step(rng, dt) for name, ou in self._drift.items()}
+        noise = {
+            name: rng.gauss(0.0, sd)
+            for name, sd in (
+                ("spo2", 0.4),
+                ("hr", 1.0),
+                ("pulse", 0.7),
+                ("rr", 0.5),
+                ("temp_c", 0.03),
+                ("sbp", 2.0),
+                ("dbp", 1.5),
+                ("pi", 0.08),
+            )
+        }
+
+        # SpO2: the "true" saturation (target + drift) drives HR and RR.
+        spo2_target = self.base_spo2
+        if self.scenario == "desaturation":
+            ramp = _ramp(elapsed, self.desat_start_s, self.desat_duration_s)
+            spo2_target += (self.desat_target - self.base_spo2) * ramp
+        spo2_true = _clamp(spo2_target + d["spo2"], 50.0, 100.0)
+        hypoxia = max(0.0, self.base_spo2 - spo2_true)
+
+        hr_target = self.base_hr + self.HR_PER_SPO2 * hypoxia
+        hr_band = (25.0, 220.0)
+        if self.scenario in ("tachycardia", "bradycardia"):
+            goal, band = (
+                (self.tachy_target, (125.0, 150.0))
+                if self.scenario == "tachycardia"
+                else (self.brady_target, (35.0, 48.0))
+            )
+            ramp = _ramp(elapsed, 0.0, self.rate_ramp_s)
+            hr_target += (goal - self.base_hr) * ramp
+            if ramp >= 1.0:
+                hr_band = band
+        hr_true = _clamp(hr_target + d["hr"], *hr_band)
+        hr = round(_clamp(hr_true + noise["hr"], *hr_band))
+        pulse = round(_clamp(hr + noise["pulse"], *hr_band))
+
+        spo2 = round(_bounded("spo2", spo2_true + noise["spo2"]))
+        rr = round(_clamp(self.base_rr + self.RR_PER_SPO2 * hypoxia + d["rr"] + noise["rr"], 6, 40))
+        temp_c = round(_clamp(self.base_temp_c + d["temp_c"] + noise["temp_c"], 35.0, 39.5), 1)
+        sbp = round(_clamp(self.base_sbp + d["sbp"] + noise["sbp"], 80.0, 190.0))
+        dbp = round(_clamp(self.base_dbp + d["dbp"] + noise["dbp"], 40.0, 110.0))
+        dbp = min(dbp, sbp - 20)  # pulse pressure of at least 20 mmHg: dbp < sbp always
+        pi = round(_clamp(self.base_pi + d["pi"] + noise["pi"], 0.2, 20.0), 2)
+        battery = round(
+            max(0.0, min(100.0, self.base_battery - self.battery_drain_per_s * elapsed))
+        )
+
+        out: _Sample = {
+            "hr": hr,
+            "rr": rr,
+            "temp_c": temp_c,
+            "sbp": sbp,
+            "dbp": dbp,
+            "battery": battery,
+        }
+        probe = self.probe_attached(ts)
+        if probe:
+            out["spo2"] = spo2
+            out["pulse"] = pulse
+            out["pi"] = pi
+        out["probe"] = probe
+        return out
+
+
+# -- recorded vitals ------------------------------------------------------------------------------
+
+
+def read_bidmc(path: str | os.PathLike[str]) -> list[dict[str, float | bool]]:
+    """Parse a BIDMC numerics CSV (``Time [s], HR, PULSE, RESP, SpO2``, 1 row per second).
+
+    The files come from the BIDMC PPG and Respiration Dataset v1.0.0 (PhysioNet,
+    doi:10.13026/C2208R; Pimentel et al., IEEE TBME 2017), ODC-By 1.0: see the module docstring
+    for the citations that must accompany them.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        One dict per row: ``t`` (s, ``-0`` read as 0.0), ``hr``, ``pulse``, ``rr``, ``spo2`` as
+        floats, each omitted when ``NaN``, and ``probe``: True when SpO2 is present, False when it
+        is not (no valid oximeter signal), in which case ``pulse`` is omitted too.
+
+    Raises:
+        ValueError: a wrong header or a malformed row, naming the file and the line.
+    """
+    name = os.fspath(path)
+    rows: list[dict[str, float | bool]] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        header = f.readline()
+        names = tuple(n.strip() for n in header.strip().lstrip("\ufeff").split(","))
+        if names != BIDMC_HEADER:
+            expected = ", ".join(BIDMC_HEADER)
+            raise ValueError(
+                f"{name}: line 1: expected header {expected!r}, got {header.strip()!r}"
+            )
+        for lineno, line in enumerate(f, start=2):
+            if not line.strip():
+                continue
+            cells = [c.strip() for c in line.strip().split(",")]
+            if len(cells) != len(BIDMC_HEADER):
+                raise ValueError(
+                    f"{name}: line {lineno}: expected {len(BIDMC_HEADER)} values, "
+                    f"got {len(cells)}: {line.strip()!r}"
+                )
+            values: list[float] = []
+            for column, cell in zip(BIDMC_HEADER, cells, strict=True):
+                try:
+                    value = float(cell)
+                except ValueError:
+                    raise ValueError(
+                        f"{name}: line {lineno}: {column} is not a number: {cell!r}"
+                    ) from None
+                if math.isinf(value) or (column == "Time [s]" and math.isnan(value)):
+                    raise ValueError(f"{name}: line {lineno}: {column} is not valid: {cell!r}")
+                values.append(value)
+            t, hr, pulse, rr, spo2 = values
+            row: dict[str, float | bool] = {"t": 0.0 if t == 0 else t}
+            if not math.isnan(hr):
+                row["hr"] = hr
+            probe = not math.isnan(spo2)
+            if probe and not math.isnan(pulse):
+                row["pulse"] = pulse
+            if not math.isnan(rr):
+                row["rr"] = rr
+            if probe:
+                row["spo2"] = spo2
+            row["probe"] = probe
+            rows.append(row)
+    return rows
+
+
+# -- devices --------------------------------------------------------------------------------------
+
+
+async def _sleep_until(deadline: float, stop: asyncio.Event | None) -> None:
+    """Sleep until loop time ``deadline``, or until ``stop`` is set."""
+    delay = deadline - asyncio.get_running_loop().time()
+    if stop is None or delay <= 0 or stop.is_set():
+        await asyncio.sleep(max(0.0, delay))  # always yield, even when late
+        return
+    try:
+        async with asyncio.timeout(delay):
+            await stop.wait()
+    except TimeoutError:
+        pass
+
+
+async def run_device(
+    url: str,
+    device: SimDevice,
+    *,
+    rate_hz: float = 1.0,
+    scenario: str = "normal",
+    duration_s: float | None = None,
+    seed: int = 0,
+    stop: asyncio.Event | None = None,
+    report: ReportByException | None = None,
+    clock: Callable[[], float] = time.time,
+) -> DeviceClient:
+    """Run one simulated device: sample a :class:`PatientModel` at ``rate_hz`` and send it.
+
+    Ticks are scheduled on the event loop's monotonic clock (``next_tick += period``), so the rate
+    does not drift; a tick missed by more than a period is skipped rather than bunched up. Under
+    ``disconnect`` the connection is aborted whenever :meth:`PatientModel.wants_disconnect` turns
+    True; the SDK reconnects and resends what was not acknowledged, and measuring goes on.
+
+    Args:
+        url: the server's base URL (``http://host:port``) or device WebSocket URL.
+        device: the provisioned device to act as.
+        rate_hz: measurements per second.
+        scenario: one of :data:`SCENARIOS`.
+        duration_s: stop after this long (``None``: until ``stop`` is set).
+        seed: seed of the patient model.
+        stop: set it to stop the device.
+        report: report-by-exception policy passed to the :class:`DeviceClient`.
+        clock: device clock for reading timestamps (epoch seconds).
+
+    Returns:
+        The closed client (``seq``, ``acked``, ``dropped``, ``skipped``, ``connections``...).
+
+    Raises:
+        ValueError: unknown ``scenario`` or ``rate_hz`` not positive.
+    """
+    _check_scenario(scenario)
+    if not rate_hz > 0 or math.isinf(rate_hz):
+        raise ValueError(f"rate_hz must be a positive number, got {rate_hz}")
+    model = PatientModel(scenario, rng=random.Random(seed), start_ts=clock())
+    client = DeviceClient(url, device.device_id, device.secret, report=report, clock=clock)
+    period = 1.0 / rate_hz
+    loop = asyncio.get_running_loop()
+    await client.start(wait=False)
+    try:
+        start = loop.time()
+        ticks = math.inf if duration_s is None else math.ceil(duration_s * rate_hz - 1e-9)
+        tick = 0
+        down = False
+        while tick < ticks and not (stop is not None and stop.is_set()):
+            ts = clock()
+            client.send(model.sample(ts), ts=ts)
+            wants = model.wants_disconnect(ts)
+            if wants and not down:
+                await client.drop_connection()
+            down = wants
+            tick += 1  # next tick = start + tick * period: no drift
+            behind = loop.time() - (start + tick * period)
+            if behind > period:  # the loop stalled: skip the missed ticks, do not bunch them up
+                tick += math.floor(behind / period)
+            if tick < ticks:
+                await _sleep_until(start + tick * period, stop)
+        try:
+            await client.flush(timeout=10)
+        except TimeoutError:
+            pass
+    finally:
+        await client.close()
+    return client
+
+
+def ward_scenarios(n: int, scenario: str | Sequence[str] = "normal") -> list[str]:
+    """The scenario of each of ``n`` devices, as :func:`run_ward` assigns them.
+
+    A single name applies to every device, except ``"mixed"``: one device each of
+    :data:`MIXED_ABNORMAL` (cycled through when there are fewer devices), the rest ``normal``.
+
+    Raises:
+        ValueError: an unknown scenario, or a list whose length is not ``n``.
+    """
+    if isinstance(scenario, str):
+        if scenario == "mixed":
+            return [MIXED_ABNORMAL[i] if i < len(MIXED_ABNORMAL) else "normal" for i in range(n)]
+        _check_scenario(scenario)
+        return [scenario] * n
+    names = list(scenario)
+    if len(names) != n:
+        raise ValueError(f"got {len(names)} scenarios for {n} devices")
+    for name in names:
+        _check_scenario(name)
+    return names
+
+
+async def run_ward(
+    url: str,
+    devices: list[SimDevice],
+    *,
+    rate_hz: float = 1.0,
+    scenario: str | list[str] = "normal",
+    duration_s: float | None = None,
+    seed: int = 0,
+    stop: asyncio.Event | None = None,
+) -> list[DeviceClient]:
+    """Run every device concurrently (see :func:`run_device`); device ``i`` uses seed ``seed + i``.
+
+    Args:
+        scenario: one name for all, ``"mixed"`` for a realistic ward (see :func:`ward_scenarios`),
+            or one name per device.
+
+    Returns:
+        The clients, in the order of ``devices``.
+
+    Raises:
+        ValueError: an unknown scenario or a scenario list of the wrong length (before any device
+            starts).
+    """
+    scenarios = ward_scenarios(len(devices), scenario)
+    return list(
+        await asyncio.gather(
+            *(
+                run_device(
+                    url,
+                    device,
+                    rate_hz=rate_hz,
+                    scenario=name,
+                    duration_s=duration_s,
+                    seed=seed + i,
+                    stop=stop,
+                )
+                for i, (device, name) in enumerate(zip(devices, scenarios, strict=True))
+            )
+        )
+    )
+
+
+async def replay_file(
+    url: str,
+    device: SimDevice,
+    path: str | os.PathLike[str],
+    *,
+    speed: float = 1.0,
+    start_ts: float | None = None,
+    clock: Callable[[], float] = time.time,
+) -> DeviceClient:
+    """Replay a BIDMC numerics file (see :func:`read_bidmc`) through a device.
+
+    Each row is sent with device time ``start_ts + t`` at ``t / speed`` seconds after the replay
+    started; ``speed`` 0 or infinite sends as fast as possible.
+
+    Args:
+        url: the server's base URL or device WebSocket URL.
+        device: the provisioned device to act as.
+        path: the CSV file.
+        speed: replay speed (2.0 = twice real time).
+        start_ts: device time of the file's t = 0 (default: ``clock()`` now).
+        clock: device clock (epoch seconds).
+
+    Returns:
+        The closed client.
+
+    Raises:
+        ValueError: a malformed file or a negative ``speed``.
+        TimeoutError: the server did not acknowledge every reading within 30 s.
+    """
+    if math.isnan(speed) or speed < 0:
+        raise ValueError(f"speed must be 0 (as fast as possible) or positive, got {speed}")
+    rows = read_bidmc(path)
+    base_ts = clock() if start_ts is None else start_ts
+    realtime = 0 < speed < math.inf
+    client = DeviceClient(url, device.device_id, device.secret, clock=clock)
+    loop = asyncio.get_running_loop()
+    await client.start(wait=False)
+    try:
+        start = loop.time()
+        for row in rows:
+            t = float(row["t"])
+            if realtime:
+                await _sleep_until(start + t / speed, None)
+            values = {k: v for k, v in row.items() if k != "t"}
+            client.send(values, ts=base_ts + t)
+        await client.flush(timeout=30)
+    finally:
+        await client.close()
+    return client
+
+
+__all__ = [
+    "BIDMC_HEADER",
+    "MIXED_ABNORMAL",
+    "SCENARIOS",
+    "PatientModel",
+    "SimDevice",
+    "read_bidmc",
+    "replay_file",
+    "run_device",
+    "run_ward",
+    "ward_scenarios",
+]

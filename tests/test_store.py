@@ -1,0 +1,129 @@
+"""Store contract: one body for every backend (SQLite now; PostgreSQL joins the parameter list)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from vitalwire.core.errors import Conflict
+from vitalwire.store import Batch, ReadingRow, Store, open_store
+from vitalwire.store.schema import metadata
+from vitalwire.wire import Event
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def _batch(device: str, stream: str, seqs: range, first_offset: int) -> Batch:
+    b = Batch()
+    for i, seq in enumerate(seqs):
+        off = first_offset + i
+        b.readings.append(ReadingRow(device, seq, "P1", off, 1000.0 + seq, 2000.0))
+        b.events.append(Event.new(stream, off, "reading", 2000.0, {"seq": seq, "spo2": 97.0}))
+    return b
+
+
+async def test_write_batch_is_one_transaction_and_events_read_back(store: Store) -> None:
+    before = store.transactions
+    await store.write_batch(_batch("d1", "patient:P1", range(1, 301), 1))
+    assert store.transactions == before + 1
+    assert await store.stream_heads() == {"patient:P1": 300}
+    assert await store.device_last_seq("d1") == 300
+    after = await store.events_after("patient:P1", 295, 100)
+    assert [e.offset for e in after] == [296, 297, 298, 299, 300]
+    assert after[0].data == {"seq": 296, "spo2": 97.0}
+    assert await store.first_offset("patient:P1") == 1
+    recent = await store.recent_events("patient:P1", 3)
+    assert [e.offset for e in recent] == [298, 299, 300]
+
+
+async def test_duplicate_reading_rows_are_ignored(store: Store) -> None:
+    await store.write_batch(_batch("d1", "patient:P1", range(1, 4), 1))
+    dup = Batch(readings=[ReadingRow("d1", 2, "P1", 99, 1.0, 1.0)])
+    await store.write_batch(dup)
+    assert await store.device_last_seq("d1") == 3
+
+
+async def test_unknown_stream_and_device(store: Store) -> None:
+    assert await store.first_offset("patient:nobody") is None
+    assert await store.events_after("patient:nobody", 0, 10) == []
+    assert await store.device_last_seq("nobody") == 0
+
+
+async def test_bindings_follow_transfers(store: Store) -> None:
+    await store.create_patient("P1", "A", "w", 1.0)
+    await store.create_patient("P2", "B", "w", 1.0)
+    await store.create_device("d1", "h", "monitor", 1.0)
+    assert await store.bind("d1", "P1", 10.0) is None
+    previous = await store.bind("d1", "P2", 20.0)
+    assert previous is not None
+    assert (previous.patient_id, previous.start_ts, previous.end_ts) == ("P1", 10.0, 20.0)
+    active = await store.active_binding("d1")
+    assert active is not None and active.patient_id == "P2"
+    patients = {p["id"]: p["devices"] for p in await store.list_patients()}
+    assert patients == {"P1": [], "P2": ["d1"]}
+    ended = await store.unbind("d1", 30.0)
+    assert ended is not None and ended.patient_id == "P2"
+    assert await store.active_binding("d1") is None
+
+
+async def test_duplicate_ids_conflict(store: Store) -> None:
+    await store.create_patient("P1", "A", "w", 1.0)
+    with pytest.raises(Conflict, match="patient P1 already exists"):
+        await store.create_patient("P1", "A", "w", 1.0)
+    await store.create_user("u", "hash", "viewer", 1.0)
+    with pytest.raises(Conflict):
+        await store.create_user("u", "hash", "viewer", 1.0)
+
+
+async def test_meta_upsert(store: Store) -> None:
+    assert await store.get_meta("k") is None
+    await store.set_meta("k", "1")
+    await store.set_meta("k", "2")
+    assert await store.get_meta("k") == "2"
+
+
+async def test_migrations_create_the_schema_the_code_uses(store: Store) -> None:
+    from vitalwire.store.sql import SqlStore
+
+    assert isinstance(store, SqlStore)
+    async with store.engine.connect() as conn:
+        tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        columns = await conn.run_sync(
+            lambda c: {t: {col["name"] for col in inspect(c).get_columns(t)} for t in tables}
+        )
+    for table in metadata.sorted_tables:
+        assert table.name in tables
+        assert columns[table.name] == {c.name for c in table.columns}, table.name
+
+
+async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from vitalwire.store.sql import SqlStore
+
+    s = SqlStore(f"sqlite:///{tmp_path / 'wal.db'}", sqlite_synchronous="FULL")
+    await s.open()
+    try:
+        async with s.engine.connect() as conn:
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+            assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 2  # FULL
+    finally:
+        await s.close()
+
+
+def test_bad_urls_and_modes_are_refused() -> None:
+    with pytest.raises(ValueError, match="db URL must start with"):
+        open_store("mysql://x/y")
+    with pytest.raises(ValueError, match="sqlite synchronous must be one of"):
+        open_store("sqlite:///x.db", sqlite_synchronous="SOMETIMES")
