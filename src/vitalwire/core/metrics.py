@@ -1,7 +1,8 @@
 """Measurements vitalwire accepts, their units, codes and physical bounds: one table.
 
 Each row names the metric as it travels on the wire (``spo2``), its UCUM unit, its LOINC
-code(s) so a FHIR export is a mapping rather than a guess, and the *physically possible* range. A value outside
+code(s) so a FHIR export is a mapping rather than a guess, and the *physically possible*
+range. A value outside
 that range cannot come from a living patient or a working sensor, so it is rejected with an error
 naming the field and the bound. Clinically extreme values inside the range are accepted: they are
 what alarms are for (see ``vitalwire.core.alerts`` in later work and docs/protocol.md).
