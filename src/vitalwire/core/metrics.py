@@ -2,10 +2,9 @@
 
 Each row names the metric as it travels on the wire (``spo2``), its UCUM unit, its LOINC
 code(s) so a FHIR export is a mapping rather than a guess, and the *physically possible*
-range. A value outside
-that range cannot come from a living patient or a working sensor, so it is rejected with an error
-naming the field and the bound. Clinically extreme values inside the range are accepted: they are
-what alarms are for (see ``vitalwire.core.alerts`` in later work and docs/protocol.md).
+range. A value outside that range cannot come from a living patient or a working sensor, so it
+is rejected with an error naming the field and the bound. Clinically extreme values inside the
+range are accepted: they are what alarms are for (docs/protocol.md).
 
 Sources for the codes: LOINC 2.7x (loinc.org) — 59408-5 "Oxygen saturation in Arterial blood by
 Pulse oximetry" (with 2708-6), 8889-8 "Heart rate by Pulse oximetry", 8867-4 "Heart rate",
