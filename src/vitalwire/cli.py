@@ -69,7 +69,8 @@ def serve(
 ) -> None:
     """Run the server. Every option may also come from VITALWIRE_* environment variables."""
     settings = _settings(host=host, port=port, db=db, bus=bus)
-    _uvicorn_server(settings, log_level).run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+        _uvicorn_server(settings, log_level).run()
 
 
 @app.command()
@@ -82,7 +83,8 @@ def demo(
 ) -> None:
     """Server + a simulated ward of 12 patients on SQLite and the in-memory bus. Ctrl-C stops."""
     settings = _settings(host=host, port=port, db=db, bus="memory://")
-    asyncio.run(_demo(settings, patients, rate))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+        asyncio.run(_demo(settings, patients, rate))
 
 
 async def _demo(settings: Settings, patients: int, rate: float) -> None:
@@ -340,3 +342,7 @@ def provision_ward_cmd(
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The command line: admin commands on a store; demo and watch as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vitalwire.cli import app
+from vitalwire.sdk import MonitorClient
+
+runner = CliRunner()
+
+
+def test_admin_creates_patient_device_binding_and_user(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'admin.db'}"
+    r = runner.invoke(app, ["admin", "create-patient", "P9", "--name", "Jo Bloggs", "--db", db])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["admin", "create-device", "ox-9", "--kind", "oximeter", "--db", db])
+    assert r.exit_code == 0, r.output
+    cred = json.loads(r.output)
+    assert cred["device_id"] == "ox-9" and len(cred["secret"]) >= 40
+    r = runner.invoke(app, ["admin", "bind", "ox-9", "P9", "--db", db])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        app,
+        [
+            "admin",
+            "create-user",
+            "nurse",
+            "--role",
+            "clinician",
+            "--password",
+            "s3cret-pass",
+            "--db",
+            db,
+        ],
+    )
+    assert r.exit_code == 0 and json.loads(r.output) == {"username": "nurse", "role": "clinician"}
+    r = runner.invoke(app, ["admin", "list-patients", "--db", db])
+    assert re.search(r"P9\s+ward-a\s+Jo Bloggs\s+ox-9", r.output), r.output
+
+
+def test_admin_errors_name_the_problem(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'admin.db'}"
+    assert (
+        runner.invoke(app, ["admin", "create-patient", "P1", "--name", "A", "--db", db]).exit_code
+        == 0
+    )
+    r = runner.invoke(app, ["admin", "create-patient", "P1", "--name", "A", "--db", db])
+    assert r.exit_code == 1 and "patient P1 already exists" in r.output
+    r = runner.invoke(app, ["admin", "bind", "ghost", "P1", "--db", db])
+    assert r.exit_code == 1 and "device ghost does not exist" in r.output
+    r = runner.invoke(
+        app,
+        [
+            "admin",
+            "create-user",
+            "u1",
+            "--role",
+            "janitor",
+            "--password",
+            "long-enough",
+            "--db",
+            db,
+        ],
+    )
+    assert r.exit_code == 1 and "role must be one of admin, clinician, viewer" in r.output
+    r = runner.invoke(app, ["admin", "create-patient", "bad id!", "--name", "A", "--db", db])
+    assert r.exit_code == 1 and "patient_id must be" in r.output
+
+
+def test_provision_ward_writes_credentials(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    out = tmp_path / "creds.json"
+    r = runner.invoke(
+        app, ["admin", "provision-ward", "--patients", "4", "--out", str(out), "--db", db]
+    )
+    assert r.exit_code == 0, r.output
+    creds = json.loads(out.read_text())
+    assert [d["patient_id"] for d in creds["devices"]] == ["P001", "P002", "P003", "P004"]
+
+
+def _spawn(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vitalwire.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) -> re.Match[str]:
+    """Read the process's output line by line until ``pattern`` matches (or fail)."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    seen: list[str] = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not sel.select(timeout=max(0.0, end - time.monotonic())):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise AssertionError(f"{pattern!r} not printed; output was:\n{''.join(seen)}")
+
+
+def test_demo_serves_a_live_ward_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    proc = _spawn(["demo", "--port", "0", "--db", f"sqlite:///{tmp_path / 'demo.db'}"], tmp_path)
+    try:
+        url = _read_until(proc, r"Health\s+(http://127\.0\.0\.1:\d+)/healthz").group(1)
+        _read_until(proc, r"clinician\s+clinician / vitalwire-clinician")
+
+        async def watch_ward() -> set[str]:
+            async with MonitorClient(
+                url, username="clinician", password="vitalwire-clinician"
+            ) as m:
+                streams = [f"patient:P{i:03d}" for i in range(1, 13)]
+                await m.subscribe(streams)
+                seen: set[str] = set()
+                while len(seen) < 12:
+                    e = await m.next_event(timeout=20)
+                    if e.kind == "reading":
+                        seen.add(e.stream)
+                return seen
+
+        assert len(asyncio.run(watch_ward())) == 12
+
+        watch = subprocess.run(
+            [sys.executable, "-m", "vitalwire.cli", "watch", "--url", url, "--once"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert watch.returncode == 0, watch.stderr
+        assert len(re.findall(r"P0(0[1-9]|1[0-2])", watch.stdout)) == 12
+        assert "online" in watch.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("demo did not stop within 30 s of Ctrl-C")
+    assert proc.stdout is not None
+    rest = proc.stdout.read()
+    proc.stdout.close()
+    assert code == 0, rest
+    assert "vitalwire demo stopped" in rest
