@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from vitalwire.app import Services, create_app
+from vitalwire.app import Server, Services, create_app, make_server
 from vitalwire.provision import WardCredentials, provision_ward
 from vitalwire.settings import Settings
 
@@ -36,7 +35,7 @@ class RunningServer:
     ws_url: str
     services: Services
     creds: WardCredentials
-    server: uvicorn.Server
+    server: Server
 
     def device(self, i: int = 0) -> tuple[str, str, str]:
         d = self.creds.devices[i]
@@ -70,16 +69,7 @@ async def start_server(
         **overrides,
     )
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        ws="websockets-sansio",
-        ws_max_size=settings.hard_frame_bytes,
-        log_level="warning",
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
+    server = make_server(settings, app, "warning")
     server.install_signal_handlers = False  # type: ignore[attr-defined]
     task = asyncio.create_task(server.serve())
     await wait_until(lambda: server.started or task.done(), 20, "server start")

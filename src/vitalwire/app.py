@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import uvicorn
 from fastapi import FastAPI, WebSocket
 
 from vitalwire import __version__
@@ -24,7 +27,6 @@ from vitalwire.settings import Settings
 from vitalwire.store import Store, open_store
 from vitalwire.transports import rest
 from vitalwire.transports.client_ws import client_endpoint
-from vitalwire.transports.common import close_quietly
 from vitalwire.transports.device_ws import device_endpoint
 from vitalwire.transports.errors import Close
 
@@ -77,6 +79,7 @@ async def open_services(
             heartbeat_s=settings.heartbeat_s,
             max_frame_bytes=settings.max_frame_bytes,
             max_batch=settings.max_batch,
+            max_silence_s=settings.device_max_silence_s,
         )
         svc = Services(
             settings,
@@ -90,9 +93,16 @@ async def open_services(
             TokenService(secret, settings.token_ttl_s),
         )
         writer.start()
+        chores = [
+            asyncio.create_task(_every(1.0, lambda: _check_silence(svc)), name="silence"),
+            asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
+        ]
         try:
             yield svc
         finally:
+            for chore in chores:
+                chore.cancel()
+            await asyncio.gather(*chores, return_exceptions=True)
             await writer.stop()
     finally:
         await bus.close()
@@ -110,7 +120,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
             try:
                 yield
             finally:
-                await _shutdown_sockets(svc)
+                await drain(svc)
 
     app = FastAPI(title="vitalwire", version=__version__, lifespan=lifespan)
     app.include_router(rest.router)
@@ -127,11 +137,75 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     return app
 
 
-async def _shutdown_sockets(svc: Services) -> None:
-    """Flush what devices sent (so their acks go out), then close every socket with going-away."""
+async def _every(interval: float, job: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        try:
+            await job()
+        except Exception:
+            log.exception("periodic job failed")
+        await asyncio.sleep(interval)
+
+
+async def _check_silence(svc: Services) -> None:
+    svc.ingest.check_silence()
+
+
+async def prune(svc: Services) -> int:
+    """Delete stream events older than the retention period."""
+    cutoff = svc.clock() - svc.settings.retention_days * 86400
+    return await svc.store.delete_events_before(cutoff)
+
+
+async def drain(svc: Services, timeout: float = 10.0) -> None:
+    """Graceful shutdown: take no more readings, commit what was taken (so its acks go out),
+    then close every socket with going-away (1001). Idempotent."""
+    svc.ingest.stopping = True
     await svc.writer.flush()
     for session in list(svc.ingest.sessions.values()):
         session.close(Close.GOING_AWAY, "server shutting down")
     for client in list(svc.clients):
-        client.close()
-    _ = close_quietly
+        if client.shut is not None:
+            client.shut(Close.GOING_AWAY, "server shutting down")
+        else:
+            client.close()
+
+    async def _gone() -> None:
+        while svc.ingest.sessions or svc.clients:
+            await asyncio.sleep(0.01)
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_gone(), timeout)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, draining vitalwire's sockets before uvicorn closes connections."""
+
+    def __init__(self, config: uvicorn.Config, services: Callable[[], Services | None]) -> None:
+        super().__init__(config)
+        self._services = services
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # stop accepting first
+            server.close()
+        svc = self._services()
+        if svc is not None:
+            await drain(svc)
+        await super().shutdown(sockets)
+
+
+def make_server(settings: Settings, app: FastAPI | None = None, log_level: str = "info") -> Server:
+    """An uvicorn server for the app with vitalwire's socket settings and graceful shutdown."""
+    asgi = app or create_app(settings)
+    config = uvicorn.Config(
+        asgi,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.hard_frame_bytes,
+        ws_ping_interval=settings.heartbeat_s,
+        ws_ping_timeout=settings.heartbeat_s,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=15,
+    )
+    return Server(config, lambda: getattr(asgi.state, "services", None))

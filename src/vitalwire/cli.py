@@ -34,23 +34,9 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _uvicorn_server(settings: Settings, log_level: str = "info", asgi: Any = None) -> Any:
-    import uvicorn
+    from vitalwire.app import make_server
 
-    from vitalwire.app import create_app
-
-    config = uvicorn.Config(
-        asgi if asgi is not None else create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        ws="websockets-sansio",
-        ws_max_size=settings.hard_frame_bytes,
-        ws_ping_interval=settings.heartbeat_s,
-        ws_ping_timeout=settings.heartbeat_s,
-        log_level=log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-    )
-    return uvicorn.Server(config)
+    return make_server(settings, asgi, log_level)
 
 
 @app.command()

@@ -39,8 +39,15 @@ class Settings(BaseSettings):
     auth_timeout_s: float = Field(10.0, gt=0)
     #: Server ping interval; a peer silent for 3 intervals is closed.
     heartbeat_s: float = Field(15.0, gt=0)
-    #: Live events queued for one client before it is closed as a slow consumer.
+    #: Past this many queued live events, a client's readings coalesce (latest per patient and
+    #: set of metrics); alert, command and status events are never coalesced.
+    client_queue_soft: int = Field(1000, ge=1)
+    #: Live events queued for one client before it is closed as a slow consumer (4008).
     client_queue_max: int = Field(5000, ge=10)
+    #: A device sending no reading for 1.5 x this (or its hello's max_silence_s) is marked offline.
+    device_max_silence_s: float = Field(30.0, ge=1, le=3600)
+    #: Stream events older than this are deleted; a resume from before them gets recovered: false.
+    retention_days: float = Field(30.0, gt=0)
     #: Streams one client connection may subscribe to.
     max_streams_per_connection: int = Field(200, ge=1)
     #: Most events one subscribe may replay; beyond it the reply says recovered: false.

@@ -63,6 +63,8 @@ class Hello(msgspec.Struct, tag="hello", **_opts):
     secret: str
     firmware: str | None = None
     last_seq: int | None = None
+    #: The longest the device may stay silent (report by exception); past it (x1.5) it is "silent".
+    max_silence_s: float | None = None
     protocol: int = PROTOCOL_VERSION
 
 
@@ -89,7 +91,11 @@ DeviceMessage = Hello | Reading | Readings | Ping | Pong
 
 class Welcome(msgspec.Struct, tag="welcome", **_opts):
     server_time: float
+    #: Every reading up to this seq is durable: resend only those after it.
     last_seq: int
+    #: The highest seq the server has received from this device (durable, pending or rejected).
+    #: A device that restarted without its spool numbers new readings after it.
+    high_seq: int = 0
     patient_id: str | None = None
     heartbeat_s: float = 15.0
     max_frame_bytes: int = 65536
@@ -184,6 +190,7 @@ class Event:
     data: dict[str, Any]
     data_json: bytes
     _frame: str | None = None
+    _coalesce: tuple[str, frozenset[str]] | None = None
 
     @property
     def frame(self) -> str:
@@ -194,6 +201,13 @@ class Event:
                 )
             ).decode()
         return self._frame
+
+    @property
+    def coalesce_key(self) -> tuple[str, frozenset[str]]:
+        """Readings with the same key carry the same metrics: the later one supersedes."""
+        if self._coalesce is None:
+            self._coalesce = (self.stream, frozenset(self.data.keys() - _READING_META))
+        return self._coalesce
 
     @classmethod
     def new(cls, stream: str, offset: int, kind: str, ts: float, data: dict[str, Any]) -> Event:
@@ -208,6 +222,7 @@ class Event:
 # Codec
 # --------------------------------------------------------------------------------------------
 
+_READING_META = frozenset({"device", "seq", "ts"})
 _encoder = msgspec.json.Encoder()
 _device_decoder = msgspec.json.Decoder(DeviceMessage)
 _client_decoder = msgspec.json.Decoder(ClientMessage)

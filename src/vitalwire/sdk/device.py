@@ -6,6 +6,11 @@ After a reconnect the server's ``welcome`` says the last durable seq: everything
 again (the server drops duplicates by (device, seq)). Past ``buffer_size`` the oldest readings are
 dropped and counted in :attr:`DeviceClient.dropped`.
 
+Store-and-forward: with ``spool_path`` the buffer lives in an SQLite file as well, so readings
+survive a device restart; the next run loads them and resends. A device that restarted without
+a spool learns from ``welcome.high_seq`` where the server's numbering stands and renumbers its
+unsent readings after it, so they are not mistaken for duplicates.
+
 Report by exception (push on change): with a :class:`ReportByException` policy, a measurement is
 sent only when a metric moved past its deadband since the last one sent, or when ``max_silence_s``
 has passed, so a stable patient costs little bandwidth and silence never looks like a dead device.
@@ -17,12 +22,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -88,6 +95,7 @@ class DeviceClient:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
         max_batch: int = 200,
+        spool_path: str | None = None,
     ) -> None:
         self.url = url.rstrip("/") + (
             "" if url.rstrip("/").endswith("/ws/device") else "/ws/device"
@@ -119,6 +127,55 @@ class DeviceClient:
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._spool: sqlite3.Connection | None = None
+        if spool_path is not None:
+            self._open_spool(spool_path)
+
+    # -- spool ----------------------------------------------------------------------------------
+
+    def _open_spool(self, path: str) -> None:
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+        db.execute("CREATE TABLE IF NOT EXISTS state (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+        self._spool = db
+        row = db.execute("SELECT v FROM state WHERE k = 'seq'").fetchone()
+        self.seq = int(row[0]) if row else 0
+        for (body,) in db.execute("SELECT body FROM spool ORDER BY seq"):
+            reading = msgspec.json.decode(body, type=wire.ReadingBody)
+            self._buffer.append(reading)
+            self.seq = max(self.seq, reading.seq)
+
+    def _spool_add(self, body: wire.ReadingBody, dropped_upto: int | None) -> None:
+        db = self._spool
+        assert db is not None
+        db.execute("BEGIN")
+        db.execute("INSERT OR REPLACE INTO spool VALUES (?, ?)", (body.seq, wire.encode(body)))
+        db.execute("INSERT OR REPLACE INTO state VALUES ('seq', ?)", (self.seq,))
+        if dropped_upto is not None:
+            db.execute("DELETE FROM spool WHERE seq <= ?", (dropped_upto,))
+        db.execute("COMMIT")
+
+    def _spool_trim(self, upto: int) -> None:
+        if self._spool is not None:
+            self._spool.execute("DELETE FROM spool WHERE seq <= ?", (upto,))
+
+    def _spool_rewrite(self) -> None:
+        db = self._spool
+        if db is None:
+            return
+        db.execute("BEGIN")
+        db.execute("DELETE FROM spool")
+        db.executemany(
+            "INSERT INTO spool VALUES (?, ?)", [(b.seq, wire.encode(b)) for b in self._buffer]
+        )
+        db.execute("INSERT OR REPLACE INTO state VALUES ('seq', ?)", (self.seq,))
+        db.execute("COMMIT")
+
+    def _spool_remove(self, seq: int) -> None:
+        if self._spool is not None:
+            self._spool.execute("DELETE FROM spool WHERE seq = ?", (seq,))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -151,6 +208,9 @@ class DeviceClient:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     async def drop_connection(self) -> None:
         """Abort the current connection (tests, simulated network loss); it reconnects."""
@@ -172,9 +232,12 @@ class DeviceClient:
         self.seq += 1
         body = wire.ReadingBody(seq=self.seq, ts=ts, **values)
         self._buffer.append(body)
+        dropped_upto = None
         while len(self._buffer) > self.buffer_size:
-            self._buffer.popleft()
+            dropped_upto = self._buffer.popleft().seq
             self.dropped += 1
+        if self._spool is not None:
+            self._spool_add(body, dropped_upto)
         self._new.set()
         return self.seq
 
@@ -222,7 +285,13 @@ class DeviceClient:
             delay = min(delay * 2, self.backoff_max_s)
 
     async def _session(self, ws: ClientConnection) -> None:
-        hello = wire.Hello(self.device_id, self.secret, self.firmware, last_seq=self.seq)
+        hello = wire.Hello(
+            self.device_id,
+            self.secret,
+            self.firmware,
+            last_seq=self.seq,
+            max_silence_s=self.report.max_silence_s if self.report is not None else None,
+        )
         await ws.send(wire.encode_text(hello))
         welcome = wire.decode_from_server_to_device(await ws.recv())
         if isinstance(welcome, wire.Error):
@@ -230,6 +299,8 @@ class DeviceClient:
             raise ConnectionError(f"{welcome.code}: {welcome.message}")
         assert isinstance(welcome, wire.Welcome)
         self.patient_id = welcome.patient_id
+        if welcome.high_seq > self.seq:
+            self._renumber(welcome.high_seq)
         await self._on_ack(welcome.last_seq)
         self._sent_upto = welcome.last_seq
         self.max_batch = min(self.max_batch, welcome.max_batch)
@@ -273,11 +344,26 @@ class DeviceClient:
                 await ws.send(frame)
                 self._sent_upto = chunk[-1].seq
 
+    def _renumber(self, high: int) -> None:
+        """The server has seen seqs up to ``high`` but we have not: we restarted without a spool.
+        Number our unsent readings after it."""
+        log.info("device %s renumbers after seq %d (restarted?)", self.device_id, high)
+        renumbered: deque[wire.ReadingBody] = deque()
+        for i, body in enumerate(self._buffer, start=high + 1):
+            renumbered.append(msgspec.structs.replace(body, seq=i))
+        self._buffer = renumbered
+        self.seq = high + len(renumbered)
+        self._spool_rewrite()
+
     async def _on_ack(self, seq: int) -> None:
         if seq > self.acked:
             self.acked = seq
+        trimmed = False
         while self._buffer and self._buffer[0].seq <= self.acked:
             self._buffer.popleft()
+            trimmed = True
+        if trimmed:
+            self._spool_trim(self.acked)
         async with self._acked_cond:
             self._acked_cond.notify_all()
 
@@ -285,6 +371,7 @@ class DeviceClient:
         self.errors.append(err)
         if err.seq is not None:  # this reading was rejected for good: never resend it
             self._buffer = deque(b for b in self._buffer if b.seq != err.seq)
+            self._spool_remove(err.seq)
         if self.on_error is not None:
             self.on_error(err)
 

@@ -3,9 +3,13 @@
 How the send path works: the fan-out calls :meth:`ClientSession.push` without awaiting. Frames go
 into two queues that one sender task (in the transport) drains: ``_control`` (replies, snapshots,
 replayed events) first, then ``_live`` (live events). A stream's ``subscribed`` reply and replay are
-queued before any of its live events can be, so per-stream order holds. ``_live`` is bounded:
-past ``max_queue`` frames the client is too slow and is closed with the slow-consumer code; it then
-resumes from its last offset (docs/protocol.md).
+queued before any of its live events can be, so per-stream order holds.
+
+Slow consumers: while ``_live`` holds more than ``soft_queue`` frames, a new reading replaces the
+queued reading of the same patient with the same set of metrics (it carries newer values of each),
+moving to the back of the queue so per-stream order holds. Alert, command and status events are
+never coalesced. Past ``max_queue`` frames the client is closed with the slow-consumer code
+(4008) and resumes from its last offset; memory per client stays bounded either way.
 
 Resume is race-free: on subscribe the session first registers for live events (which it *holds*),
 then replays from the bus history or the store up to the offset it registered at, then releases
@@ -16,8 +20,9 @@ nothing is sent twice.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Callable
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from vitalwire.core import events as ev
@@ -38,6 +43,7 @@ class ClientSession:
         streams: Streams,
         *,
         max_queue: int = 5000,
+        soft_queue: int = 1000,
         max_streams: int = 200,
         max_replay: int = 50_000,
         on_overflow: Callable[[int, str], None] | None = None,
@@ -45,16 +51,21 @@ class ClientSession:
         self.principal = principal
         self.streams = streams
         self.max_queue = max_queue
+        self.soft_queue = min(soft_queue, max_queue)
         self.max_streams = max_streams
         self.max_replay = max_replay
         self.on_overflow = on_overflow
         self._last: dict[str, int] = {}  # last offset queued per subscribed stream
         self._holding: dict[str, list[Event]] = {}
         self._control: deque[str] = deque()
-        self._live: deque[str] = deque()
+        self._live: OrderedDict[Hashable, str] = OrderedDict()
+        self._keys = itertools.count()
         self._wake = asyncio.Event()
         self.closed = False
         self.overflowed = False
+        self.coalesced = 0
+        #: Set by the transport: send what is queued, then close the connection with a code.
+        self.shut: Callable[[int, str], None] | None = None
 
     # -- fan-out side (never awaits) ------------------------------------------------------------
 
@@ -67,10 +78,17 @@ class ClientSession:
         if last is None or event.offset <= last or self.closed:
             return
         self._last[event.stream] = event.offset
-        if len(self._live) >= self.max_queue:
+        live = self._live
+        if len(live) >= self.soft_queue and event.kind == ev.READING:
+            key: Hashable = event.coalesce_key
+            if live.pop(key, None) is not None:
+                self.coalesced += 1
+        else:
+            key = next(self._keys)
+        if len(live) >= self.max_queue:
             self._overflow()
             return
-        self._live.append(event.frame)
+        live[key] = event.frame
         self._wake.set()
 
     def send(self, frame: str) -> None:
@@ -102,7 +120,7 @@ class ClientSession:
             await self._wake.wait()
         out = list(self._control)
         self._control.clear()
-        out.extend(self._live)
+        out.extend(self._live.values())
         self._live.clear()
         return out
 

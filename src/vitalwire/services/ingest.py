@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vitalwire.core import events as ev
-from vitalwire.core.errors import InvalidReading, PeerError
+from vitalwire.core.errors import InvalidMessage, InvalidReading, PeerError
 from vitalwire.core.metrics import MAX_SEQ, validate_header, validate_values
 from vitalwire.services.registry import Registry
 from vitalwire.services.streams import Streams
@@ -25,9 +25,16 @@ from vitalwire.wire import Event as WireEvent
 
 log = logging.getLogger("vitalwire.ingest")
 
+#: A device is marked offline (silent) after this many times its longest expected silence.
+SILENCE_FACTOR = 1.5
+
 
 class Overloaded(PeerError):
     """The write queue is full; the device keeps its readings and resends them."""
+
+
+class Unavailable(PeerError):
+    """The server is shutting down; the device keeps its readings and resends them elsewhere."""
 
 
 @dataclass(slots=True, eq=False)
@@ -39,6 +46,9 @@ class DeviceSession:
     send: Callable[[str], None]
     close: Callable[[int, str], None]
     firmware: str | None = None
+    silence_s: float = 45.0
+    last_data: float = 0.0
+    silent: bool = False
     acked: int = 0
     accepted: int = 0
     duplicates: int = 0
@@ -65,6 +75,7 @@ class Ingest:
         heartbeat_s: float = 15.0,
         max_frame_bytes: int = 65536,
         max_batch: int = 500,
+        max_silence_s: float = 30.0,
     ) -> None:
         self.store = store
         self.streams = streams
@@ -75,6 +86,8 @@ class Ingest:
         self.heartbeat_s = heartbeat_s
         self.max_frame_bytes = max_frame_bytes
         self.max_batch = max_batch
+        self.max_silence_s = max_silence_s
+        self.stopping = False
         self._high: dict[str, int] = {}  # highest seq received (accepted or rejected) per device
         self._durable: dict[str, int] = {}  # highest seq committed per device
         self.sessions: dict[str, DeviceSession] = {}
@@ -84,7 +97,14 @@ class Ingest:
         self, msg: Hello, send: Callable[[str], None], close: Callable[[int, str], None]
     ) -> tuple[DeviceSession, Welcome]:
         """Authenticate a device and open its session; a previous session of it is replaced."""
+        if self.stopping:
+            raise Unavailable("server is shutting down; reconnect later")
         ev.check_id("device_id", msg.device_id)
+        if msg.max_silence_s is not None and not 1 <= msg.max_silence_s <= 3600:
+            raise InvalidMessage(
+                f"max_silence_s must be between 1 and 3600, got {msg.max_silence_s:g}",
+                field="max_silence_s",
+            )
         await self.registry.authenticate_device(msg.device_id, msg.secret)
         did = msg.device_id
         if did not in self._high:
@@ -98,12 +118,15 @@ class Ingest:
             old.close(4009, "replaced by a new connection of the same device")
         session = DeviceSession(did, binding.patient_id if binding else None, send, close)
         session.firmware = msg.firmware
+        session.silence_s = SILENCE_FACTOR * (msg.max_silence_s or self.max_silence_s)
+        session.last_data = self.clock()
         session.acked = self._durable[did]
         self.sessions[did] = session
         self._status(session, "online")
         welcome = Welcome(
             server_time=self.clock(),
             last_seq=self._durable[did],
+            high_seq=self._high[did],
             patient_id=session.patient_id,
             heartbeat_s=self.heartbeat_s,
             max_frame_bytes=self.max_frame_bytes,
@@ -122,12 +145,18 @@ class Ingest:
                 f"items must hold at most {self.max_batch} readings, got {len(bodies)}",
                 field="items",
             )
+        if self.stopping:
+            raise Unavailable("server is shutting down; resend after reconnecting")
         if self.writer.pending_rows > self.max_pending_rows:
             raise Overloaded(
                 f"server write queue is full ({self.max_pending_rows} rows); resend later"
             )
         did = session.device_id
         now = self.clock()
+        session.last_data = now
+        if session.silent:
+            session.silent = False
+            self._status(session, "online", "resumed")
         high = self._high[did]
         stream = session.stream
         rows: list[ReadingRow] = []
@@ -179,6 +208,21 @@ class Ingest:
             session.acked = self._durable[did]
             session.send(encode_text(Ack(session.acked)))
 
+    def check_silence(self) -> list[str]:
+        """Mark devices silent past their interval ``offline`` (a gap marker); return their ids.
+
+        The connection may still be open (a frozen device still answers pings): what matters to a
+        clinician is that no data comes. The next reading marks it ``online`` again.
+        """
+        now = self.clock()
+        gone = []
+        for session in self.sessions.values():
+            if not session.silent and now - session.last_data > session.silence_s:
+                session.silent = True
+                self._status(session, "offline", "silent")
+                gone.append(session.device_id)
+        return gone
+
     def goodbye(self, session: DeviceSession, reason: str) -> None:
         """The device's connection ended."""
         if self.sessions.get(session.device_id) is session:
@@ -186,7 +230,8 @@ class Ingest:
             self._go_offline(session, reason)
 
     def _go_offline(self, session: DeviceSession, reason: str) -> None:
-        self._status(session, "offline", reason)
+        if not session.silent:  # a silent device is already marked offline
+            self._status(session, "offline", reason)
 
     def _status(self, session: DeviceSession, status: str, reason: str | None = None) -> None:
         stream = session.stream

@@ -160,6 +160,11 @@ class SqlStore:
             rows = list(await conn.execute(q))
         return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in reversed(rows)]
 
+    async def delete_events_before(self, ts: float) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(t.events.delete().where(t.events.c.ts < ts))
+        return int(result.rowcount or 0)
+
     async def device_last_seq(self, device_id: str) -> int:
         async with self.engine.connect() as conn:
             value = await conn.scalar(

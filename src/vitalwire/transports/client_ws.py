@@ -59,20 +59,36 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
         return
 
     closing: list[tuple[int, str]] = []
+    closers: set[asyncio.Task[None]] = set()
 
     def on_overflow(code: int, reason: str) -> None:
+        """Too slow: stop sending now, close (or drop the connection if it cannot take it)."""
         closing.append((code, reason))
         sender.cancel()
-        asyncio.get_running_loop().create_task(close_quietly(ws, code, reason, timeout=1.0))
+        closers.add(asyncio.get_running_loop().create_task(close_quietly(ws, code, reason, 1.0)))
+
+    def shut(code: int, reason: str) -> None:
+        """Server going away: send what is queued, then close."""
+        closing.append((code, reason))
+        session.close()
+
+        async def _close() -> None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(sender), 2.0)
+            await close_quietly(ws, code, reason)
+
+        closers.add(asyncio.get_running_loop().create_task(_close()))
 
     session = ClientSession(
         principal,
         svc.streams,
         max_queue=s.client_queue_max,
+        soft_queue=s.client_queue_soft,
         max_streams=s.max_streams_per_connection,
         max_replay=s.max_replay,
         on_overflow=on_overflow,
     )
+    session.shut = shut
     svc.clients.add(session)
     sender = asyncio.create_task(pump(ws, session.take))
     session.send(
@@ -115,6 +131,8 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
         heartbeat.cancel()
         session.close()
         svc.clients.discard(session)
+        if closers:
+            await asyncio.wait(closers, timeout=5)
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(sender, 1.0)
 

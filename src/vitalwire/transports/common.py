@@ -42,10 +42,28 @@ async def pump(ws: WebSocket, take: Callable[[], Awaitable[list[str] | None]]) -
 
 
 async def close_quietly(ws: WebSocket, code: int, reason: str = "", timeout: float = 2.0) -> None:
+    """Send a close frame; if the peer does not take it within ``timeout``, drop the connection.
+
+    A peer that stopped reading leaves the server's socket unwritable, and ASGI cannot send the
+    close frame past a full buffer; aborting the transport is then the only way to free it.
+    """
     if ws.application_state == WebSocketState.DISCONNECTED:
         return
-    with contextlib.suppress(Exception):
+    try:
         await asyncio.wait_for(ws.close(code, reason[:120]), timeout)
+    except Exception:
+        abort(ws)
+
+
+def abort(ws: WebSocket) -> bool:
+    """Abort the TCP connection under ``ws`` (uvicorn's protocol exposes its transport)."""
+    send = getattr(ws, "_send", None)
+    protocol = getattr(send, "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return False
+    transport.abort()
+    return True
 
 
 class Outbox:

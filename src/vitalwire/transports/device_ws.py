@@ -41,6 +41,7 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
     outbox = Outbox()
     sender = asyncio.create_task(pump(ws, outbox.take))
     session: DeviceSession | None = None
+    closers: set[asyncio.Task[None]] = set()
     reason = "closed"
     try:
         try:
@@ -60,8 +61,15 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
             return
 
         def close(code: int, why: str) -> None:
+            """Send what is queued (acks), then close with ``code``."""
             outbox.close()
-            asyncio.get_running_loop().create_task(close_quietly(ws, code, why))
+
+            async def _close() -> None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(sender), 2.0)
+                await close_quietly(ws, code, why)
+
+            closers.add(asyncio.get_running_loop().create_task(_close()))
 
         try:
             session, welcome = await svc.ingest.hello(hello, outbox.put, close)
@@ -85,6 +93,8 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
         if session is not None:
             svc.ingest.goodbye(session, reason)
         outbox.close()
+        if closers:
+            await asyncio.wait(closers, timeout=5)
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender

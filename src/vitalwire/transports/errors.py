@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from vitalwire.core import errors as e
-from vitalwire.services.ingest import Overloaded
+from vitalwire.services.ingest import Overloaded, Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,7 @@ ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
     e.NotFound: ErrorRow("not_found", 404, None),
     e.Conflict: ErrorRow("conflict", 409, None),
     Overloaded: ErrorRow("overloaded", 503, None),
+    Unavailable: ErrorRow("unavailable", 503, None),
     e.PeerError: ErrorRow("bad_request", 400, None),
 }
 INTERNAL: Final = ErrorRow("internal", 500, None)
