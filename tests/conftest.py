@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from vitalwire.app import Server, Services, create_app, make_server
@@ -95,3 +99,81 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
         yield running
     finally:
         await stop_server(running, task)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def provision_db(db_url: str, patients: int = 3) -> WardCredentials:
+    """Provision a store before a server process starts on it."""
+    from vitalwire.store import open_store
+
+    store = open_store(db_url)
+    await store.open()
+    try:
+        return await provision_ward(store, patients=patients)
+    finally:
+        await store.close()
+
+
+class ServerProcess:
+    """``vitalwire serve`` in a child process: for kill -9 and SIGTERM."""
+
+    def __init__(self, db_url: str, port: int, tmp_path: Path, **env: str) -> None:
+        self.db_url = db_url
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tmp_path / "server.log"
+        self.env = {
+            **os.environ,
+            "VITALWIRE_JWT_SECRET": "test-secret-" + "y" * 40,
+            **{f"VITALWIRE_{k.upper()}": v for k, v in env.items()},
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vitalwire.cli",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--db",
+                    self.db_url,
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        async with httpx.AsyncClient(base_url=self.url) as http:
+
+            async def ready() -> None:
+                while True:
+                    assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+                    try:
+                        if (await http.get("/healthz")).status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(ready(), 30)
+
+    async def signal(self, sig: int) -> int:
+        """Send ``sig`` and wait for the exit without blocking the event loop."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return await asyncio.to_thread(self.proc.wait, 30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -209,7 +209,7 @@ async def test_too_many_readings_in_one_frame(server: RunningServer) -> None:
     async with raw_device(server) as ws:
         await ws.send(json.dumps({"type": "readings", "items": items}))
         err = await recv_json(ws)
-    assert (err["code"], err["field"]) == ("invalid_reading", "items")
+    assert (err["code"], err["field"]) == ("invalid_message", "items")
     assert f"at most {n - 1} readings, got {n}" in err["message"]
 
 
@@ -381,10 +381,13 @@ async def test_client_errors_keep_the_connection(server: RunningServer) -> None:
 async def test_auth_timeout_closes_4002(tmp_path: Path) -> None:
     srv, task = await start_server(tmp_path, patients=1, auth_timeout_s=0.2)
     try:
-        async with connect(srv.ws_url + "/ws", proxy=None) as ws:
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 5)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4002
+        for path in ("/ws", "/ws/device"):
+            async with connect(srv.ws_url + path, proxy=None) as ws:
+                err = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert (err["type"], err["code"]) == ("error", "auth_timeout")
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4002
     finally:
         await stop_server(srv, task)
 

@@ -16,7 +16,6 @@ from fastapi import FastAPI, WebSocket
 
 from vitalwire import __version__
 from vitalwire.bus import Bus, open_bus
-from vitalwire.core.errors import PeerError
 from vitalwire.services.auth import TokenService
 from vitalwire.services.clients import ClientSession
 from vitalwire.services.ingest import Ingest
@@ -27,8 +26,9 @@ from vitalwire.settings import Settings
 from vitalwire.store import Store, open_store
 from vitalwire.transports import rest
 from vitalwire.transports.client_ws import client_endpoint
+from vitalwire.transports.common import TransportHandle
 from vitalwire.transports.device_ws import device_endpoint
-from vitalwire.transports.errors import Close
+from vitalwire.wire import Close
 
 log = logging.getLogger("vitalwire")
 
@@ -75,7 +75,6 @@ async def open_services(
             writer,
             registry,
             clock,
-            max_pending_rows=settings.max_pending_rows,
             heartbeat_s=settings.heartbeat_s,
             max_frame_bytes=settings.max_frame_bytes,
             max_batch=settings.max_batch,
@@ -123,8 +122,9 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
                 await drain(svc)
 
     app = FastAPI(title="vitalwire", version=__version__, lifespan=lifespan)
+    app.add_middleware(TransportHandle)
     app.include_router(rest.router)
-    app.add_exception_handler(PeerError, rest.peer_error_handler)
+    rest.install_error_handlers(app)
 
     @app.websocket("/ws/device")
     async def ws_device(ws: WebSocket) -> None:
@@ -202,8 +202,10 @@ def make_server(settings: Settings, app: FastAPI | None = None, log_level: str =
         port=settings.port,
         ws="websockets-sansio",
         ws_max_size=settings.hard_frame_bytes,
+        # protocol pings catch a half-open peer that ignores JSON pings; their timeout is longer
+        # than the 3-interval silence rule, so the documented 4004 close comes first
         ws_ping_interval=settings.heartbeat_s,
-        ws_ping_timeout=settings.heartbeat_s,
+        ws_ping_timeout=settings.heartbeat_s * 4,
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=15,

@@ -61,13 +61,18 @@ def serve(
 
 @app.command()
 def demo(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    db: Annotated[str, typer.Option("--db", help="Store URL.")] = "sqlite:///./vitalwire.db",
+    host: Annotated[str | None, typer.Option(help="Interface [default 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default 8000].")] = None,
+    db: Annotated[
+        str | None, typer.Option("--db", help="Store URL [default ./vitalwire.db].")
+    ] = None,
     patients: Annotated[int, typer.Option(help="Simulated patients.")] = 12,
     rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
 ) -> None:
-    """Server + a simulated ward of 12 patients on SQLite and the in-memory bus. Ctrl-C stops."""
+    """Server + a simulated ward of 12 patients on SQLite and the in-memory bus. Ctrl-C stops.
+
+    Host, port and store also come from VITALWIRE_HOST, VITALWIRE_PORT, VITALWIRE_DB.
+    """
     settings = _settings(host=host, port=port, db=db, bus="memory://")
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
         asyncio.run(_demo(settings, patients, rate))

@@ -5,7 +5,7 @@ docs/configuration.md lists every setting; keep the two in step.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     batch_max_rows: int = Field(500, ge=1, le=10_000)
     #: ... and waits at most this long for more rows before it commits.
     batch_max_wait_ms: float = Field(5.0, ge=0, le=50)
-    #: Past this many uncommitted rows, devices get ``overloaded`` and resend later.
+    #: Past this many uncommitted rows the server stops reading device frames until the writer
+    #: catches up (backpressure through TCP; devices buffer meanwhile).
     max_pending_rows: int = Field(50_000, ge=1000)
     #: Events kept per stream in the bus's recent history (older ones come from the store).
     bus_history: int = Field(1000, ge=1)
@@ -52,3 +53,14 @@ class Settings(BaseSettings):
     max_streams_per_connection: int = Field(200, ge=1)
     #: Most events one subscribe may replay; beyond it the reply says recovered: false.
     max_replay: int = Field(50_000, ge=1)
+
+    @model_validator(mode="after")
+    def _frame_limits(self) -> Settings:
+        if self.hard_frame_bytes < self.max_frame_bytes:
+            raise ValueError(
+                f"hard_frame_bytes ({self.hard_frame_bytes}) must be at least "
+                f"max_frame_bytes ({self.max_frame_bytes})"
+            )
+        if self.client_queue_soft > self.client_queue_max:
+            raise ValueError("client_queue_soft must not exceed client_queue_max")
+        return self

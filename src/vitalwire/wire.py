@@ -20,6 +20,24 @@ from vitalwire.core.errors import InvalidMessage
 
 PROTOCOL_VERSION = 1
 
+
+class Close:
+    """WebSocket close codes: the one table (docs/protocol.md lists the same)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down: reconnect (to another instance) and resume
+    MESSAGE_TOO_BIG = 1009  # past the hard frame limit: the server cannot even read it
+    INTERNAL_ERROR = 1011  # unexpected server failure
+    TRY_AGAIN_LATER = 1013  # the server is shutting down and takes no new sessions
+    UNAUTHENTICATED = 4001  # missing/wrong credential, or first message not auth/hello
+    AUTH_TIMEOUT = 4002  # no auth/hello within the auth timeout
+    FORBIDDEN = 4003  # reserved for access control
+    HEARTBEAT_TIMEOUT = 4004  # nothing received for 3 heartbeat intervals
+    SLOW_CONSUMER = 4008  # send queue full: reconnect and resume from the last offset
+    REPLACED = 4009  # the same device connected again; this connection is superseded
+    RATE_LIMITED = 4029  # reserved for rate limits
+
+
 _opts: dict[str, Any] = {"tag_field": "type", "forbid_unknown_fields": True, "omit_defaults": True}
 
 
@@ -89,7 +107,7 @@ class Pong(msgspec.Struct, tag="pong", **_opts):
 DeviceMessage = Hello | Reading | Readings | Ping | Pong
 
 
-class Welcome(msgspec.Struct, tag="welcome", **_opts):
+class Welcome(msgspec.Struct, tag="welcome", tag_field="type", forbid_unknown_fields=True):
     server_time: float
     #: Every reading up to this seq is durable: resend only those after it.
     last_seq: int
@@ -190,7 +208,7 @@ class Event:
     data: dict[str, Any]
     data_json: bytes
     _frame: str | None = None
-    _coalesce: tuple[str, frozenset[str]] | None = None
+    _coalesce: tuple[str, object, frozenset[str]] | None = None
 
     @property
     def frame(self) -> str:
@@ -203,10 +221,12 @@ class Event:
         return self._frame
 
     @property
-    def coalesce_key(self) -> tuple[str, frozenset[str]]:
-        """Readings with the same key carry the same metrics: the later one supersedes."""
+    def coalesce_key(self) -> tuple[str, object, frozenset[str]]:
+        """Readings with the same key come from the same device and carry the same metrics:
+        the later one supersedes the earlier."""
         if self._coalesce is None:
-            self._coalesce = (self.stream, frozenset(self.data.keys() - _READING_META))
+            metrics = frozenset(self.data.keys() - _READING_META)
+            self._coalesce = (self.stream, self.data.get("device"), metrics)
         return self._coalesce
 
     @classmethod

@@ -8,6 +8,7 @@
     │   │   └── FrameTooLarge     the frame exceeds the documented size limit
     │   ├── InvalidReading        a value outside its physical bound
     │   ├── Unauthenticated       missing, wrong or expired credential
+    │   │   └── AuthTimeout       no hello/auth within the auth timeout
     │   ├── Forbidden             authenticated, but not allowed
     │   ├── NotFound              unknown patient, device, stream
     │   └── Conflict              the request clashes with existing state
@@ -46,6 +47,10 @@ class InvalidReading(PeerError):
 
 class Unauthenticated(PeerError):
     """Missing, wrong or expired credential."""
+
+
+class AuthTimeout(Unauthenticated):
+    """The first message (hello/auth) did not arrive in time."""
 
 
 class Forbidden(PeerError):

@@ -107,4 +107,6 @@ def validate_header(seq: int, ts: float, now: float) -> None:
 
 
 def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    if float(x).is_integer():
+        return str(int(x))
+    return f"{x:g}" if abs(x) < 1e6 else f"{x:.3f}"

@@ -117,6 +117,7 @@ class DeviceClient:
         self.errors: list[wire.Error] = []
         self.patient_id: str | None = None
         self.connections = 0
+        self.close_codes: list[int | None] = []  # close code of each connection that ended
         self.on_error: Callable[[wire.Error], None] | None = None
         self.on_message: Callable[[Any], Awaitable[None] | None] | None = None
         self._buffer: deque[wire.ReadingBody] = deque()
@@ -267,7 +268,7 @@ class DeviceClient:
         while not self._closing:
             try:
                 async with connect(
-                    self.url, proxy=None, max_size=2**20, ping_interval=20, open_timeout=10
+                    self.url, proxy=None, max_size=2**20, ping_interval=20, open_timeout=5
                 ) as ws:
                     self._ws = ws
                     await self._session(ws)
@@ -323,6 +324,7 @@ class DeviceClient:
         except websockets.ConnectionClosed:
             pass
         finally:
+            self.close_codes.append(ws.close_code)
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender

@@ -229,5 +229,7 @@ class MonitorClient:
                     fut = self._pending.get(req_id) if req_id is not None else None
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
-        except websockets.ConnectionClosed as exc:
-            self.close_codes.append(exc.rcvd.code if exc.rcvd else None)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.close_codes.append(ws.close_code)

@@ -29,9 +29,7 @@ from vitalwire.core import events as ev
 from vitalwire.core.errors import InvalidMessage
 from vitalwire.services.auth import Principal
 from vitalwire.services.streams import Streams
-from vitalwire.wire import Event, StreamStart, Subscribed, encode_text
-
-CLOSE_SLOW_CONSUMER = 4008
+from vitalwire.wire import Close, Event, StreamStart, Subscribed, encode_text
 
 
 class ClientSession:
@@ -79,15 +77,15 @@ class ClientSession:
             return
         self._last[event.stream] = event.offset
         live = self._live
+        if len(live) >= self.max_queue:
+            self._overflow()
+            return
         if len(live) >= self.soft_queue and event.kind == ev.READING:
             key: Hashable = event.coalesce_key
             if live.pop(key, None) is not None:
                 self.coalesced += 1
         else:
             key = next(self._keys)
-        if len(live) >= self.max_queue:
-            self._overflow()
-            return
         live[key] = event.frame
         self._wake.set()
 
@@ -102,11 +100,12 @@ class ClientSession:
         if self.overflowed:
             return
         self.overflowed = True
+        self.close()
         self._live.clear()
         self._control.clear()
         if self.on_overflow is not None:
             self.on_overflow(
-                CLOSE_SLOW_CONSUMER, "slow consumer: send queue full, resume by offset"
+                Close.SLOW_CONSUMER, "slow consumer: send queue full, resume by offset"
             )
 
     # -- sender side ----------------------------------------------------------------------------

@@ -20,17 +20,22 @@ from vitalwire.services.registry import Registry
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
 from vitalwire.store import ReadingRow, Store
-from vitalwire.wire import Ack, Error, Hello, ReadingBody, Welcome, encode_text
+from vitalwire.wire import (
+    PROTOCOL_VERSION,
+    Ack,
+    Close,
+    Error,
+    Hello,
+    ReadingBody,
+    Welcome,
+    encode_text,
+)
 from vitalwire.wire import Event as WireEvent
 
 log = logging.getLogger("vitalwire.ingest")
 
 #: A device is marked offline (silent) after this many times its longest expected silence.
 SILENCE_FACTOR = 1.5
-
-
-class Overloaded(PeerError):
-    """The write queue is full; the device keeps its readings and resends them."""
 
 
 class Unavailable(PeerError):
@@ -71,7 +76,6 @@ class Ingest:
         registry: Registry,
         clock: Callable[[], float],
         *,
-        max_pending_rows: int = 50_000,
         heartbeat_s: float = 15.0,
         max_frame_bytes: int = 65536,
         max_batch: int = 500,
@@ -82,7 +86,6 @@ class Ingest:
         self.writer = writer
         self.registry = registry
         self.clock = clock
-        self.max_pending_rows = max_pending_rows
         self.heartbeat_s = heartbeat_s
         self.max_frame_bytes = max_frame_bytes
         self.max_batch = max_batch
@@ -100,6 +103,10 @@ class Ingest:
         if self.stopping:
             raise Unavailable("server is shutting down; reconnect later")
         ev.check_id("device_id", msg.device_id)
+        if msg.protocol != PROTOCOL_VERSION:
+            raise InvalidMessage(
+                f"protocol must be {PROTOCOL_VERSION}, got {msg.protocol}", field="protocol"
+            )
         if msg.max_silence_s is not None and not 1 <= msg.max_silence_s <= 3600:
             raise InvalidMessage(
                 f"max_silence_s must be between 1 and 3600, got {msg.max_silence_s:g}",
@@ -115,7 +122,7 @@ class Ingest:
         old = self.sessions.get(did)
         if old is not None:
             self._go_offline(old, "replaced")
-            old.close(4009, "replaced by a new connection of the same device")
+            old.close(Close.REPLACED, "replaced by a new connection of the same device")
         session = DeviceSession(did, binding.patient_id if binding else None, send, close)
         session.firmware = msg.firmware
         session.silence_s = SILENCE_FACTOR * (msg.max_silence_s or self.max_silence_s)
@@ -138,19 +145,20 @@ class Ingest:
         """Accept a frame of readings; return one error per rejected reading.
 
         Raises:
-            Overloaded: the write queue is past its bound; nothing in this frame was taken.
+            Unavailable: the server is shutting down; nothing in this frame was taken.
+            InvalidMessage: more than ``max_batch`` readings; nothing in this frame was taken.
+
+        The transport waits for room in the write queue before calling this (backpressure), so a
+        frame is never refused for load: a refused frame followed by an accepted later one would
+        let the cumulative ack cover readings that were never stored.
         """
         if len(bodies) > self.max_batch:
-            raise InvalidReading(
+            raise InvalidMessage(
                 f"items must hold at most {self.max_batch} readings, got {len(bodies)}",
                 field="items",
             )
         if self.stopping:
             raise Unavailable("server is shutting down; resend after reconnecting")
-        if self.writer.pending_rows > self.max_pending_rows:
-            raise Overloaded(
-                f"server write queue is full ({self.max_pending_rows} rows); resend later"
-            )
         did = session.device_id
         now = self.clock()
         session.last_data = now

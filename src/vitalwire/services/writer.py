@@ -50,6 +50,9 @@ class BatchWriter:
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._committed = asyncio.Event()
+        #: True while commits fail (the batch is kept and retried); health reports it.
+        self.failing = False
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.rows_written = 0
@@ -75,6 +78,12 @@ class BatchWriter:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="vitalwire-writer")
+
+    async def wait_for_room(self, max_pending_rows: int) -> None:
+        """Backpressure: wait until at most ``max_pending_rows`` rows wait to be committed."""
+        while self._pending_rows > max_pending_rows:
+            self._committed.clear()
+            await self._committed.wait()
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is committed and published."""
@@ -131,10 +140,13 @@ class BatchWriter:
                 await self.store.write_batch(batch)
                 break
             except Exception:  # keep the batch; nothing was acknowledged or shown
+                self.failing = True
                 log.exception("store write failed; retrying in %.2f s", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        self.failing = False
         self.rows_written += len(batch)
+        self._committed.set()
         if batch.events:
             await self.bus.publish(batch.events)
         for unit in units:

@@ -161,8 +161,12 @@ class SqlStore:
         return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in reversed(rows)]
 
     async def delete_events_before(self, ts: float) -> int:
+        """Delete events older than ``ts``, always keeping each stream's last event: it holds
+        the stream's head, so offsets keep growing after a restart."""
+        e, last = t.events, t.events.alias("last")
+        head = select(func.max(last.c.offset)).where(last.c.stream == e.c.stream).scalar_subquery()
         async with self.engine.begin() as conn:
-            result = await conn.execute(t.events.delete().where(t.events.c.ts < ts))
+            result = await conn.execute(e.delete().where(e.c.ts < ts, e.c.offset < head))
         return int(result.rowcount or 0)
 
     async def device_last_seq(self, device_id: str) -> int:

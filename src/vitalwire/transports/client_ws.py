@@ -10,16 +10,20 @@ from typing import TYPE_CHECKING
 from starlette.websockets import WebSocket
 
 from vitalwire import wire
-from vitalwire.core.errors import InvalidMessage, PeerError, Unauthenticated
+from vitalwire.core.errors import AuthTimeout, InvalidMessage, PeerError, Unauthenticated
 from vitalwire.services.auth import Principal
 from vitalwire.services.clients import ClientSession
 from vitalwire.transports.common import Disconnected, close_quietly, pump, receive_frame
-from vitalwire.transports.errors import Close, public_message, row_for
+from vitalwire.transports.errors import public_message, row_for
+from vitalwire.wire import Close
 
 if TYPE_CHECKING:
     from vitalwire.app import Services
 
 log = logging.getLogger("vitalwire.client_ws")
+
+#: A slow consumer gets this long to take the 4008 close frame before its TCP connection is cut.
+SLOW_CLOSE_TIMEOUT_S = 5.0
 
 
 def _error(exc: BaseException, req_id: int | None = None) -> str:
@@ -48,6 +52,8 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
     try:
         principal, auth_id = await _authenticate(ws, svc)
     except TimeoutError:
+        with contextlib.suppress(Exception):
+            await ws.send_text(_error(AuthTimeout(f"no auth within {s.auth_timeout_s:g} s")))
         await close_quietly(ws, Close.AUTH_TIMEOUT, "no auth within the auth timeout")
         return
     except Disconnected:
@@ -65,7 +71,11 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
         """Too slow: stop sending now, close (or drop the connection if it cannot take it)."""
         closing.append((code, reason))
         sender.cancel()
-        closers.add(asyncio.get_running_loop().create_task(close_quietly(ws, code, reason, 1.0)))
+        closers.add(
+            asyncio.get_running_loop().create_task(
+                close_quietly(ws, code, reason, SLOW_CLOSE_TIMEOUT_S)
+            )
+        )
 
     def shut(code: int, reason: str) -> None:
         """Server going away: send what is queued, then close."""
@@ -119,6 +129,9 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
                 msg = wire.decode_client(raw)
                 req_id = getattr(msg, "id", None)
                 await _handle(svc, session, msg)
+            except Unauthenticated as exc:  # a failed re-auth ends the session
+                session.send(_error(exc, req_id))
+                shut(Close.UNAUTHENTICATED, public_message(exc))
             except PeerError as exc:
                 session.send(_error(exc, req_id))
             except Exception as exc:  # never leak internals; keep serving

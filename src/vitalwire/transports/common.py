@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -54,11 +55,27 @@ async def close_quietly(ws: WebSocket, code: int, reason: str = "", timeout: flo
         abort(ws)
 
 
+TRANSPORT_KEY = "vitalwire.transport"
+
+
+class TransportHandle:
+    """ASGI middleware: remember the server's transport of each WebSocket in its scope, so a
+    connection whose peer stopped reading can be aborted (ASGI itself offers no way)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            if transport is not None:
+                scope[TRANSPORT_KEY] = transport
+        await self.app(scope, receive, send)
+
+
 def abort(ws: WebSocket) -> bool:
-    """Abort the TCP connection under ``ws`` (uvicorn's protocol exposes its transport)."""
-    send = getattr(ws, "_send", None)
-    protocol = getattr(send, "__self__", None)
-    transport = getattr(protocol, "transport", None)
+    """Abort the TCP connection under ``ws``; False when the server does not expose it."""
+    transport = ws.scope.get(TRANSPORT_KEY)
     if transport is None or not hasattr(transport, "abort"):
         return False
     transport.abort()
@@ -74,13 +91,17 @@ class Outbox:
         self._wake = asyncio.Event()
         self.closed = False
         self.overflowed = False
+        self.on_overflow: Callable[[], None] | None = None
 
     def put(self, frame: str) -> None:
         if self.closed:
             return
         if len(self._frames) >= self.limit:
             self.overflowed = True
+            self._frames.clear()
             self.close()
+            if self.on_overflow is not None:
+                self.on_overflow()
             return
         self._frames.append(frame)
         self._wake.set()

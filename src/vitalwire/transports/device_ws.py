@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from starlette.websockets import WebSocket
 
 from vitalwire import wire
-from vitalwire.core.errors import InvalidMessage, PeerError
-from vitalwire.services.ingest import DeviceSession
+from vitalwire.core.errors import AuthTimeout, InvalidMessage, PeerError
+from vitalwire.services.ingest import DeviceSession, Unavailable
 from vitalwire.transports.common import (
     Disconnected,
     Outbox,
@@ -19,7 +19,8 @@ from vitalwire.transports.common import (
     pump,
     receive_frame,
 )
-from vitalwire.transports.errors import Close, public_message, row_for
+from vitalwire.transports.errors import public_message, row_for
+from vitalwire.wire import Close
 
 if TYPE_CHECKING:
     from vitalwire.app import Services
@@ -50,7 +51,7 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
             if not isinstance(hello, wire.Hello):
                 raise InvalidMessage("first message must be hello", field="type")
         except TimeoutError:
-            outbox.put(_error(PeerError("no hello within the auth timeout")))
+            outbox.put(_error(AuthTimeout(f"no hello within {s.auth_timeout_s:g} s")))
             await _finish(outbox, sender)
             await close_quietly(ws, Close.AUTH_TIMEOUT, "auth timeout")
             return
@@ -62,6 +63,8 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
 
         def close(code: int, why: str) -> None:
             """Send what is queued (acks), then close with ``code``."""
+            nonlocal reason
+            reason = why if code != Close.GOING_AWAY else "server shutting down"
             outbox.close()
 
             async def _close() -> None:
@@ -71,12 +74,14 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
 
             closers.add(asyncio.get_running_loop().create_task(_close()))
 
+        outbox.on_overflow = lambda: close(Close.SLOW_CONSUMER, "device does not read its acks")
         try:
             session, welcome = await svc.ingest.hello(hello, outbox.put, close)
         except PeerError as exc:
             outbox.put(_error(exc))
             await _finish(outbox, sender)
-            await close_quietly(ws, Close.UNAUTHENTICATED, public_message(exc))
+            code = Close.TRY_AGAIN_LATER if isinstance(exc, Unavailable) else Close.UNAUTHENTICATED
+            await close_quietly(ws, code, public_message(exc))
             return
         outbox.put(wire.encode_text(welcome))
         heartbeat = asyncio.create_task(_heartbeat(outbox, s.heartbeat_s))
@@ -89,6 +94,10 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
             heartbeat.cancel()
     except Disconnected:
         pass
+    except Exception:
+        log.exception("device connection failed")
+        reason = "server error"
+        await close_quietly(ws, Close.INTERNAL_ERROR, "internal error")
     finally:
         if session is not None:
             svc.ingest.goodbye(session, reason)
@@ -123,10 +132,10 @@ async def _serve(ws: WebSocket, svc: Services, session: DeviceSession, outbox: O
         except PeerError as exc:
             outbox.put(_error(exc))
             continue
-        if isinstance(msg, wire.Reading):
-            _take(svc, session, outbox, [msg], None)
-        elif isinstance(msg, wire.Readings):
-            _take(svc, session, outbox, msg.items, None)
+        if isinstance(msg, (wire.Reading, wire.Readings)):
+            if svc.writer.pending_rows > s.max_pending_rows:
+                await svc.writer.wait_for_room(s.max_pending_rows)  # backpressure, never refusal
+            _take(svc, session, outbox, [msg] if isinstance(msg, wire.Reading) else msg.items, None)
         elif isinstance(msg, wire.Ping):
             outbox.put(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
         elif isinstance(msg, wire.Pong):

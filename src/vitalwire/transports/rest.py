@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vitalwire import __version__
 from vitalwire.core.errors import PeerError, Unauthenticated
@@ -16,6 +19,7 @@ from vitalwire.transports.errors import public_message, row_for
 if TYPE_CHECKING:
     from vitalwire.app import Services
 
+log = logging.getLogger("vitalwire.rest")
 router = APIRouter()
 
 
@@ -59,10 +63,18 @@ async def principal(
     return svc.tokens.verify(authorization[7:].strip(), svc.clock())
 
 
-@router.get("/healthz", response_model=Health)
-async def healthz(request: Request) -> Health:
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+async def healthz(request: Request) -> Any:
+    """200 while the store takes writes; 503 ``degraded`` while commits fail (being retried)."""
     svc = services(request)
-    return Health(status="ok", version=__version__, db=svc.store.backend, bus=svc.bus.backend)
+    failing = svc.writer.failing
+    health = Health(
+        status="degraded" if failing else "ok",
+        version=__version__,
+        db=svc.store.backend,
+        bus=svc.bus.backend,
+    )
+    return JSONResponse(health.model_dump(), status_code=503) if failing else health
 
 
 @router.post("/auth/login", response_model=TokenResponse, responses={401: {}})
@@ -81,10 +93,37 @@ async def list_patients(
 
 
 async def peer_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Every error body is ``{"code", "message", "field"}``; internals never leave the server."""
     row = row_for(exc)
+    if row.code == "internal":
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     headers = {"WWW-Authenticate": "Bearer"} if row.http == 401 else None
     body = {"code": row.code, "message": public_message(exc), "field": getattr(exc, "field", None)}
     return JSONResponse(body, status_code=row.http, headers=headers)
 
 
-__all__ = ["router", "peer_error_handler", "PeerError"]
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    field = ".".join(loc) or None
+    message = f"{field}: {first.get('msg', 'invalid')}" if field else first.get("msg", "invalid")
+    body = {"code": "invalid_message", "message": message, "field": field}
+    return JSONResponse(body, status_code=422)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    body = {"code": code, "message": str(exc.detail), "field": None}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def install_error_handlers(app: Any) -> None:
+    app.add_exception_handler(PeerError, peer_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, peer_error_handler)
+
+
+__all__ = ["install_error_handlers", "router"]

@@ -1,0 +1,423 @@
+"""Nothing lost, nothing doubled: crashes, network loss, resume, slow clients, shutdown.
+
+Each test names the guarantee it proves; each would fail if that guarantee were removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.conftest import (
+    RunningServer,
+    ServerProcess,
+    free_port,
+    provision_db,
+    start_server,
+    stop_server,
+    wait_until,
+)
+from tests.netproxy import Proxy
+from tests.rawws import StalledClient
+from vitalwire.app import prune
+from vitalwire.sdk import DeviceClient, MonitorClient, StreamEvent
+
+
+def store_rows(db_path: Path) -> tuple[dict[str, list[int]], dict[str, list[int]], list[Any]]:
+    """Read the store with plain sqlite3: seqs per device, offsets per stream, reading events."""
+    db = sqlite3.connect(db_path)
+    try:
+        seqs: dict[str, list[int]] = {}
+        for did, seq in db.execute("SELECT device_id, seq FROM readings ORDER BY device_id, seq"):
+            seqs.setdefault(did, []).append(seq)
+        offsets: dict[str, list[int]] = {}
+        for stream, off in db.execute('SELECT stream, "offset" FROM events ORDER BY 1, 2'):
+            offsets.setdefault(stream, []).append(off)
+        readings = [
+            json.loads(d) for (d,) in db.execute("SELECT data FROM events WHERE kind='reading'")
+        ]
+        return seqs, offsets, readings
+    finally:
+        db.close()
+
+
+async def collect(monitor: MonitorClient, into: list[StreamEvent]) -> None:
+    async for e in monitor.events():
+        into.append(e)
+
+
+async def produce(dev: DeviceClient, total: int, stop_at: asyncio.Event | None = None) -> None:
+    """Measure at about 400 Hz until ``total`` readings, whatever the connection does."""
+    while dev.seq < total:
+        dev.send(hr=60 + dev.seq % 50, spo2=90 + dev.seq % 10)
+        await asyncio.sleep(0.0025)
+
+
+def assert_exactly_once(seqs: dict[str, list[int]], devices: list[str], total: int) -> None:
+    for did in devices:
+        assert seqs.get(did) == list(range(1, total + 1)), f"{did}: store seqs not 1..{total}"
+
+
+def assert_contiguous(offsets: dict[str, list[int]]) -> None:
+    for stream, offs in offsets.items():
+        assert offs == list(range(1, len(offs) + 1)), f"{stream}: offsets have gaps or repeats"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+async def test_server_crash_or_stop_loses_and_doubles_nothing(tmp_path: Path, sig: int) -> None:
+    db_path = tmp_path / "crash.db"
+    db_url = f"sqlite:///{db_path}"
+    creds = await provision_db(db_url, patients=3)
+    proc = ServerProcess(db_url, free_port(), tmp_path, batch_max_wait_ms="2")
+    total = 600
+    devices = [
+        DeviceClient(proc.url, d["device_id"], d["secret"], backoff_max_s=0.3)
+        for d in creds.devices
+    ]
+    streams = [f"patient:{d['patient_id']}" for d in creds.devices]
+    seen: list[StreamEvent] = []
+    await proc.start()
+    try:
+        monitor = MonitorClient(
+            proc.url, username="clinician", password="vitalwire-clinician", backoff_max_s=0.3
+        )
+        await monitor.connect()
+        await monitor.subscribe(streams)
+        reader = asyncio.create_task(collect(monitor, seen))
+        for d in devices:
+            await d.start()
+        producers = [asyncio.create_task(produce(d, total)) for d in devices]
+        await wait_until(lambda: all(d.acked >= 150 for d in devices), 30, "150 acks each")
+        acked_before = {d.device_id: d.acked for d in devices}
+        code = await proc.signal(sig)
+        assert code != 0 if sig == signal.SIGKILL else code in (0, -signal.SIGTERM)
+        # acknowledged means durable: everything acked before the stop is in the store
+        seqs, _, _ = store_rows(db_path)
+        for did, acked in acked_before.items():
+            assert seqs[did][:acked] == list(range(1, acked + 1))
+        if sig == signal.SIGTERM:  # graceful: sockets were closed with going-away
+            assert all(1001 in d.close_codes for d in devices)
+        await proc.start()  # same file, same port: devices and the monitor come back by themselves
+        await asyncio.gather(*producers)
+        await asyncio.gather(*(d.flush(timeout=60) for d in devices))
+        await wait_until(
+            lambda: sum(e.kind == "reading" for e in seen) >= 3 * total, 60, "monitor catch-up"
+        )
+        reader.cancel()
+        await monitor.close()
+    finally:
+        for d in devices:
+            await d.close()
+        proc.stop()
+    seqs, offsets, readings = store_rows(db_path)
+    assert_exactly_once(seqs, [d.device_id for d in devices], total)
+    assert_contiguous(offsets)
+    keys = [(r["device"], r["seq"]) for r in readings]
+    assert len(keys) == len(set(keys)) == 3 * total
+    got = [(e.data["device"], e.data["seq"]) for e in seen if e.kind == "reading"]
+    assert sorted(got) == sorted(keys), "monitor must see every reading exactly once"
+    per_stream: dict[str, list[int]] = {}
+    for e in seen:
+        per_stream.setdefault(e.stream, []).append(e.offset)
+    for offs in per_stream.values():
+        assert offs == sorted(set(offs))
+    assert monitor.reconnects >= 1
+
+
+async def test_device_network_loss_resends_everything_in_order(server: RunningServer) -> None:
+    proxy = Proxy("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    await proxy.start()
+    did, secret, pid = server.device(0)
+    dev = DeviceClient(f"http://127.0.0.1:{proxy.port}", did, secret, backoff_max_s=0.2)
+    try:
+        await dev.start()
+        for _ in range(50):
+            dev.send(hr=70)
+        await dev.flush()
+        proxy.cut()  # the network is gone; the device keeps measuring
+        measured_offline = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            dev.send(hr=80)
+            measured_offline += 1
+            await asyncio.sleep(0.01)
+        assert not dev.connected and dev.unacked == measured_offline
+        proxy.restore()
+        for _ in range(50):
+            dev.send(hr=90)
+        await dev.flush(timeout=20)
+    finally:
+        await dev.close()
+        await proxy.close()
+    total = 100 + measured_offline
+    events = await server.services.store.events_after(f"patient:{pid}", 0, 10_000)
+    seqs = [e.data["seq"] for e in events if e.kind == "reading"]
+    assert seqs == list(range(1, total + 1))
+    assert dev.connections >= 2
+
+
+async def _raw_client(srv: RunningServer) -> ClientConnection:
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        r = await http.post(
+            "/auth/login", json=dict(zip(("username", "password"), srv.user(), strict=True))
+        )
+    ws = await connect(srv.ws_url + "/ws", proxy=None, max_size=2**24)
+    await ws.send(json.dumps({"type": "auth", "token": r.json()["access_token"], "id": 1}))
+    assert json.loads(await ws.recv())["ok"] is True
+    return ws
+
+
+async def test_resume_during_a_live_stream_has_no_gap_and_no_duplicate(tmp_path: Path) -> None:
+    # bus history of 5 forces most replays to the store (a real await while events keep coming)
+    srv, task = await start_server(tmp_path, patients=1, bus_history=5, batch_max_wait_ms=1)
+    did, secret, pid = srv.device(0)
+    stream = f"patient:{pid}"
+    rng = random.Random(7)
+    dev = DeviceClient(srv.url, did, secret, max_batch=20)
+    received: list[int] = []
+    try:
+        await dev.start()
+        producer = asyncio.create_task(produce(dev, 10**9))
+        await wait_until(lambda: dev.acked > 20, 10, "stream running")
+        since = 3
+        for _ in range(40):
+            ws = await _raw_client(srv)
+            try:
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "subscribe",
+                            "streams": [stream],
+                            "since": {stream: since},
+                            "id": 2,
+                        }
+                    )
+                )
+                reply = json.loads(await ws.recv())
+                while reply["type"] != "subscribed":
+                    reply = json.loads(await ws.recv())
+                assert reply["streams"][0]["recovered"] is True
+                want = rng.randint(1, 60)
+                got = 0
+                while got < want:
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if msg["type"] == "event":
+                        received.append(msg["offset"])
+                        got += 1
+            finally:
+                ws.transport.abort()  # drop, do not close politely
+            since = received[-1]
+        producer.cancel()
+    finally:
+        await dev.close()
+        await stop_server(srv, task)
+    assert received == list(range(4, 4 + len(received)))
+
+
+async def test_since_older_than_retention_is_not_recovered(tmp_path: Path) -> None:
+    # a bus history of 2 cannot cover the gap either (it would, and rightly, recover from it)
+    srv, task = await start_server(tmp_path, patients=1, retention_days=1e-9, bus_history=2)
+    try:
+        did, secret, pid = srv.device(0)
+        stream = f"patient:{pid}"
+        async with DeviceClient(srv.url, did, secret) as dev:
+            for _ in range(10):
+                dev.send(spo2=95)
+            await dev.flush()
+        await wait_until(lambda: did not in srv.services.ingest.sessions, 5, "device gone")
+        await srv.services.writer.flush()
+        assert await prune(srv.services) > 0
+        user, pw = srv.user()
+        async with MonitorClient(srv.url, username=user, password=pw) as mon:
+            old = (await mon.subscribe([stream], since={stream: 2}))[stream]
+            head = srv.services.streams.head(stream)
+            now = (await mon.subscribe([stream], since={stream: head}))[stream]
+        assert old.recovered is False and old.replayed == 0
+        assert old.snapshot["vitals"]["spo2"]["value"] == 95.0  # reload from the snapshot
+        assert now.recovered is True
+    finally:
+        await stop_server(srv, task)
+
+
+async def test_resume_past_max_replay_is_not_recovered(tmp_path: Path) -> None:
+    srv, task = await start_server(tmp_path, patients=1, max_replay=5)
+    try:
+        did, secret, pid = srv.device(0)
+        stream = f"patient:{pid}"
+        async with DeviceClient(srv.url, did, secret) as dev:
+            for _ in range(10):
+                dev.send(spo2=95)
+            await dev.flush()
+        user, pw = srv.user()
+        async with MonitorClient(srv.url, username=user, password=pw) as mon:
+            head = srv.services.streams.head(stream)
+            far = (await mon.subscribe([stream], since={stream: head - 6}))[stream]
+            near = (await mon.subscribe([stream], since={stream: head - 5}))[stream]
+        assert (far.recovered, near.recovered, near.replayed) == (False, True, 5)
+    finally:
+        await stop_server(srv, task)
+
+
+async def test_stalled_client_is_closed_4008_and_others_keep_up(tmp_path: Path) -> None:
+    srv, task = await start_server(
+        tmp_path, patients=1, client_queue_soft=2000, client_queue_max=2000
+    )
+    did, secret, pid = srv.device(0)
+    stream = f"patient:{pid}"
+    user, pw = srv.user()
+    total = 20_000
+    try:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            r = await http.post("/auth/login", json={"username": user, "password": pw})
+        stalled = StalledClient(srv.ws_url + "/ws")
+        await stalled.connect()
+        stalled.send({"type": "auth", "token": r.json()["access_token"]})
+        stalled.send({"type": "subscribe", "streams": [stream]})
+        await wait_until(
+            lambda: (
+                len(srv.services.clients) == 1
+                and next(iter(srv.services.clients)).subscriptions == [stream]
+            ),
+            5,
+            "sub",
+        )
+        slow = next(iter(srv.services.clients))
+
+        async def wake_when_dropped() -> int | None:
+            """Once the server gives up on it, read again: in-flight events, then the close."""
+            await wait_until(lambda: slow.overflowed, 60, "overflow")
+            return await stalled.read_until_closed()
+
+        woken = asyncio.create_task(wake_when_dropped())
+        async with MonitorClient(srv.url, username=user, password=pw) as fast:
+            await fast.subscribe([stream])
+            peak = 0
+            async with DeviceClient(srv.url, did, secret, buffer_size=total) as dev:
+                for _ in range(total // 100):  # about 10,000 readings/s
+                    for _ in range(100):
+                        dev.send(hr=75)
+                    peak = max(peak, slow.queued)
+                    await asyncio.sleep(0.01)
+                got = 0
+                while got < total:  # the fast client gets every reading while the slow one is stuck
+                    e = await fast.next_event(timeout=20)
+                    got += e.kind == "reading"
+                    peak = max(peak, slow.queued)
+                await dev.flush(timeout=30)
+            assert fast.close_codes == [] and fast.reconnects == 0
+        assert slow.overflowed, "the stalled client should have overflowed its queue"
+        assert peak <= 2000
+        assert slow.queued == 0  # its queue was released at once
+        assert await woken == 4008
+        stalled.abort()
+    finally:
+        await stop_server(srv, task)
+
+
+async def test_silent_device_gets_offline_then_online_gap_markers(tmp_path: Path) -> None:
+    srv, task = await start_server(tmp_path, patients=1, device_max_silence_s=1)
+    did, secret, pid = srv.device(0)
+    user, pw = srv.user()
+    try:
+        async with MonitorClient(srv.url, username=user, password=pw) as mon:
+            await mon.subscribe([f"patient:{pid}"])
+            async with DeviceClient(srv.url, did, secret) as dev:
+                dev.send(hr=70)
+                kinds = [await mon.next_event() for _ in range(2)]
+                silent = await mon.next_event(timeout=10)  # nothing sent for > 1.5 s
+                dev.send(hr=71)
+                back = await mon.next_event()
+                reading = await mon.next_event()
+        assert [(e.kind, e.data.get("status")) for e in kinds] == [
+            ("device_status", "online"),
+            ("reading", None),
+        ]
+        assert (silent.kind, silent.data["status"], silent.data["reason"]) == (
+            "device_status",
+            "offline",
+            "silent",
+        )
+        assert (back.kind, back.data["status"], back.data["reason"]) == (
+            "device_status",
+            "online",
+            "resumed",
+        )
+        assert reading.data["hr"] == 71.0
+    finally:
+        await stop_server(srv, task)
+
+
+async def test_half_open_device_connection_is_detected_and_closed(tmp_path: Path) -> None:
+    srv, task = await start_server(tmp_path, patients=1, heartbeat_s=0.3)
+    did, secret, pid = srv.device(0)
+    proxy = Proxy("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))
+    await proxy.start()
+    user, pw = srv.user()
+    try:
+        async with MonitorClient(srv.url, username=user, password=pw) as mon:
+            await mon.subscribe([f"patient:{pid}"])
+            dev = DeviceClient(f"http://127.0.0.1:{proxy.port}", did, secret, backoff_initial_s=30)
+            await dev.start()
+            assert (await mon.next_event()).data["status"] == "online"
+            proxy.freeze()  # no bytes either way, no FIN, no RST: half-open
+            offline = await mon.next_event(timeout=10)
+            await dev.close()
+        assert (offline.data["status"], offline.data["reason"]) == ("offline", "heartbeat timeout")
+        assert did not in srv.services.ingest.sessions
+    finally:
+        proxy.thaw()
+        await proxy.close()
+        await stop_server(srv, task)
+
+
+async def test_sdk_spool_survives_a_device_restart(server: RunningServer, tmp_path: Path) -> None:
+    did, secret, pid = server.device(0)
+    spool = str(tmp_path / "spool.db")
+    offline = DeviceClient(f"http://127.0.0.1:{free_port()}", did, secret, spool_path=spool)
+    await offline.start(wait=False)  # nothing listens there: readings stay in the spool
+    for i in range(30):
+        offline.send(hr=60 + i)
+    await offline.close()  # the device powers off
+    rebooted = DeviceClient(server.url, did, secret, spool_path=spool)
+    assert rebooted.unacked == 30
+    async with rebooted:
+        rebooted.send(hr=99)
+        await rebooted.flush()
+    events = await server.services.store.events_after(f"patient:{pid}", 0, 100)
+    readings = [(e.data["seq"], e.data["hr"]) for e in events if e.kind == "reading"]
+    assert readings == [(i + 1, 60.0 + i) for i in range(30)] + [(31, 99.0)]
+    assert DeviceClient(server.url, did, secret, spool_path=spool).unacked == 0
+
+
+async def test_device_restarted_without_spool_is_renumbered(server: RunningServer) -> None:
+    did, secret, pid = server.device(0)
+    async with DeviceClient(server.url, did, secret) as first:
+        for _ in range(5):
+            first.send(hr=70)
+        await first.flush()
+    second = DeviceClient(server.url, did, secret)  # lost its memory: numbering restarts at 1
+    second.send(hr=80)
+    second.send(hr=81)
+    async with second:
+        await second.flush()
+    events = await server.services.store.events_after(f"patient:{pid}", 0, 100)
+    readings = [(e.data["seq"], e.data["hr"]) for e in events if e.kind == "reading"]
+    assert readings == [(1, 70.0), (2, 70.0), (3, 70.0), (4, 70.0), (5, 70.0), (6, 80.0), (7, 81.0)]
+
+
+def test_sdk_buffer_is_bounded_and_drops_the_oldest() -> None:
+    dev = DeviceClient("http://127.0.0.1:9", "d", "s", buffer_size=10)
+    for i in range(25):
+        dev.send(hr=60 + i, ts=1_800_000_000.0 + i)
+    assert (dev.unacked, dev.dropped) == (10, 15)
+    assert [b.seq for b in dev._buffer] == list(range(16, 26))
