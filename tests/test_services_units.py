@@ -1,0 +1,180 @@
+"""Service policies tested without sockets: the batch writer and a client's send queue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_until
+from vitalwire.bus.memory import MemoryBus
+from vitalwire.core import events as ev
+from vitalwire.services.auth import Principal
+from vitalwire.services.clients import ClientSession
+from vitalwire.services.streams import Streams
+from vitalwire.services.writer import BatchWriter
+from vitalwire.store import Batch, ReadingRow
+from vitalwire.wire import Close, Event
+
+
+class FakeStore:
+    """Records batches; can be made to fail or to block, to test the writer around it."""
+
+    backend = "fake"
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.transactions = 0
+        self.fail_next = 0
+        self.gate: asyncio.Event | None = None
+
+    async def write_batch(self, batch: Batch) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError("disk on fire")
+        self.batches.append(batch)
+        self.transactions += 1
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the Store protocol is not used
+        raise AttributeError(name)
+
+
+def _unit(i: int) -> tuple[list[ReadingRow], list[Event]]:
+    e = Event.new("patient:P", i, ev.READING, 1.0, {"device": "d", "seq": i, "hr": 60.0})
+    return [ReadingRow("d", i, "P", i, 1.0, 1.0)], [e]
+
+
+async def _writer(store: FakeStore, **kw: Any) -> tuple[BatchWriter, list[Event]]:
+    published: list[Event] = []
+    bus = MemoryBus()
+
+    def listener(events: Sequence[Event]) -> None:
+        published.extend(events)
+
+    await bus.open(listener)
+    writer = BatchWriter(store, bus, **kw)  # type: ignore[arg-type]
+    writer.start()
+    return writer, published
+
+
+async def test_writer_bounds_batch_rows_and_publishes_after_commit() -> None:
+    store = FakeStore()
+    store.gate = asyncio.Event()
+    writer, published = await _writer(store, max_rows=10, max_wait_s=0.001)
+    acks: list[int] = []
+    for i in range(1, 26):
+        writer.submit(*_unit(i), on_durable=lambda i=i: acks.append(i))
+    await asyncio.sleep(0)  # let the writer take its first batch; it is blocked in the store
+    assert published == [] and acks == []  # nothing shown or acked before the commit
+    store.gate.set()
+    await writer.stop()
+    assert [len(b) for b in store.batches] == [10, 10, 10, 10, 10]
+    assert [e.offset for e in published] == list(range(1, 26))
+    assert acks == list(range(1, 26))
+
+
+async def test_writer_retries_a_failed_commit_and_reports_failing() -> None:
+    store = FakeStore()
+    store.fail_next = 10**6
+    writer, published = await _writer(store, max_rows=100, max_wait_s=0)
+    seen_failing: list[bool] = []
+    writer.submit(*_unit(1), on_durable=lambda: seen_failing.append(writer.failing))
+    await wait_until(lambda: writer.failing, 5, "the writer to report failing")
+    assert published == [] and seen_failing == []  # kept, not shown, not acked
+    store.fail_next = 0
+    await writer.flush()
+    await writer.stop()
+    assert store.transactions == 1 and [e.offset for e in published] == [1]
+    assert seen_failing == [False] and not writer.failing
+
+
+async def test_wait_for_room_blocks_until_the_writer_catches_up() -> None:
+    store = FakeStore()
+    store.gate = asyncio.Event()
+    writer, _ = await _writer(store, max_rows=4, max_wait_s=0)
+    for i in range(1, 11):
+        writer.submit(*_unit(i))
+    waiter = asyncio.create_task(writer.wait_for_room(4))
+    await asyncio.sleep(0)
+    assert not waiter.done() and writer.pending_rows > 4
+    store.gate.set()
+    await asyncio.wait_for(waiter, 5)
+    assert writer.pending_rows <= 4
+    await writer.stop()
+
+
+class _NoStore:
+    pass
+
+
+def _session(**kw: Any) -> tuple[ClientSession, list[tuple[int, str]]]:
+    closed: list[tuple[int, str]] = []
+    streams = Streams(_NoStore(), MemoryBus())  # type: ignore[arg-type]
+    session = ClientSession(
+        Principal("u", "clinician"), streams, on_overflow=lambda c, r: closed.append((c, r)), **kw
+    )
+    return session, closed
+
+
+def _reading(offset: int, device: str = "d1", **values: float) -> Event:
+    data: dict[str, Any] = {"device": device, "seq": offset, "ts": 1.0, **(values or {"hr": 60.0})}
+    return Event.new("patient:P", offset, ev.READING, 1.0, data)
+
+
+def _status(offset: int) -> Event:
+    data = {"device": "d1", "status": "offline", "reason": "silent"}
+    return Event.new("patient:P", offset, ev.DEVICE_STATUS, 1.0, data)
+
+
+async def test_over_the_soft_bound_readings_coalesce_but_status_events_never_do() -> None:
+    session, closed = _session(soft_queue=3, max_queue=100)
+    await session.subscribe(["patient:P"], None, 1)
+    await session.take()  # the subscribed reply
+    events = [_reading(1), _reading(2), _reading(3)]  # fills to the soft bound
+    events += [_reading(4, hr=61.0), _status(5), _reading(6, hr=62.0)]
+    events += [_reading(7, spo2=95.0), _reading(8, device="d2"), _reading(9, hr=63.0)]
+    for e in events:
+        session.push(e)
+    frames = await session.take()
+    assert frames is not None
+    offsets = [int(f.split('"offset":')[1].split(",")[0]) for f in frames]
+    # 4 and 6 were superseded by 9 (same device, same metrics); 5 (status), 7 (other metrics) and
+    # 8 (other device) stay; order within the stream is kept
+    assert offsets == [1, 2, 3, 5, 7, 8, 9]
+    assert session.coalesced == 2 and closed == []
+
+
+async def test_past_the_hard_bound_the_client_is_closed_and_its_queue_released() -> None:
+    session, closed = _session(soft_queue=5, max_queue=5)
+    await session.subscribe(["patient:P"], None, 1)
+    await session.take()
+    for i in range(1, 7):
+        session.push(_status(i))
+    assert closed == [(Close.SLOW_CONSUMER, "slow consumer: send queue full, resume by offset")]
+    assert session.queued == 0 and session.overflowed and session.subscriptions == []
+    session.push(_status(7))
+    assert session.queued == 0
+
+
+async def test_events_already_sent_or_older_are_never_sent_again() -> None:
+    session, _ = _session()
+    await session.subscribe(["patient:P"], None, 1)
+    await session.take()
+    for off in (1, 2, 2, 1, 3):
+        session.push(_status(off))
+    frames = await session.take()
+    assert frames is not None and len(frames) == 3
+
+
+@pytest.mark.parametrize("bad", [["nope"], ["patient:bad id"], []])
+async def test_subscribe_validates_stream_names(bad: list[str]) -> None:
+    from vitalwire.core.errors import InvalidMessage
+
+    session, _ = _session()
+    with pytest.raises(InvalidMessage) as err:
+        await session.subscribe(bad, None, 1)
+    assert err.value.field == "streams"
