@@ -127,3 +127,56 @@ def test_bad_urls_and_modes_are_refused() -> None:
         open_store("mysql://x/y")
     with pytest.raises(ValueError, match="sqlite synchronous must be one of"):
         open_store("sqlite:///x.db", sqlite_synchronous="SOMETIMES")
+
+
+async def test_alert_rows_upsert_keeping_when_raised_and_who_acknowledged(store: Store) -> None:
+    from vitalwire.store import AlertRow, AuditRow
+
+    def row(state: str, at: float, by: str | None = None, level: int = 0) -> AlertRow:
+        return AlertRow(
+            "P1:spo2_low:1", "P1", "spo2_low", "high", "physiological", state, at, by, level, "{}"
+        )
+
+    await store.write_batch(Batch(alerts=[row("active", 10.0)]))
+    await store.write_batch(Batch(alerts=[row("active", 70.0, level=1)]))
+    await store.write_batch(Batch(alerts=[row("acknowledged", 80.0, "nurse", 1)]))
+    await store.write_batch(
+        Batch(
+            alerts=[row("resolved", 90.0)],
+            audit=[AuditRow(80.0, "nurse", "ack_alert", "P1", '{"alert_id": "P1:spo2_low:1"}')],
+        )
+    )
+    (alert,) = await store.alerts_for("P1", 10)
+    assert {
+        k: alert[k]
+        for k in (
+            "state",
+            "raised_at",
+            "updated_at",
+            "acknowledged_at",
+            "acknowledged_by",
+            "resolved_at",
+            "escalation_level",
+        )
+    } == {
+        "state": "resolved",
+        "raised_at": 10.0,
+        "updated_at": 90.0,
+        "acknowledged_at": 80.0,
+        "acknowledged_by": "nurse",
+        "resolved_at": 90.0,
+        "escalation_level": 0,
+    }
+    assert await store.open_alerts() == []
+    (entry,) = await store.audit_log(10)
+    assert (entry["actor"], entry["action"], entry["patient_id"]) == ("nurse", "ack_alert", "P1")
+
+
+async def test_patient_settings_upsert(store: Store) -> None:
+    await store.set_patient_settings("P1", '{"spo2": {"low": 88}}', None, 1.0, "dr")
+    await store.set_patient_settings(
+        "P1", '{"spo2": {"low": 87}}', '{"on_oxygen": true}', 2.0, "dr"
+    )
+    settings = await store.patient_settings()
+    assert settings["P1"]["limits"] == '{"spo2": {"low": 87}}'
+    assert settings["P1"]["observations"] == '{"on_oxygen": true}'

@@ -15,8 +15,11 @@ from vitalwire.core.errors import InvalidMessage
 READING: Final = "reading"
 DEVICE_STATUS: Final = "device_status"
 BINDING: Final = "binding"
+ALERT: Final = "alert"  # an alert change: raised, acknowledged, escalated, resolved, ...
+NEWS2: Final = "news2"  # the patient's NEWS2 risk band changed
+SETTINGS: Final = "settings"  # limits or NEWS2 observations changed by a clinician
 
-KINDS: Final = frozenset({READING, DEVICE_STATUS, BINDING})
+KINDS: Final = frozenset({READING, DEVICE_STATUS, BINDING, ALERT, NEWS2, SETTINGS})
 
 ALERTS_STREAM: Final = "alerts"
 PATIENT_PREFIX: Final = "patient:"

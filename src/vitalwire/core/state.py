@@ -1,8 +1,10 @@
-"""The live picture of one patient, folded from its stream's events.
+"""The live picture of one stream, folded from its events.
 
 A subscriber's snapshot is this picture as of an offset: the latest value of every vital (with its
-device timestamp and offset) and each bound device's status. It is a pure fold, so the server, a
-client and a test can rebuild it from the same events.
+device timestamp and offset), each bound device's status, every alert not yet resolved (highest
+priority first, then oldest) and the latest NEWS2. The ``alerts`` stream folds to the open alerts
+of every patient. It is a pure fold, so the server, a client and a test can rebuild it from the
+same events.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any
 from vitalwire.core import events
 from vitalwire.core.metrics import METRIC_BY_NAME
 
+#: Sort order of alarm priorities (IEC 60601-1-8: high before medium before low).
+PRIORITY_RANK: dict[str, int] = {"high": 0, "medium": 1, "low": 2}
+
 
 @dataclass(slots=True)
 class PatientState:
@@ -21,6 +26,8 @@ class PatientState:
     offset: int = 0
     vitals: dict[str, dict[str, Any]] = field(default_factory=dict)
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    news2: dict[str, Any] | None = None
 
     def apply(self, offset: int, kind: str, ts: float, data: dict[str, Any]) -> None:
         """Fold one event in. Events must come in offset order; older ones are ignored."""
@@ -52,10 +59,34 @@ class PatientState:
             }
         elif kind == events.BINDING and data.get("action") == "unbind":
             self.devices.pop(data["device"], None)
+        elif kind == events.ALERT:
+            self.apply_alert(data)
+        elif kind == events.NEWS2:
+            self.news2 = dict(data)
+
+    def apply_alert(self, change: dict[str, Any]) -> None:
+        """Fold one alert change: resolved alerts leave the picture."""
+        alert_id = change["alert_id"]
+        if change.get("state") == "resolved":
+            self.alerts.pop(alert_id, None)
+            return
+        previous = self.alerts.get(alert_id)
+        alert = dict(change)
+        alert["raised_at"] = previous["raised_at"] if previous else change.get("at")
+        self.alerts[alert_id] = alert
+
+    def open_alerts(self) -> list[dict[str, Any]]:
+        """Alerts not resolved, highest priority first, then oldest first (IEC 60601-1-8)."""
+        return sorted(
+            self.alerts.values(),
+            key=lambda a: (PRIORITY_RANK.get(a.get("priority", ""), 9), a.get("raised_at") or 0),
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of the picture."""
         return {
             "vitals": {k: dict(v) for k, v in self.vitals.items()},
             "devices": {k: dict(v) for k, v in self.devices.items()},
+            "alerts": [dict(a) for a in self.open_alerts()],
+            "news2": None if self.news2 is None else dict(self.news2),
         }

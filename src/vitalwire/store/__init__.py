@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vitalwire.store.base import Batch, Binding, ReadingRow, Store
+from vitalwire.store.base import AlertRow, AuditRow, Batch, Binding, ReadingRow, Store
 
 
 def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> Store:
@@ -12,4 +12,4 @@ def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> Store:
     return SqlStore(url, sqlite_synchronous=sqlite_synchronous)
 
 
-__all__ = ["Batch", "Binding", "ReadingRow", "Store", "open_store"]
+__all__ = ["AlertRow", "AuditRow", "Batch", "Binding", "ReadingRow", "Store", "open_store"]

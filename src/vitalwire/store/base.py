@@ -24,14 +24,42 @@ class ReadingRow:
 
 
 @dataclass(slots=True)
+class AlertRow:
+    """The state of one alert after a change (upserted by ``alert_id``)."""
+
+    alert_id: str
+    patient_id: str
+    condition: str
+    priority: str
+    category: str
+    state: str
+    at: float
+    acknowledged_by: str | None
+    escalation_level: int
+    last: str  # the change, as JSON
+
+
+@dataclass(slots=True)
+class AuditRow:
+    at: float
+    actor: str
+    action: str
+    patient_id: str | None
+    detail: str  # JSON
+    origin: str | None = None
+
+
+@dataclass(slots=True)
 class Batch:
     """What one transaction writes."""
 
     readings: list[ReadingRow] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    alerts: list[AlertRow] = field(default_factory=list)
+    audit: list[AuditRow] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.readings) + len(self.events)
+        return len(self.readings) + len(self.events) + len(self.alerts) + len(self.audit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,4 +102,13 @@ class Store(Protocol):
     ) -> None: ...
     async def get_user(self, username: str) -> dict[str, Any] | None: ...
     async def get_meta(self, key: str) -> str | None: ...
+    async def alerts_for(self, pid: str, limit: int) -> list[dict[str, Any]]: ...
+    async def open_alerts(self) -> list[dict[str, Any]]: ...
+    async def audit_log(
+        self, limit: int, patient_id: str | None = None
+    ) -> list[dict[str, Any]]: ...
+    async def patient_settings(self) -> dict[str, dict[str, Any]]: ...
+    async def set_patient_settings(
+        self, pid: str, limits: str | None, observations: str | None, now: float, by: str
+    ) -> None: ...
     async def set_meta(self, key: str, value: str) -> None: ...

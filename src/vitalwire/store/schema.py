@@ -89,3 +89,48 @@ events = Table(
     Column("ts", Float, nullable=False),
     Column("data", Text, nullable=False),
 )
+
+# The latest state of every alert ever raised (its history of changes is in the patient's stream).
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("alert_id", String(160), primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("condition", String(64), nullable=False),
+    Column("priority", String(16), nullable=False),
+    Column("category", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("raised_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("acknowledged_at", Float, nullable=True),
+    Column("acknowledged_by", String(64), nullable=True),
+    Column("resolved_at", Float, nullable=True),
+    Column("escalation_level", Integer, nullable=False),
+    Column("last", Text, nullable=False),
+    Index("ix_alerts_patient", "patient_id", "raised_at"),
+)
+
+# Append-only: who did what, when, from where (limit changes, acknowledgements, ...).
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=True),
+    Column("origin", String(128), nullable=True),
+    Column("detail", Text, nullable=False),
+    Index("ix_audit_at", "at"),
+)
+
+# Per-patient clinical settings: limit overrides and NEWS2 observations set by clinicians.
+patient_settings = Table(
+    "patient_settings",
+    metadata,
+    Column("patient_id", String(64), primary_key=True),
+    Column("limits", Text, nullable=True),
+    Column("observations", Text, nullable=True),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(64), nullable=False),
+)

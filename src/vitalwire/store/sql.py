@@ -122,7 +122,111 @@ class SqlStore:
                         for e in batch.events
                     ],
                 )
+            if batch.alerts:
+                await self._upsert_alerts(conn, batch)
+            if batch.audit:
+                await conn.execute(
+                    insert(t.audit),
+                    [
+                        {
+                            "at": a.at,
+                            "actor": a.actor,
+                            "action": a.action,
+                            "patient_id": a.patient_id,
+                            "origin": a.origin,
+                            "detail": a.detail,
+                        }
+                        for a in batch.audit
+                    ],
+                )
         self.transactions += 1
+
+    async def _upsert_alerts(self, conn: Any, batch: Batch) -> None:
+        dialect = sqlite if self.backend == "sqlite" else postgresql
+        for a in batch.alerts:  # a handful per batch; order matters (later changes win)
+            row = {
+                "alert_id": a.alert_id,
+                "patient_id": a.patient_id,
+                "condition": a.condition,
+                "priority": a.priority,
+                "category": a.category,
+                "state": a.state,
+                "raised_at": a.at,
+                "updated_at": a.at,
+                "acknowledged_at": a.at if a.acknowledged_by else None,
+                "acknowledged_by": a.acknowledged_by,
+                "resolved_at": a.at if a.state == "resolved" else None,
+                "escalation_level": a.escalation_level,
+                "last": a.last,
+            }
+            stmt = dialect.insert(t.alerts).values(row)
+            ex = stmt.excluded
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["alert_id"],
+                set_={
+                    "priority": ex.priority,
+                    "state": ex.state,
+                    "updated_at": ex.updated_at,
+                    "acknowledged_at": func.coalesce(
+                        t.alerts.c.acknowledged_at, ex.acknowledged_at
+                    ),
+                    "acknowledged_by": func.coalesce(
+                        t.alerts.c.acknowledged_by, ex.acknowledged_by
+                    ),
+                    "resolved_at": ex.resolved_at,
+                    "escalation_level": ex.escalation_level,
+                    "last": ex.last,
+                },
+            )
+            await conn.execute(stmt)
+
+    async def alerts_for(self, pid: str, limit: int) -> list[dict[str, Any]]:
+        q = (
+            select(t.alerts)
+            .where(t.alerts.c.patient_id == pid)
+            .order_by(t.alerts.c.raised_at.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+    async def open_alerts(self) -> list[dict[str, Any]]:
+        q = select(t.alerts).where(t.alerts.c.state != "resolved").order_by(t.alerts.c.raised_at)
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+    async def audit_log(self, limit: int, patient_id: str | None = None) -> list[dict[str, Any]]:
+        q = select(t.audit).order_by(t.audit.c.id.desc()).limit(limit)
+        if patient_id is not None:
+            q = q.where(t.audit.c.patient_id == patient_id)
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+    async def patient_settings(self) -> dict[str, dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(t.patient_settings))
+            return {r.patient_id: dict(r._mapping) for r in rows}
+
+    async def set_patient_settings(
+        self, pid: str, limits: str | None, observations: str | None, now: float, by: str
+    ) -> None:
+        dialect = sqlite if self.backend == "sqlite" else postgresql
+        row = {
+            "patient_id": pid,
+            "limits": limits,
+            "observations": observations,
+            "updated_at": now,
+            "updated_by": by,
+        }
+        stmt = dialect.insert(t.patient_settings).values(row)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["patient_id"],
+            set_={
+                k: stmt.excluded[k] for k in ("limits", "observations", "updated_at", "updated_by")
+            },
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
 
     async def stream_heads(self) -> dict[str, int]:
         async with self.engine.connect() as conn:
