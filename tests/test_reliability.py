@@ -421,3 +421,39 @@ def test_sdk_buffer_is_bounded_and_drops_the_oldest() -> None:
         dev.send(hr=60 + i, ts=1_800_000_000.0 + i)
     assert (dev.unacked, dev.dropped) == (10, 15)
     assert [b.seq for b in dev._buffer] == list(range(16, 26))
+
+
+async def test_restart_rebuilds_the_snapshot_beyond_recent_events(tmp_path: Path) -> None:
+    """A vital measured once (blood pressure) stays in the snapshot after a restart, however
+    many readings of other vitals followed it."""
+    import vitalwire.services.streams as streams_mod
+
+    srv, task = await start_server(tmp_path, patients=1)
+    did, secret, pid = srv.device(0)
+    stream = f"patient:{pid}"
+    try:
+        async with DeviceClient(srv.url, did, secret) as dev:
+            dev.send(sbp=118, dbp=76)
+            for _ in range(60):
+                dev.send(spo2=96)
+            await dev.flush()
+        before = srv.services.streams.attach(stream, _Nobody())[1]
+    finally:
+        await stop_server(srv, task)  # saves snapshots on the way out
+    old = streams_mod.STATE_WARMUP
+    streams_mod.STATE_WARMUP = 20  # far fewer than the 60 readings after the blood pressure
+    try:
+        srv, task = await start_server(tmp_path, patients=1)
+        try:
+            after = srv.services.streams.attach(stream, _Nobody())[1]
+        finally:
+            await stop_server(srv, task)
+    finally:
+        streams_mod.STATE_WARMUP = old
+    assert after["vitals"]["sbp"]["value"] == 118.0
+    assert after["vitals"] == before["vitals"]
+
+
+class _Nobody:
+    def push(self, event: object) -> None:
+        pass

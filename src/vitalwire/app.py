@@ -32,6 +32,9 @@ from vitalwire.wire import Close
 
 log = logging.getLogger("vitalwire")
 
+#: How often each changed stream's live picture is saved (restart rebuilds from it).
+SNAPSHOT_EVERY_S = 30.0
+
 
 @dataclass
 class Services:
@@ -95,6 +98,10 @@ async def open_services(
         chores = [
             asyncio.create_task(_every(1.0, lambda: _check_silence(svc)), name="silence"),
             asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
+            asyncio.create_task(
+                _every(SNAPSHOT_EVERY_S, lambda: streams.save_snapshots(clock()), delay_first=True),
+                name="snapshots",
+            ),
         ]
         try:
             yield svc
@@ -103,6 +110,7 @@ async def open_services(
                 chore.cancel()
             await asyncio.gather(*chores, return_exceptions=True)
             await writer.stop()
+            await streams.save_snapshots(clock())
     finally:
         await bus.close()
         await store.close()
@@ -137,7 +145,11 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     return app
 
 
-async def _every(interval: float, job: Callable[[], Awaitable[object]]) -> None:
+async def _every(
+    interval: float, job: Callable[[], Awaitable[object]], delay_first: bool = False
+) -> None:
+    if delay_first:
+        await asyncio.sleep(interval)
     while True:
         try:
             await job()

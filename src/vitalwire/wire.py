@@ -156,7 +156,45 @@ class Unsubscribe(msgspec.Struct, tag="unsubscribe", **_opts):
     id: int | None = None
 
 
-ClientMessage = Auth | Subscribe | Unsubscribe | Ping | Pong
+class AckAlert(msgspec.Struct, tag="ack_alert", **_opts):
+    alert_id: str
+    id: int | None = None
+
+
+class SetLimits(msgspec.Struct, tag="set_limits", **_opts):
+    """Override a patient's alarm limits: {metric: {field: value}}; ``null`` restores a default."""
+
+    patient_id: str
+    limits: dict[str, dict[str, float | None]]
+    id: int | None = None
+
+
+class GetLimits(msgspec.Struct, tag="get_limits", **_opts):
+    patient_id: str
+    id: int | None = None
+
+
+class SetObservations(msgspec.Struct, tag="set_observations", **_opts):
+    """Patient observations for NEWS2 that no device measures."""
+
+    patient_id: str
+    on_oxygen: bool | None = None
+    consciousness: str | None = None
+    scale: int | None = None
+    id: int | None = None
+
+
+ClientMessage = (
+    Auth
+    | Subscribe
+    | Unsubscribe
+    | AckAlert
+    | SetLimits
+    | GetLimits
+    | SetObservations
+    | Ping
+    | Pong
+)
 
 
 class Result(msgspec.Struct, tag="result", tag_field="type", forbid_unknown_fields=True):
@@ -253,7 +291,10 @@ _PATH_RE = re.compile(r" - at `\$(?:\.([A-Za-z_][\w]*))?((?:\[\d+\]|\.\w+)*)`$")
 _NAMED_RE = re.compile(r"(?:unknown|required) field `(\w+)`")
 _TYPE_HINT = {
     DeviceMessage: "hello, reading, readings, ping, pong",
-    ClientMessage: "auth, subscribe, unsubscribe, ping, pong",
+    ClientMessage: (
+        "auth, subscribe, unsubscribe, ack_alert, set_limits, get_limits, set_observations, "
+        "ping, pong"
+    ),
 }
 
 

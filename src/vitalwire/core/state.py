@@ -82,6 +82,17 @@ class PatientState:
             key=lambda a: (PRIORITY_RANK.get(a.get("priority", ""), 9), a.get("raised_at") or 0),
         )
 
+    @classmethod
+    def from_snapshot(cls, offset: int, snap: dict[str, Any]) -> PatientState:
+        """The inverse of :meth:`snapshot`: the picture as of ``offset``."""
+        state = cls(offset=offset)
+        state.vitals = {k: dict(v) for k, v in snap.get("vitals", {}).items()}
+        state.devices = {k: dict(v) for k, v in snap.get("devices", {}).items()}
+        state.alerts = {a["alert_id"]: dict(a) for a in snap.get("alerts", [])}
+        news2 = snap.get("news2")
+        state.news2 = None if news2 is None else dict(news2)
+        return state
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of the picture."""
         return {

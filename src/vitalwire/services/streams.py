@@ -12,6 +12,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import msgspec
+
 from vitalwire.bus import Bus
 from vitalwire.core import events as ev
 from vitalwire.core.state import PatientState
@@ -22,8 +24,8 @@ log = logging.getLogger("vitalwire.streams")
 
 #: Events read from the store per query when a replay falls back to it.
 STORE_PAGE = 5000
-#: Events read per stream at start-up to rebuild the live picture.
-STATE_WARMUP = 500
+#: Events folded per stream at start-up after its saved snapshot (or, without one, its last ones).
+STATE_WARMUP = 20_000
 
 
 class Subscriber(Protocol):
@@ -39,15 +41,38 @@ class Streams:
         self._assigned: dict[str, int] = {}  # last offset handed out (may be uncommitted)
         self._states: dict[str, PatientState] = {}  # as of the last published event
         self._subs: dict[str, set[Subscriber]] = {}
+        self._saved: dict[str, int] = {}  # offset of each stream's saved snapshot
 
     async def load(self) -> None:
-        """Read each stream's head and rebuild the live picture from its recent events."""
+        """Read each stream's head; rebuild its live picture from the saved snapshot and the
+        events after it (without a snapshot, from its last ``STATE_WARMUP`` events)."""
         self._assigned = await self.store.stream_heads()
+        saved = await self.store.load_snapshots()
         for stream, head in self._assigned.items():
-            state = self._states[stream] = PatientState()
-            for e in await self.store.recent_events(stream, STATE_WARMUP):
+            snap = saved.get(stream)
+            if snap is not None and head - snap[0] <= STATE_WARMUP:
+                state = PatientState.from_snapshot(snap[0], msgspec.json.decode(snap[1]))
+                events = await self.store.events_after(stream, snap[0], STATE_WARMUP)
+            else:
+                state = PatientState()
+                events = await self.store.recent_events(stream, STATE_WARMUP)
+            for e in events:
                 state.apply(e.offset, e.kind, e.ts, e.data)
             state.offset = head
+            self._states[stream] = state
+        self._saved = {s: o for s, (o, _) in saved.items()}
+
+    async def save_snapshots(self, now: float) -> int:
+        """Save the picture of every stream that changed since its last save."""
+        rows = [
+            (s, st.offset, msgspec.json.encode(st.snapshot()).decode())
+            for s, st in self._states.items()
+            if st.offset != self._saved.get(s)
+        ]
+        await self.store.save_snapshots(rows, now)
+        for s, offset, _ in rows:
+            self._saved[s] = offset
+        return len(rows)
 
     def new_event(self, stream: str, kind: str, ts: float, data: dict[str, Any]) -> Event:
         """Create the next event of ``stream``; it must go to the writer, which commits in order."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vitalwire.bus import Bus
-from vitalwire.store import Batch, ReadingRow, Store
+from vitalwire.store import AlertRow, AuditRow, Batch, ReadingRow, Store
 from vitalwire.wire import Event
 
 log = logging.getLogger("vitalwire.writer")
@@ -28,10 +28,12 @@ class _Unit:
     readings: list[ReadingRow]
     events: list[Event]
     on_durable: Callable[[], None] | None = None
+    alerts: list[AlertRow] = field(default_factory=list)
+    audit: list[AuditRow] = field(default_factory=list)
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rows = len(self.readings) + len(self.events)
+        self.rows = len(self.readings) + len(self.events) + len(self.alerts) + len(self.audit)
 
 
 class BatchWriter:
@@ -66,9 +68,12 @@ class BatchWriter:
         readings: list[ReadingRow],
         events: list[Event],
         on_durable: Callable[[], None] | None = None,
+        *,
+        alerts: list[AlertRow] | None = None,
+        audit: list[AuditRow] | None = None,
     ) -> None:
         """Queue rows for the next batch; ``on_durable`` runs after their commit."""
-        unit = _Unit(readings, events, on_durable)
+        unit = _Unit(readings, events, on_durable, alerts or [], audit or [])
         self._pending.append(unit)
         self._pending_rows += unit.rows
         self._idle.clear()
@@ -84,6 +89,20 @@ class BatchWriter:
         while self._pending_rows > max_pending_rows:
             self._committed.clear()
             await self._committed.wait()
+
+    async def commit(
+        self,
+        events: list[Event],
+        *,
+        alerts: list[AlertRow] | None = None,
+        audit: list[AuditRow] | None = None,
+    ) -> None:
+        """Submit and wait until durable (for requests whose reply must follow the commit)."""
+        done = asyncio.get_running_loop().create_future()
+        self.submit(
+            [], events, lambda: done.done() or done.set_result(None), alerts=alerts, audit=audit
+        )
+        await done
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is committed and published."""
@@ -134,6 +153,8 @@ class BatchWriter:
         for unit in units:
             batch.readings.extend(unit.readings)
             batch.events.extend(unit.events)
+            batch.alerts.extend(unit.alerts)
+            batch.audit.extend(unit.audit)
         delay = 0.05
         while True:
             try:

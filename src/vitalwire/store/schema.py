@@ -134,3 +134,14 @@ patient_settings = Table(
     Column("updated_at", Float, nullable=False),
     Column("updated_by", String(64), nullable=False),
 )
+
+# The live picture of each stream as of an offset, saved periodically and at shutdown, so a
+# restart rebuilds it from the snapshot plus the events after it (not from a fixed window).
+stream_snapshots = Table(
+    "stream_snapshots",
+    metadata,
+    Column("stream", String(80), primary_key=True),
+    Column("offset", BigInteger, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("saved_at", Float, nullable=False),
+)

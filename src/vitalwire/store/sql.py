@@ -202,6 +202,26 @@ class SqlStore:
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(q)]
 
+    async def save_snapshots(self, rows: list[tuple[str, int, str]], now: float) -> None:
+        if not rows:
+            return
+        dialect = sqlite if self.backend == "sqlite" else postgresql
+        stmt = dialect.insert(t.stream_snapshots)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["stream"],
+            set_={k: stmt.excluded[k] for k in ("offset", "state", "saved_at")},
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                stmt,
+                [{"stream": s, "offset": o, "state": j, "saved_at": now} for s, o, j in rows],
+            )
+
+    async def load_snapshots(self) -> dict[str, tuple[int, str]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(t.stream_snapshots))
+            return {r.stream: (int(r.offset), r.state) for r in rows}
+
     async def patient_settings(self) -> dict[str, dict[str, Any]]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(t.patient_settings))

@@ -1,4 +1,4 @@
-"""alerts, audit log, patient settings
+"""alerts, audit log, patient settings, stream snapshots
 
 Revision ID: 0002
 Revises: 0001
@@ -50,8 +50,15 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.Float, nullable=False),
         sa.Column("updated_by", sa.String(64), nullable=False),
     )
+    op.create_table(
+        "stream_snapshots",
+        sa.Column("stream", sa.String(80), primary_key=True),
+        sa.Column("offset", sa.BigInteger, nullable=False),
+        sa.Column("state", sa.Text, nullable=False),
+        sa.Column("saved_at", sa.Float, nullable=False),
+    )
 
 
 def downgrade() -> None:
-    for table in ("patient_settings", "audit", "alerts"):
+    for table in ("stream_snapshots", "patient_settings", "audit", "alerts"):
         op.drop_table(table)
