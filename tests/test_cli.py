@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import re
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,31 +104,55 @@ def _spawn(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
     )
 
 
-def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) -> re.Match[str]:
-    """Read the process's output line by line until ``pattern`` matches (or fail)."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    seen: list[str] = []
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not sel.select(timeout=max(0.0, end - time.monotonic())):
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m
-    raise AssertionError(f"{pattern!r} not printed; output was:\n{''.join(seen)}")
+class Output:
+    """Lines a child process prints, read by a thread so none is missed or blocks the test."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        assert proc.stdout is not None
+        stream = proc.stdout
+
+        def pump() -> None:
+            for line in stream:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def until(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"{pattern!r} not printed; output was:\n{''.join(self.seen)}")
+
+    def rest(self, timeout: float = 10) -> str:
+        out = []
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            out.append(line)
+        return "".join(out)
 
 
 def test_demo_serves_a_live_ward_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     proc = _spawn(["demo", "--port", "0", "--db", f"sqlite:///{tmp_path / 'demo.db'}"], tmp_path)
     try:
-        url = _read_until(proc, r"Health\s+(http://127\.0\.0\.1:\d+)/healthz").group(1)
-        _read_until(proc, r"clinician\s+clinician / vitalwire-clinician")
+        out = Output(proc)
+        url = out.until(r"Health\s+(http://127\.0\.0\.1:\d+)/healthz").group(1)
+        out.until(r"clinician\s+clinician / vitalwire-clinician")
 
         async def watch_ward() -> set[str]:
             async with MonitorClient(
@@ -161,8 +186,8 @@ def test_demo_serves_a_live_ward_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("demo did not stop within 30 s of Ctrl-C")
+    rest = out.rest()
     assert proc.stdout is not None
-    rest = proc.stdout.read()
     proc.stdout.close()
     assert code == 0, rest
     assert "vitalwire demo stopped" in rest

@@ -16,8 +16,10 @@ from fastapi import FastAPI, WebSocket
 
 from vitalwire import __version__
 from vitalwire.bus import Bus, open_bus
+from vitalwire.services.alerts import AlertService
 from vitalwire.services.auth import TokenService
 from vitalwire.services.clients import ClientSession
+from vitalwire.services.commands import CommandService
 from vitalwire.services.ingest import Ingest
 from vitalwire.services.registry import Registry
 from vitalwire.services.streams import Streams
@@ -34,6 +36,8 @@ log = logging.getLogger("vitalwire")
 
 #: How often each changed stream's live picture is saved (restart rebuilds from it).
 SNAPSHOT_EVERY_S = 30.0
+#: How long shutdown waits for the store before giving up (nothing unacked is lost: devices resend).
+STOP_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -49,6 +53,8 @@ class Services:
     registry: Registry
     ingest: Ingest
     tokens: TokenService
+    alerts: AlertService
+    commands: CommandService
     clients: set[ClientSession] = field(default_factory=set)
 
 
@@ -67,11 +73,14 @@ async def open_services(
     try:
         await streams.load()
         await bus.open(streams.on_events)
+        restarted_at = clock()
         secret = settings.jwt_secret or await store.get_meta("jwt_secret")
         if not secret:
             secret = secrets.token_urlsafe(48)
             await store.set_meta("jwt_secret", secret)
         registry = Registry(store, clock, streams, writer)
+        alerts = AlertService(store, streams, writer, clock)
+        await alerts.load()
         ingest = Ingest(
             store,
             streams,
@@ -82,7 +91,10 @@ async def open_services(
             max_frame_bytes=settings.max_frame_bytes,
             max_batch=settings.max_batch,
             max_silence_s=settings.device_max_silence_s,
+            alerts=alerts,
         )
+        ingest.expect_back(streams.online_devices(), restarted_at)
+        commands = CommandService(store, streams, writer, ingest, clock)
         svc = Services(
             settings,
             clock,
@@ -93,10 +105,15 @@ async def open_services(
             registry,
             ingest,
             TokenService(secret, settings.token_ttl_s),
+            alerts,
+            commands,
         )
         writer.start()
+        await commands.load()
         chores = [
             asyncio.create_task(_every(1.0, lambda: _check_silence(svc)), name="silence"),
+            asyncio.create_task(_every(1.0, lambda: _tick_alerts(svc)), name="alerts"),
+            asyncio.create_task(_every(0.5, lambda: _tick_commands(svc)), name="commands"),
             asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
             asyncio.create_task(
                 _every(SNAPSHOT_EVERY_S, lambda: streams.save_snapshots(clock()), delay_first=True),
@@ -109,8 +126,11 @@ async def open_services(
             for chore in chores:
                 chore.cancel()
             await asyncio.gather(*chores, return_exceptions=True)
-            await writer.stop()
-            await streams.save_snapshots(clock())
+            try:
+                await asyncio.wait_for(writer.stop(), STOP_TIMEOUT_S)
+                await asyncio.wait_for(streams.save_snapshots(clock()), STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.error("shutdown: the store did not answer; uncommitted rows were not acked")
     finally:
         await bus.close()
         await store.close()
@@ -162,6 +182,14 @@ async def _check_silence(svc: Services) -> None:
     svc.ingest.check_silence()
 
 
+async def _tick_alerts(svc: Services) -> None:
+    svc.alerts.tick()
+
+
+async def _tick_commands(svc: Services) -> None:
+    svc.commands.tick()
+
+
 async def prune(svc: Services) -> int:
     """Delete stream events older than the retention period."""
     cutoff = svc.clock() - svc.settings.retention_days * 86400
@@ -172,7 +200,10 @@ async def drain(svc: Services, timeout: float = 10.0) -> None:
     """Graceful shutdown: take no more readings, commit what was taken (so its acks go out),
     then close every socket with going-away (1001). Idempotent."""
     svc.ingest.stopping = True
-    await svc.writer.flush()
+    try:
+        await asyncio.wait_for(svc.writer.flush(), timeout)
+    except TimeoutError:  # the store is down: nothing pending was acked, devices will resend
+        log.error("shutdown: %d rows could not be committed", svc.writer.pending_rows)
     for session in list(svc.ingest.sessions.values()):
         session.close(Close.GOING_AWAY, "server shutting down")
     for client in list(svc.clients):

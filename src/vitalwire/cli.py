@@ -222,6 +222,173 @@ def watch(
         asyncio.run(run_watch(url, user, password, ids, once=once, console=console))
 
 
+# -- clinical requests through a running server (the client WebSocket) -------------------------
+
+UrlOpt = Annotated[str, typer.Option(help="Server base URL.")]
+UserOpt = Annotated[str, typer.Option("--user", help="Username.")]
+PasswordOpt = Annotated[
+    str, typer.Option("--password", help="Password.", envvar="VITALWIRE_PASSWORD")
+]
+limits_app = typer.Typer(help="Show or override a patient's alarm limits.", no_args_is_help=True)
+app.add_typer(limits_app, name="limits")
+
+
+def _request(url: str, user: str, password: str, msg: Any) -> Any:
+    from vitalwire import wire
+    from vitalwire.sdk import MonitorClient
+
+    async def main() -> Any:
+        async with MonitorClient(url, username=user, password=password, reconnect=False) as mon:
+            return await mon.request(msg)
+
+    try:
+        reply = asyncio.run(main())
+    except PermissionError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if isinstance(reply, wire.Error):
+        console.print(f"[red]error:[/red] {reply.message} ({reply.code})")
+        raise typer.Exit(1)
+    return reply.data
+
+
+def _parse_assignments(items: list[str]) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        metric, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise typer.BadParameter(f"expected METRIC.FIELD=VALUE, got {item!r}")
+        try:
+            number = None if value == "default" else float(value)
+        except ValueError:
+            raise typer.BadParameter(
+                f"{key} must be a number or 'default', got {value!r}"
+            ) from None
+        out.setdefault(metric, {})[field] = number
+    return out
+
+
+@limits_app.command("show")
+def limits_show(
+    patient_id: str,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    user: UserOpt = "clinician",
+    password: PasswordOpt = "vitalwire-clinician",
+) -> None:
+    """Print the limits in force for a patient (defaults with overrides applied)."""
+    from vitalwire import wire
+
+    data = _request(url, user, password, wire.GetLimits(patient_id=patient_id))
+    console.print(json.dumps(data["limits"], indent=2))
+
+
+@limits_app.command("set")
+def limits_set(
+    patient_id: str,
+    assignments: Annotated[list[str], typer.Argument(help="METRIC.FIELD=VALUE, e.g. spo2.low=88")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    user: UserOpt = "clinician",
+    password: PasswordOpt = "vitalwire-clinician",
+) -> None:
+    """Override limits (``default`` restores a field); the change is audited."""
+    from vitalwire import wire
+
+    msg = wire.SetLimits(patient_id=patient_id, limits=_parse_assignments(assignments))
+    data = _request(url, user, password, msg)
+    console.print(json.dumps(data["limits"], indent=2))
+
+
+@app.command()
+def observe(
+    patient_id: str,
+    on_oxygen: Annotated[
+        bool | None, typer.Option("--on-oxygen/--on-air", help="Supplemental oxygen.")
+    ] = None,
+    consciousness: Annotated[
+        str | None, typer.Option(help="alert, confusion, voice, pain or unresponsive.")
+    ] = None,
+    scale: Annotated[int | None, typer.Option(help="NEWS2 SpO2 scale: 1 or 2.")] = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    user: UserOpt = "clinician",
+    password: PasswordOpt = "vitalwire-clinician",
+) -> None:
+    """Record NEWS2 observations no device measures (oxygen, consciousness, SpO2 scale)."""
+    from vitalwire import wire
+
+    msg = wire.SetObservations(
+        patient_id=patient_id, on_oxygen=on_oxygen, consciousness=consciousness, scale=scale
+    )
+    console.print(json.dumps(_request(url, user, password, msg)["observations"]))
+
+
+@app.command()
+def command(
+    patient_id: str,
+    name: Annotated[
+        str,
+        typer.Argument(help="reset, report_now, set_interval, request_data, identify or silence."),
+    ],
+    args: Annotated[list[str] | None, typer.Argument(help="NAME=VALUE arguments.")] = None,
+    device: Annotated[str | None, typer.Option(help="Device, if the patient has several.")] = None,
+    ttl: Annotated[float | None, typer.Option(help="Seconds to wait for delivery.")] = None,
+    key: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    user: UserOpt = "clinician",
+    password: PasswordOpt = "vitalwire-clinician",
+) -> None:
+    """Send a command to a patient's device and follow it until it finishes."""
+    from vitalwire import wire
+    from vitalwire.core.commands import TERMINAL
+    from vitalwire.sdk import MonitorClient
+
+    parsed: dict[str, Any] = {}
+    for item in args or []:
+        k, _, v = item.partition("=")
+        try:
+            parsed[k] = float(v)
+        except ValueError:
+            parsed[k] = v
+    msg = wire.SendCommand(
+        patient_id=patient_id,
+        name=name,
+        args=parsed,
+        device_id=device,
+        ttl_s=ttl,
+        idempotency_key=key,
+    )
+
+    async def main() -> int:
+        async with MonitorClient(url, username=user, password=password, reconnect=False) as mon:
+            reply = await mon.request(msg)
+            if isinstance(reply, wire.Error):
+                console.print(f"[red]error:[/red] {reply.message} ({reply.code})")
+                return 1
+            cmd = reply.data["command"]
+            console.print(f"{cmd['command_id']} {cmd['status']}")
+            status = cmd["status"]
+            while status not in TERMINAL:
+                e = await mon.next_event(timeout=cmd.get("timeout_s", 600) + 600)
+                if e.kind == "command" and e.data["command_id"] == cmd["command_id"]:
+                    status = e.data["status"]
+                    extra = e.data.get("message") or e.data.get("result") or ""
+                    console.print(f"{cmd['command_id']} {status} {extra}")
+            return 0 if status == "completed" else 2
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+@app.command("alarms-report")
+def alarms_report(
+    folder: Annotated[Path, typer.Argument(help="Folder of BIDMC *_Numerics.csv recordings.")],
+) -> None:
+    """Replay recordings through the alert engine: alerts raised with the default delays versus a
+    naive alarm-on-every-reading rule (a Markdown table)."""
+    from vitalwire.alarms_report import render_markdown, report
+
+    console.print(render_markdown(report(folder)), markup=False, highlight=False)
+
+
 # -- admin ------------------------------------------------------------------------------------
 
 
@@ -309,6 +476,24 @@ def list_patients(db: DbOpt = None) -> None:
     rows = _run_admin(db, lambda _r, store: store.list_patients())
     for p in rows:
         console.print(f"{p['id']:<10} {p['ward']:<10} {p['name']:<24} {','.join(p['devices'])}")
+
+
+@admin_app.command("audit")
+def audit(
+    limit: Annotated[int, typer.Option(help="Most recent entries.")] = 50,
+    patient: Annotated[str | None, typer.Option(help="Only this patient.")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Print the audit log (newest first)."""
+    rows = _run_admin(db, lambda _r, store: store.audit_log(limit, patient))
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["at"]))
+        console.print(
+            f"{when}Z {r['actor']:<12} {r['action']:<16} {r['patient_id'] or '-':<8} "
+            f"{r['origin'] or '-':<22} {r['detail']}",
+            markup=False,
+            highlight=False,
+        )
 
 
 @admin_app.command("provision-ward")

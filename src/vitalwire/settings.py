@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     #: set of metrics); alert, command and status events are never coalesced.
     client_queue_soft: int = Field(1000, ge=1)
     #: Live events queued for one client before it is closed as a slow consumer (4008).
-    client_queue_max: int = Field(5000, ge=10)
+    client_queue_max: int = Field(5000, ge=2)
     #: A device sending no reading for 1.5 x this (or its hello's max_silence_s) is marked offline.
     device_max_silence_s: float = Field(30.0, ge=1, le=3600)
     #: Stream events older than this are deleted; a resume from before them gets recovered: false.
@@ -63,4 +63,10 @@ class Settings(BaseSettings):
             )
         if self.client_queue_soft > self.client_queue_max:
             raise ValueError("client_queue_soft must not exceed client_queue_max")
+        if self.client_queue_max < 2 * max(self.batch_max_rows, self.max_batch):
+            raise ValueError(
+                f"client_queue_max ({self.client_queue_max}) must be at least twice the largest "
+                f"batch ({max(self.batch_max_rows, self.max_batch)}): one commit can push a whole "
+                "batch to a client at once"
+            )
         return self

@@ -12,6 +12,11 @@ every value is kept inside the physical bounds of :mod:`vitalwire.core.metrics`.
 (a scheduler that does not drift); :func:`run_ward` runs many at once; :func:`replay_file` streams a
 recorded BIDMC numerics file through a device.
 
+Commands: a simulated device answers every command of the catalogue (see :func:`run_device`):
+``reset`` reconnects, ``report_now`` sends at once, ``set_interval`` changes the tick period,
+``request_data`` streams a synthetic pleth waveform (:func:`pleth_shape`) or a burst of readings,
+``identify`` and ``silence`` (at most 120 s) are recorded in a :class:`SimState`.
+
 Recorded vitals: :func:`read_bidmc` parses the 1 Hz numerics files of the BIDMC PPG and Respiration
 Dataset v1.0.0 (PhysioNet), used under the Open Data Commons Attribution License v1.0 (ODC-By 1.0).
 Cite: Pimentel MAF, Johnson AEW, Charlton PH, Birrenkott D, Watkinson PJ, Tarassenko L, Clifton DA.
@@ -26,13 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import math
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from vitalwire import wire
+from vitalwire.core.commands import CATALOGUE
 from vitalwire.core.metrics import METRIC_BY_NAME
 from vitalwire.sdk import DeviceClient, ReportByException
 
@@ -394,6 +403,248 @@ async def _sleep_until(deadline: float, stop: asyncio.Event | None) -> None:
         pass
 
 
+async def _pause_until(deadline: float, wake: asyncio.Event) -> bool:
+    """Sleep until loop time ``deadline``; return True when ``wake`` cut it short (and clear it)."""
+    if not wake.is_set():
+        delay = deadline - asyncio.get_running_loop().time()
+        if delay <= 0:
+            await asyncio.sleep(0)  # always yield, even when late
+            return False
+        try:
+            async with asyncio.timeout(delay):
+                await wake.wait()
+        except TimeoutError:
+            return False
+    else:
+        await asyncio.sleep(0)
+    wake.clear()
+    return True
+
+
+# -- the pleth (PPG) waveform ----------------------------------------------------------------------
+
+
+def _beat(phase: float, centre: float, rise: float, fall: float) -> float:
+    """A skewed Gaussian pulse at ``centre`` of a beat (``rise``/``fall``: widths before/after)."""
+    d = (phase - centre + 0.5) % 1.0 - 0.5  # distance on the circle of one beat
+    width = rise if d < 0 else fall
+    return math.exp(-0.5 * (d / width) ** 2)
+
+
+def _pleth_raw(phase: float) -> float:
+    # Systolic wave: a steep upstroke and a slower fall; the diastolic (reflected) wave after it
+    # leaves the dicrotic notch between the two.
+    return _beat(phase, 0.17, 0.045, 0.07) + 0.45 * _beat(phase, 0.42, 0.08, 0.12)
+
+
+_PLETH_MAX = max(_pleth_raw(i / 2000) for i in range(2000))
+
+
+def pleth_shape(phase: float) -> float:
+    """One beat of a photoplethysmogram at ``phase`` (0..1, the foot of the beat at 0), in [0, 1].
+
+    A steep systolic upstroke to the peak (phase ~0.17), a slower fall to the dicrotic notch
+    (~0.33), the smaller diastolic wave (~0.42) and a decay back to the foot.
+    """
+    return min(1.0, max(0.0, _pleth_raw(phase % 1.0) / _PLETH_MAX))
+
+
+def pleth_wave(t: float, pulse_bpm: float) -> float:
+    """A noiseless pleth (PPG) waveform at time ``t`` (s) for a steady pulse rate, in [0, 1].
+
+    Periodic with period ``60 / pulse_bpm``; a beat starts (its foot) at ``t = 0``.
+    """
+    return pleth_shape(t * pulse_bpm / 60.0)
+
+
+# -- devices --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimState:
+    """What a simulated device's commands change; pass one to :func:`run_device` to watch it.
+
+    Times are device time (the ``clock`` of :func:`run_device`, epoch seconds).
+    """
+
+    #: The reading period (s); ``set_interval`` changes it, ``reset`` restores the start value.
+    interval_s: float = 1.0
+    #: Until when the device's alarm audio is paused (``silence``, at most 120 s), or None.
+    silenced_until: float | None = None
+    #: Until when the device blinks and beeps (``identify``), or None.
+    identify_until: float | None = None
+    #: How many times ``reset`` restarted the measurement.
+    resets: int = 0
+    #: The last measurement taken (periodic, ``report_now`` or a burst).
+    last_values: dict[str, float | bool] = field(default_factory=dict)
+    #: Every command handled: (name, command id), in order of arrival.
+    commands: list[tuple[str, str]] = field(default_factory=list)
+    #: Set when the reading period changed (the scheduler re-plans its next tick).
+    wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _initial_interval_s: float | None = field(default=None, repr=False)
+
+
+#: Longest remote silence (s): IEC 60601-1-8 audio paused is time-limited; never switch it off.
+MAX_SILENCE_S = 120.0
+#: A pleth stream is sent in chunks of this many seconds.
+PLETH_CHUNK_S = 0.25
+#: The highest rate (Hz) of a ``request_data`` burst of readings.
+MAX_BURST_HZ = 50.0
+
+
+def _number(cmd: wire.Command, name: str, *, clamp: bool = False) -> float:
+    """Argument ``name`` of ``cmd`` (its catalogue default if absent), checked against the
+    catalogue's bounds: out of bounds is an error, or clamped into them with ``clamp``."""
+    spec = {a.name: a for a in CATALOGUE[cmd.name].args}[name]
+    value = cmd.args.get(name, spec.default)
+    if value is None:
+        raise ValueError(f"{name} is required")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r:.40}")
+    value = float(value)
+    low = -math.inf if spec.low is None else spec.low
+    high = math.inf if spec.high is None else spec.high
+    if clamp:
+        return _clamp(value, low, high)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+    return value
+
+
+class _Commands:
+    """The simulated device's answers to every command of the catalogue."""
+
+    def __init__(
+        self,
+        client: DeviceClient,
+        model: PatientModel,
+        state: SimState,
+        clock: Callable[[], float],
+        seed: int,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.state = state
+        self.clock = clock
+        self.noise = random.Random(f"pleth-{seed}")  # not the model's rng: readings stay the same
+
+    def register(self) -> None:
+        for name, handler in (
+            ("reset", self.reset),
+            ("report_now", self.report_now),
+            ("set_interval", self.set_interval),
+            ("request_data", self.request_data),
+            ("identify", self.identify),
+            ("silence", self.silence),
+        ):
+            self.client.on_command(name, handler)
+
+    def _seen(self, cmd: wire.Command) -> None:
+        self.state.commands.append((cmd.name, cmd.command_id))
+
+    def _measure(self, *, force: bool) -> int:
+        ts = self.clock()
+        values = self.model.sample(ts)
+        self.state.last_values = values
+        return self.client.send(values, ts=ts, force=force)
+
+    async def reset(self, cmd: wire.Command) -> dict[str, Any]:
+        """Soft restart: the measurement settings go back to their start values (reading period,
+        no silence, no identify) and running ``request_data`` windows stop; then the device
+        answers and reconnects. The patient and the seq numbering go on."""
+        self._seen(cmd)
+        st = self.state
+        st.resets += 1
+        if st._initial_interval_s is not None:
+            st.interval_s = st._initial_interval_s
+        st.silenced_until = None
+        st.identify_until = None
+        st.wake.set()
+        await self.client.reconnect_now()  # waits until "completed" is written
+        return {"reset": True, "interval_s": st.interval_s}
+
+    async def report_now(self, cmd: wire.Command) -> dict[str, Any]:
+        self._seen(cmd)
+        return {"seq": self._measure(force=True)}
+
+    async def set_interval(self, cmd: wire.Command) -> dict[str, Any]:
+        self._seen(cmd)
+        interval = _number(cmd, "interval_s")
+        self.state.interval_s = interval
+        self.state.wake.set()  # the scheduler re-plans its next tick with the new period
+        return {"interval_s": interval}
+
+    async def identify(self, cmd: wire.Command) -> dict[str, Any]:
+        self._seen(cmd)
+        until = self.clock() + _number(cmd, "duration_s")
+        self.state.identify_until = until
+        return {"until": until}
+
+    async def silence(self, cmd: wire.Command) -> dict[str, Any]:
+        self._seen(cmd)
+        duration = min(_number(cmd, "duration_s", clamp=True), MAX_SILENCE_S)
+        until = self.clock() + duration
+        self.state.silenced_until = until
+        return {"until": until, "duration_s": duration}
+
+    async def request_data(self, cmd: wire.Command) -> dict[str, Any]:
+        self._seen(cmd)
+        kind = cmd.args.get("kind", "pleth")
+        duration = _number(cmd, "duration_s")
+        rate = _number(cmd, "rate_hz")
+        if kind == "pleth":
+            return await self._pleth(cmd, duration, rate)
+        if kind == "burst":
+            return await self._burst(duration, rate)
+        raise ValueError(f"kind must be pleth or burst, got {kind!r:.40}")
+
+    def _interrupted(self, resets: int) -> None:
+        if self.state.resets != resets:
+            raise RuntimeError("interrupted by reset")
+
+    async def _pleth(self, cmd: wire.Command, duration: float, rate: float) -> dict[str, Any]:
+        """Stream a synthetic PPG at ``rate`` Hz for ``duration`` s, in chunks of 0.25 s, each
+        sent once its samples are "acquired"; the beat follows the model's current pulse."""
+        loop = asyncio.get_running_loop()
+        total = max(1, round(duration * rate))
+        t0, start, resets = self.clock(), loop.time(), self.state.resets
+        phase, done, sent, chunk = 0.0, 0, 0, 0
+        while done < total:
+            chunk += 1
+            end = min(total, round(chunk * PLETH_CHUNK_S * rate))
+            if end <= done:
+                continue
+            await asyncio.sleep(max(0.0, start + end / rate - loop.time()))
+            self._interrupted(resets)
+            last = self.state.last_values
+            probe = bool(last.get("probe", True))
+            bpm = float(last.get("pulse", last.get("hr", self.model.base_hr)))
+            samples: list[float] = []
+            for _ in range(done, end):
+                signal = pleth_shape(phase) if probe else 0.02  # probe off: no pulsatile signal
+                samples.append(round(_clamp(signal + self.noise.gauss(0.0, 0.01), 0.0, 1.0), 4))
+                phase = (phase + bpm / 60.0 / rate) % 1.0
+            if await self.client.send_waveform(
+                samples, rate, t0 + done / rate, kind="pleth", command_id=cmd.command_id
+            ):
+                sent += len(samples)
+            done = end
+        return {"samples": sent, "rate_hz": rate, "duration_s": duration}
+
+    async def _burst(self, duration: float, rate: float) -> dict[str, Any]:
+        """Readings at ``rate`` Hz (at most :data:`MAX_BURST_HZ`) for ``duration`` s, besides the
+        periodic ones."""
+        loop = asyncio.get_running_loop()
+        rate = min(rate, MAX_BURST_HZ)
+        count = max(1, round(duration * rate))
+        start, resets = loop.time(), self.state.resets
+        for i in range(count):
+            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+            self._interrupted(resets)
+            self._measure(force=True)
+        return {"readings": count, "rate_hz": rate}
+
+
 async def run_device(
     url: str,
     device: SimDevice,
@@ -405,24 +656,43 @@ async def run_device(
     stop: asyncio.Event | None = None,
     report: ReportByException | None = None,
     clock: Callable[[], float] = time.time,
+    state: SimState | None = None,
 ) -> DeviceClient:
     """Run one simulated device: sample a :class:`PatientModel` at ``rate_hz`` and send it.
 
-    Ticks are scheduled on the event loop's monotonic clock (``next_tick += period``), so the rate
-    does not drift; a tick missed by more than a period is skipped rather than bunched up. Under
-    ``disconnect`` the connection is aborted whenever :meth:`PatientModel.wants_disconnect` turns
-    True; the SDK reconnects and resends what was not acknowledged, and measuring goes on.
+    Ticks are scheduled on the event loop's monotonic clock (``next tick = start + n * period``),
+    so the rate does not drift; a tick missed by more than a period is skipped rather than bunched
+    up. Under ``disconnect`` the connection is aborted whenever
+    :meth:`PatientModel.wants_disconnect` turns True; the SDK reconnects and resends what was not
+    acknowledged, and measuring goes on.
+
+    The device answers every command of :data:`vitalwire.core.commands.CATALOGUE`:
+
+    - ``reset``: answers ``{"reset": true}``, then drops its connection and reconnects; the
+      reading period goes back to ``1 / rate_hz``, silence and identify end, running
+      ``request_data`` windows stop (``failed``: interrupted). The patient and the seq go on.
+    - ``report_now``: a reading now, outside the schedule (even under report by exception):
+      ``{"seq": n}``.
+    - ``set_interval``: the period from the next tick on: one new period after the last tick (at
+      once if that is already past), then every period: ``{"interval_s": x}``.
+    - ``request_data``: ``pleth`` streams a synthetic PPG (:func:`pleth_shape` at the current
+      pulse, plus noise) at ``rate_hz`` in 0.25 s ``waveform`` chunks, then ``{"samples": n}``;
+      ``burst`` sends extra readings at ``rate_hz`` (at most 50 Hz), then ``{"readings": n}``.
+      Both run beside the periodic readings.
+    - ``identify``: ``{"until": ts}``; ``silence``: ``{"until": ts}``, never more than 120 s.
 
     Args:
         url: the server's base URL (``http://host:port``) or device WebSocket URL.
         device: the provisioned device to act as.
-        rate_hz: measurements per second.
+        rate_hz: measurements per second (until a ``set_interval``).
         scenario: one of :data:`SCENARIOS`.
         duration_s: stop after this long (``None``: until ``stop`` is set).
         seed: seed of the patient model.
         stop: set it to stop the device.
         report: report-by-exception policy passed to the :class:`DeviceClient`.
         clock: device clock for reading timestamps (epoch seconds).
+        state: the device's command state (:class:`SimState`), to watch it from outside; its
+            ``interval_s`` is set to ``1 / rate_hz`` at the start.
 
     Returns:
         The closed client (``seq``, ``acked``, ``dropped``, ``skipped``, ``connections``...).
@@ -433,34 +703,63 @@ async def run_device(
     _check_scenario(scenario)
     if not rate_hz > 0 or math.isinf(rate_hz):
         raise ValueError(f"rate_hz must be a positive number, got {rate_hz}")
+    state = SimState() if state is None else state
+    state.interval_s = state._initial_interval_s = 1.0 / rate_hz
     model = PatientModel(scenario, rng=random.Random(seed), start_ts=clock())
     client = DeviceClient(url, device.device_id, device.secret, report=report, clock=clock)
-    period = 1.0 / rate_hz
+    if hasattr(client, "on_command"):  # stand-ins for DeviceClient in tests may have no commands
+        _Commands(client, model, state, clock, seed).register()
+    wake = state.wake
+    wake.clear()
     loop = asyncio.get_running_loop()
+
+    async def forward_stop(stop: asyncio.Event) -> None:
+        await stop.wait()
+        wake.set()
+
+    stopper = None if stop is None else asyncio.create_task(forward_stop(stop))
     await client.start(wait=False)
     try:
-        start = loop.time()
-        ticks = math.inf if duration_s is None else math.ceil(duration_s * rate_hz - 1e-9)
-        tick = 0
+        # The next tick is at seg_start + n * period. A new period (set_interval, reset) starts a
+        # new segment at the last tick, or now when that is already more than a period ago.
+        origin = seg_start = loop.time()
+        period = state.interval_s
+        n = 0
         down = False
-        while tick < ticks and not (stop is not None and stop.is_set()):
+        while not (stop is not None and stop.is_set()):
+            if state.interval_s != period:
+                last = seg_start + (n - 1) * period
+                period = state.interval_s
+                if n > 0:
+                    now = loop.time()
+                    seg_start, n = (last, 1) if last + period > now else (now, 0)
+            if n > 0:
+                behind = loop.time() - (seg_start + n * period)
+                if behind > period:  # the loop stalled: skip the missed ticks, do not bunch them
+                    n += math.floor(behind / period)
+            planned = (seg_start - origin) + n * period  # since the start, for duration_s
+            if duration_s is not None and planned >= duration_s - 1e-9 * period:
+                break
+            if n > 0 and await _pause_until(seg_start + n * period, wake):
+                continue  # woken early: stopped, or the period changed
             ts = clock()
-            client.send(model.sample(ts), ts=ts)
+            values = model.sample(ts)
+            state.last_values = values
+            client.send(values, ts=ts)
             wants = model.wants_disconnect(ts)
             if wants and not down:
                 await client.drop_connection()
             down = wants
-            tick += 1  # next tick = start + tick * period: no drift
-            behind = loop.time() - (start + tick * period)
-            if behind > period:  # the loop stalled: skip the missed ticks, do not bunch them up
-                tick += math.floor(behind / period)
-            if tick < ticks:
-                await _sleep_until(start + tick * period, stop)
+            n += 1
         try:
             await client.flush(timeout=10)
         except TimeoutError:
             pass
     finally:
+        if stopper is not None:
+            stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
         await client.close()
     return client
 
@@ -582,10 +881,14 @@ async def replay_file(
 
 __all__ = [
     "BIDMC_HEADER",
+    "MAX_SILENCE_S",
     "MIXED_ABNORMAL",
     "SCENARIOS",
     "PatientModel",
     "SimDevice",
+    "SimState",
+    "pleth_shape",
+    "pleth_wave",
     "read_bidmc",
     "replay_file",
     "run_device",

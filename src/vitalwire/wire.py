@@ -104,7 +104,27 @@ class Pong(msgspec.Struct, tag="pong", **_opts):
     ts: float | None = None
 
 
-DeviceMessage = Hello | Reading | Readings | Ping | Pong
+class CommandResult(msgspec.Struct, tag="command_result", **_opts):
+    """A device's answer to a command: ``acknowledged`` (working on it), then ``completed`` or
+    ``failed`` (with a ``message``); ``data`` carries any result."""
+
+    command_id: str
+    status: str
+    message: str | None = None
+    data: dict[str, Any] | None = None
+
+
+class Waveform(msgspec.Struct, tag="waveform", **_opts):
+    """A chunk of samples at ``rate_hz`` starting at device time ``ts`` (for ``request_data``)."""
+
+    ts: float
+    rate_hz: float
+    samples: list[float]
+    kind: str = "pleth"
+    command_id: str | None = None
+
+
+DeviceMessage = Hello | Reading | Readings | CommandResult | Waveform | Ping | Pong
 
 
 class Welcome(msgspec.Struct, tag="welcome", tag_field="type", forbid_unknown_fields=True):
@@ -119,6 +139,15 @@ class Welcome(msgspec.Struct, tag="welcome", tag_field="type", forbid_unknown_fi
     max_frame_bytes: int = 65536
     max_batch: int = 500
     protocol: int = PROTOCOL_VERSION
+
+
+class Command(msgspec.Struct, tag="command", **_opts):
+    """Server -> device: run a command and answer with ``command_result``."""
+
+    command_id: str
+    name: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    timeout_s: float | None = None
 
 
 class Ack(msgspec.Struct, tag="ack", **_opts):
@@ -184,6 +213,19 @@ class SetObservations(msgspec.Struct, tag="set_observations", **_opts):
     id: int | None = None
 
 
+class SendCommand(msgspec.Struct, tag="command", **_opts):
+    """Client -> server: command a patient's device (``device_id`` when it has several)."""
+
+    patient_id: str
+    name: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    device_id: str | None = None
+    idempotency_key: str | None = None
+    ttl_s: float | None = None
+    timeout_s: float | None = None
+    id: int | None = None
+
+
 ClientMessage = (
     Auth
     | Subscribe
@@ -192,6 +234,7 @@ ClientMessage = (
     | SetLimits
     | GetLimits
     | SetObservations
+    | SendCommand
     | Ping
     | Pong
 )
@@ -227,7 +270,7 @@ class EventFrame(msgspec.Struct, tag="event", tag_field="type"):
 
 
 ServerToClient = Result | Subscribed | EventFrame | Error | Ping | Pong
-ServerToDevice = Welcome | Ack | Error | Ping | Pong
+ServerToDevice = Welcome | Ack | Command | Error | Ping | Pong
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,10 +333,10 @@ _server_to_device = msgspec.json.Decoder(ServerToDevice)
 _PATH_RE = re.compile(r" - at `\$(?:\.([A-Za-z_][\w]*))?((?:\[\d+\]|\.\w+)*)`$")
 _NAMED_RE = re.compile(r"(?:unknown|required) field `(\w+)`")
 _TYPE_HINT = {
-    DeviceMessage: "hello, reading, readings, ping, pong",
+    DeviceMessage: "hello, reading, readings, command_result, waveform, ping, pong",
     ClientMessage: (
         "auth, subscribe, unsubscribe, ack_alert, set_limits, get_limits, set_observations, "
-        "ping, pong"
+        "command, ping, pong"
     ),
 }
 

@@ -14,7 +14,7 @@
     │   └── Conflict              the request clashes with existing state
     └── ServerError               our fault; never shown to the peer in detail
 
-``vitalwire.transports.errors`` maps each class to its wire code, HTTP status and close code.
+``vitalwire.transports.errors`` maps each class to its wire code and HTTP status.
 """
 
 from __future__ import annotations

@@ -18,8 +18,12 @@ BINDING: Final = "binding"
 ALERT: Final = "alert"  # an alert change: raised, acknowledged, escalated, resolved, ...
 NEWS2: Final = "news2"  # the patient's NEWS2 risk band changed
 SETTINGS: Final = "settings"  # limits or NEWS2 observations changed by a clinician
+COMMAND: Final = "command"  # a command's status changed: queued, sent, ..., completed
+WAVEFORM: Final = "waveform"  # a chunk of waveform samples (request_data)
 
-KINDS: Final = frozenset({READING, DEVICE_STATUS, BINDING, ALERT, NEWS2, SETTINGS})
+KINDS: Final = frozenset(
+    {READING, DEVICE_STATUS, BINDING, ALERT, NEWS2, SETTINGS, COMMAND, WAVEFORM}
+)
 
 ALERTS_STREAM: Final = "alerts"
 PATIENT_PREFIX: Final = "patient:"

@@ -14,17 +14,33 @@ unsent readings after it, so they are not mistaken for duplicates.
 Report by exception (push on change): with a :class:`ReportByException` policy, a measurement is
 sent only when a metric moved past its deadband since the last one sent, or when ``max_silence_s``
 has passed, so a stable patient costs little bandwidth and silence never looks like a dead device.
+
+Commands (server -> device): register a handler per command name with
+:meth:`DeviceClient.on_command` or the :meth:`DeviceClient.command` decorator; a handler takes the
+:class:`~vitalwire.wire.Command` and returns a dict (the result's ``data``) or ``None``, sync or
+async. When a ``command`` arrives the client answers ``acknowledged`` at once and runs the handler
+in its own task (the receive loop never waits for it), then answers ``completed`` with the returned
+data, or ``failed`` with the exception's message; a name without a handler is ``failed`` with
+"not supported: <name>". A final answer that cannot be sent because the connection dropped is kept
+(a small bounded queue) and sent right after the next ``welcome``. The last 1000 command ids are
+remembered: the same id again (the server may resend an idempotent command after a restart) never
+runs the handler twice: it gets the stored final answer, or ``acknowledged`` while the handler
+still runs. :meth:`DeviceClient.send_waveform` streams samples (best effort, not buffered) and
+:meth:`DeviceClient.reconnect_now` drops the connection and reconnects at once; called from a
+handler (``reset``), it waits until that command's final answer has been written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import inspect
 import logging
 import random
 import sqlite3
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +52,19 @@ from websockets.asyncio.client import ClientConnection, connect
 from vitalwire import wire
 
 log = logging.getLogger("vitalwire.sdk.device")
+
+#: A command handler: takes the command, returns the result's ``data`` (or ``None``); may be async.
+CommandHandler = Callable[[wire.Command], Awaitable[dict[str, Any] | None] | dict[str, Any] | None]
+
+#: Command ids remembered so a resent command does not run twice.
+REMEMBERED_COMMANDS = 1000
+#: Final command results kept while disconnected, sent after the next welcome.
+PENDING_RESULTS = 256
+
+#: The (client, command id) whose handler is running in this task, for :meth:`reconnect_now`.
+_HANDLING: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar(
+    "vitalwire_handling_command", default=None
+)
 
 #: Default deadbands for report by exception (units of each metric).
 DEFAULT_DEADBANDS: dict[str, float] = {
@@ -120,6 +149,13 @@ class DeviceClient:
         self.close_codes: list[int | None] = []  # close code of each connection that ended
         self.on_error: Callable[[wire.Error], None] | None = None
         self.on_message: Callable[[Any], Awaitable[None] | None] | None = None
+        self.results_dropped = 0  # final command results lost: the pending queue overflowed
+        self._handlers: dict[str, CommandHandler] = {}
+        self._handled: OrderedDict[str, wire.CommandResult | None] = OrderedDict()
+        self._command_tasks: dict[str, asyncio.Task[None]] = {}
+        self._pending_results: deque[wire.CommandResult] = deque()
+        self._drop_after: set[str] = set()
+        self._reconnect_fast = False
         self._buffer: deque[wire.ReadingBody] = deque()
         self._sent_upto = 0
         self._new = asyncio.Event()
@@ -202,6 +238,12 @@ class DeviceClient:
 
     async def close(self) -> None:
         self._closing = True
+        tasks = list(self._command_tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
@@ -219,14 +261,167 @@ class DeviceClient:
         if ws is not None:
             ws.transport.abort()
 
+    async def reconnect_now(self) -> None:
+        """Close the connection cleanly and reconnect at once (no backoff), e.g. for ``reset``.
+
+        Called from a command handler, the close waits until that command's final result has been
+        written, so the server gets ``completed`` before the connection ends.
+        """
+        handling = _HANDLING.get()
+        if handling is not None and handling[0] is self and handling[1] in self._command_tasks:
+            self._drop_after.add(handling[1])
+            return
+        ws = self._ws
+        if ws is not None:
+            await self._close_for_reconnect(ws)
+
+    async def _close_for_reconnect(self, ws: ClientConnection) -> None:
+        if ws is not self._ws:
+            return  # that connection is gone already
+        self._reconnect_fast = True
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def on_command(self, name: str, handler: CommandHandler) -> None:
+        """Handle the command ``name`` with ``handler`` (replacing any earlier one)."""
+        self._handlers[name] = handler
+
+    def command(self, name: str) -> Callable[[CommandHandler], CommandHandler]:
+        """Decorator form of :meth:`on_command`: ``@client.command("reset")``."""
+
+        def register(handler: CommandHandler) -> CommandHandler:
+            self.on_command(name, handler)
+            return handler
+
+        return register
+
+    @property
+    def commands_running(self) -> int:
+        return len(self._command_tasks)
+
+    async def send_waveform(
+        self,
+        samples: list[float],
+        rate_hz: float,
+        ts: float,
+        kind: str = "pleth",
+        command_id: str | None = None,
+    ) -> bool:
+        """Send a chunk of waveform samples now; return whether it was sent.
+
+        Best effort: nothing is buffered while disconnected (a waveform is for live viewing).
+        """
+        ws = self._ws
+        if ws is None or not self._connected.is_set():
+            return False
+        frame = wire.Waveform(ts, rate_hz, list(samples), kind=kind, command_id=command_id)
+        try:
+            await ws.send(wire.encode_text(frame))
+        except Exception as exc:  # the connection just dropped
+            log.debug("device %s waveform not sent: %r", self.device_id, exc)
+            return False
+        return True
+
+    async def _on_command(self, ws: ClientConnection, cmd: wire.Command) -> None:
+        """A command arrived (in the receive loop: never wait for the handler here)."""
+        cid = cmd.command_id
+        if cid in self._handled:
+            known = self._handled[cid]
+            self._handled.move_to_end(cid)
+            if known is None:  # still running
+                known = wire.CommandResult(cid, "acknowledged")
+            await ws.send(wire.encode_text(known))
+            return
+        handler = self._handlers.get(cmd.name)
+        if handler is None:
+            result = wire.CommandResult(cid, "failed", message=f"not supported: {cmd.name}")
+            self._remember(cid, result)
+            await ws.send(wire.encode_text(result))
+            return
+        self._remember(cid, None)
+        try:  # acknowledged goes out before the handler can answer anything
+            await ws.send(wire.encode_text(wire.CommandResult(cid, "acknowledged")))
+        finally:  # it arrived, so it runs even if the ack was lost; the result waits if need be
+            self._command_tasks[cid] = asyncio.create_task(
+                self._run_command(cmd, handler), name=f"command-{cmd.name}-{cid}"
+            )
+
+    def _remember(self, cid: str, result: wire.CommandResult | None) -> None:
+        self._handled[cid] = result
+        self._handled.move_to_end(cid)
+        while len(self._handled) > REMEMBERED_COMMANDS:
+            self._handled.popitem(last=False)
+
+    async def _run_command(self, cmd: wire.Command, handler: CommandHandler) -> None:
+        cid = cmd.command_id
+        _HANDLING.set((self, cid))
+        try:
+            try:
+                out = handler(cmd)
+                if inspect.isawaitable(out):
+                    out = await out
+                if out is not None and not isinstance(out, dict):
+                    raise TypeError(f"handler returned {type(out).__name__}, not a dict")
+                result = wire.CommandResult(cid, "completed", data=out)
+                wire.encode(result)  # a result that cannot be encoded is a failure, not a crash
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closing or (task is not None and task.cancelling()):
+                    raise
+                result = wire.CommandResult(cid, "failed", message="cancelled")
+            except Exception as exc:
+                log.info("device %s command %s (%s) failed: %r", self.device_id, cmd.name, cid, exc)
+                result = wire.CommandResult(cid, "failed", message=str(exc) or type(exc).__name__)
+            self._remember(cid, result)
+            sent_on = await self._deliver(result)
+            if cid in self._drop_after and sent_on is not None:
+                await self._close_for_reconnect(sent_on)
+        finally:
+            self._drop_after.discard(cid)
+            self._command_tasks.pop(cid, None)
+
+    async def _deliver(self, result: wire.CommandResult) -> ClientConnection | None:
+        """Send a final result now, or queue it for the next connection. Return the connection
+        it was written to (``None``: queued)."""
+        ws = self._ws
+        if ws is not None and self._connected.is_set() and not self._pending_results:
+            try:
+                await ws.send(wire.encode_text(result))
+                return ws
+            except Exception as exc:  # dropped meanwhile: keep it for the next connection
+                log.debug("device %s result queued: %r", self.device_id, exc)
+        self._pending_results.append(result)
+        while len(self._pending_results) > PENDING_RESULTS:
+            self._pending_results.popleft()
+            self.results_dropped += 1
+        return None
+
+    async def _send_pending_results(self, ws: ClientConnection) -> None:
+        # Results finishing meanwhile are appended (not connected yet) and sent by this loop.
+        while self._pending_results:
+            await ws.send(wire.encode_text(self._pending_results[0]))
+            self._pending_results.popleft()
+
     # -- sending --------------------------------------------------------------------------------
 
-    def send(self, values: dict[str, Any] | None = None, ts: float | None = None, **kw: Any) -> int:
-        """Queue one reading; return its seq, or 0 when report by exception skipped it."""
+    def send(
+        self,
+        values: dict[str, Any] | None = None,
+        ts: float | None = None,
+        *,
+        force: bool = False,
+        **kw: Any,
+    ) -> int:
+        """Queue one reading; return its seq, or 0 when report by exception skipped it.
+
+        ``force`` sends it even when report by exception would not (``report_now``, bursts).
+        """
         values = {**(values or {}), **kw}
         ts = self.clock() if ts is None else ts
         if self.report is not None:
-            if not self.report.should_send(values, ts):
+            if not force and not self.report.should_send(values, ts):
                 self.skipped += 1
                 return 0
             self.report.sent(values, ts)
@@ -282,6 +477,10 @@ class DeviceClient:
                 self._connected.clear()
             if self._closing:
                 return
+            if self._reconnect_fast:  # reconnect_now(): come back at once
+                self._reconnect_fast = False
+                delay = self.backoff_initial_s
+                continue
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.backoff_max_s)
 
@@ -305,6 +504,7 @@ class DeviceClient:
         await self._on_ack(welcome.last_seq)
         self._sent_upto = welcome.last_seq
         self.max_batch = min(self.max_batch, welcome.max_batch)
+        await self._send_pending_results(ws)
         self.connections += 1
         self._connected.set()
         sender = asyncio.create_task(self._sender(ws))
@@ -317,6 +517,8 @@ class DeviceClient:
                     self._on_server_error(msg)
                 elif isinstance(msg, wire.Ping):
                     await ws.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
+                elif isinstance(msg, wire.Command):
+                    await self._on_command(ws, msg)
                 if self.on_message is not None:
                     result = self.on_message(msg)
                     if result is not None:

@@ -25,6 +25,11 @@ from vitalwire import wire
 log = logging.getLogger("vitalwire.sdk.monitor")
 
 
+#: Kind of the synthetic event MonitorClient yields when an automatic resume could not replay
+#: what was missed (``recovered: false``): ``data["snapshot"]`` is the picture to reload from.
+RESET = "reset"
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
     stream: str
@@ -223,6 +228,17 @@ class MonitorClient:
                 elif isinstance(msg, wire.Ping):
                     await ws.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
                 elif isinstance(msg, wire.Subscribed) and msg.id == -1:
+                    for start in msg.streams:
+                        if not start.recovered:  # the gap cannot be replayed: say so
+                            self._events.put_nowait(
+                                StreamEvent(
+                                    start.stream,
+                                    start.offset,
+                                    RESET,
+                                    0.0,
+                                    {"snapshot": start.snapshot, "recovered": False},
+                                )
+                            )
                     self._started(msg)
                 else:
                     req_id = getattr(msg, "id", None)

@@ -64,6 +64,8 @@ class ClientSession:
         self.coalesced = 0
         #: Set by the transport: send what is queued, then close the connection with a code.
         self.shut: Callable[[int, str], None] | None = None
+        #: Where the client connects from (for the audit log).
+        self.origin: str | None = None
 
     # -- fan-out side (never awaits) ------------------------------------------------------------
 
@@ -88,6 +90,13 @@ class ClientSession:
             key = next(self._keys)
         live[key] = event.frame
         self._wake.set()
+
+    def push_direct(self, event: Event) -> None:
+        """An event this client asked for (its command's status), subscribed or not. When the
+        client watches the stream the event arrives there; otherwise it comes as a reply."""
+        if event.stream in self._last or event.stream in self._holding:
+            return
+        self.send(event.frame)
 
     def send(self, frame: str) -> None:
         """Queue a reply or control frame."""

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vitalwire.core import events as ev
 from vitalwire.core.errors import InvalidMessage, InvalidReading, PeerError
 from vitalwire.core.metrics import MAX_SEQ, validate_header, validate_values
+from vitalwire.services.alerts import AlertService
 from vitalwire.services.registry import Registry
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
-from vitalwire.store import ReadingRow, Store
+from vitalwire.store import AlertRow, ReadingRow, Store
 from vitalwire.wire import (
     PROTOCOL_VERSION,
     Ack,
@@ -27,6 +29,7 @@ from vitalwire.wire import (
     Error,
     Hello,
     ReadingBody,
+    Waveform,
     Welcome,
     encode_text,
 )
@@ -36,6 +39,10 @@ log = logging.getLogger("vitalwire.ingest")
 
 #: A device is marked offline (silent) after this many times its longest expected silence.
 SILENCE_FACTOR = 1.5
+#: Waveform chunks: highest sample rate, most samples per chunk, kinds accepted.
+MAX_WAVEFORM_HZ = 1000
+MAX_WAVEFORM_SAMPLES = 2000
+WAVEFORM_KINDS = ("pleth", "ecg", "resp")
 
 
 class Unavailable(PeerError):
@@ -80,6 +87,7 @@ class Ingest:
         max_frame_bytes: int = 65536,
         max_batch: int = 500,
         max_silence_s: float = 30.0,
+        alerts: AlertService | None = None,
     ) -> None:
         self.store = store
         self.streams = streams
@@ -90,10 +98,14 @@ class Ingest:
         self.max_frame_bytes = max_frame_bytes
         self.max_batch = max_batch
         self.max_silence_s = max_silence_s
+        self.alerts = alerts
         self.stopping = False
         self._high: dict[str, int] = {}  # highest seq received (accepted or rejected) per device
         self._durable: dict[str, int] = {}  # highest seq committed per device
         self.sessions: dict[str, DeviceSession] = {}
+        # devices shown online when the server (re)started: offline unless they come back
+        self._expected: dict[str, str] = {}
+        self._expected_since = 0.0
         registry.on_binding_change = self._on_binding_change
 
     async def hello(
@@ -129,6 +141,7 @@ class Ingest:
         session.last_data = self.clock()
         session.acked = self._durable[did]
         self.sessions[did] = session
+        self._expected.pop(did, None)
         self._status(session, "online")
         welcome = Welcome(
             server_time=self.clock(),
@@ -169,6 +182,7 @@ class Ingest:
         stream = session.stream
         rows: list[ReadingRow] = []
         events: list[WireEvent] = []
+        alert_rows: list[AlertRow] = []
         errors: list[Error] = []
         dup_max = 0
         for body in bodies:
@@ -199,14 +213,57 @@ class Ingest:
                 event = self.streams.new_event(stream, ev.READING, now, data)
                 events.append(event)
                 rows.append(ReadingRow(did, seq, session.patient_id, event.offset, body.ts, now))
+                if self.alerts is not None and session.patient_id is not None:
+                    if body.probe is not None:
+                        values["probe"] = body.probe
+                    more, changed = self.alerts.on_reading(session.patient_id, did, values, now)
+                    events.extend(more)
+                    alert_rows.extend(changed)
         self._high[did] = high
         if rows:
             session.accepted += len(rows)
             top = rows[-1].seq
-            self.writer.submit(rows, events, lambda: self._durable_to(did, top))
+            self.writer.submit(rows, events, lambda: self._durable_to(did, top), alerts=alert_rows)
         elif dup_max and self._durable[did] >= dup_max:
             session.send(encode_text(Ack(self._durable[did])))
         return errors
+
+    def waveform(self, session: DeviceSession, msg: Waveform) -> None:
+        """A chunk of waveform samples (``request_data``): an event in the patient's stream.
+
+        Best effort: waveform chunks carry no ``seq`` and are not acknowledged.
+        """
+        now = self.clock()
+        validate_header(1, msg.ts, now)
+        if not 1 <= msg.rate_hz <= MAX_WAVEFORM_HZ:
+            raise InvalidMessage(
+                f"rate_hz must be between 1 and {MAX_WAVEFORM_HZ}, got {msg.rate_hz:g}",
+                field="rate_hz",
+            )
+        if not 1 <= len(msg.samples) <= MAX_WAVEFORM_SAMPLES:
+            raise InvalidMessage(
+                f"samples must hold 1 to {MAX_WAVEFORM_SAMPLES} values, got {len(msg.samples)}",
+                field="samples",
+            )
+        if not all(math.isfinite(x) for x in msg.samples):
+            raise InvalidMessage("samples must be finite numbers", field="samples")
+        if msg.kind not in WAVEFORM_KINDS:
+            raise InvalidMessage(
+                f"kind must be one of {', '.join(WAVEFORM_KINDS)}, got {msg.kind!r:.40}",
+                field="kind",
+            )
+        stream = session.stream
+        if stream is None:
+            return
+        data = {
+            "device": session.device_id,
+            "ts": msg.ts,
+            "rate_hz": msg.rate_hz,
+            "kind": msg.kind,
+            "samples": msg.samples,
+            "command_id": msg.command_id,
+        }
+        self.writer.submit([], [self.streams.new_event(stream, ev.WAVEFORM, now, data)])
 
     def _durable_to(self, did: str, seq: int) -> None:
         if seq > self._durable[did]:
@@ -216,6 +273,12 @@ class Ingest:
             session.acked = self._durable[did]
             session.send(encode_text(Ack(session.acked)))
 
+    def expect_back(self, devices: list[tuple[str, str]], since: float) -> None:
+        """After a restart: these devices were online; if one does not reconnect within its
+        silence window, :meth:`check_silence` marks it offline so no snapshot shows it live."""
+        self._expected = {did: pid for pid, did in devices}
+        self._expected_since = since
+
     def check_silence(self) -> list[str]:
         """Mark devices silent past their interval ``offline`` (a gap marker); return their ids.
 
@@ -224,6 +287,12 @@ class Ingest:
         """
         now = self.clock()
         gone = []
+        if self._expected and now - self._expected_since > SILENCE_FACTOR * self.max_silence_s:
+            for did, pid in self._expected.items():
+                if did not in self.sessions:
+                    self._status_of(pid, did, "offline", "not back after server restart")
+                    gone.append(did)
+            self._expected = {}
         for session in self.sessions.values():
             if not session.silent and now - session.last_data > session.silence_s:
                 session.silent = True
@@ -242,17 +311,31 @@ class Ingest:
             self._status(session, "offline", reason)
 
     def _status(self, session: DeviceSession, status: str, reason: str | None = None) -> None:
-        stream = session.stream
-        if stream is None:
+        if session.patient_id is None:
             return
-        data: dict[str, object] = {"device": session.device_id, "status": status}
+        firmware = session.firmware if status == "online" else None
+        self._status_of(session.patient_id, session.device_id, status, reason, firmware)
+
+    def _status_of(
+        self,
+        pid: str,
+        did: str,
+        status: str,
+        reason: str | None = None,
+        firmware: str | None = None,
+    ) -> None:
+        data: dict[str, object] = {"device": did, "status": status}
         if reason is not None:
             data["reason"] = reason
-        if session.firmware is not None and status == "online":
-            data["firmware"] = session.firmware
-        self.writer.submit(
-            [], [self.streams.new_event(stream, ev.DEVICE_STATUS, self.clock(), data)]
-        )
+        if firmware is not None:
+            data["firmware"] = firmware
+        now = self.clock()
+        events = [self.streams.new_event(ev.patient_stream(pid), ev.DEVICE_STATUS, now, data)]
+        alert_rows: list[AlertRow] = []
+        if self.alerts is not None:
+            more, alert_rows = self.alerts.on_device_status(pid, did, status, now)
+            events.extend(more)
+        self.writer.submit([], events, alerts=alert_rows)
 
     def _on_binding_change(self, did: str, pid: str | None) -> None:
         session = self.sessions.get(did)

@@ -80,6 +80,18 @@ class Streams:
         self._assigned[stream] = offset
         return Event.new(stream, offset, kind, ts, data)
 
+    def online_devices(self) -> list[tuple[str, str]]:
+        """(patient id, device id) of every device whose last status says online."""
+        out = []
+        for stream, state in self._states.items():
+            pid = ev.stream_patient(stream)
+            if pid is None:
+                continue
+            for did, status in state.devices.items():
+                if status.get("status") == "online":
+                    out.append((pid, did))
+        return out
+
     def head(self, stream: str) -> int:
         """The offset of the last published event of ``stream`` (0 if none)."""
         state = self._states.get(stream)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vitalwire.bus import Bus
-from vitalwire.store import AlertRow, AuditRow, Batch, ReadingRow, Store
+from vitalwire.store import AlertRow, AuditRow, Batch, CommandRow, ReadingRow, Store
 from vitalwire.wire import Event
 
 log = logging.getLogger("vitalwire.writer")
@@ -30,10 +30,17 @@ class _Unit:
     on_durable: Callable[[], None] | None = None
     alerts: list[AlertRow] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
+    commands: list[CommandRow] = field(default_factory=list)
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rows = len(self.readings) + len(self.events) + len(self.alerts) + len(self.audit)
+        self.rows = (
+            len(self.readings)
+            + len(self.events)
+            + len(self.alerts)
+            + len(self.audit)
+            + len(self.commands)
+        )
 
 
 class BatchWriter:
@@ -71,9 +78,10 @@ class BatchWriter:
         *,
         alerts: list[AlertRow] | None = None,
         audit: list[AuditRow] | None = None,
+        commands: list[CommandRow] | None = None,
     ) -> None:
         """Queue rows for the next batch; ``on_durable`` runs after their commit."""
-        unit = _Unit(readings, events, on_durable, alerts or [], audit or [])
+        unit = _Unit(readings, events, on_durable, alerts or [], audit or [], commands or [])
         self._pending.append(unit)
         self._pending_rows += unit.rows
         self._idle.clear()
@@ -96,11 +104,17 @@ class BatchWriter:
         *,
         alerts: list[AlertRow] | None = None,
         audit: list[AuditRow] | None = None,
+        commands: list[CommandRow] | None = None,
     ) -> None:
         """Submit and wait until durable (for requests whose reply must follow the commit)."""
-        done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.submit(
-            [], events, lambda: done.done() or done.set_result(None), alerts=alerts, audit=audit
+            [],
+            events,
+            lambda: done.done() or done.set_result(None),
+            alerts=alerts,
+            audit=audit,
+            commands=commands,
         )
         await done
 
@@ -155,6 +169,7 @@ class BatchWriter:
             batch.events.extend(unit.events)
             batch.alerts.extend(unit.alerts)
             batch.audit.extend(unit.audit)
+            batch.commands.extend(unit.commands)
         delay = 0.05
         while True:
             try:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from vitalwire.store.base import AlertRow, AuditRow, Batch, Binding, ReadingRow, Store
+from vitalwire.store.base import (
+    AlertRow,
+    AuditRow,
+    Batch,
+    Binding,
+    CommandRow,
+    ReadingRow,
+    Store,
+)
 
 
 def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> Store:
@@ -12,4 +20,13 @@ def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> Store:
     return SqlStore(url, sqlite_synchronous=sqlite_synchronous)
 
 
-__all__ = ["AlertRow", "AuditRow", "Batch", "Binding", "ReadingRow", "Store", "open_store"]
+__all__ = [
+    "AlertRow",
+    "AuditRow",
+    "Batch",
+    "Binding",
+    "CommandRow",
+    "ReadingRow",
+    "Store",
+    "open_store",
+]

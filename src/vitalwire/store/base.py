@@ -50,6 +50,27 @@ class AuditRow:
 
 
 @dataclass(slots=True)
+class CommandRow:
+    """The state of one command after a change (upserted by ``command_id``)."""
+
+    command_id: str
+    patient_id: str
+    device_id: str
+    name: str
+    args: str  # JSON
+    status: str
+    requested_by: str
+    idempotency_key: str | None
+    created_at: float
+    ttl_s: float
+    timeout_s: float
+    sent_at: float | None
+    updated_at: float
+    message: str | None = None
+    result: str | None = None  # JSON
+
+
+@dataclass(slots=True)
 class Batch:
     """What one transaction writes."""
 
@@ -57,9 +78,16 @@ class Batch:
     events: list[Event] = field(default_factory=list)
     alerts: list[AlertRow] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
+    commands: list[CommandRow] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.readings) + len(self.events) + len(self.alerts) + len(self.audit)
+        return (
+            len(self.readings)
+            + len(self.events)
+            + len(self.alerts)
+            + len(self.audit)
+            + len(self.commands)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +137,8 @@ class Store(Protocol):
     ) -> list[dict[str, Any]]: ...
     async def save_snapshots(self, rows: list[tuple[str, int, str]], now: float) -> None: ...
     async def load_snapshots(self) -> dict[str, tuple[int, str]]: ...
+    async def open_commands(self) -> list[dict[str, Any]]: ...
+    async def get_command(self, command_id: str) -> dict[str, Any] | None: ...
     async def patient_settings(self) -> dict[str, dict[str, Any]]: ...
     async def set_patient_settings(
         self, pid: str, limits: str | None, observations: str | None, now: float, by: str

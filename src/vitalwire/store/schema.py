@@ -145,3 +145,25 @@ stream_snapshots = Table(
     Column("state", Text, nullable=False),
     Column("saved_at", Float, nullable=False),
 )
+
+# Commands to devices: the latest state of each (its history is in the patient's stream).
+commands = Table(
+    "commands",
+    metadata,
+    Column("command_id", String(64), primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("name", String(32), nullable=False),
+    Column("args", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("requested_by", String(64), nullable=False),
+    Column("idempotency_key", String(128), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("ttl_s", Float, nullable=False),
+    Column("timeout_s", Float, nullable=False),
+    Column("sent_at", Float, nullable=True),
+    Column("updated_at", Float, nullable=False),
+    Column("message", Text, nullable=True),
+    Column("result", Text, nullable=True),
+    Index("ix_commands_status", "status"),
+)

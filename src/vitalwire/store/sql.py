@@ -124,6 +124,8 @@ class SqlStore:
                 )
             if batch.alerts:
                 await self._upsert_alerts(conn, batch)
+            if batch.commands:
+                await self._upsert_commands(conn, batch)
             if batch.audit:
                 await conn.execute(
                     insert(t.audit),
@@ -179,6 +181,56 @@ class SqlStore:
                 },
             )
             await conn.execute(stmt)
+
+    async def _upsert_commands(self, conn: Any, batch: Batch) -> None:
+        dialect = sqlite if self.backend == "sqlite" else postgresql
+        for c in batch.commands:  # few per batch; later changes of one command win
+            row = {
+                "command_id": c.command_id,
+                "patient_id": c.patient_id,
+                "device_id": c.device_id,
+                "name": c.name,
+                "args": c.args,
+                "status": c.status,
+                "requested_by": c.requested_by,
+                "idempotency_key": c.idempotency_key,
+                "created_at": c.created_at,
+                "ttl_s": c.ttl_s,
+                "timeout_s": c.timeout_s,
+                "sent_at": c.sent_at,
+                "updated_at": c.updated_at,
+                "message": c.message,
+                "result": c.result,
+            }
+            stmt = dialect.insert(t.commands).values(row)
+            ex = stmt.excluded
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["command_id"],
+                set_={
+                    "status": ex.status,
+                    "sent_at": ex.sent_at,
+                    "updated_at": ex.updated_at,
+                    "message": ex.message,
+                    "result": ex.result,
+                },
+            )
+            await conn.execute(stmt)
+
+    async def open_commands(self) -> list[dict[str, Any]]:
+        done = ("completed", "failed", "expired", "timed_out")
+        q = (
+            select(t.commands)
+            .where(t.commands.c.status.not_in(done))
+            .order_by(t.commands.c.created_at)
+        )
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+    async def get_command(self, command_id: str) -> dict[str, Any] | None:
+        q = select(t.commands).where(t.commands.c.command_id == command_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(q)).first()
+            return None if row is None else dict(row._mapping)
 
     async def alerts_for(self, pid: str, limit: int) -> list[dict[str, Any]]:
         q = (

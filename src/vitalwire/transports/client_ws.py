@@ -99,6 +99,7 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
         on_overflow=on_overflow,
     )
     session.shut = shut
+    session.origin = f"{ws.client.host}:{ws.client.port}" if ws.client else None
     svc.clients.add(session)
     sender = asyncio.create_task(pump(ws, session.take))
     session.send(
@@ -167,6 +168,29 @@ async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
         session.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
     elif isinstance(msg, wire.Pong):
         return
+    elif isinstance(msg, wire.AckAlert):
+        changes = await svc.alerts.acknowledge(session.principal, msg.alert_id, session.origin)
+        session.send(wire.encode_text(wire.Result(id=msg.id, data={"changes": changes})))
+    elif isinstance(msg, wire.SetLimits):
+        limits = await svc.alerts.set_limits(
+            session.principal, msg.patient_id, msg.limits, session.origin
+        )
+        data = {"patient_id": msg.patient_id, "limits": limits}
+        session.send(wire.encode_text(wire.Result(id=msg.id, data=data)))
+    elif isinstance(msg, wire.GetLimits):
+        await svc.alerts.require_patient(msg.patient_id)
+        data = {"patient_id": msg.patient_id, "limits": svc.alerts.limits(msg.patient_id)}
+        session.send(wire.encode_text(wire.Result(id=msg.id, data=data)))
+    elif isinstance(msg, wire.SetObservations):
+        obs = {"on_oxygen": msg.on_oxygen, "consciousness": msg.consciousness, "scale": msg.scale}
+        merged = await svc.alerts.set_observations(
+            session.principal, msg.patient_id, obs, session.origin
+        )
+        data = {"patient_id": msg.patient_id, "observations": merged}
+        session.send(wire.encode_text(wire.Result(id=msg.id, data=data)))
+    elif isinstance(msg, wire.SendCommand):
+        command = await svc.commands.send(session.principal, msg, session, session.origin)
+        session.send(wire.encode_text(wire.Result(id=msg.id, data={"command": command})))
     elif isinstance(msg, wire.Auth):
         session.principal = svc.tokens.verify(msg.token, svc.clock())
         session.send(

@@ -84,6 +84,7 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
             await close_quietly(ws, code, public_message(exc))
             return
         outbox.put(wire.encode_text(welcome))
+        svc.commands.deliver(session.device_id)  # commands queued while it was away, in order
         heartbeat = asyncio.create_task(_heartbeat(outbox, s.heartbeat_s))
         try:
             await _serve(ws, svc, session, outbox)
@@ -134,8 +135,27 @@ async def _serve(ws: WebSocket, svc: Services, session: DeviceSession, outbox: O
             continue
         if isinstance(msg, (wire.Reading, wire.Readings)):
             if svc.writer.pending_rows > s.max_pending_rows:
-                await svc.writer.wait_for_room(s.max_pending_rows)  # backpressure, never refusal
+                # backpressure: stop reading this device until the writer catches up; a store
+                # that stays stuck past a heartbeat ends the session (the device resends later)
+                try:
+                    await asyncio.wait_for(
+                        svc.writer.wait_for_room(s.max_pending_rows), s.heartbeat_s
+                    )
+                except TimeoutError:
+                    outbox.put(_error(Unavailable("the store is not keeping up; reconnect later")))
+                    session.close(Close.TRY_AGAIN_LATER, "store not keeping up")
+                    return
             _take(svc, session, outbox, [msg] if isinstance(msg, wire.Reading) else msg.items, None)
+        elif isinstance(msg, wire.CommandResult):
+            try:
+                svc.commands.on_result(session, msg)
+            except PeerError as exc:
+                outbox.put(_error(exc))
+        elif isinstance(msg, wire.Waveform):
+            try:
+                svc.ingest.waveform(session, msg)
+            except PeerError as exc:
+                outbox.put(_error(exc))
         elif isinstance(msg, wire.Ping):
             outbox.put(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
         elif isinstance(msg, wire.Pong):

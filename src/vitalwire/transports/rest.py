@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vitalwire import __version__
-from vitalwire.core.errors import PeerError, Unauthenticated
+from vitalwire.core.errors import Forbidden, PeerError, Unauthenticated
 from vitalwire.services.auth import Principal
 from vitalwire.transports.errors import public_message, row_for
 
@@ -90,6 +90,35 @@ async def list_patients(
     request: Request, who: Annotated[Principal, Depends(principal)]
 ) -> list[dict[str, Any]]:
     return await services(request).store.list_patients()
+
+
+@router.get("/patients/{patient_id}/alerts", responses={401: {}, 404: {}})
+async def patient_alerts(
+    patient_id: str,
+    request: Request,
+    who: Annotated[Principal, Depends(principal)],
+    limit: int = Query(100, ge=1, le=1000),
+) -> list[dict[str, Any]]:
+    """Alert history of a patient, newest first: each alert's latest state."""
+    svc = services(request)
+    await svc.alerts.require_patient(patient_id)
+    rows = await svc.store.alerts_for(patient_id, limit)
+    for r in rows:
+        r.pop("last", None)
+    return rows
+
+
+@router.get("/audit", responses={401: {}, 403: {}})
+async def audit_log(
+    request: Request,
+    who: Annotated[Principal, Depends(principal)],
+    limit: int = Query(100, ge=1, le=1000),
+    patient_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """The audit log, newest first (admins only)."""
+    if who.role != "admin":
+        raise Forbidden("only admins may read the audit log", field="role")
+    return await services(request).store.audit_log(limit, patient_id)
 
 
 async def peer_error_handler(request: Request, exc: Exception) -> JSONResponse:

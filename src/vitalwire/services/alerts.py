@@ -1,0 +1,239 @@
+"""Alerts: one pure engine per patient (core.alerts), fed with readings, device status and time.
+
+How it works: ingest hands every accepted reading and device status change to
+:meth:`AlertService.on_reading` / :meth:`on_device_status` *before* submitting its batch, and the
+engine's changes become events in the same batch: an alert raised by a reading commits in the same
+transaction as that reading and reaches clients with it. A chore calls :meth:`tick` every second
+for delays, clear timers and escalation. Every alert change goes to the patient's stream and to
+the ``alerts`` stream (offsets, replay, never coalesced) and updates the ``alerts`` table (the
+latest state per alert, queryable as history). Acknowledgements, limit overrides and NEWS2
+observations come from clients, are checked by role, written to the audit log and answered only
+once durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from vitalwire.core import events as ev
+from vitalwire.core.alerts import AlertChange, AlertConfig, News2Change, PatientAlerts
+from vitalwire.core.errors import Forbidden, NotFound
+from vitalwire.core.limits import Limits, override_limits
+from vitalwire.services.auth import Principal
+from vitalwire.services.streams import Streams
+from vitalwire.services.writer import BatchWriter
+from vitalwire.store import AlertRow, AuditRow, Store
+from vitalwire.wire import Event
+
+log = logging.getLogger("vitalwire.alerts")
+
+#: Roles that may acknowledge alerts and change a patient's limits and observations.
+CLINICAL_ROLES = frozenset({"admin", "clinician"})
+
+Change = AlertChange | News2Change
+
+
+class AlertService:
+    def __init__(
+        self,
+        store: Store,
+        streams: Streams,
+        writer: BatchWriter,
+        clock: Callable[[], float],
+        config: AlertConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.streams = streams
+        self.writer = writer
+        self.clock = clock
+        self.config = config or AlertConfig()
+        self._engines: dict[str, PatientAlerts] = {}
+        self._limits: dict[str, Limits] = {}  # patient -> limits in force (overrides applied)
+        self._observations: dict[str, dict[str, Any]] = {}
+        self._alert_patient: dict[str, str] = {}  # alert id -> patient id
+
+    async def load(self) -> None:
+        """Per-patient limits and observations from the store; open alerts back into engines."""
+        for pid, row in (await self.store.patient_settings()).items():
+            if row["limits"]:
+                self._limits[pid] = Limits.from_dict(json.loads(row["limits"]))
+            if row["observations"]:
+                self._observations[pid] = json.loads(row["observations"])
+        for row in await self.store.open_alerts():
+            self._alert_patient[row["alert_id"]] = row["patient_id"]
+            self.engine(row["patient_id"]).restore(json.loads(row["last"]))
+
+    def engine(self, pid: str) -> PatientAlerts:
+        engine = self._engines.get(pid)
+        if engine is None:
+            engine = PatientAlerts(pid, self._limits.get(pid), self.config)
+            obs = self._observations.get(pid)
+            if obs:
+                engine.set_observations(self.clock(), **obs)
+            self._engines[pid] = engine
+        return engine
+
+    # -- feeding (called by ingest, synchronous) ---------------------------------------------------
+
+    def on_reading(
+        self, pid: str, device: str, values: dict[str, Any], now: float
+    ) -> tuple[list[Event], list[AlertRow]]:
+        return self._to_events(pid, self.engine(pid).on_reading(now, device, values), now)
+
+    def on_device_status(
+        self, pid: str, device: str, status: str, now: float
+    ) -> tuple[list[Event], list[AlertRow]]:
+        return self._to_events(pid, self.engine(pid).on_device_status(now, device, status), now)
+
+    def tick(self) -> int:
+        """Advance every engine's timers; submit what changed. Returns the number of changes."""
+        now = self.clock()
+        events: list[Event] = []
+        rows: list[AlertRow] = []
+        count = 0
+        for pid, engine in self._engines.items():
+            changes = engine.tick(now)
+            if changes:
+                count += len(changes)
+                e, r = self._to_events(pid, changes, now)
+                events.extend(e)
+                rows.extend(r)
+        if events:
+            self.writer.submit([], events, alerts=rows)
+        return count
+
+    # -- clinicians' requests -----------------------------------------------------------------
+
+    async def acknowledge(self, who: Principal, alert_id: str, origin: str | None = None) -> Any:
+        """Acknowledge an alert; return its change once durable."""
+        _require_clinical(who, "acknowledge alerts")
+        pid = self._alert_patient.get(alert_id)
+        if pid is None:
+            raise NotFound(f"alert {alert_id} is not open", field="alert_id")
+        now = self.clock()
+        changes = self.engine(pid).acknowledge(alert_id, who.name, now)
+        events, rows = self._to_events(pid, changes, now)
+        audit = AuditRow(
+            now, who.name, "ack_alert", pid, json.dumps({"alert_id": alert_id}), origin
+        )
+        await self.writer.commit(events, alerts=rows, audit=[audit])
+        return [_change_data(c) for c in changes]
+
+    def limits(self, pid: str) -> dict[str, Any]:
+        return self.engine(pid).limits.to_dict()
+
+    async def set_limits(
+        self,
+        who: Principal,
+        pid: str,
+        overrides: dict[str, dict[str, float | None]],
+        origin: str | None = None,
+    ) -> dict[str, Any]:
+        """Override a patient's limits (validated against the physical bounds); audited."""
+        _require_clinical(who, "change alarm limits")
+        await self.require_patient(pid)
+        engine = self.engine(pid)
+        old = engine.limits.to_dict()
+        new_limits = override_limits(engine.limits, overrides)
+        new = new_limits.to_dict()
+        engine.set_limits(new_limits)
+        self._limits[pid] = new_limits
+        now = self.clock()
+        await self._save_settings(pid, who, now)
+        detail = {"old": _diff(old, new), "new": _diff(new, old)}
+        audit = AuditRow(now, who.name, "set_limits", pid, json.dumps(detail), origin)
+        event = self.streams.new_event(
+            ev.patient_stream(pid), ev.SETTINGS, now, {"limits": new, "by": who.name}
+        )
+        await self.writer.commit([event], audit=[audit])
+        return new
+
+    async def set_observations(
+        self, who: Principal, pid: str, obs: dict[str, Any], origin: str | None = None
+    ) -> dict[str, Any]:
+        """Set NEWS2 observations no device measures (oxygen, consciousness, SpO2 scale)."""
+        _require_clinical(who, "record observations")
+        await self.require_patient(pid)
+        given = {k: v for k, v in obs.items() if v is not None}
+        now = self.clock()
+        changes = self.engine(pid).set_observations(now, **given)
+        merged = {**self._observations.get(pid, {}), **given}
+        self._observations[pid] = merged
+        await self._save_settings(pid, who, now)
+        events, rows = self._to_events(pid, changes, now)
+        events.append(  # created last, so it has the highest offset: list stays in order
+            self.streams.new_event(
+                ev.patient_stream(pid), ev.SETTINGS, now, {"observations": merged, "by": who.name}
+            )
+        )
+        audit = AuditRow(now, who.name, "set_observations", pid, json.dumps(given), origin)
+        await self.writer.commit(events, alerts=rows, audit=[audit])
+        return merged
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def require_patient(self, pid: str) -> None:
+        ev.check_id("patient_id", pid)
+        if pid not in self._engines and pid not in {
+            p["id"] for p in await self.store.list_patients()
+        }:
+            raise NotFound(f"patient {pid} does not exist", field="patient_id")
+
+    async def _save_settings(self, pid: str, who: Principal, now: float) -> None:
+        limits = self._limits.get(pid)
+        obs = self._observations.get(pid)
+        await self.store.set_patient_settings(
+            pid,
+            None if limits is None else json.dumps(limits.to_dict()),
+            None if not obs else json.dumps(obs),
+            now,
+            who.name,
+        )
+
+    def _to_events(
+        self, pid: str, changes: list[Change], now: float
+    ) -> tuple[list[Event], list[AlertRow]]:
+        events: list[Event] = []
+        rows: list[AlertRow] = []
+        stream = ev.patient_stream(pid)
+        for change in changes:
+            data = _change_data(change)
+            if isinstance(change, AlertChange):
+                self._alert_patient[change.alert_id] = pid
+                if change.state == "resolved":
+                    self._alert_patient.pop(change.alert_id, None)
+                events.append(self.streams.new_event(stream, ev.ALERT, now, data))
+                events.append(self.streams.new_event(ev.ALERTS_STREAM, ev.ALERT, now, data))
+                rows.append(
+                    AlertRow(
+                        change.alert_id,
+                        pid,
+                        change.condition,
+                        change.priority,
+                        change.category,
+                        change.state,
+                        change.at,
+                        change.by if change.action == "acknowledged" else None,
+                        change.escalation_level,
+                        json.dumps(data),
+                    )
+                )
+            else:
+                events.append(self.streams.new_event(stream, ev.NEWS2, now, data))
+        return events, rows
+
+
+def _change_data(change: Change) -> dict[str, Any]:
+    return change.to_dict()
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in a.items() if b.get(k) != v}
+
+
+def _require_clinical(who: Principal, what: str) -> None:
+    if who.role not in CLINICAL_ROLES:
+        raise Forbidden(f"role {who.role} may not {what}", field="role")

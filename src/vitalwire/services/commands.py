@@ -1,0 +1,388 @@
+"""Commands from clinicians to devices: validated, role-gated, idempotent, queued, tracked.
+
+How it works: :meth:`CommandService.send` validates the command against the catalogue
+(core/commands.py), checks the role, resolves the patient's device, and commits the command as
+``queued`` (the store row, a ``command`` event in the patient's stream and an audit record in one
+transaction) before anything goes to the device. If the device is connected it is sent at once;
+otherwise it waits, persisted, and is delivered in order when the device says hello again — unless
+its time to live passed first (``expired``). Device answers (``command_result``) move it along the
+lifecycle table; a sent command with no final answer within its timeout is ``timed_out``. Every
+change is an event in the patient's stream and is also pushed to the requester's connection, even
+when it is not subscribed to that patient. After a restart, commands sent but never answered are
+re-queued if idempotent, else ``timed_out`` — never shown as delivered when they were not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vitalwire.core import commands as cc
+from vitalwire.core import events as ev
+from vitalwire.core.errors import Conflict, Forbidden, InvalidMessage, NotFound
+from vitalwire.services.auth import Principal
+from vitalwire.services.ingest import DeviceSession, Ingest
+from vitalwire.services.streams import Streams
+from vitalwire.services.writer import BatchWriter
+from vitalwire.store import AuditRow, CommandRow, Store
+from vitalwire.wire import Command, CommandResult, Event, SendCommand, encode_text
+
+log = logging.getLogger("vitalwire.commands")
+
+#: Roles that may send commands at all (care-team checks come on top, see docs/security.md).
+COMMAND_ROLES = frozenset({"admin", "clinician"})
+_RESULT_EVENTS = {"acknowledged": "device_ack", "completed": "device_done", "failed": "device_fail"}
+
+
+class Watcher(Protocol):
+    def push_direct(self, event: Event) -> None: ...
+
+
+@dataclass(slots=True)
+class CommandState:
+    command_id: str
+    patient_id: str
+    device_id: str
+    name: str
+    args: dict[str, Any]
+    status: str
+    requested_by: str
+    idempotency_key: str | None
+    created_at: float
+    ttl_s: float
+    timeout_s: float
+    sent_at: float | None = None
+    updated_at: float = 0.0
+    message: str | None = None
+    result: dict[str, Any] | None = None
+    watchers: list[Watcher] = field(default_factory=list)
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "command_id": self.command_id,
+            "name": self.name,
+            "args": self.args,
+            "device": self.device_id,
+            "patient_id": self.patient_id,
+            "status": self.status,
+            "requested_by": self.requested_by,
+            "at": self.updated_at,
+            "message": self.message,
+            "result": self.result,
+        }
+
+    def row(self) -> CommandRow:
+        return CommandRow(
+            self.command_id,
+            self.patient_id,
+            self.device_id,
+            self.name,
+            json.dumps(self.args),
+            self.status,
+            self.requested_by,
+            self.idempotency_key,
+            self.created_at,
+            self.ttl_s,
+            self.timeout_s,
+            self.sent_at,
+            self.updated_at,
+            self.message,
+            None if self.result is None else json.dumps(self.result),
+        )
+
+
+class CommandService:
+    def __init__(
+        self,
+        store: Store,
+        streams: Streams,
+        writer: BatchWriter,
+        ingest: Ingest,
+        clock: Callable[[], float],
+        can_command: Callable[[Principal, str, cc.CommandSpec], bool] | None = None,
+    ) -> None:
+        self.store = store
+        self.streams = streams
+        self.writer = writer
+        self.ingest = ingest
+        self.clock = clock
+        #: Access hook: may this principal send this command to this patient? (care teams)
+        self.can_command = can_command or (lambda who, pid, spec: True)
+        self._open: dict[str, CommandState] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Reload commands that were not finished; resolve the ones caught mid-flight honestly."""
+        events: list[Event] = []
+        rows: list[CommandRow] = []
+        now = self.clock()
+        for r in await self.store.open_commands():
+            st = CommandState(
+                r["command_id"],
+                r["patient_id"],
+                r["device_id"],
+                r["name"],
+                json.loads(r["args"]),
+                r["status"],
+                r["requested_by"],
+                r["idempotency_key"],
+                r["created_at"],
+                r["ttl_s"],
+                r["timeout_s"],
+                r["sent_at"],
+                r["updated_at"],
+                r["message"],
+                None if r["result"] is None else json.loads(r["result"]),
+            )
+            self._open[st.command_id] = st
+            if st.idempotency_key:
+                self._keys[(st.requested_by, st.idempotency_key)] = st.command_id
+            if st.status in (cc.SENT, cc.ACKNOWLEDGED):
+                if cc.CATALOGUE[st.name].idempotent and st.status == cc.SENT:
+                    self._move(
+                        st,
+                        "requeue",
+                        now,
+                        "server restarted before the device answered; re-queued (idempotent)",
+                        events,
+                        rows,
+                    )
+                else:
+                    self._move(
+                        st,
+                        "timeout",
+                        now,
+                        "server restarted before the device answered",
+                        events,
+                        rows,
+                    )
+        if rows:
+            await self.writer.commit(events, commands=rows)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def send(
+        self, who: Principal, req: SendCommand, watcher: Watcher | None, origin: str | None = None
+    ) -> dict[str, Any]:
+        """Validate, authorise and queue a command; return its state once durable."""
+        args = cc.validate(req.name, req.args)
+        spec = cc.CATALOGUE[req.name]
+        ttl = cc.check_window("ttl_s", req.ttl_s, cc.DEFAULT_TTL_S, cc.TTL_BOUNDS)
+        timeout = cc.check_window(
+            "timeout_s", req.timeout_s, cc.DEFAULT_TIMEOUT_S, cc.TIMEOUT_BOUNDS
+        )
+        if req.idempotency_key is not None and not 1 <= len(req.idempotency_key) <= 128:
+            raise InvalidMessage(
+                "idempotency_key must be 1 to 128 characters", field="idempotency_key"
+            )
+        if who.role not in COMMAND_ROLES:
+            raise Forbidden(f"role {who.role} may not send commands", field="role")
+        ev.check_id("patient_id", req.patient_id)
+        if not self.can_command(who, req.patient_id, spec):
+            raise Forbidden(
+                f"{req.name} needs patient {req.patient_id} in your care", field="patient_id"
+            )
+        now = self.clock()
+        if req.idempotency_key is not None:
+            existing = self._by_key(who.name, req.idempotency_key, now)
+            if existing is not None:
+                if watcher is not None and watcher not in existing.watchers:
+                    existing.watchers.append(watcher)
+                return existing.data()
+        device_id = await self._device_for(req.patient_id, req.device_id)
+        st = CommandState(
+            "cmd-" + secrets.token_hex(8),
+            req.patient_id,
+            device_id,
+            req.name,
+            args,
+            cc.QUEUED,
+            who.name,
+            req.idempotency_key,
+            now,
+            ttl,
+            timeout,
+            updated_at=now,
+        )
+        if watcher is not None:
+            st.watchers.append(watcher)
+        self._open[st.command_id] = st
+        if st.idempotency_key:
+            self._keys[(who.name, st.idempotency_key)] = st.command_id
+        event = self._event(st)
+        detail = {"command_id": st.command_id, "name": st.name, "args": args, "device": device_id}
+        audit = AuditRow(now, who.name, "command", st.patient_id, json.dumps(detail), origin)
+        await self.writer.commit([event], commands=[st.row()], audit=[audit])
+        queued = st.data()  # the reply says queued; sent and later come as status events
+        self._notify(st, [event])
+        self.deliver(device_id)
+        return queued
+
+    def _by_key(self, requester: str, key: str, now: float) -> CommandState | None:
+        cid = self._keys.get((requester, key))
+        st = self._open.get(cid) if cid else None
+        if st is None or now > st.created_at + st.ttl_s:
+            return None
+        return st
+
+    async def _device_for(self, pid: str, device_id: str | None) -> str:
+        patients = {p["id"]: p for p in await self.store.list_patients()}
+        patient = patients.get(pid)
+        if patient is None:
+            raise NotFound(f"patient {pid} does not exist", field="patient_id")
+        bound: list[str] = patient["devices"]
+        if device_id is not None:
+            if device_id not in bound:
+                raise Conflict(
+                    f"device {device_id} is not bound to patient {pid}", field="device_id"
+                )
+            return device_id
+        if len(bound) != 1:
+            raise InvalidMessage(
+                f"device_id is required: patient {pid} has {len(bound)} bound devices",
+                field="device_id",
+            )
+        return bound[0]
+
+    # -- device side ----------------------------------------------------------------------------
+
+    def deliver(self, device_id: str) -> None:
+        """Send the device's queued commands, oldest first, if it is connected."""
+        session = self.ingest.sessions.get(device_id)
+        if session is None:
+            return
+        now = self.clock()
+        events: list[Event] = []
+        rows: list[CommandRow] = []
+        moved: list[tuple[CommandState, Event]] = []
+        queued = sorted(
+            (s for s in self._open.values() if s.device_id == device_id and s.status == cc.QUEUED),
+            key=lambda s: s.created_at,
+        )
+        for st in queued:
+            if now > st.created_at + st.ttl_s:
+                self._move(st, "expire", now, "time to live passed before delivery", events, rows)
+            else:
+                frame = Command(st.command_id, st.name, st.args, st.timeout_s)
+                session.send(encode_text(frame))
+                st.sent_at = now
+                self._move(st, "deliver", now, None, events, rows)
+            moved.append((st, events[-1]))
+        self._submit(events, rows, moved)
+
+    def on_result(self, session: DeviceSession, msg: CommandResult) -> None:
+        """A device answered. Raises NotFound for a command it was never sent."""
+        st = self._open.get(msg.command_id)
+        if st is None or st.device_id != session.device_id:
+            raise NotFound(
+                f"command {msg.command_id} is not open for this device", field="command_id"
+            )
+        step = _RESULT_EVENTS.get(msg.status)
+        if step is None:
+            raise InvalidMessage(
+                f"status must be one of acknowledged, completed, failed, got {msg.status!r:.40}",
+                field="status",
+            )
+        try:
+            cc.transition(st.status, step)
+        except cc.IllegalTransition:
+            log.info("ignoring %s for command %s in state %s", msg.status, st.command_id, st.status)
+            return
+        if msg.data is not None:
+            st.result = msg.data
+        events: list[Event] = []
+        rows: list[CommandRow] = []
+        self._move(st, step, self.clock(), msg.message, events, rows)
+        self._submit(events, rows, [(st, events[-1])])
+
+    def tick(self) -> int:
+        """Expire queued commands past their TTL; time out sent ones past their timeout."""
+        now = self.clock()
+        events: list[Event] = []
+        rows: list[CommandRow] = []
+        moved: list[tuple[CommandState, Event]] = []
+        for st in list(self._open.values()):
+            if st.status == cc.QUEUED and now > st.created_at + st.ttl_s:
+                self._move(st, "expire", now, "time to live passed before delivery", events, rows)
+            elif (
+                st.status in (cc.SENT, cc.ACKNOWLEDGED)
+                and st.sent_at is not None
+                and now > st.sent_at + st.timeout_s
+            ):
+                self._move(st, "timeout", now, f"no answer within {st.timeout_s:g} s", events, rows)
+            else:
+                continue
+            moved.append((st, events[-1]))
+        self._submit(events, rows, moved)
+        return len(moved)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _move(
+        self,
+        st: CommandState,
+        step: str,
+        now: float,
+        message: str | None,
+        events: list[Event],
+        rows: list[CommandRow],
+    ) -> None:
+        st.status = cc.transition(st.status, step)
+        st.updated_at = now
+        st.message = message
+        if step == "requeue":
+            st.sent_at = None
+        events.append(self._event(st))
+        rows.append(st.row())
+        if st.status in cc.TERMINAL:
+            self._open.pop(st.command_id, None)
+
+    def _event(self, st: CommandState) -> Event:
+        return self.streams.new_event(
+            ev.patient_stream(st.patient_id), ev.COMMAND, st.updated_at, st.data()
+        )
+
+    def _submit(
+        self,
+        events: list[Event],
+        rows: list[CommandRow],
+        moved: list[tuple[CommandState, Event]],
+    ) -> None:
+        if not events:
+            return
+        audit = [
+            AuditRow(
+                st.updated_at,
+                st.requested_by,
+                "command_outcome",
+                st.patient_id,
+                json.dumps(
+                    {
+                        "command_id": st.command_id,
+                        "name": st.name,
+                        "device": st.device_id,
+                        "status": st.status,
+                        "message": st.message,
+                    }
+                ),
+            )
+            for st, _ in moved
+            if st.status in cc.TERMINAL
+        ]
+
+        def durable() -> None:
+            for st, event in moved:
+                self._notify(st, [event])
+
+        self.writer.submit([], events, durable, commands=rows, audit=audit)
+
+    def _notify(self, st: CommandState, events: list[Event]) -> None:
+        for watcher in st.watchers:
+            for e in events:
+                watcher.push_direct(e)

@@ -1,0 +1,694 @@
+"""The alert engine: lifecycle table, delay, hysteresis, latching, signal quality, escalation,
+technical alerts, NEWS2 alerts and snapshot order."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+
+import pytest
+
+from vitalwire.core.alerts import (
+    ACKNOWLEDGE,
+    ACKNOWLEDGE_ENDED,
+    ACKNOWLEDGED,
+    ACTIVE,
+    CONDITION_ENDED,
+    CONDITION_ENDED_LATCHING,
+    CONDITION_RETURNED,
+    ESCALATE,
+    EVENTS,
+    RAISE_PRIORITY,
+    RESOLVED,
+    STATES,
+    TRANSITIONS,
+    AlertChange,
+    AlertConfig,
+    IllegalTransition,
+    News2Change,
+    PatientAlerts,
+    transition,
+)
+from vitalwire.core.errors import Conflict, InvalidMessage, NotFound
+from vitalwire.core.limits import DEFAULT_LIMITS, override_limits
+
+P = "P1"
+Row = tuple[str, str, str, str, float]  # action, condition, priority, state, at
+
+
+def summary(changes: Iterable[object], *conditions: str) -> list[Row]:
+    """Alert changes as (action, condition, priority, state, at), optionally of some conditions."""
+    return [
+        (c.action, c.condition, c.priority, c.state, c.at)
+        for c in changes
+        if isinstance(c, AlertChange) and (not conditions or c.condition in conditions)
+    ]
+
+
+def feed(
+    engine: PatientAlerts,
+    times: Iterable[float],
+    values: dict[str, float | bool],
+    device: str = "d1",
+) -> list[object]:
+    """One reading per time, then a tick at the same time (like the server's 1 s chore)."""
+    out: list[object] = []
+    for t in times:
+        out += engine.on_reading(t, device, values)
+        out += engine.tick(t)
+    return out
+
+
+def ticks(engine: PatientAlerts, times: Iterable[float]) -> list[object]:
+    out: list[object] = []
+    for t in times:
+        out += engine.tick(t)
+    return out
+
+
+def only_id(engine: PatientAlerts, condition: str) -> str:
+    (alert,) = [a for a in engine.active() if a.condition == condition]
+    return alert.alert_id
+
+
+# -- the lifecycle table -----------------------------------------------------------------------
+
+
+def test_transition_table() -> None:
+    assert dict(TRANSITIONS) == {
+        (ACTIVE, ACKNOWLEDGE): ACKNOWLEDGED,
+        (ACTIVE, ACKNOWLEDGE_ENDED): RESOLVED,
+        (ACTIVE, CONDITION_ENDED): RESOLVED,
+        (ACTIVE, CONDITION_ENDED_LATCHING): ACTIVE,
+        (ACTIVE, CONDITION_RETURNED): ACTIVE,
+        (ACTIVE, ESCALATE): ACTIVE,
+        (ACTIVE, RAISE_PRIORITY): ACTIVE,
+        (ACKNOWLEDGED, CONDITION_ENDED): RESOLVED,
+        (ACKNOWLEDGED, RAISE_PRIORITY): ACTIVE,
+    }
+
+
+@pytest.mark.parametrize(("move", "new_state"), sorted(TRANSITIONS.items()))
+def test_every_legal_transition(move: tuple[str, str], new_state: str) -> None:
+    assert transition(*move) == new_state
+
+
+ILLEGAL = sorted(set(itertools.product(STATES, EVENTS)) - set(TRANSITIONS))
+
+
+@pytest.mark.parametrize(("state", "event"), ILLEGAL)
+def test_every_illegal_transition_raises(state: str, event: str) -> None:
+    with pytest.raises(IllegalTransition):
+        transition(state, event)
+
+
+def test_illegal_transition_is_a_conflict() -> None:
+    assert issubclass(IllegalTransition, Conflict)
+    assert len(ILLEGAL) == len(STATES) * len(EVENTS) - len(TRANSITIONS)
+
+
+# -- delay, critical, hysteresis ---------------------------------------------------------------
+
+
+def test_spo2_alert_waits_for_delay() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 16), {"spo2": 88.0})
+    (change,) = [c for c in out if isinstance(c, AlertChange)]
+    assert change == AlertChange(
+        action="raised",
+        alert_id="P1:spo2_low:15000",
+        patient_id=P,
+        condition="spo2_low",
+        priority="medium",
+        category="physiological",
+        state="active",
+        metric="spo2",
+        value=88.0,
+        limit=90,
+        at=15.0,
+        message="SpO2 88 % below limit 90 %",
+    )
+
+
+def test_delay_restarts_when_value_comes_back_inside() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 10), {"spo2": 88.0})
+    out += feed(engine, [10], {"spo2": 95.0})
+    out += feed(engine, range(11, 27), {"spo2": 88.0})
+    assert summary(out) == [("raised", "spo2_low", "medium", "active", 26.0)]
+
+
+def test_tick_raises_from_held_value_reported_by_exception() -> None:
+    engine = PatientAlerts(P)
+    assert summary(engine.on_reading(0.0, "d1", {"hr": 130.0})) == []
+    assert summary(ticks(engine, [5.0, 9.0])) == []
+    assert summary(engine.tick(10.0)) == [("raised", "hr_high", "medium", "active", 10.0)]
+
+
+def test_critical_value_raises_at_once() -> None:
+    engine = PatientAlerts(P)
+    out = engine.on_reading(0.0, "d1", {"spo2": 84.0})
+    (change,) = [c for c in out if isinstance(c, AlertChange)]
+    assert (change.action, change.priority, change.limit, change.message) == (
+        "raised",
+        "high",
+        85,
+        "SpO2 84 % below critical limit 85 %",
+    )
+
+
+def test_medium_alert_escalates_to_high_on_critical_value() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 11), {"hr": 130.0})
+    out += feed(engine, [11], {"hr": 145.0})
+    assert summary(out) == [
+        ("raised", "hr_high", "medium", "active", 10.0),
+        ("priority_changed", "hr_high", "high", "active", 11.0),
+    ]
+    assert [c.message for c in out if isinstance(c, AlertChange)][-1] == (
+        "Heart rate 145 /min above critical limit 140 /min"
+    )
+
+
+def test_priority_does_not_fall_back_within_an_alert() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 11), {"hr": 130.0})
+    feed(engine, [11], {"hr": 145.0})
+    assert summary(feed(engine, range(12, 30), {"hr": 130.0})) == []
+    assert [a.priority for a in engine.active()] == ["high"]
+
+
+def test_hysteresis_needs_deadband_for_clear_time() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 11), {"hr": 130.0})
+    # 119 is inside the 120 limit but not by the 2 /min deadband: the condition goes on.
+    assert summary(feed(engine, range(11, 40), {"hr": 119.0})) == []
+    # 118 for 4 s, then back to 119: the clear timer restarts.
+    assert summary(feed(engine, range(40, 44), {"hr": 118.0})) == []
+    assert summary(feed(engine, [44], {"hr": 119.0})) == []
+    out = feed(engine, range(45, 51), {"hr": 118.0})
+    assert summary(out) == [("resolved", "hr_high", "medium", "resolved", 50.0)]
+    assert [c.message for c in out if isinstance(c, AlertChange)] == [
+        "Heart rate back to 118 /min (limit 120 /min)"
+    ]
+
+
+# -- latching ----------------------------------------------------------------------------------
+
+
+def test_medium_alert_does_not_latch() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 11), {"rr": 35.0})
+    out = feed(engine, range(11, 17), {"rr": 20.0})
+    assert summary(out) == [("resolved", "rr_high", "medium", "resolved", 16.0)]
+    assert engine.active() == []
+
+
+def test_acknowledged_medium_alert_resolves_when_condition_ends() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 11), {"rr": 35.0})
+    out = engine.acknowledge(only_id(engine, "rr_high"), "nurse", 12.0)
+    out += feed(engine, range(13, 19), {"rr": 20.0})
+    assert summary(out) == [
+        ("acknowledged", "rr_high", "medium", "acknowledged", 12.0),
+        ("resolved", "rr_high", "medium", "resolved", 18.0),
+    ]
+
+
+def test_high_alert_latches_until_acknowledged() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    assert summary(feed(engine, range(1, 30), {"spo2": 97.0})) == []
+    (alert,) = engine.active()
+    assert (alert.state, alert.latched) == ("active", True)
+    out = engine.acknowledge(alert.alert_id, "nurse", 31.0)
+    assert summary(out) == [("resolved", "spo2_low", "high", "resolved", 31.0)]
+    change = out[0]
+    assert isinstance(change, AlertChange)
+    assert (change.by, change.message) == (
+        "nurse",
+        "acknowledged by nurse after the condition ended",
+    )
+    assert engine.active() == []
+
+
+def test_acknowledged_high_alert_resolves_when_condition_ends() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    out = engine.acknowledge(only_id(engine, "spo2_low"), "nurse", 1.0)
+    out += feed(engine, range(2, 8), {"spo2": 97.0})
+    assert summary(out) == [
+        ("acknowledged", "spo2_low", "high", "acknowledged", 1.0),
+        ("resolved", "spo2_low", "high", "resolved", 7.0),
+    ]
+
+
+def test_latched_alert_whose_condition_returns_is_the_same_alert() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    alert_id = only_id(engine, "spo2_low")
+    feed(engine, range(1, 10), {"spo2": 97.0})
+    assert summary(feed(engine, [10], {"spo2": 83.0})) == []
+    (alert,) = engine.active()
+    assert (alert.alert_id, alert.latched) == (alert_id, False)
+    out = engine.acknowledge(alert_id, "nurse", 11.0)
+    assert summary(out) == [("acknowledged", "spo2_low", "high", "acknowledged", 11.0)]
+
+
+def test_acknowledgement_records_who_and_when() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    engine.acknowledge(only_id(engine, "spo2_low"), "dr.who", 3.5)
+    (alert,) = engine.active()
+    assert (alert.state, alert.acknowledged_by, alert.acknowledged_at) == (
+        "acknowledged",
+        "dr.who",
+        3.5,
+    )
+
+
+def test_acknowledging_unknown_alert_is_not_found() -> None:
+    engine = PatientAlerts(P)
+    with pytest.raises(NotFound) as err:
+        engine.acknowledge("P1:spo2_low:0", "nurse", 1.0)
+    assert err.value.field == "alert_id"
+
+
+def test_acknowledging_twice_is_a_conflict() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    alert_id = only_id(engine, "spo2_low")
+    engine.acknowledge(alert_id, "nurse", 1.0)
+    with pytest.raises(Conflict, match="already acknowledged"):
+        engine.acknowledge(alert_id, "nurse", 2.0)
+
+
+def test_acknowledging_a_resolved_alert_is_a_conflict() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 11), {"rr": 35.0})
+    alert_id = only_id(engine, "rr_high")
+    feed(engine, range(11, 17), {"rr": 20.0})
+    with pytest.raises(Conflict, match="already resolved"):
+        engine.acknowledge(alert_id, "nurse", 20.0)
+
+
+def test_acknowledgement_needs_a_name() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    with pytest.raises(InvalidMessage) as err:
+        engine.acknowledge(only_id(engine, "spo2_low"), "", 1.0)
+    assert err.value.field == "by"
+
+
+def test_acknowledged_alert_that_gets_worse_is_active_again() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 11), {"hr": 130.0})
+    engine.acknowledge(only_id(engine, "hr_high"), "nurse", 11.0)
+    out = feed(engine, [12], {"hr": 150.0})
+    assert summary(out) == [("priority_changed", "hr_high", "high", "active", 12.0)]
+    (alert,) = engine.active()
+    assert (alert.acknowledged_by, alert.acknowledged_at) == (None, None)
+    # it escalates again, one high-priority interval after the rise
+    out = feed(engine, range(13, 73), {"hr": 150.0})
+    assert summary(out, "hr_high") == [("escalated", "hr_high", "high", "active", 72.0)]
+
+
+# -- signal quality ----------------------------------------------------------------------------
+
+
+def test_probe_off_suppresses_spo2_and_raises_probe_off() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 10), {"spo2": 88.0, "pulse": 80.0})
+    out += feed(engine, range(10, 22), {"probe": False})
+    out += feed(engine, range(22, 38), {"spo2": 88.0, "pulse": 80.0, "probe": True})
+    assert summary(out) == [
+        ("raised", "probe_off", "medium", "active", 20.0),
+        ("resolved", "probe_off", "medium", "resolved", 27.0),
+        # the SpO2 delay started again when the probe came back
+        ("raised", "spo2_low", "medium", "active", 37.0),
+    ]
+    raised = [c for c in out if isinstance(c, AlertChange)][0]
+    assert (raised.category, raised.device) == ("technical", "d1")
+
+
+def test_values_sent_with_probe_off_are_ignored() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 30), {"spo2": 70.0, "pulse": 30.0, "probe": False})
+    assert summary(out) == [("raised", "probe_off", "medium", "active", 10.0)]
+
+
+def test_low_perfusion_suppresses_spo2_and_raises_poor_signal() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 12), {"spo2": 80.0, "pi": 0.2})
+    assert summary(out) == [("raised", "poor_signal", "medium", "active", 10.0)]
+    out = feed(engine, [12], {"spo2": 80.0, "pi": 1.5})
+    assert summary(out) == [("raised", "spo2_low", "high", "active", 12.0)]
+    poor = [a for a in engine.active() if a.condition == "poor_signal"][0]
+    assert (poor.metric, poor.value, poor.limit) == ("pi", 0.2, 0.3)
+
+
+def test_probe_off_does_not_suppress_ecg_heart_rate() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, [0], {"hr": 150.0, "probe": False})
+    assert summary(out) == [("raised", "hr_high", "high", "active", 0.0)]
+
+
+def test_short_probe_off_raises_nothing() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 9), {"probe": False})
+    out += feed(engine, range(9, 20), {"spo2": 97.0})
+    assert summary(out) == []
+
+
+# -- technical alerts --------------------------------------------------------------------------
+
+
+def test_device_offline_raised_and_resolved_on_online() -> None:
+    engine = PatientAlerts(P)
+    engine.on_reading(0.0, "d1", {"hr": 70.0})
+    out = engine.on_device_status(5.0, "d1", "offline")
+    out += engine.on_device_status(9.0, "d1", "online")
+    assert summary(out) == [
+        ("raised", "device_offline", "medium", "active", 5.0),
+        ("resolved", "device_offline", "medium", "resolved", 9.0),
+    ]
+    assert [c.message for c in out if isinstance(c, AlertChange)] == [
+        "Device d1 offline",
+        "Device d1 back online",
+    ]
+
+
+def test_values_of_an_offline_device_raise_nothing() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 5), {"spo2": 88.0})
+    engine.on_device_status(5.0, "d1", "offline")
+    assert summary(ticks(engine, range(6, 40)), "spo2_low") == []
+
+
+def test_unknown_device_status_is_rejected() -> None:
+    engine = PatientAlerts(P)
+    with pytest.raises(InvalidMessage) as err:
+        engine.on_device_status(0.0, "d1", "sleeping")
+    assert err.value.field == "status"
+
+
+def test_unbinding_a_device_resolves_its_technical_alerts() -> None:
+    engine = PatientAlerts(P)
+    engine.on_reading(0.0, "d1", {"battery": 5.0})
+    out = engine.on_device_status(1.0, "d1", "offline")
+    out += engine.on_device_status(2.0, "d1", "unbound")
+    assert summary(out) == [
+        ("raised", "device_offline", "medium", "active", 1.0),
+        ("resolved", "device_offline", "medium", "resolved", 2.0),
+        ("resolved", "low_battery", "medium", "resolved", 2.0),
+    ]
+    assert engine.active() == []
+
+
+def test_low_battery_priorities_and_hysteresis() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, [0], {"battery": 19.0})
+    out += feed(engine, [1], {"battery": 9.0})
+    out += feed(engine, [2], {"battery": 21.0})
+    out += feed(engine, [3], {"battery": 22.0})
+    assert summary(out) == [
+        ("raised", "low_battery", "low", "active", 0.0),
+        ("priority_changed", "low_battery", "medium", "active", 1.0),
+        ("resolved", "low_battery", "medium", "resolved", 3.0),
+    ]
+    assert [c.message for c in out if isinstance(c, AlertChange)][:2] == [
+        "Battery 19 % below 20 % on device d1",
+        "Battery 9 % below 10 % on device d1",
+    ]
+
+
+def test_alerts_are_per_device() -> None:
+    engine = PatientAlerts(P)
+    engine.on_reading(0.0, "a", {"hr": 70.0})
+    engine.on_reading(0.0, "b", {"hr": 70.0})
+    out = engine.on_device_status(1.0, "a", "offline")
+    out += engine.on_device_status(1.0, "b", "offline")
+    assert [c.alert_id for c in out if isinstance(c, AlertChange)] == [
+        "P1:device_offline:1000",
+        "P1:device_offline:1000-2",
+    ]
+
+
+# -- escalation --------------------------------------------------------------------------------
+
+
+def test_unacknowledged_high_alert_escalates_every_60_s() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    out = ticks(engine, range(1, 125))
+    escalated = [c for c in out if isinstance(c, AlertChange) and c.condition == "spo2_low"]
+    assert [(c.at, c.escalation_level) for c in escalated] == [
+        (60.0, 1),
+        (120.0, 2),
+    ]
+    assert summary(escalated)[0] == ("escalated", "spo2_low", "high", "active", 60.0)
+
+
+def test_unacknowledged_medium_alert_escalates_every_180_s() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 11), {"rr": 35.0})
+    out = ticks(engine, range(11, 400))
+    escalated = [c for c in out if isinstance(c, AlertChange) and c.condition == "rr_high"]
+    assert [(c.at, c.escalation_level) for c in escalated] == [
+        (190.0, 1),
+        (370.0, 2),
+    ]
+
+
+def test_low_priority_alert_never_escalates() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"battery": 15.0})
+    assert summary(ticks(engine, range(1, 2000))) == []
+
+
+def test_acknowledged_alert_does_not_escalate() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    engine.acknowledge(only_id(engine, "spo2_low"), "nurse", 30.0)
+    assert summary(ticks(engine, range(31, 300)), "spo2_low") == []
+
+
+def test_escalation_interval_is_configurable() -> None:
+    engine = PatientAlerts(P, config=AlertConfig(escalation_high_s=10.0))
+    feed(engine, [0], {"spo2": 84.0})
+    out = ticks(engine, range(1, 31))
+    assert [(c.at, c.escalation_level) for c in out if isinstance(c, AlertChange)] == [
+        (10.0, 1),
+        (20.0, 2),
+        (30.0, 3),
+    ]
+
+
+def test_latched_alert_keeps_escalating() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"spo2": 84.0})
+    out = feed(engine, range(1, 61), {"spo2": 98.0})
+    assert summary(out) == [("escalated", "spo2_low", "high", "active", 60.0)]
+
+
+# -- NEWS2 -------------------------------------------------------------------------------------
+
+
+def test_news2_is_none_before_the_first_vital() -> None:
+    engine = PatientAlerts(P)
+    assert engine.news2() is None
+    assert engine.snapshot() == {"alerts": [], "news2": None}
+
+
+def test_news2_change_when_the_band_changes() -> None:
+    engine = PatientAlerts(P)
+    first = engine.on_reading(0.0, "d1", {"rr": 16.0})
+    same = engine.on_reading(1.0, "d1", {"rr": 18.0})
+    worse = engine.on_reading(2.0, "d1", {"rr": 25.0})
+    assert first == [
+        News2Change(
+            patient_id=P,
+            total=0,
+            band="low",
+            previous_band=None,
+            parameters={
+                "rr": 0,
+                "spo2": 0,
+                "on_oxygen": 0,
+                "sbp": 0,
+                "pulse": 0,
+                "consciousness": 0,
+                "temp_c": 0,
+            },
+            missing=("spo2", "on_oxygen", "sbp", "pulse", "consciousness", "temp_c"),
+            scale=1,
+            at=0.0,
+        )
+    ]
+    assert same == []
+    assert [(c.band, c.previous_band, c.total) for c in worse if isinstance(c, News2Change)] == [
+        ("low_medium", "low", 3)
+    ]
+
+
+def test_news2_medium_alert_after_the_band_holds_and_resolved_when_it_drops() -> None:
+    engine = PatientAlerts(P, config=AlertConfig(news2_delay_s=30.0))
+    out = feed(engine, range(0, 31), {"rr": 25.0})  # 3 points: low-medium band
+    out += feed(engine, range(31, 37), {"rr": 16.0})
+    assert summary(out) == [
+        ("raised", "news2_medium", "medium", "active", 30.0),
+        ("resolved", "news2_medium", "medium", "resolved", 36.0),
+    ]
+
+
+def test_news2_high_supersedes_news2_medium() -> None:
+    engine = PatientAlerts(P, config=AlertConfig(news2_delay_s=0.0))
+    engine.set_observations(0.0, on_oxygen=False, consciousness="alert")
+    out = feed(engine, [0], {"rr": 25.0, "spo2": 97.0})
+    out += engine.set_observations(1.0, consciousness="voice")  # 3 + 3 = 6: medium
+    out += engine.set_observations(2.0, on_oxygen=True)  # + 2 = 8: high
+    assert summary(out, "news2_medium", "news2_high") == [
+        ("raised", "news2_medium", "medium", "active", 0.0),
+        ("raised", "news2_high", "high", "active", 2.0),
+        ("resolved", "news2_medium", "medium", "resolved", 2.0),
+    ]
+    bands = [(c.previous_band, c.band) for c in out if isinstance(c, News2Change)]
+    assert bands == [(None, "low_medium"), ("low_medium", "medium"), ("medium", "high")]
+
+
+def test_news2_high_falls_back_to_news2_medium() -> None:
+    engine = PatientAlerts(P, config=AlertConfig(news2_delay_s=0.0))
+    engine.set_observations(0.0, on_oxygen=True, consciousness="voice")
+    feed(engine, [0], {"rr": 25.0})  # 2 + 3 + 3 = 8: high
+    out = engine.set_observations(1.0, on_oxygen=False)  # 6: medium
+    out += ticks(engine, range(2, 7))
+    assert summary(out) == [
+        ("resolved", "news2_high", "high", "resolved", 6.0),
+        ("raised", "news2_medium", "medium", "active", 6.0),
+    ]
+
+
+def test_stale_vitals_drop_out_of_news2() -> None:
+    engine = PatientAlerts(P, config=AlertConfig(news2_max_age_s=60.0))
+    engine.on_reading(0.0, "d1", {"rr": 25.0})
+    out = engine.tick(61.0)
+    assert [(c.band, c.missing[0]) for c in out if isinstance(c, News2Change)] == [("low", "rr")]
+
+
+def test_set_observations_validates() -> None:
+    engine = PatientAlerts(P)
+    for kwargs, field in [
+        ({"consciousness": "sleepy"}, "consciousness"),
+        ({"scale": 3}, "scale"),
+        ({"on_oxygen": 1}, "on_oxygen"),
+    ]:
+        with pytest.raises(InvalidMessage) as err:
+            engine.set_observations(0.0, **kwargs)  # type: ignore[arg-type]
+        assert err.value.field == field
+
+
+def test_scale_2_changes_the_spo2_points() -> None:
+    engine = PatientAlerts(P)
+    engine.on_reading(0.0, "d1", {"spo2": 89.0, "probe": True})
+    news = engine.news2()
+    assert news is not None and news.points["spo2"] == 3
+    engine.set_observations(1.0, scale=2)
+    news = engine.news2()
+    assert news is not None and (news.scale, news.points["spo2"]) == (2, 0)
+
+
+# -- limits, snapshot, ids, restore -------------------------------------------------------------
+
+
+def test_patient_limits_apply() -> None:
+    limits = override_limits(DEFAULT_LIMITS, {"spo2": {"low": 86, "critical_low": 80}})
+    engine = PatientAlerts(P, limits)
+    assert summary(feed(engine, range(0, 30), {"spo2": 87.0})) == []
+    engine.set_limits(DEFAULT_LIMITS.to_dict())
+    assert engine.limits == DEFAULT_LIMITS
+    assert summary(feed(engine, range(30, 46), {"spo2": 87.0})) == [
+        ("raised", "spo2_low", "medium", "active", 45.0)
+    ]
+
+
+def test_snapshot_lists_active_alerts_highest_priority_first_then_oldest() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, [0], {"battery": 15.0})  # low
+    feed(engine, range(1, 12), {"rr": 35.0})  # medium rr_high at 11
+    feed(engine, [12], {"spo2": 84.0})  # high at 12
+    engine.on_device_status(13.0, "d2", "offline")  # medium at 13
+    snap = engine.snapshot()
+    assert [(a["condition"], a["priority"]) for a in snap["alerts"]] == [
+        ("spo2_low", "high"),
+        ("rr_high", "medium"),
+        ("device_offline", "medium"),
+        ("low_battery", "low"),
+    ]
+    assert snap["alerts"][0] == {
+        "alert_id": "P1:spo2_low:12000",
+        "patient_id": P,
+        "condition": "spo2_low",
+        "priority": "high",
+        "category": "physiological",
+        "state": "active",
+        "raised_at": 12.0,
+        "updated_at": 12.0,
+        "metric": "spo2",
+        "value": 84.0,
+        "limit": 85,
+        "device": None,
+        "latched": False,
+        "acknowledged_by": None,
+        "acknowledged_at": None,
+        "escalation_level": 0,
+        "resolved_at": None,
+        "message": "SpO2 84 % below critical limit 85 %",
+    }
+    assert snap["news2"]["band"] == "medium"  # spo2 3 + rr 3
+
+
+def test_alert_ids_are_deterministic() -> None:
+    engine = PatientAlerts("bed-7")
+    engine.on_reading(1_800_000_000.25, "d1", {"spo2": 80.0})
+    assert only_id(engine, "spo2_low") == "bed-7:spo2_low:1800000000250"
+
+
+def test_restore_puts_an_open_alert_back() -> None:
+    before = PatientAlerts(P)
+    out = feed(before, [0], {"spo2": 84.0})
+    out += ticks(before, range(1, 61))
+    last = [c for c in out if isinstance(c, AlertChange)][-1]
+    after = PatientAlerts(P)
+    after.restore(last.to_dict())
+    (alert,) = after.active()
+    assert (alert.alert_id, alert.priority, alert.state, alert.escalation_level) == (
+        "P1:spo2_low:0",
+        "high",
+        "active",
+        1,
+    )
+    assert summary(ticks(after, [119, 120])) == [("escalated", "spo2_low", "high", "active", 120)]
+    out = after.acknowledge(alert.alert_id, "nurse", 121.0)
+    assert summary(out) == [("acknowledged", "spo2_low", "high", "acknowledged", 121.0)]
+
+
+def test_restore_ignores_resolved_changes_and_rejects_garbage() -> None:
+    engine = PatientAlerts(P)
+    feed(engine, range(0, 11), {"rr": 35.0})
+    out = feed(engine, range(11, 17), {"rr": 20.0})
+    resolved = [c for c in out if isinstance(c, AlertChange)][-1]
+    fresh = PatientAlerts(P)
+    fresh.restore(resolved.to_dict())
+    assert fresh.active() == []
+    with pytest.raises(InvalidMessage):
+        fresh.restore({"alert_id": "x"})
+
+
+def test_changes_are_json_ready() -> None:
+    engine = PatientAlerts(P)
+    out: Sequence[object] = engine.on_reading(0.0, "d1", {"spo2": 84.0})
+    change = [c for c in out if isinstance(c, AlertChange)][0]
+    assert change.to_dict()["action"] == "raised"
+    news = [c for c in out if isinstance(c, News2Change)][0]
+    assert news.to_dict()["missing"] == ["rr", "on_oxygen", "sbp", "pulse", "consciousness",
+                                         "temp_c"]  # fmt: skip
