@@ -64,7 +64,7 @@ async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "conditi
 
 
 async def start_server(
-    tmp_path: Path, patients: int = 3, **overrides: Any
+    tmp_path: Path, patients: int = 3, clock: Any = None, **overrides: Any
 ) -> tuple[RunningServer, asyncio.Task[None]]:
     settings = Settings(
         db=f"sqlite:///{tmp_path / 'vitalwire.db'}",
@@ -72,7 +72,7 @@ async def start_server(
         jwt_secret="test-secret-" + "x" * 40,
         **overrides,
     )
-    app = create_app(settings)
+    app = create_app(settings) if clock is None else create_app(settings, clock)
     server = make_server(settings, app, "warning")
     server.install_signal_handlers = False  # type: ignore[attr-defined]
     task = asyncio.create_task(server.serve())

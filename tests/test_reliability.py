@@ -409,20 +409,45 @@ async def test_sdk_spool_survives_a_device_restart(server: RunningServer, tmp_pa
     assert DeviceClient(server.url, did, secret, spool_path=spool).unacked == 0
 
 
-async def test_device_restarted_without_spool_is_renumbered(server: RunningServer) -> None:
+@pytest.mark.parametrize("measured_offline", [2, 7])
+async def test_device_restarted_without_spool_is_renumbered(
+    server: RunningServer, measured_offline: int
+) -> None:
+    """Fewer or more new readings than the server has seen from the device's last life: none of
+    them may be mistaken for a duplicate."""
     did, secret, pid = server.device(0)
     async with DeviceClient(server.url, did, secret) as first:
         for _ in range(5):
             first.send(hr=70)
         await first.flush()
     second = DeviceClient(server.url, did, secret)  # lost its memory: numbering restarts at 1
-    second.send(hr=80)
-    second.send(hr=81)
+    for i in range(measured_offline):
+        second.send(hr=80 + i)
     async with second:
+        second.send(hr=99)
         await second.flush()
     events = await server.services.store.events_after(f"patient:{pid}", 0, 100)
     readings = [(e.data["seq"], e.data["hr"]) for e in events if e.kind == "reading"]
-    assert readings == [(1, 70.0), (2, 70.0), (3, 70.0), (4, 70.0), (5, 70.0), (6, 80.0), (7, 81.0)]
+    expected_new = [80.0 + i for i in range(measured_offline)] + [99.0]
+    assert readings == [(s, 70.0) for s in range(1, 6)] + [
+        (6 + i, hr) for i, hr in enumerate(expected_new)
+    ]
+
+
+async def test_sdk_never_sends_a_frame_past_the_servers_limit(tmp_path: Path) -> None:
+    srv, task = await start_server(tmp_path, patients=1, max_frame_bytes=1024)
+    did, secret, pid = srv.device(0)
+    try:
+        async with DeviceClient(srv.url, did, secret, max_batch=200) as dev:
+            await dev.wait_connected()
+            for _ in range(200):
+                dev.send(spo2=97, pulse=70, hr=70, rr=16, temp_c=36.9, pi=3.3, battery=80)
+            await dev.flush()
+        assert dev.errors == []
+        events = await srv.services.store.events_after(f"patient:{pid}", 0, 1000)
+        assert [e.data["seq"] for e in events if e.kind == "reading"] == list(range(1, 201))
+    finally:
+        await stop_server(srv, task)
 
 
 def test_sdk_buffer_is_bounded_and_drops_the_oldest() -> None:

@@ -16,6 +16,7 @@ from fastapi import FastAPI, WebSocket
 
 from vitalwire import __version__
 from vitalwire.bus import Bus, open_bus
+from vitalwire.core.alerts import AlertConfig
 from vitalwire.services.alerts import AlertService
 from vitalwire.services.auth import TokenService
 from vitalwire.services.clients import ClientSession
@@ -79,7 +80,12 @@ async def open_services(
             secret = secrets.token_urlsafe(48)
             await store.set_meta("jwt_secret", secret)
         registry = Registry(store, clock, streams, writer)
-        alerts = AlertService(store, streams, writer, clock)
+        alert_config = AlertConfig(
+            escalation_high_s=settings.alert_escalation_high_s,
+            escalation_medium_s=settings.alert_escalation_medium_s,
+            news2_max_age_s=settings.news2_max_age_s,
+        )
+        alerts = AlertService(store, streams, writer, clock, alert_config)
         await alerts.load()
         ingest = Ingest(
             store,

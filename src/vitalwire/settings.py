@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     client_queue_max: int = Field(5000, ge=2)
     #: A device sending no reading for 1.5 x this (or its hello's max_silence_s) is marked offline.
     device_max_silence_s: float = Field(30.0, ge=1, le=3600)
+    #: An unacknowledged high / medium priority alert escalates after this long (IEC 60601-1-8
+    #: leaves the time to the responsible organisation; see docs/alerts.md).
+    alert_escalation_high_s: float = Field(60.0, gt=0)
+    alert_escalation_medium_s: float = Field(180.0, gt=0)
+    #: Vitals older than this do not count in NEWS2.
+    news2_max_age_s: float = Field(3600.0, gt=0)
     #: Stream events older than this are deleted; a resume from before them gets recovered: false.
     retention_days: float = Field(30.0, gt=0)
     #: Streams one client connection may subscribe to.

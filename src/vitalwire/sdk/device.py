@@ -139,6 +139,10 @@ class DeviceClient:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.max_batch = max_batch
+        self.max_frame_bytes = 65536  # until the server's welcome says otherwise
+        # False until a welcome confirms our numbering continues the server's; a device that
+        # restarted without its spool must renumber readings the server has already seen
+        self._numbering_known = False
         self.seq = 0
         self.acked = 0
         self.dropped = 0
@@ -179,6 +183,7 @@ class DeviceClient:
         self._spool = db
         row = db.execute("SELECT v FROM state WHERE k = 'seq'").fetchone()
         self.seq = int(row[0]) if row else 0
+        self._numbering_known = row is not None  # the spool carries the numbering across runs
         for (body,) in db.execute("SELECT body FROM spool ORDER BY seq"):
             reading = msgspec.json.decode(body, type=wire.ReadingBody)
             self._buffer.append(reading)
@@ -499,8 +504,14 @@ class DeviceClient:
             raise ConnectionError(f"{welcome.code}: {welcome.message}")
         assert isinstance(welcome, wire.Welcome)
         self.patient_id = welcome.patient_id
-        if welcome.high_seq > self.seq:
+        first_unsent = self._buffer[0].seq if self._buffer else self.seq + 1
+        if welcome.high_seq > self.seq or (
+            not self._numbering_known and first_unsent <= welcome.high_seq
+        ):
+            # we restarted without our numbering: the server has seen these seqs already
             self._renumber(welcome.high_seq)
+        self._numbering_known = True
+        self.max_frame_bytes = welcome.max_frame_bytes
         await self._on_ack(welcome.last_seq)
         self._sent_upto = welcome.last_seq
         self.max_batch = min(self.max_batch, welcome.max_batch)
@@ -539,14 +550,20 @@ class DeviceClient:
                 await self._new.wait()
                 continue
             for i in range(0, len(pending), self.max_batch):
-                chunk = pending[i : i + self.max_batch]
-                if len(chunk) == 1:
-                    b = chunk[0]
-                    frame = wire.encode_text(wire.Reading(**_fields(b)))
-                else:
-                    frame = wire.encode_text(wire.Readings(chunk))
-                await ws.send(frame)
-                self._sent_upto = chunk[-1].seq
+                for chunk, frame in self._frames(pending[i : i + self.max_batch]):
+                    await ws.send(frame)
+                    self._sent_upto = chunk[-1].seq
+
+    def _frames(self, chunk: list[wire.ReadingBody]) -> list[tuple[list[wire.ReadingBody], str]]:
+        """Encode readings as frames within the server's frame limit (a frame refused whole
+        could let a later ack cover readings never stored, so none is ever sent too big)."""
+        if len(chunk) == 1:
+            return [(chunk, wire.encode_text(wire.Reading(**_fields(chunk[0]))))]
+        frame = wire.encode_text(wire.Readings(chunk))
+        if len(frame.encode()) <= self.max_frame_bytes:
+            return [(chunk, frame)]
+        half = len(chunk) // 2
+        return self._frames(chunk[:half]) + self._frames(chunk[half:])
 
     def _renumber(self, high: int) -> None:
         """The server has seen seqs up to ``high`` but we have not: we restarted without a spool.

@@ -216,7 +216,7 @@ class AlertService:
                         change.category,
                         change.state,
                         change.at,
-                        change.by if change.action == "acknowledged" else None,
+                        change.by,  # who acknowledged (on acknowledged, or on a latched resolve)
                         change.escalation_level,
                         json.dumps(data),
                     )

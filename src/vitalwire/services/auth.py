@@ -100,7 +100,13 @@ class TokenService:
                 token,
                 self._secret,
                 algorithms=[self.ALGORITHM],
-                options={"require": ["sub", "role", "exp"], "verify_exp": False},
+                # expiry is checked below against the injected clock, not the library's
+                options={
+                    "require": ["sub", "role", "exp"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
         except jwt.PyJWTError:
             raise Unauthenticated("token is invalid", field="token") from None

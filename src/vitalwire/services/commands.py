@@ -174,8 +174,10 @@ class CommandService:
         args = cc.validate(req.name, req.args)
         spec = cc.CATALOGUE[req.name]
         ttl = cc.check_window("ttl_s", req.ttl_s, cc.DEFAULT_TTL_S, cc.TTL_BOUNDS)
+        # a command that works for a window (request_data) answers when the window ends
+        window = float(args.get("duration_s", 0.0)) if req.name == "request_data" else 0.0
         timeout = cc.check_window(
-            "timeout_s", req.timeout_s, cc.DEFAULT_TIMEOUT_S, cc.TIMEOUT_BOUNDS
+            "timeout_s", req.timeout_s, max(cc.DEFAULT_TIMEOUT_S, window + 15.0), cc.TIMEOUT_BOUNDS
         )
         if req.idempotency_key is not None and not 1 <= len(req.idempotency_key) <= 128:
             raise InvalidMessage(

@@ -1,0 +1,250 @@
+"""Alerts through the real server: recorded ICU data, acknowledgement, limits, NEWS2, escalation.
+
+The server runs on a clock the test drives (time is injected), so a recording of 8 minutes
+replays in about a second while every delay, clear time and escalation runs in patient time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, need_data, start_server, stop_server
+from vitalwire import wire
+from vitalwire.sdk import DeviceClient, MonitorClient
+from vitalwire.simulator import read_bidmc
+
+START = 1_800_000_000.0
+
+
+class ManualClock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _replay(srv: RunningServer, clock: ManualClock, path: Path) -> list[dict[str, Any]]:
+    """Send each row at its own time, one second of patient time per row; return alert changes."""
+    did, secret, pid = srv.device(0)
+    async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+        for row in read_bidmc(path):
+            clock.now = START + row["t"]
+            srv.services.alerts.tick()
+            dev.send({k: v for k, v in row.items() if k != "t"}, ts=clock.now)
+            await dev.flush()
+    await srv.services.writer.flush()
+    events = await srv.services.store.events_after(f"patient:{pid}", 0, 100_000)
+    return [e.data for e in events if e.kind == "alert"]
+
+
+@pytest.fixture
+async def clocked(tmp_path: Path) -> Any:
+    clock = ManualClock()
+    srv, task = await start_server(tmp_path, patients=2, clock=clock, batch_max_wait_ms=0)
+    try:
+        yield srv, clock
+    finally:
+        await stop_server(srv, task)
+
+
+def raised(changes: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(c["condition"], c["priority"]) for c in changes if c["action"] == "raised"]
+
+
+async def test_bidmc_32_raises_a_high_priority_low_spo2_alert_at_once(clocked: Any) -> None:
+    srv, clock = clocked
+    changes = await _replay(srv, clock, need_data() / "bidmc_32_Numerics.csv")
+    first = next(c for c in changes if c["condition"] == "spo2_low")
+    assert (first["action"], first["priority"], first["at"]) == ("raised", "high", START)
+
+
+async def test_bidmc_22_raises_no_spo2_alert_with_the_default_delay(clocked: Any) -> None:
+    srv, clock = clocked
+    changes = await _replay(srv, clock, need_data() / "bidmc_22_Numerics.csv")
+    assert not [c for c in raised(changes) if c[0] == "spo2_low"]
+
+
+async def test_bidmc_25_raises_a_medium_high_pulse_alert_and_no_high_one(clocked: Any) -> None:
+    srv, clock = clocked
+    changes = await _replay(srv, clock, need_data() / "bidmc_25_Numerics.csv")
+    found = raised(changes)
+    assert ("pulse_high", "medium") in found or ("hr_high", "medium") in found
+    assert all(p != "high" for _, p in found), found
+
+
+async def test_bidmc_19_gaps_raise_a_technical_alert_not_a_desaturation(clocked: Any) -> None:
+    srv, clock = clocked
+    changes = await _replay(srv, clock, need_data() / "bidmc_19_Numerics.csv")
+    found = raised(changes)
+    assert ("probe_off", "medium") in [(c, p) for c, p in found]
+    assert all(c != "spo2_low" for c, _ in found)
+    probe = next(c for c in changes if c["condition"] == "probe_off")
+    assert probe["category"] == "technical"
+
+
+async def _monitor(srv: RunningServer, role: str = "clinician") -> MonitorClient:
+    user, pw = srv.user(role)
+    mon = MonitorClient(srv.url, username=user, password=pw)
+    await mon.connect()
+    return mon
+
+
+async def test_alert_lifecycle_over_the_client_socket(clocked: Any) -> None:
+    """Raised at once (critical), in both streams and the snapshot; the viewer may not
+    acknowledge; the clinician does (audited); it escalates when left alone; it latches."""
+    srv, clock = clocked
+    did, secret, pid = srv.device(0)
+    nurse = await _monitor(srv)
+    viewer = await _monitor(srv, "viewer")
+    try:
+        await nurse.subscribe(["alerts"])
+        async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+            dev.send(spo2=80, pulse=110, probe=True, pi=2.0)
+            await dev.flush()
+            alert = None
+            while alert is None:
+                e = await nurse.next_event()
+                if e.kind == "alert" and e.data["condition"] == "spo2_low":
+                    alert = e.data
+            assert (alert["action"], alert["priority"], alert["state"]) == (
+                "raised",
+                "high",
+                "active",
+            )
+            start = (await viewer.subscribe([f"patient:{pid}"]))[f"patient:{pid}"]
+            assert start.snapshot["alerts"][0]["alert_id"] == alert["alert_id"]
+
+            clock.now += 61  # unacknowledged for longer than the high-priority escalation time
+            srv.services.alerts.tick()
+            escalated = None
+            while escalated is None:
+                e = await nurse.next_event()
+                if e.kind == "alert" and e.data["action"] == "escalated":
+                    escalated = e.data
+            assert escalated["escalation_level"] == 1
+
+            denied = await viewer.request(wire.AckAlert(alert_id=alert["alert_id"]))
+            assert isinstance(denied, wire.Error) and denied.code == "forbidden"
+
+            clock.now += 1
+            dev.send(spo2=97, pulse=80, probe=True, pi=2.0)  # the condition ends ...
+            await dev.flush()
+            for _ in range(10):
+                clock.now += 1
+                srv.services.alerts.tick()
+            await srv.services.writer.flush()
+            open_ids = [
+                a["alert_id"]
+                for a in srv.services.streams.attach(f"patient:{pid}", _Nobody())[1]["alerts"]
+            ]
+            assert alert["alert_id"] in open_ids  # ... but a high-priority alert latches
+
+            ok = await nurse.request(wire.AckAlert(alert_id=alert["alert_id"]))
+            assert isinstance(ok, wire.Result), ok
+            states = [c["state"] for c in ok.data["changes"]]
+            assert states[-1] == "resolved" and ok.data["changes"][-1]["by"] == "clinician"
+    finally:
+        await nurse.close()
+        await viewer.close()
+    (entry,) = [a for a in await srv.services.store.audit_log(50) if a["action"] == "ack_alert"]
+    assert entry["actor"] == "clinician" and entry["origin"]
+    history = await srv.services.store.alerts_for(pid, 10)
+    row = next(r for r in history if r["alert_id"] == alert["alert_id"])
+    assert (row["state"], row["acknowledged_by"], row["escalation_level"]) == (
+        "resolved",
+        "clinician",
+        1,
+    )
+
+
+async def test_limit_override_is_validated_audited_and_applied(clocked: Any) -> None:
+    srv, clock = clocked
+    did, secret, pid = srv.device(0)
+    nurse = await _monitor(srv)
+    try:
+        bad = await nurse.request(wire.SetLimits(patient_id=pid, limits={"spo2": {"low": 120}}))
+        assert isinstance(bad, wire.Error) and bad.field == "limits.spo2.low"
+        ok = await nurse.request(wire.SetLimits(patient_id=pid, limits={"hr": {"high": 100}}))
+        assert isinstance(ok, wire.Result) and ok.data["limits"]["hr"]["high"] == 100
+        shown = await nurse.request(wire.GetLimits(patient_id=pid))
+        assert shown.data["limits"]["hr"]["high"] == 100
+        async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+            for _ in range(12):  # 105/min for 12 s: past the new limit longer than its delay
+                dev.send(hr=105)
+                await dev.flush()
+                clock.now += 1
+                srv.services.alerts.tick()
+        await srv.services.writer.flush()
+    finally:
+        await nurse.close()
+    (entry,) = [a for a in await srv.services.store.audit_log(50) if a["action"] == "set_limits"]
+    detail = json.loads(entry["detail"])
+    assert detail["old"]["hr"]["high"] == 120 and detail["new"]["hr"]["high"] == 100
+    events = await srv.services.store.events_after(f"patient:{pid}", 0, 1000)
+    assert ("hr_high", "medium") in raised([e.data for e in events if e.kind == "alert"])
+
+
+async def test_news2_observations_change_the_score(clocked: Any) -> None:
+    srv, clock = clocked
+    did, secret, pid = srv.device(0)
+    nurse = await _monitor(srv)
+    try:
+        await nurse.subscribe([f"patient:{pid}"])
+        async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+            dev.send(spo2=97, pulse=80, rr=16, temp_c=37.0, sbp=120, dbp=80, probe=True, pi=3.0)
+            await dev.flush()
+        first = None
+        while first is None:
+            e = await nurse.next_event()
+            if e.kind == "news2":
+                first = e.data
+        reply = await nurse.request(
+            wire.SetObservations(patient_id=pid, on_oxygen=True, consciousness="voice")
+        )
+        assert reply.data["observations"] == {"on_oxygen": True, "consciousness": "voice"}
+        second = None
+        while second is None:
+            e = await nurse.next_event()
+            if e.kind == "news2":
+                second = e.data
+        bad = await nurse.request(wire.SetObservations(patient_id=pid, consciousness="sleepy"))
+    finally:
+        await nurse.close()
+    assert (first["total"], first["band"]) == (0, "low")
+    assert second["total"] == 5 and second["band"] == "medium"  # oxygen 2 + new voice 3
+    assert isinstance(bad, wire.Error) and bad.field == "consciousness"
+
+
+async def test_alert_history_over_rest(clocked: Any) -> None:
+    srv, clock = clocked
+    did, secret, pid = srv.device(0)
+    async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+        dev.send(spo2=80, probe=True, pi=2.0)
+        await dev.flush()
+    await srv.services.writer.flush()
+    user, pw = srv.user("viewer")
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        token = (await http.post("/auth/login", json={"username": user, "password": pw})).json()
+        headers = {"Authorization": f"Bearer {token['access_token']}"}
+        got = await http.get(f"/patients/{pid}/alerts", headers=headers)
+        assert got.status_code == 200, got.text
+        rows = got.json()
+        missing = await http.get("/patients/nobody/alerts", headers=headers)
+        audit = await http.get("/audit", headers=headers)
+    assert sorted((r["condition"], r["priority"], r["state"]) for r in rows) == [
+        ("device_offline", "medium", "active"),  # the device closed its connection
+        ("spo2_low", "high", "active"),
+    ]
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    assert audit.status_code == 403
+
+
+class _Nobody:
+    def push(self, event: object) -> None:
+        pass
