@@ -13,10 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import wait_until
 from vitalwire.cli import app
 from vitalwire.sdk import MonitorClient
 
@@ -191,3 +193,80 @@ def test_demo_serves_a_live_ward_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     proc.stdout.close()
     assert code == 0, rest
     assert "vitalwire demo stopped" in rest
+
+
+async def _cli(*args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run the CLI in a child process without blocking the in-process server's loop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vitalwire.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+def test_alarms_report_prints_the_burden_table() -> None:
+    from tests.conftest import need_data
+
+    r = runner.invoke(app, ["alarms-report", str(need_data())])
+    assert r.exit_code == 0, r.output
+    rows = [line for line in r.output.splitlines() if line.startswith("| bidmc_")]
+    assert len(rows) == 5
+    assert "spo2_low" in next(line for line in rows if "bidmc_32" in line)
+
+
+async def test_limits_observe_and_command_through_a_running_server(server: Any) -> None:
+    from vitalwire.simulator import SimDevice, SimState, run_device
+
+    did, secret, pid = server.device(0)
+    base = ["--url", server.url, "--user", "clinician", "--password", "vitalwire-clinician"]
+    code, out = await _cli("limits", "set", pid, "spo2.low=88", *base)
+    assert code == 0 and json.loads(out)["spo2"]["low"] == 88, out
+    code, out = await _cli("limits", "set", pid, "spo2.low=abc", *base)
+    assert code != 0 and "spo2.low must be a number" in out
+    code, out = await _cli("limits", "show", pid, *base)
+    assert code == 0 and json.loads(out)["spo2"]["low"] == 88
+    code, out = await _cli("observe", pid, "--on-oxygen", "--scale", "2", *base)
+    assert code == 0 and json.loads(out) == {"on_oxygen": True, "scale": 2}, out
+
+    state = SimState()
+    stop = asyncio.Event()
+    sim = asyncio.create_task(
+        run_device(server.url, SimDevice(did, secret, pid), rate_hz=5, stop=stop, state=state)
+    )
+    try:
+        await wait_until(lambda: did in server.services.ingest.sessions, 10, "device online")
+        code, out = await _cli("command", pid, "set_interval", "interval_s=0.5", *base)
+        assert code == 0, out
+        assert re.search(r"cmd-\w+ completed", out) and state.interval_s == 0.5
+        code, out = await _cli("command", pid, "silence", "duration_s=600", *base)
+        assert code == 1 and "duration_s must be between 1 and 120, got 600" in out
+        code, out = await _cli("command", pid, "reset", *base)
+        assert code == 0 and "completed" in out, out
+        await wait_until(
+            lambda: state.resets == 1 and did in server.services.ingest.sessions,
+            10,
+            "device back after reset",
+        )
+        code, out = await _cli(
+            "command",
+            pid,
+            "reset",
+            "--user",
+            "viewer",
+            "--password",
+            "vitalwire-viewer",
+            "--url",
+            server.url,
+        )
+        assert code == 1 and "role viewer may not send commands" in out
+    finally:
+        stop.set()
+        client = await asyncio.wait_for(sim, 30)
+    assert client.connections >= 2  # reset really reconnected

@@ -386,7 +386,7 @@ def alarms_report(
     naive alarm-on-every-reading rule (a Markdown table)."""
     from vitalwire.alarms_report import render_markdown, report
 
-    console.print(render_markdown(report(folder)), markup=False, highlight=False)
+    typer.echo(render_markdown(report(folder)))
 
 
 # -- admin ------------------------------------------------------------------------------------
