@@ -22,6 +22,10 @@ admin_app = typer.Typer(
     help="Administer patients, devices, bindings and users.", no_args_is_help=True
 )
 app.add_typer(admin_app, name="admin")
+bench_app = typer.Typer(
+    help="Measure the server beside a baseline from the same run.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 DbOpt = Annotated[
@@ -387,6 +391,66 @@ def alarms_report(
     from vitalwire.alarms_report import render_markdown, report
 
     typer.echo(render_markdown(report(folder)))
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")]
+
+
+@bench_app.command("ingest")
+def bench_ingest_cmd(
+    devices: Annotated[int, typer.Option(help="Device connections.")] = 20,
+    readings: Annotated[int, typer.Option(help="Readings in all.")] = 20_000,
+    batch: Annotated[int, typer.Option(help="Readings per device frame.")] = 200,
+    json_path: JsonOpt = None,
+) -> None:
+    """Durable ingest (readings acknowledged per second) beside a direct store write."""
+    from rich.table import Table
+
+    from vitalwire.bench import bench_ingest, write_json
+
+    r = asyncio.run(bench_ingest(devices, readings, batch))
+    t = Table(title=f"ingest: {r['readings']} readings from {devices} devices")
+    t.add_column("")
+    t.add_column("readings/s", justify="right")
+    t.add_row(
+        "vitalwire (validated, deduplicated, durable, acked)",
+        f"{r['vitalwire_readings_per_s']:,.0f}",
+    )
+    t.add_row(
+        "baseline: same rows straight into SQLite",
+        f"{r['baseline_direct_store_readings_per_s']:,.0f}",
+    )
+    t.add_row("ratio", f"{r['ratio']:.2f}")
+    console.print(t)
+    if json_path:
+        write_json(json_path, r)
+
+
+@bench_app.command("commands")
+def bench_commands_cmd(
+    count: Annotated[int, typer.Option(help="Commands to send, one after another.")] = 200,
+    json_path: JsonOpt = None,
+) -> None:
+    """Command round trip (client -> server -> device -> server -> client) beside a ping."""
+    from rich.table import Table
+
+    from vitalwire.bench import bench_commands, write_json
+
+    r = asyncio.run(bench_commands(count))
+    t = Table(title=f"command round trip, {count} commands")
+    for col in ("", "p50 ms", "p99 ms", "max ms"):
+        t.add_column(col, justify="right" if col else "left")
+    for name, key in (
+        ("vitalwire command (4 durable states)", "vitalwire_command_round_trip_ms"),
+        ("baseline: ping -> pong, same socket", "baseline_ping_round_trip_ms"),
+    ):
+        p = r[key]
+        t.add_row(name, f"{p['p50']:.2f}", f"{p['p99']:.2f}", f"{p['max']:.2f}")
+    console.print(t)
+    if json_path:
+        write_json(json_path, r)
 
 
 # -- admin ------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ class Settings(BaseSettings):
     sqlite_synchronous: str = "NORMAL"
     #: A write batch holds at most this many rows ...
     batch_max_rows: int = Field(500, ge=1, le=10_000)
-    #: ... and waits at most this long for more rows before it commits.
-    batch_max_wait_ms: float = Field(5.0, ge=0, le=50)
+    #: ... and waits at most this long for more rows before it commits. 0: commit at once;
+    #: rows arriving while a commit runs form the next batch (group commit) - lowest latency.
+    batch_max_wait_ms: float = Field(0.0, ge=0, le=50)
     #: Past this many uncommitted rows the server stops reading device frames until the writer
     #: catches up (backpressure through TCP; devices buffer meanwhile).
     max_pending_rows: int = Field(50_000, ge=1000)
