@@ -82,6 +82,7 @@ async def start_server(
     port = server.servers[0].sockets[0].getsockname()[1]
     svc: Services = app.state.services
     creds = await provision_ward(svc.store, patients=patients, registry=svc.registry)
+    await svc.access.refresh()
     await svc.writer.flush()
     url = f"http://127.0.0.1:{port}"
     return RunningServer(url, f"ws://127.0.0.1:{port}", svc, creds, server), task

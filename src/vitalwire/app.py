@@ -16,9 +16,12 @@ from fastapi import FastAPI, WebSocket
 
 from vitalwire import __version__
 from vitalwire.bus import Bus, open_bus
+from vitalwire.core import access as policy
 from vitalwire.core.alerts import AlertConfig
+from vitalwire.core.commands import CommandSpec
+from vitalwire.services.access import Access
 from vitalwire.services.alerts import AlertService
-from vitalwire.services.auth import TokenService
+from vitalwire.services.auth import Principal, TokenService
 from vitalwire.services.clients import ClientSession
 from vitalwire.services.commands import CommandService
 from vitalwire.services.ingest import Ingest
@@ -37,6 +40,8 @@ log = logging.getLogger("vitalwire")
 
 #: How often each changed stream's live picture is saved (restart rebuilds from it).
 SNAPSHOT_EVERY_S = 30.0
+#: Care teams edited outside this process (the admin CLI) apply within this many seconds.
+ACCESS_REFRESH_S = 5.0
 #: How long shutdown waits for the store before giving up (nothing unacked is lost: devices resend).
 STOP_TIMEOUT_S = 10.0
 
@@ -56,6 +61,7 @@ class Services:
     tokens: TokenService
     alerts: AlertService
     commands: CommandService
+    access: Access
     clients: set[ClientSession] = field(default_factory=set)
 
 
@@ -85,7 +91,9 @@ async def open_services(
             escalation_medium_s=settings.alert_escalation_medium_s,
             news2_max_age_s=settings.news2_max_age_s,
         )
-        alerts = AlertService(store, streams, writer, clock, alert_config)
+        access = Access(store, writer, clock, settings.break_glass_s)
+        await access.refresh()
+        alerts = AlertService(store, streams, writer, clock, alert_config, access)
         await alerts.load()
         ingest = Ingest(
             store,
@@ -100,7 +108,9 @@ async def open_services(
             alerts=alerts,
         )
         ingest.expect_back(streams.online_devices(), restarted_at)
-        commands = CommandService(store, streams, writer, ingest, clock)
+        commands = CommandService(
+            store, streams, writer, ingest, clock, authorize=_command_access(access)
+        )
         svc = Services(
             settings,
             clock,
@@ -113,6 +123,7 @@ async def open_services(
             TokenService(secret, settings.token_ttl_s),
             alerts,
             commands,
+            access,
         )
         writer.start()
         await commands.load()
@@ -120,6 +131,9 @@ async def open_services(
             asyncio.create_task(_every(1.0, lambda: _check_silence(svc)), name="silence"),
             asyncio.create_task(_every(1.0, lambda: _tick_alerts(svc)), name="alerts"),
             asyncio.create_task(_every(0.5, lambda: _tick_commands(svc)), name="commands"),
+            asyncio.create_task(
+                _every(ACCESS_REFRESH_S, access.refresh, delay_first=True), name="access"
+            ),
             asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
             asyncio.create_task(
                 _every(SNAPSHOT_EVERY_S, lambda: streams.save_snapshots(clock()), delay_first=True),
@@ -190,6 +204,13 @@ async def _check_silence(svc: Services) -> None:
 
 async def _tick_alerts(svc: Services) -> None:
     svc.alerts.tick()
+
+
+def _command_access(access: Access) -> Callable[[Principal, str, CommandSpec], None]:
+    def authorize(who: Principal, pid: str, spec: CommandSpec) -> None:
+        access.check(who, policy.COMMAND_CARE if spec.needs_care else policy.COMMAND, pid)
+
+    return authorize
 
 
 async def _tick_commands(svc: Services) -> None:

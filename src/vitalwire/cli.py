@@ -97,6 +97,7 @@ async def _demo(settings: Settings, patients: int, rate: float) -> None:
         await asyncio.sleep(0.05)
     svc = asgi.state.services
     creds = await provision_ward(svc.store, patients=patients, registry=svc.registry)
+    await svc.access.refresh()
     port = server.servers[0].sockets[0].getsockname()[1]
     base = f"http://{settings.host}:{port}"
     _print_banner(base, creds.users, patients, settings.db)

@@ -88,5 +88,7 @@ async def provision_ward(
                 await reg.create_user(username, password, role)
             except Conflict:
                 pass
+            if role != "admin":  # the demo's clinician and viewer care for this ward
+                await store.add_ward_member(username, ward)
             creds.users.append({"username": username, "password": password, "role": role})
     return creds

@@ -54,6 +54,21 @@ class Settings(BaseSettings):
     alert_escalation_medium_s: float = Field(180.0, gt=0)
     #: Vitals older than this do not count in NEWS2.
     news2_max_age_s: float = Field(3600.0, gt=0)
+    #: How long a break-glass access to a patient outside one's care lasts.
+    break_glass_s: float = Field(3600.0, gt=0, le=8 * 3600)
+    #: Browser origins allowed on the WebSockets besides the server's own (same host and port).
+    #: A request without an Origin header (devices, the SDK, the CLI) is not a browser's.
+    allowed_origins: list[str] = Field(default_factory=list)
+    #: Messages per second one connection may send (token bucket: rate and burst).
+    device_msgs_per_s: float = Field(50.0, gt=0)
+    device_msgs_burst: int = Field(200, ge=1)
+    client_msgs_per_s: float = Field(20.0, gt=0)
+    client_msgs_burst: int = Field(50, ge=1)
+    #: Open client connections per user.
+    max_connections_per_user: int = Field(20, ge=1)
+    #: TLS: serve https/wss with this certificate and key (PEM).
+    certfile: str | None = None
+    keyfile: str | None = None
     #: Stream events older than this are deleted; a resume from before them gets recovered: false.
     retention_days: float = Field(30.0, gt=0)
     #: Streams one client connection may subscribe to.

@@ -226,6 +226,14 @@ class SendCommand(msgspec.Struct, tag="command", **_opts):
     id: int | None = None
 
 
+class BreakGlass(msgspec.Struct, tag="break_glass", **_opts):
+    """Open a patient outside your care for a limited time, with a stated reason (audited)."""
+
+    patient_id: str
+    reason: str
+    id: int | None = None
+
+
 ClientMessage = (
     Auth
     | Subscribe
@@ -235,6 +243,7 @@ ClientMessage = (
     | GetLimits
     | SetObservations
     | SendCommand
+    | BreakGlass
     | Ping
     | Pong
 )
@@ -336,7 +345,7 @@ _TYPE_HINT = {
     DeviceMessage: "hello, reading, readings, command_result, waveform, ping, pong",
     ClientMessage: (
         "auth, subscribe, unsubscribe, ack_alert, set_limits, get_limits, set_observations, "
-        "command, ping, pong"
+        "command, break_glass, ping, pong"
     ),
 }
 

@@ -18,10 +18,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from vitalwire.core import access as policy
 from vitalwire.core import events as ev
 from vitalwire.core.alerts import AlertChange, AlertConfig, News2Change, PatientAlerts
 from vitalwire.core.errors import Forbidden, NotFound
 from vitalwire.core.limits import Limits, override_limits
+from vitalwire.services.access import Access
 from vitalwire.services.auth import Principal
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
@@ -44,7 +46,9 @@ class AlertService:
         writer: BatchWriter,
         clock: Callable[[], float],
         config: AlertConfig | None = None,
+        access: Access | None = None,
     ) -> None:
+        self.access = access
         self.store = store
         self.streams = streams
         self.writer = writer
@@ -109,10 +113,10 @@ class AlertService:
 
     async def acknowledge(self, who: Principal, alert_id: str, origin: str | None = None) -> Any:
         """Acknowledge an alert; return its change once durable."""
-        _require_clinical(who, "acknowledge alerts")
         pid = self._alert_patient.get(alert_id)
         if pid is None:
             raise NotFound(f"alert {alert_id} is not open", field="alert_id")
+        self._check(who, policy.ACKNOWLEDGE, pid)
         now = self.clock()
         changes = self.engine(pid).acknowledge(alert_id, who.name, now)
         events, rows = self._to_events(pid, changes, now)
@@ -133,8 +137,8 @@ class AlertService:
         origin: str | None = None,
     ) -> dict[str, Any]:
         """Override a patient's limits (validated against the physical bounds); audited."""
-        _require_clinical(who, "change alarm limits")
         await self.require_patient(pid)
+        self._check(who, policy.SET_LIMITS, pid)
         engine = self.engine(pid)
         old = engine.limits.to_dict()
         new_limits = override_limits(engine.limits, overrides)
@@ -155,8 +159,8 @@ class AlertService:
         self, who: Principal, pid: str, obs: dict[str, Any], origin: str | None = None
     ) -> dict[str, Any]:
         """Set NEWS2 observations no device measures (oxygen, consciousness, SpO2 scale)."""
-        _require_clinical(who, "record observations")
         await self.require_patient(pid)
+        self._check(who, policy.OBSERVE, pid)
         given = {k: v for k, v in obs.items() if v is not None}
         now = self.clock()
         changes = self.engine(pid).set_observations(now, **given)
@@ -174,6 +178,12 @@ class AlertService:
         return merged
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _check(self, who: Principal, action: str, pid: str) -> None:
+        if self.access is not None:
+            self.access.check(who, action, pid)
+        elif who.role not in CLINICAL_ROLES:
+            raise Forbidden(f"role {who.role} may not {action.replace('_', ' ')}", field="role")
 
     async def require_patient(self, pid: str) -> None:
         ev.check_id("patient_id", pid)
@@ -232,8 +242,3 @@ def _change_data(change: Change) -> dict[str, Any]:
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in a.items() if b.get(k) != v}
-
-
-def _require_clinical(who: Principal, what: str) -> None:
-    if who.role not in CLINICAL_ROLES:
-        raise Forbidden(f"role {who.role} may not {what}", field="role")

@@ -45,6 +45,10 @@ class ClientSession:
         max_streams: int = 200,
         max_replay: int = 50_000,
         on_overflow: Callable[[int, str], None] | None = None,
+        authorize: Callable[[str], None] | None = None,
+        patient_filter: Callable[[str], bool] | None = None,
+        audit: Callable[[str, str | None, dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.principal = principal
         self.streams = streams
@@ -53,6 +57,13 @@ class ClientSession:
         self.max_streams = max_streams
         self.max_replay = max_replay
         self.on_overflow = on_overflow
+        #: Raises Forbidden/NotFound for a stream this client may not watch (access control).
+        self.authorize = authorize or (lambda stream: None)
+        #: Which patients' alerts this client may see on the ``alerts`` stream.
+        self.patient_filter = patient_filter
+        self.audit = audit
+        self.clock = clock
+        self._watch_since: dict[str, float] = {}
         self._last: dict[str, int] = {}  # last offset queued per subscribed stream
         self._holding: dict[str, list[Event]] = {}
         self._control: deque[str] = deque()
@@ -70,6 +81,12 @@ class ClientSession:
     # -- fan-out side (never awaits) ------------------------------------------------------------
 
     def push(self, event: Event) -> None:
+        if (
+            self.patient_filter is not None
+            and event.stream == ev.ALERTS_STREAM
+            and not self.patient_filter(event.data.get("patient_id", ""))
+        ):
+            return
         held = self._holding.get(event.stream)
         if held is not None:
             held.append(event)
@@ -149,6 +166,8 @@ class ClientSession:
         for s in since:
             if s not in names:
                 raise InvalidMessage(f"since names {s!r}, which is not in streams", field="since")
+        for s in names:
+            self.authorize(s)
         new = [s for s in names if s not in self._last]
         if len(self._last) + len(new) > self.max_streams:
             raise InvalidMessage(
@@ -182,6 +201,17 @@ class ClientSession:
         frames: list[str] = []
         for s, offset, snapshot in starts:
             replay = replays[s]
+            if s == ev.ALERTS_STREAM and self.patient_filter is not None:
+                allowed = self.patient_filter
+                snapshot["alerts"] = [
+                    a for a in snapshot["alerts"] if allowed(a.get("patient_id", ""))
+                ]
+                replay = (
+                    None
+                    if replay is None
+                    else [e for e in replay if allowed(e.data.get("patient_id", ""))]
+                )
+            self._watching(s)
             reply.streams.append(
                 StreamStart(s, offset, replay is not None, snapshot, len(replay or ()))
             )
@@ -202,8 +232,28 @@ class ClientSession:
             if s in self._last:
                 self.streams.detach(s, self)
                 del self._last[s]
+                self._unwatched(s)
                 gone.append(s)
         return gone
+
+    def _watching(self, stream: str) -> None:
+        pid = ev.stream_patient(stream)
+        if pid is None or stream in self._watch_since or self.clock is None:
+            return
+        self._watch_since[stream] = self.clock()
+        if self.audit is not None:
+            self.audit("subscribe", pid, {"stream": stream})
+
+    def _unwatched(self, stream: str) -> None:
+        since = self._watch_since.pop(stream, None)
+        pid = ev.stream_patient(stream)
+        if since is None or pid is None or self.clock is None or self.audit is None:
+            return
+        self.audit(
+            "unsubscribe",
+            pid,
+            {"stream": stream, "since": since, "watched_s": round(self.clock() - since, 3)},
+        )
 
     @property
     def subscriptions(self) -> list[str]:
@@ -213,6 +263,7 @@ class ClientSession:
         """Detach from every stream; the sender stops."""
         for s in list(self._last):
             self.streams.detach(s, self)
+            self._unwatched(s)
         self._last.clear()
         self.closed = True
         self._wake.set()

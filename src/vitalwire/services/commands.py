@@ -103,15 +103,16 @@ class CommandService:
         writer: BatchWriter,
         ingest: Ingest,
         clock: Callable[[], float],
-        can_command: Callable[[Principal, str, cc.CommandSpec], bool] | None = None,
+        authorize: Callable[[Principal, str, cc.CommandSpec], None] | None = None,
     ) -> None:
         self.store = store
         self.streams = streams
         self.writer = writer
         self.ingest = ingest
         self.clock = clock
-        #: Access hook: may this principal send this command to this patient? (care teams)
-        self.can_command = can_command or (lambda who, pid, spec: True)
+        #: Access hook: raises Forbidden unless this principal may send this command to this
+        #: patient (care teams; reset and silence need the patient in the user's care)
+        self.authorize = authorize or (lambda who, pid, spec: None)
         self._open: dict[str, CommandState] = {}
         self._keys: dict[tuple[str, str], str] = {}
 
@@ -186,10 +187,7 @@ class CommandService:
         if who.role not in COMMAND_ROLES:
             raise Forbidden(f"role {who.role} may not send commands", field="role")
         ev.check_id("patient_id", req.patient_id)
-        if not self.can_command(who, req.patient_id, spec):
-            raise Forbidden(
-                f"{req.name} needs patient {req.patient_id} in your care", field="patient_id"
-            )
+        self.authorize(who, req.patient_id, spec)
         now = self.clock()
         if req.idempotency_key is not None:
             existing = self._by_key(who.name, req.idempotency_key, now)

@@ -167,3 +167,31 @@ commands = Table(
     Column("result", Text, nullable=True),
     Index("ix_commands_status", "status"),
 )
+
+# Care teams: a user sees the patients of the wards they belong to, the patients assigned to
+# them individually, and (break-glass) a patient opened with a stated reason, for a limited time.
+ward_members = Table(
+    "ward_members",
+    metadata,
+    Column("username", String(64), primary_key=True),
+    Column("ward", String(64), primary_key=True),
+)
+
+assignments = Table(
+    "assignments",
+    metadata,
+    Column("username", String(64), primary_key=True),
+    Column("patient_id", String(64), primary_key=True),
+)
+
+grants = Table(
+    "grants",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("username", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("granted_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_grants_user", "username", "expires_at"),
+)

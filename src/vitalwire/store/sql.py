@@ -274,6 +274,62 @@ class SqlStore:
             rows = await conn.execute(select(t.stream_snapshots))
             return {r.stream: (int(r.offset), r.state) for r in rows}
 
+    async def care_teams(self, now: float) -> dict[str, Any]:
+        """Wards per user, patients assigned per user, active grants, ward of each patient."""
+        async with self.engine.connect() as conn:
+            wards: dict[str, set[str]] = {}
+            for user, ward in await conn.execute(select(t.ward_members)):
+                wards.setdefault(user, set()).add(ward)
+            assigned: dict[str, set[str]] = {}
+            for user, pid in await conn.execute(select(t.assignments)):
+                assigned.setdefault(user, set()).add(pid)
+            grants: dict[tuple[str, str], float] = {}
+            q = select(t.grants.c.username, t.grants.c.patient_id, t.grants.c.expires_at).where(
+                t.grants.c.expires_at > now
+            )
+            for user, pid, until in await conn.execute(q):
+                grants[(user, pid)] = max(until, grants.get((user, pid), 0.0))
+            ward_of = {
+                pid: ward
+                for pid, ward in await conn.execute(select(t.patients.c.id, t.patients.c.ward))
+            }
+        return {"wards": wards, "assigned": assigned, "grants": grants, "ward_of": ward_of}
+
+    async def add_ward_member(self, username: str, ward: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                self._insert_ignore(t.ward_members).values(username=username, ward=ward)
+            )
+
+    async def assign(self, username: str, pid: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                self._insert_ignore(t.assignments).values(username=username, patient_id=pid)
+            )
+
+    async def add_grant(
+        self, username: str, pid: str, reason: str, now: float, expires_at: float
+    ) -> None:
+        row = {
+            "username": username,
+            "patient_id": pid,
+            "reason": reason,
+            "granted_at": now,
+            "expires_at": expires_at,
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(t.grants), [row])
+
+    async def set_device_disabled(self, did: str, disabled: bool) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(t.devices).where(t.devices.c.id == did).values(disabled=disabled)
+            )
+        if not result.rowcount:
+            from vitalwire.core.errors import NotFound
+
+            raise NotFound(f"device {did} does not exist", field="device_id")
+
     async def patient_settings(self) -> dict[str, dict[str, Any]]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(t.patient_settings))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket
 
 from vitalwire import wire
+from vitalwire.core import access as policy
 from vitalwire.core.errors import AuthTimeout, InvalidMessage, PeerError, Unauthenticated
 from vitalwire.services.auth import Principal
 from vitalwire.services.clients import ClientSession
@@ -89,9 +90,18 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
 
         closers.add(asyncio.get_running_loop().create_task(_close()))
 
+    origin = f"{ws.client.host}:{ws.client.port}" if ws.client else None
+
+    def audit(action: str, pid: str | None, detail: dict[str, Any]) -> None:
+        svc.access.audit(session.principal.name, action, pid, detail, origin)
+
     session = ClientSession(
         principal,
         svc.streams,
+        authorize=svc.access.stream_check(principal),
+        patient_filter=svc.access.patient_filter(principal),
+        audit=audit,
+        clock=svc.clock,
         max_queue=s.client_queue_max,
         soft_queue=s.client_queue_soft,
         max_streams=s.max_streams_per_connection,
@@ -99,7 +109,7 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
         on_overflow=on_overflow,
     )
     session.shut = shut
-    session.origin = f"{ws.client.host}:{ws.client.port}" if ws.client else None
+    session.origin = origin
     svc.clients.add(session)
     sender = asyncio.create_task(pump(ws, session.take))
     session.send(
@@ -177,8 +187,14 @@ async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
         )
         data = {"patient_id": msg.patient_id, "limits": limits}
         session.send(wire.encode_text(wire.Result(id=msg.id, data=data)))
+    elif isinstance(msg, wire.BreakGlass):
+        grant = await svc.access.break_glass(
+            session.principal, msg.patient_id, msg.reason, session.origin
+        )
+        session.send(wire.encode_text(wire.Result(id=msg.id, data=grant)))
     elif isinstance(msg, wire.GetLimits):
         await svc.alerts.require_patient(msg.patient_id)
+        svc.access.check(session.principal, policy.VIEW, msg.patient_id)
         data = {"patient_id": msg.patient_id, "limits": svc.alerts.limits(msg.patient_id)}
         session.send(wire.encode_text(wire.Result(id=msg.id, data=data)))
     elif isinstance(msg, wire.SetObservations):
@@ -192,7 +208,10 @@ async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
         command = await svc.commands.send(session.principal, msg, session, session.origin)
         session.send(wire.encode_text(wire.Result(id=msg.id, data={"command": command})))
     elif isinstance(msg, wire.Auth):
-        session.principal = svc.tokens.verify(msg.token, svc.clock())
+        who = svc.tokens.verify(msg.token, svc.clock())
+        if who.name != session.principal.name:
+            raise Unauthenticated("a connection cannot change user; reconnect", field="token")
+        session.principal = who
         session.send(
             wire.encode_text(wire.Result(id=msg.id, data={"user": session.principal.name}))
         )

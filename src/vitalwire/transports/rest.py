@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vitalwire import __version__
-from vitalwire.core.errors import Forbidden, PeerError, Unauthenticated
+from vitalwire.core import access as policy
+from vitalwire.core.errors import PeerError, Unauthenticated
 from vitalwire.services.auth import Principal
 from vitalwire.transports.errors import public_message, row_for
 
@@ -80,7 +81,13 @@ async def healthz(request: Request) -> Any:
 @router.post("/auth/login", response_model=TokenResponse, responses={401: {}})
 async def login(body: LoginRequest, request: Request) -> TokenResponse:
     svc = services(request)
-    who = await svc.registry.authenticate_user(body.username, body.password)
+    origin = request.client.host if request.client else None
+    try:
+        who = await svc.registry.authenticate_user(body.username, body.password)
+    except Unauthenticated:
+        svc.access.audit(body.username, "login_failed", None, {}, origin)
+        raise
+    svc.access.audit(who.name, "login", None, {"role": who.role}, origin)
     token = svc.tokens.issue(who, svc.clock())
     return TokenResponse(access_token=token, expires_in=int(svc.tokens.ttl_s), role=who.role)
 
@@ -89,7 +96,10 @@ async def login(body: LoginRequest, request: Request) -> TokenResponse:
 async def list_patients(
     request: Request, who: Annotated[Principal, Depends(principal)]
 ) -> list[dict[str, Any]]:
-    return await services(request).store.list_patients()
+    svc = services(request)
+    return [
+        p for p in await svc.store.list_patients() if svc.access.allowed(who, policy.VIEW, p["id"])
+    ]
 
 
 @router.get("/patients/{patient_id}/alerts", responses={401: {}, 404: {}})
@@ -102,6 +112,7 @@ async def patient_alerts(
     """Alert history of a patient, newest first: each alert's latest state."""
     svc = services(request)
     await svc.alerts.require_patient(patient_id)
+    svc.access.check(who, policy.VIEW, patient_id)
     rows = await svc.store.alerts_for(patient_id, limit)
     for r in rows:
         r.pop("last", None)
@@ -116,9 +127,9 @@ async def audit_log(
     patient_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """The audit log, newest first (admins only)."""
-    if who.role != "admin":
-        raise Forbidden("only admins may read the audit log", field="role")
-    return await services(request).store.audit_log(limit, patient_id)
+    svc = services(request)
+    svc.access.check(who, policy.READ_AUDIT)
+    return await svc.store.audit_log(limit, patient_id)
 
 
 async def peer_error_handler(request: Request, exc: Exception) -> JSONResponse:
