@@ -66,6 +66,9 @@ async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "conditi
 async def start_server(
     tmp_path: Path, patients: int = 3, clock: Any = None, **overrides: Any
 ) -> tuple[RunningServer, asyncio.Task[None]]:
+    # load tests push devices far past a real device's message rate; rate-limit tests lower it
+    overrides.setdefault("device_msgs_per_s", 1e6)
+    overrides.setdefault("device_msgs_burst", 10**6)
     settings = Settings(
         db=f"sqlite:///{tmp_path / 'vitalwire.db'}",
         port=0,
@@ -132,6 +135,8 @@ class ServerProcess:
         self.env = {
             **os.environ,
             "VITALWIRE_JWT_SECRET": "test-secret-" + "y" * 40,
+            "VITALWIRE_DEVICE_MSGS_PER_S": "1000000",
+            "VITALWIRE_DEVICE_MSGS_BURST": "1000000",
             **{f"VITALWIRE_{k.upper()}": v for k, v in env.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None

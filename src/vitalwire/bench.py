@@ -83,7 +83,13 @@ async def server_process(folder: Path, patients: int) -> AsyncIterator[ServerPro
     finally:
         await store.close()
     port = _free_port()
-    env = {**os.environ, "VITALWIRE_JWT_SECRET": "bench-" + "x" * 40}
+    env = {
+        "VITALWIRE_JWT_SECRET": "bench-" + "x" * 40,
+        # the load generator sends far faster than one real device may
+        "VITALWIRE_DEVICE_MSGS_PER_S": "1000000",
+        "VITALWIRE_DEVICE_MSGS_BURST": "1000000",
+        **os.environ,
+    }
     proc = subprocess.Popen(
         [
             sys.executable,

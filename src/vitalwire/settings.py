@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     #: A request without an Origin header (devices, the SDK, the CLI) is not a browser's.
     allowed_origins: list[str] = Field(default_factory=list)
     #: Messages per second one connection may send (token bucket: rate and burst).
-    device_msgs_per_s: float = Field(50.0, gt=0)
-    device_msgs_burst: int = Field(200, ge=1)
+    device_msgs_per_s: float = Field(100.0, gt=0)
+    device_msgs_burst: int = Field(500, ge=1)
     client_msgs_per_s: float = Field(20.0, gt=0)
     client_msgs_burst: int = Field(50, ge=1)
     #: Open client connections per user.

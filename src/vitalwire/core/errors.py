@@ -10,6 +10,7 @@
     │   ├── Unauthenticated       missing, wrong or expired credential
     │   │   └── AuthTimeout       no hello/auth within the auth timeout
     │   ├── Forbidden             authenticated, but not allowed
+    │   ├── RateLimited           too many messages or connections
     │   ├── NotFound              unknown patient, device, stream
     │   └── Conflict              the request clashes with existing state
     └── ServerError               our fault; never shown to the peer in detail
@@ -55,6 +56,10 @@ class AuthTimeout(Unauthenticated):
 
 class Forbidden(PeerError):
     """Authenticated but not allowed to do this."""
+
+
+class RateLimited(PeerError):
+    """More messages per second, or more connections, than the documented limits."""
 
 
 class NotFound(PeerError):

@@ -5,16 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket
 
 from vitalwire import wire
 from vitalwire.core import access as policy
-from vitalwire.core.errors import AuthTimeout, InvalidMessage, PeerError, Unauthenticated
+from vitalwire.core.errors import (
+    AuthTimeout,
+    InvalidMessage,
+    PeerError,
+    RateLimited,
+    Unauthenticated,
+)
+from vitalwire.core.ratelimit import TokenBucket
 from vitalwire.services.auth import Principal
 from vitalwire.services.clients import ClientSession
-from vitalwire.transports.common import Disconnected, close_quietly, pump, receive_frame
+from vitalwire.transports.common import (
+    Disconnected,
+    close_quietly,
+    origin_allowed,
+    pump,
+    receive_frame,
+)
 from vitalwire.transports.errors import public_message, row_for
 from vitalwire.wire import Close
 
@@ -49,9 +63,18 @@ async def _authenticate(ws: WebSocket, svc: Services) -> tuple[Principal, int | 
 
 async def client_endpoint(ws: WebSocket, svc: Services) -> None:
     s = svc.settings
+    if not origin_allowed(ws, s.allowed_origins):
+        await ws.close(Close.FORBIDDEN)  # before accept: the handshake gets HTTP 403
+        return
     await ws.accept()
     try:
         principal, auth_id = await _authenticate(ws, svc)
+        open_now = sum(1 for c in svc.clients if c.principal.name == principal.name)
+        if open_now >= s.max_connections_per_user:
+            raise RateLimited(
+                f"connections per user must be at most {s.max_connections_per_user}",
+                field="connections",
+            )
     except TimeoutError:
         with contextlib.suppress(Exception):
             await ws.send_text(_error(AuthTimeout(f"no auth within {s.auth_timeout_s:g} s")))
@@ -62,7 +85,8 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
     except PeerError as exc:
         with contextlib.suppress(Exception):
             await ws.send_text(_error(exc))
-        await close_quietly(ws, Close.UNAUTHENTICATED, public_message(exc))
+        code = Close.RATE_LIMITED if isinstance(exc, RateLimited) else Close.UNAUTHENTICATED
+        await close_quietly(ws, code, public_message(exc))
         return
 
     closing: list[tuple[int, str]] = []
@@ -126,6 +150,8 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
         )
     )
     heartbeat = asyncio.create_task(_heartbeat(session, s.heartbeat_s))
+    bucket = TokenBucket(s.client_msgs_per_s, s.client_msgs_burst)
+    refused = 0
     try:
         while not closing:
             try:
@@ -135,6 +161,14 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
             except PeerError as exc:
                 session.send(_error(exc))
                 continue
+            if not bucket.take(time.monotonic()):
+                refused += 1
+                limit = f"{s.client_msgs_per_s:g}/s, burst {s.client_msgs_burst}"
+                session.send(_error(RateLimited(f"messages must be at most {limit}")))
+                if refused > s.client_msgs_burst:  # it keeps going: close
+                    shut(Close.RATE_LIMITED, "rate limited")
+                continue
+            refused = 0
             req_id: int | None = None
             try:
                 msg = wire.decode_client(raw)

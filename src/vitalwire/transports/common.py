@@ -58,6 +58,18 @@ async def close_quietly(ws: WebSocket, code: int, reason: str = "", timeout: flo
 TRANSPORT_KEY = "vitalwire.transport"
 
 
+def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
+    """Browsers send Origin; allow the server's own (same host) and the configured list. A
+    request without Origin is not from a browser (devices, SDK, CLI) and is allowed."""
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True
+    if origin in allowed:
+        return True
+    host = ws.headers.get("host", "")
+    return origin.split("://", 1)[-1].rstrip("/") == host
+
+
 class TransportHandle:
     """ASGI middleware: remember the server's transport of each WebSocket in its scope, so a
     connection whose peer stopped reading can be aborted (ASGI itself offers no way)."""

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from starlette.websockets import WebSocket
 
 from vitalwire import wire
-from vitalwire.core.errors import AuthTimeout, InvalidMessage, PeerError
+from vitalwire.core.errors import AuthTimeout, InvalidMessage, PeerError, RateLimited
+from vitalwire.core.ratelimit import TokenBucket
 from vitalwire.services.ingest import DeviceSession, Unavailable
 from vitalwire.transports.common import (
     Disconnected,
     Outbox,
     close_quietly,
+    origin_allowed,
     pump,
     receive_frame,
 )
@@ -38,6 +41,9 @@ def _error(exc: BaseException, **extra: int | None) -> str:
 
 async def device_endpoint(ws: WebSocket, svc: Services) -> None:
     s = svc.settings
+    if not origin_allowed(ws, s.allowed_origins):
+        await ws.close(Close.FORBIDDEN)  # before accept: the handshake gets HTTP 403
+        return
     await ws.accept()
     outbox = Outbox()
     sender = asyncio.create_task(pump(ws, outbox.take))
@@ -126,9 +132,17 @@ async def _heartbeat(outbox: Outbox, interval: float) -> None:
 async def _serve(ws: WebSocket, svc: Services, session: DeviceSession, outbox: Outbox) -> None:
     s = svc.settings
     silence = s.heartbeat_s * 3
+    bucket = TokenBucket(s.device_msgs_per_s, s.device_msgs_burst)
     while not outbox.closed:
         try:
             raw = await asyncio.wait_for(receive_frame(ws, s.max_frame_bytes), silence)
+            if not bucket.take(time.monotonic()):
+                # a refused frame followed by accepted ones could let the cumulative ack cover
+                # it: a device over its rate is disconnected instead, and resends after reconnect
+                limit = f"{s.device_msgs_per_s:g}/s, burst {s.device_msgs_burst}"
+                outbox.put(_error(RateLimited(f"messages must be at most {limit}")))
+                session.close(Close.RATE_LIMITED, "rate limited")
+                return
             msg = wire.decode_device(raw)
         except PeerError as exc:
             outbox.put(_error(exc))

@@ -28,6 +28,7 @@ ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
     e.Unauthenticated: ErrorRow("unauthenticated", 401),
     e.AuthTimeout: ErrorRow("auth_timeout", 401),
     e.Forbidden: ErrorRow("forbidden", 403),
+    e.RateLimited: ErrorRow("rate_limited", 429),
     e.NotFound: ErrorRow("not_found", 404),
     e.Conflict: ErrorRow("conflict", 409),
     Unavailable: ErrorRow("unavailable", 503),
