@@ -120,7 +120,7 @@ async def open_services(
             writer,
             registry,
             ingest,
-            TokenService(secret, settings.token_ttl_s),
+            TokenService(secret, settings.token_ttl_s, settings.refresh_ttl_s),
             alerts,
             commands,
             access,
@@ -156,9 +156,18 @@ async def open_services(
         await store.close()
 
 
+#: Libraries that log statement parameters or frame contents at DEBUG: health data and secrets
+#: would end up in logs. They are held at WARNING whatever the root level (docs/security.md).
+QUIET_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy.engine", "websockets", "uvicorn.protocols")
+
+
 def create_app(settings: Settings | None = None, clock: Callable[[], float] = time.time) -> FastAPI:
     """The ASGI app. Its lifespan opens the services; shutdown flushes every pending write."""
     settings = settings or Settings()
+    for name in QUIET_LOGGERS:
+        quiet = logging.getLogger(name)
+        if quiet.level < logging.WARNING:  # NOTSET, DEBUG, INFO: whatever the root level becomes
+            quiet.setLevel(logging.WARNING)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -279,5 +288,7 @@ def make_server(settings: Settings, app: FastAPI | None = None, log_level: str =
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=15,
+        ssl_certfile=settings.certfile,
+        ssl_keyfile=settings.keyfile,
     )
     return Server(config, lambda: getattr(asgi.state, "services", None))

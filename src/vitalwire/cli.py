@@ -55,10 +55,14 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (0 picks a free one).")] = None,
     db: DbOpt = None,
     bus: Annotated[str | None, typer.Option("--bus", help="Bus URL (memory://).")] = None,
+    certfile: Annotated[
+        str | None, typer.Option(help="TLS certificate (PEM): serve https/wss.")
+    ] = None,
+    keyfile: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the server. Every option may also come from VITALWIRE_* environment variables."""
-    settings = _settings(host=host, port=port, db=db, bus=bus)
+    settings = _settings(host=host, port=port, db=db, bus=bus, certfile=certfile, keyfile=keyfile)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
         _uvicorn_server(settings, log_level).run()
 
@@ -457,19 +461,38 @@ def bench_commands_cmd(
 # -- admin ------------------------------------------------------------------------------------
 
 
-def _run_admin(db: str | None, fn: Any) -> Any:
+def _run_admin(
+    db: str | None,
+    fn: Any,
+    action: str | None = None,
+    detail: dict[str, Any] | None = None,
+    patient: str | None = None,
+) -> Any:
+    """Run ``fn(registry, store)`` on the store; record an admin change in the audit log."""
+    import getpass
+
+    from vitalwire.core.errors import PeerError
     from vitalwire.services.registry import Registry
-    from vitalwire.store import open_store
+    from vitalwire.store import AuditRow, Batch, open_store
 
     async def main() -> Any:
         store = open_store(db or Settings().db)
         await store.open()
         try:
-            return await fn(Registry(store, time.time), store)
+            result = await fn(Registry(store, time.time), store)
+            if action is not None:
+                row = AuditRow(
+                    time.time(),
+                    f"cli:{getpass.getuser()}",
+                    action,
+                    patient,
+                    json.dumps(detail or {}),
+                    "cli",
+                )
+                await store.write_batch(Batch(audit=[row]))
+            return result
         finally:
             await store.close()
-
-    from vitalwire.core.errors import PeerError
 
     try:
         return asyncio.run(main())
@@ -486,7 +509,13 @@ def create_patient(
     db: DbOpt = None,
 ) -> None:
     """Create a patient."""
-    out = _run_admin(db, lambda reg, _s: reg.create_patient(patient_id, name, ward))
+    out = _run_admin(
+        db,
+        lambda reg, _s: reg.create_patient(patient_id, name, ward),
+        "create_patient",
+        {"ward": ward},
+        patient_id,
+    )
     console.print(json.dumps(out))
 
 
@@ -497,28 +526,44 @@ def create_device(
     db: DbOpt = None,
 ) -> None:
     """Create a device and print its secret (shown once, stored hashed)."""
-    cred = _run_admin(db, lambda reg, _s: reg.create_device(device_id, kind))
+    cred = _run_admin(
+        db,
+        lambda reg, _s: reg.create_device(device_id, kind),
+        "create_device",
+        {"device_id": device_id, "kind": kind},
+    )
     console.print(json.dumps({"device_id": cred.device_id, "secret": cred.secret}))
 
 
 @admin_app.command("rotate-device-secret")
 def rotate_device_secret(device_id: str, db: DbOpt = None) -> None:
     """Give a device a new secret (printed once); the old one stops working."""
-    cred = _run_admin(db, lambda reg, _s: reg.rotate_device_secret(device_id))
+    cred = _run_admin(
+        db,
+        lambda reg, _s: reg.rotate_device_secret(device_id),
+        "rotate_device_secret",
+        {"device_id": device_id},
+    )
     console.print(json.dumps({"device_id": cred.device_id, "secret": cred.secret}))
 
 
 @admin_app.command("bind")
 def bind(device_id: str, patient_id: str, db: DbOpt = None) -> None:
     """Bind a device to a patient (ends its previous binding: a transfer)."""
-    _run_admin(db, lambda reg, _s: reg.bind(device_id, patient_id))
+    _run_admin(
+        db,
+        lambda reg, _s: reg.bind(device_id, patient_id),
+        "bind",
+        {"device_id": device_id},
+        patient_id,
+    )
     console.print(f"{device_id} -> {patient_id}")
 
 
 @admin_app.command("unbind")
 def unbind(device_id: str, db: DbOpt = None) -> None:
     """End a device's binding."""
-    _run_admin(db, lambda reg, _s: reg.unbind(device_id))
+    _run_admin(db, lambda reg, _s: reg.unbind(device_id), "unbind", {"device_id": device_id})
     console.print(f"{device_id} unbound")
 
 
@@ -531,7 +576,12 @@ def create_user(
 ) -> None:
     """Create a user (password hashed with argon2)."""
     pw = password or typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    out = _run_admin(db, lambda reg, _s: reg.create_user(username, pw, role))
+    out = _run_admin(
+        db,
+        lambda reg, _s: reg.create_user(username, pw, role),
+        "create_user",
+        {"username": username, "role": role},
+    )
     console.print(json.dumps(out))
 
 
@@ -541,6 +591,70 @@ def list_patients(db: DbOpt = None) -> None:
     rows = _run_admin(db, lambda _r, store: store.list_patients())
     for p in rows:
         console.print(f"{p['id']:<10} {p['ward']:<10} {p['name']:<24} {','.join(p['devices'])}")
+
+
+@admin_app.command("add-to-ward")
+def add_to_ward(username: str, ward: str, db: DbOpt = None) -> None:
+    """Make a user a member of a ward's care team (they see its patients)."""
+    _run_admin(
+        db,
+        lambda _r, store: store.add_ward_member(username, ward),
+        "add_to_ward",
+        {"username": username, "ward": ward},
+    )
+    console.print(f"{username} cares for ward {ward}")
+
+
+@admin_app.command("assign")
+def assign(username: str, patient_id: str, db: DbOpt = None) -> None:
+    """Assign one patient to a user's care."""
+    _run_admin(
+        db,
+        lambda _r, store: store.assign(username, patient_id),
+        "assign",
+        {"username": username},
+        patient_id,
+    )
+    console.print(f"{patient_id} assigned to {username}")
+
+
+@admin_app.command("disable-device")
+def disable_device(device_id: str, db: DbOpt = None) -> None:
+    """Refuse a device's connections (lost, stolen, retired); it can be enabled again."""
+    _run_admin(
+        db,
+        lambda _r, store: store.set_device_disabled(device_id, True),
+        "disable_device",
+        {"device_id": device_id},
+    )
+    console.print(f"{device_id} disabled")
+
+
+@admin_app.command("enable-device")
+def enable_device(device_id: str, db: DbOpt = None) -> None:
+    """Accept a disabled device's connections again."""
+    _run_admin(
+        db,
+        lambda _r, store: store.set_device_disabled(device_id, False),
+        "enable_device",
+        {"device_id": device_id},
+    )
+    console.print(f"{device_id} enabled")
+
+
+@admin_app.command("rotate-jwt-key")
+def rotate_jwt_key(db: DbOpt = None) -> None:
+    """Replace the token signing key: every issued token stops working when the server
+    restarts (a VITALWIRE_JWT_SECRET in the environment takes precedence over the stored key)."""
+    import secrets as _secrets
+
+    _run_admin(
+        db,
+        lambda _r, store: store.set_meta("jwt_secret", _secrets.token_urlsafe(48)),
+        "rotate_jwt_key",
+        {},
+    )
+    console.print("signing key replaced; restart the server to apply it")
 
 
 @admin_app.command("audit")

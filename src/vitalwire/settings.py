@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     #: HS256 key for access tokens. Empty: generated once and kept in the store.
     jwt_secret: str = ""
     token_ttl_s: float = Field(3600.0, gt=0)
+    #: Refresh tokens get new access tokens from POST /auth/refresh until they expire.
+    refresh_ttl_s: float = Field(43200.0, gt=0)
     #: SQLite ``PRAGMA synchronous``: NORMAL survives kill -9; FULL survives power loss too.
     sqlite_synchronous: str = "NORMAL"
     #: A write batch holds at most this many rows ...

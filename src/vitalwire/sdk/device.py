@@ -39,6 +39,7 @@ import inspect
 import logging
 import random
 import sqlite3
+import ssl as ssl_module
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -125,6 +126,7 @@ class DeviceClient:
         backoff_max_s: float = 10.0,
         max_batch: int = 200,
         spool_path: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.url = url.rstrip("/") + (
             "" if url.rstrip("/").endswith("/ws/device") else "/ws/device"
@@ -139,6 +141,8 @@ class DeviceClient:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.max_batch = max_batch
+        #: TLS context for wss:// (certificates are verified; pass one trusting your CA)
+        self.ssl = ssl
         self.max_frame_bytes = 65536  # until the server's welcome says otherwise
         # False until a welcome confirms our numbering continues the server's; a device that
         # restarted without its spool must renumber readings the server has already seen
@@ -468,7 +472,12 @@ class DeviceClient:
         while not self._closing:
             try:
                 async with connect(
-                    self.url, proxy=None, max_size=2**20, ping_interval=20, open_timeout=5
+                    self.url,
+                    proxy=None,
+                    max_size=2**20,
+                    ping_interval=20,
+                    open_timeout=5,
+                    ssl=self.ssl if self.url.startswith("wss://") else None,
                 ) as ws:
                     self._ws = ws
                     await self._session(ws)

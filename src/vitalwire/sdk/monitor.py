@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl as ssl_module
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +44,13 @@ def _base(url: str) -> str:
     return url.rstrip("/").removesuffix("/ws")
 
 
-async def login(url: str, username: str, password: str) -> str:
+async def login(
+    url: str, username: str, password: str, ssl: ssl_module.SSLContext | None = None
+) -> str:
     """``POST /auth/login``; return the access token."""
     http = _base(url).replace("ws://", "http://").replace("wss://", "https://")
-    async with httpx.AsyncClient(base_url=http, timeout=10) as client:
+    verify: ssl_module.SSLContext | bool = ssl if ssl is not None else True
+    async with httpx.AsyncClient(base_url=http, timeout=10, verify=verify) as client:
         r = await client.post("/auth/login", json={"username": username, "password": password})
         if r.status_code != 200:
             raise PermissionError(f"login failed: {r.status_code} {r.text}")
@@ -67,8 +71,11 @@ class MonitorClient:
         reconnect: bool = True,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         base = _base(url)
+        #: TLS context for https/wss (certificates are verified; pass one trusting your CA)
+        self.ssl = ssl
         self.http_url = base.replace("ws://", "http://").replace("wss://", "https://")
         self.ws_url = base.replace("http://", "ws://").replace("https://", "wss://") + "/ws"
         self.token = token
@@ -101,7 +108,7 @@ class MonitorClient:
         if self.token is None:
             if self.username is None or self.password is None:
                 raise ValueError("MonitorClient needs a token or a username and password")
-            self.token = await login(self.http_url, self.username, self.password)
+            self.token = await login(self.http_url, self.username, self.password, self.ssl)
         self._task = asyncio.create_task(self._run())
         await asyncio.wait_for(self._ready.wait(), timeout)
 
@@ -179,7 +186,8 @@ class MonitorClient:
         first = True
         while not self._closing:
             try:
-                async with connect(self.ws_url, proxy=None, max_size=2**24) as ws:
+                tls = self.ssl if self.ws_url.startswith("wss://") else None
+                async with connect(self.ws_url, proxy=None, max_size=2**24, ssl=tls) as ws:
                     await ws.send(wire.encode_text(wire.Auth(token=self.token or "", id=0)))
                     reply = wire.decode_from_server_to_client(await ws.recv())
                     if isinstance(reply, wire.Error):

@@ -78,23 +78,27 @@ class TokenService:
 
     ALGORITHM: Final = "HS256"
 
-    def __init__(self, secret: str, ttl_s: float = 3600.0) -> None:
+    def __init__(self, secret: str, ttl_s: float = 3600.0, refresh_ttl_s: float = 43200.0) -> None:
         if len(secret) < 32:
             raise ValueError("JWT secret must be at least 32 characters")
         self._secret = secret
         self.ttl_s = ttl_s
+        self.refresh_ttl_s = refresh_ttl_s
 
-    def issue(self, principal: Principal, now: float) -> str:
+    def issue(self, principal: Principal, now: float, typ: str = "access") -> str:
+        """A signed token: ``access`` (short-lived, for requests) or ``refresh`` (longer, only
+        to get a new access token from ``POST /auth/refresh``)."""
+        ttl = self.ttl_s if typ == "access" else self.refresh_ttl_s
         claims = {
             "sub": principal.name,
             "role": principal.role,
             "iat": int(now),
-            "exp": int(now + self.ttl_s),
-            "typ": "access",
+            "exp": int(now + ttl),
+            "typ": typ,
         }
         return jwt.encode(claims, self._secret, algorithm=self.ALGORITHM)
 
-    def verify(self, token: str, now: float) -> Principal:
+    def verify(self, token: str, now: float, typ: str = "access") -> Principal:
         try:
             claims = jwt.decode(
                 token,
@@ -110,8 +114,8 @@ class TokenService:
             )
         except jwt.PyJWTError:
             raise Unauthenticated("token is invalid", field="token") from None
-        if claims.get("typ") != "access":
-            raise Unauthenticated("token is not an access token", field="token")
+        if claims.get("typ") != typ:
+            raise Unauthenticated(f"token is not an {typ} token", field="token")
         if float(claims["exp"]) <= now:
             raise Unauthenticated("token has expired", field="token")
         return Principal(str(claims["sub"]), str(claims["role"]))

@@ -62,7 +62,7 @@ class SqlStore:
         return self._engine
 
     async def open(self) -> None:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"hide_parameters": True}  # no health data in logs or errors
         engine = create_async_engine(self.url, **kwargs)
         if self.backend == "sqlite":
             synchronous = self._synchronous

@@ -31,9 +31,14 @@ class LoginRequest(BaseModel):
 
 class TokenResponse(BaseModel):
     access_token: str
+    refresh_token: str
     token_type: str = "bearer"
     expires_in: int
     role: str
+
+
+class RefreshRequest(BaseModel):
+    refresh_token: str = Field(min_length=1, max_length=4096)
 
 
 class Health(BaseModel):
@@ -88,8 +93,29 @@ async def login(body: LoginRequest, request: Request) -> TokenResponse:
         svc.access.audit(body.username, "login_failed", None, {}, origin)
         raise
     svc.access.audit(who.name, "login", None, {"role": who.role}, origin)
-    token = svc.tokens.issue(who, svc.clock())
-    return TokenResponse(access_token=token, expires_in=int(svc.tokens.ttl_s), role=who.role)
+    return _tokens(svc, who)
+
+
+def _tokens(svc: Services, who: Principal) -> TokenResponse:
+    now = svc.clock()
+    return TokenResponse(
+        access_token=svc.tokens.issue(who, now),
+        refresh_token=svc.tokens.issue(who, now, "refresh"),
+        expires_in=int(svc.tokens.ttl_s),
+        role=who.role,
+    )
+
+
+@router.post("/auth/refresh", response_model=TokenResponse, responses={401: {}})
+async def refresh(body: RefreshRequest, request: Request) -> TokenResponse:
+    """A new access token (and refresh token) for a valid refresh token; the user's current role
+    applies, and a deleted user gets none."""
+    svc = services(request)
+    claimed = svc.tokens.verify(body.refresh_token, svc.clock(), "refresh")
+    row = await svc.store.get_user(claimed.name)
+    if row is None:
+        raise Unauthenticated("user no longer exists", field="refresh_token")
+    return _tokens(svc, Principal(row["username"], row["role"]))
 
 
 @router.get("/patients", response_model=list[Patient], responses={401: {}})
