@@ -37,6 +37,7 @@ MATRIX: dict[str, dict[str, set[str]]] = {
     "ws.subscribe": {"admin": ALL, "clinician": CARE | {"glass"}, "viewer": CARE},
     "ws.get_limits": {"admin": ALL, "clinician": CARE | {"glass"}, "viewer": CARE},
     "rest.alert_history": {"admin": ALL, "clinician": CARE | {"glass"}, "viewer": CARE},
+    "rest.patients_list": {"admin": ALL, "clinician": CARE | {"glass"}, "viewer": CARE},
     "ws.set_limits": {"admin": ALL, "clinician": CARE, "viewer": set()},
     "ws.set_observations": {"admin": ALL, "clinician": CARE | {"glass"}, "viewer": set()},
     "ws.ack_alert": {"admin": ALL, "clinician": CARE | {"glass"}, "viewer": set()},
@@ -109,6 +110,10 @@ async def _attempt(
     alert_id: str,
 ) -> bool:
     """True if access control let the request through (it may still fail for other reasons)."""
+    if surface == "rest.patients_list":
+        r = await http.get("/patients", headers=headers)
+        assert r.status_code == 200, r.text
+        return pid in {p["id"] for p in r.json()}
     if surface == "rest.alert_history":
         r = await http.get(f"/patients/{pid}/alerts", headers=headers)
         assert r.status_code in (200, 403), r.text
@@ -413,3 +418,37 @@ async def test_a_scripted_session_leaves_the_expected_audit_trail(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for secret_or_vital in (secret, pw, "wrong-password", "81.5", "133"):
         assert secret_or_vital not in logged
+
+
+async def test_internal_errors_never_leak(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*_: object, **__: object) -> None:
+        raise RuntimeError("SELECT secret FROM users -- internal detail")
+
+    monkeypatch.setattr(server.services.alerts, "limits", boom)
+    mon = await _mon(server, "clinician")
+    try:
+        reply = await mon.request(wire.GetLimits(patient_id="P001"))
+        still = await mon.request(wire.Ping())
+    finally:
+        await mon.close()
+    assert isinstance(reply, wire.Error)
+    assert (reply.code, reply.message) == ("internal", "internal error")
+    assert isinstance(still, wire.Pong)  # the connection carries on
+
+
+async def test_subscriptions_per_connection_are_bounded(tmp_path: Path) -> None:
+    srv, task = await start_server(tmp_path, patients=3, max_streams_per_connection=2)
+    try:
+        mon = await _mon(srv, "clinician")
+        try:
+            ok = await mon.request(wire.Subscribe(streams=["patient:P001", "patient:P002"]))
+            too_many = await mon.request(wire.Subscribe(streams=["patient:P003"]))
+        finally:
+            await mon.close()
+    finally:
+        await stop_server(srv, task)
+    assert isinstance(ok, wire.Subscribed)
+    assert isinstance(too_many, wire.Error) and too_many.field == "streams"
+    assert "at most 2, got 3" in too_many.message

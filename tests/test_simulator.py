@@ -465,3 +465,23 @@ async def test_replay_file_rejects_negative_speed(clients: list[FakeClient]) -> 
     with pytest.raises(ValueError, match="speed"):
         await replay_file("http://x", DEVICE, "unused.csv", speed=-1)
     assert clients == []
+
+
+def test_report_by_exception_sends_on_change_or_after_max_silence() -> None:
+    from vitalwire.sdk import ReportByException
+
+    policy = ReportByException(deadbands={"spo2": 1.0, "hr": 2.0}, max_silence_s=30.0)
+    sent = []
+    for t, values in [
+        (0.0, {"spo2": 97.0, "hr": 70.0}),  # first: always
+        (1.0, {"spo2": 97.4, "hr": 71.0}),  # inside both deadbands: skipped
+        (2.0, {"spo2": 96.0, "hr": 71.0}),  # spo2 moved by 1: sent
+        (3.0, {"spo2": 96.0, "hr": 71.5}),  # hr within 2 of the last sent (71): skipped
+        (33.0, {"spo2": 96.0, "hr": 71.0}),  # 31 s of silence: sent (heartbeat value)
+        (34.0, {"spo2": 96.0, "hr": 71.0, "probe": False}),  # a new field: sent
+        (35.0, {"spo2": 96.0, "hr": 71.0, "probe": True}),  # a boolean changed: sent
+    ]:
+        if policy.should_send(values, t):
+            policy.sent(values, t)
+            sent.append(t)
+    assert sent == [0.0, 2.0, 33.0, 34.0, 35.0]
