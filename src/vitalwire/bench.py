@@ -233,3 +233,113 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
+
+
+# -------------------------------------------------------------------------------------------------
+# the load scenario: devices x rate, clients x patients, against vitalwire and references
+# -------------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def naive_process(drop_every: int = 0) -> AsyncIterator[tuple[str, int]]:
+    """The naive reference server (vitalwire.bench_naive) in a child process."""
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vitalwire.bench_naive",
+        str(port),
+        str(drop_every),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    if b"listening" not in line:
+        raise RuntimeError("naive server did not start")
+    try:
+        yield f"ws://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+def _pid_of(name: str) -> int | None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == name:
+                        return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+async def _metrics(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url) as http:
+        r = await http.get("/metrics")
+        return dict(r.json())
+
+
+async def bench_load(shape: Any, against: list[str]) -> list[dict[str, Any]]:
+    """Run the load shape against vitalwire, then each reference; return one row per target."""
+    from vitalwire.bench_load import Target, run_load
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        async with server_process(Path(tmp), shape.devices) as srv:
+            from vitalwire.sdk.monitor import login
+
+            token = await login(srv.url, "clinician", "vitalwire-clinician")
+            devices = tuple(
+                (d["device_id"], d["secret"], d["patient_id"]) for d in srv.creds.devices
+            )
+            target = Target("vitalwire", srv.url, devices=devices, token=token)
+            before = await _metrics(srv.url)
+            row = await asyncio.to_thread(run_load, target, shape, srv.proc.pid)
+            after = await _metrics(srv.url)
+            row["store_rows_per_s"] = (after["rows_written"] - before["rows_written"]) / (
+                shape.duration_s
+            )
+            rows.append(row)
+    for ref in against:
+        if ref == "naive":
+            async with naive_process() as (url, pid):
+                rows.append(await asyncio.to_thread(run_load, Target("naive", url), shape, pid))
+        elif ref.startswith("mqtt://"):
+            pid = _pid_of("mosquitto")
+            for qos in (0, 1):
+                rows.append(
+                    await asyncio.to_thread(run_load, Target("mqtt", ref, qos=qos), shape, pid)
+                )
+        else:
+            raise ValueError(f"--against must be naive or mqtt://host:port, got {ref!r}")
+    base = rows[0]["delivered_per_s"] or 1.0
+    for row in rows:
+        row["ratio_delivered_vs_vitalwire"] = row["delivered_per_s"] / base
+        row["machine"] = machine()
+    return rows
+
+
+async def bench_saturate(
+    shape: Any, against: list[str], p99_bound_ms: float = 50.0, steps: int = 6
+) -> list[dict[str, Any]]:
+    """Double the rate until p99 passes ``p99_bound_ms`` or readings are lost; per target, the
+    last rate that held."""
+    from dataclasses import replace
+
+    held: dict[str, dict[str, Any]] = {}
+    rate = shape.rate_hz
+    for _ in range(steps):
+        step = replace(shape, rate_hz=rate)
+        rows = await bench_load(step, against)
+        done = True
+        for row in rows:
+            ok = row["latency_ms"]["p99"] <= p99_bound_ms and row["lost"] == 0
+            if ok:
+                held[row["target"]] = row | {"rate_hz": rate}
+                done = False
+        if done:
+            break
+        rate *= 2
+    return list(held.values())

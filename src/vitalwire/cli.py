@@ -22,9 +22,7 @@ admin_app = typer.Typer(
     help="Administer patients, devices, bindings and users.", no_args_is_help=True
 )
 app.add_typer(admin_app, name="admin")
-bench_app = typer.Typer(
-    help="Measure the server beside a baseline from the same run.", no_args_is_help=True
-)
+bench_app = typer.Typer(help="Measure the server beside a baseline from the same run.")
 app.add_typer(bench_app, name="bench")
 console = Console()
 
@@ -401,6 +399,84 @@ def alarms_report(
 # -- bench ------------------------------------------------------------------------------------
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")]
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench_main(
+    ctx: typer.Context,
+    devices: Annotated[int, typer.Option(help="Device connections.")] = 100,
+    rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
+    clients: Annotated[int, typer.Option(help="Client connections.")] = 10,
+    patients_per_client: Annotated[int, typer.Option(help="Patients each client watches.")] = 10,
+    duration: Annotated[float, typer.Option(help="Seconds of load.")] = 10.0,
+    workers: Annotated[int, typer.Option(help="Load generator processes.")] = 2,
+    against: Annotated[
+        list[str] | None, typer.Option(help="naive, or mqtt://host:port (QoS 0 and 1).")
+    ] = None,
+    saturate: Annotated[bool, typer.Option(help="Double the rate until p99 > 50 ms.")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Load vitalwire (and references) with devices x rate and clients x patients; print
+    delivered/s, end-to-end latency, loss, duplicates, server CPU and memory side by side."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from vitalwire.bench import bench_load, bench_saturate
+    from vitalwire.bench_load import Shape
+
+    shape = Shape(devices, rate, clients, patients_per_client, duration, workers)
+    refs = against or []
+    rows = asyncio.run(bench_saturate(shape, refs) if saturate else bench_load(shape, refs))
+    title = f"{devices} devices x {rate:g} Hz, {clients} clients x {patients_per_client} patients"
+    t = Table(title=("saturation: last rate with p99 <= 50 ms, " if saturate else "") + title)
+    for col in (
+        "target",
+        "rate Hz",
+        "published/s",
+        "delivered/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "lost",
+        "dup",
+        "server CPU %",
+        "RSS MB",
+        "KB/conn",
+        "ratio",
+    ):
+        t.add_column(col, justify="left" if col == "target" else "right")
+    for r in rows:
+        lat = r["latency_ms"]
+
+        def num(x: Any, fmt: str = ",.0f") -> str:
+            return "-" if x is None else format(x, fmt)
+
+        t.add_row(
+            r["target"],
+            num(r.get("rate_hz", rate), "g"),
+            num(r["published_per_s"]),
+            num(r["delivered_per_s"]),
+            num(lat["p50"], ".2f"),
+            num(lat["p99"], ".2f"),
+            num(lat["p99.9"], ".2f"),
+            num(lat["max"], ".1f"),
+            str(r["lost"]),
+            str(r["duplicated"]),
+            num(r["server_cpu_pct"]),
+            num(r["server_rss_mb"], ".0f"),
+            num(r["rss_per_connection_kb"], ".1f"),
+            f"{r['ratio_delivered_vs_vitalwire']:.2f}",
+        )
+    wide = Console(width=max(console.width, 170))
+    wide.print(t)
+    for r in rows:
+        for err in r["errors"]:
+            console.print(f"[yellow]{r['target']}: {err}[/yellow]")
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 @bench_app.command("ingest")

@@ -83,6 +83,19 @@ async def healthz(request: Request) -> Any:
     return JSONResponse(health.model_dump(), status_code=503) if failing else health
 
 
+@router.get("/metrics")
+async def metrics(request: Request) -> dict[str, Any]:
+    """Counters for monitoring and `vitalwire bench` (no health data)."""
+    svc = services(request)
+    return {
+        "rows_written": svc.writer.rows_written,
+        "transactions": svc.store.transactions,
+        "pending_rows": svc.writer.pending_rows,
+        "device_connections": len(svc.ingest.sessions),
+        "client_connections": len(svc.clients),
+    }
+
+
 @router.post("/auth/login", response_model=TokenResponse, responses={401: {}})
 async def login(body: LoginRequest, request: Request) -> TokenResponse:
     svc = services(request)

@@ -1,0 +1,405 @@
+"""The load generator behind ``vitalwire bench``: devices x rate, clients x patients each.
+
+How it works: the main process starts the target (vitalwire, the naive server, or uses an MQTT
+broker), then ``workers`` child processes share the devices and clients (the generator competes
+with the server for this machine's cores; its CPU is reported too). Every device sends readings
+at ``rate_hz`` stamped with the sender's wall clock (one clock: all processes run on one
+machine); every client records, per device, how many distinct seqs it got, duplicates, and the
+end-to-end latency of each (sampled). Readings of one device arrive in order on every transport
+here, so a seq at or below the highest seen is a duplicate; lost = sent - distinct received, per
+client and watched device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgspec
+
+from vitalwire.bench import percentiles
+
+LATENCY_SAMPLES = 200_000  # per worker, reservoir
+
+
+@dataclass(frozen=True)
+class Shape:
+    devices: int = 100
+    rate_hz: float = 1.0
+    clients: int = 10
+    patients_per_client: int = 10
+    duration_s: float = 10.0
+    workers: int = 2
+
+    def watched(self, client: int) -> list[int]:
+        """Device indexes client ``client`` watches (patients are one per device)."""
+        k = min(self.patients_per_client, self.devices)
+        return [(client * k + j) % self.devices for j in range(k)]
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # vitalwire | naive | mqtt
+    url: str  # http://host:port, ws://host:port or mqtt://host:port
+    qos: int = 0
+    devices: tuple[tuple[str, str, str], ...] = ()  # (device id, secret, patient id)
+    token: str = ""
+
+
+@dataclass
+class WorkerResult:
+    sent: dict[int, int] = field(default_factory=dict)  # device index -> readings sent
+    received: dict[tuple[int, int], int] = field(default_factory=dict)  # (client, device)
+    duplicates: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    seen: int = 0
+    connect_s: float = 0.0
+    cpu_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def patient_name(i: int) -> str:
+    return f"P{i + 1:03d}"
+
+
+# -------------------------------------------------------------------------------------------------
+# worker processes
+# -------------------------------------------------------------------------------------------------
+
+
+def run_worker(
+    target: Target,
+    shape: Shape,
+    devices: list[int],
+    clients: list[int],
+    start_at: float,
+    out: Any,
+) -> None:
+    result = asyncio.run(_worker(target, shape, devices, clients, start_at))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result.cpu_s = usage.ru_utime + usage.ru_stime
+    out.put(asdict(result) | {"received": list(result.received.items())})
+
+
+async def _worker(
+    target: Target, shape: Shape, devices: list[int], clients: list[int], start_at: float
+) -> WorkerResult:
+    res = WorkerResult()
+    stop_clients = asyncio.Event()
+    t0 = time.perf_counter()
+    client_tasks = []
+    ready: list[asyncio.Event] = []
+    for c in clients:
+        ev = asyncio.Event()
+        ready.append(ev)
+        client_tasks.append(asyncio.create_task(_client(target, shape, c, res, ev, stop_clients)))
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 120)
+    senders = [await _open_device(target, d) for d in devices]
+    res.connect_s = time.perf_counter() - t0
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    await asyncio.gather(
+        *(_send_loop(target, shape, d, s, res) for d, s in zip(devices, senders, strict=True))
+    )
+    await asyncio.sleep(2.0)  # let the last readings arrive
+    stop_clients.set()
+    for s in senders:
+        with contextlib.suppress(Exception):
+            await s.close()
+    for t in client_tasks:
+        t.cancel()
+    await asyncio.gather(*client_tasks, return_exceptions=True)
+    return res
+
+
+def _ws_url(url: str) -> str:
+    return url.replace("http://", "ws://").replace("https://", "wss://").rstrip("/")
+
+
+async def _open_device(target: Target, d: int) -> Any:
+    if target.kind == "mqtt":
+        import aiomqtt
+
+        host, port = target.url.removeprefix("mqtt://").split(":")
+        client = aiomqtt.Client(host, int(port), identifier=f"bench-dev-{os.getpid()}-{d}")
+        await client.__aenter__()
+        return _MqttSender(client, target.qos, patient_name(d))
+    from websockets.asyncio.client import connect
+
+    if target.kind == "naive":
+        ws = await connect(_ws_url(target.url) + "/device", proxy=None, compression=None)
+        return _NaiveSender(ws, patient_name(d))
+    did, secret, _pid = target.devices[d]
+    ws = await connect(
+        _ws_url(target.url) + "/ws/device", proxy=None, compression=None, max_size=2**22
+    )
+    await ws.send(json.dumps({"type": "hello", "device_id": did, "secret": secret}))
+    welcome = json.loads(await ws.recv())
+    if welcome.get("type") != "welcome":
+        raise RuntimeError(f"device {did} refused: {welcome}")
+    return _VitalwireSender(ws, welcome["high_seq"])
+
+
+class _VitalwireSender:
+    def __init__(self, ws: Any, high_seq: int) -> None:
+        self.ws = ws
+        self.base = high_seq
+        self.drain = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                if '"type":"ping"' in raw:
+                    await self.ws.send('{"type":"pong"}')
+
+    async def send(self, seq: int, ts: float, sent_index: int) -> None:
+        await self.ws.send(
+            f'{{"type":"reading","seq":{self.base + seq},"ts":{ts},"spo2":97,"hr":72}}'
+        )
+
+    async def close(self) -> None:
+        self.drain.cancel()
+        await self.ws.close()
+
+
+class _NaiveSender:
+    def __init__(self, ws: Any, patient: str) -> None:
+        self.ws = ws
+        self.patient = patient
+
+    async def send(self, seq: int, ts: float, sent_index: int) -> None:
+        await self.ws.send(
+            f'{{"patient":"{self.patient}","seq":{seq},"ts":{ts},"spo2":97,"hr":72}}'
+        )
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class _MqttSender:
+    def __init__(self, client: Any, qos: int, patient: str) -> None:
+        self.client = client
+        self.qos = qos
+        self.topic = f"vitalwire-bench/{patient}"
+
+    async def send(self, seq: int, ts: float, sent_index: int) -> None:
+        payload = f'{{"seq":{seq},"ts":{ts},"spo2":97,"hr":72}}'
+        await self.client.publish(self.topic, payload, qos=self.qos)
+
+    async def close(self) -> None:
+        await self.client.__aexit__(None, None, None)
+
+
+async def _send_loop(target: Target, shape: Shape, d: int, sender: Any, res: WorkerResult) -> None:
+    period = 1.0 / shape.rate_hz
+    start = time.perf_counter() + random.random() * period  # spread devices over the period
+    end = start + shape.duration_s
+    seq = 0
+    next_at = start
+    while True:
+        now = time.perf_counter()
+        if now >= end:
+            break
+        if now < next_at:
+            await asyncio.sleep(next_at - now)
+        seq += 1
+        try:
+            await sender.send(seq, time.time(), seq)
+        except Exception as exc:
+            res.errors.append(f"device {d}: {exc!r}")
+            break
+        next_at += period
+    res.sent[d] = seq
+
+
+class _Tracker:
+    def __init__(self, res: WorkerResult, client: int) -> None:
+        self.res = res
+        self.client = client
+        self.highest: dict[int, int] = {}
+        self.k = 0
+
+    def got(self, d: int, seq: int, ts: float) -> None:
+        res = self.res
+        if seq <= self.highest.get(d, 0):
+            res.duplicates += 1
+            return
+        self.highest[d] = seq
+        key = (self.client, d)
+        res.received[key] = res.received.get(key, 0) + 1
+        latency = (time.time() - ts) * 1000
+        res.seen += 1
+        if len(res.latencies_ms) < LATENCY_SAMPLES:
+            res.latencies_ms.append(latency)
+        else:
+            j = random.randrange(res.seen)
+            if j < LATENCY_SAMPLES:
+                res.latencies_ms[j] = latency
+
+
+_frame = msgspec.json.Decoder()
+
+
+async def _client(
+    target: Target,
+    shape: Shape,
+    c: int,
+    res: WorkerResult,
+    ready: asyncio.Event,
+    stop: asyncio.Event,
+) -> None:
+    watched = shape.watched(c)
+    tracker = _Tracker(res, c)
+    try:
+        if target.kind == "mqtt":
+            await _mqtt_client(target, watched, tracker, ready)
+        elif target.kind == "naive":
+            await _naive_client(target, watched, tracker, ready)
+        else:
+            await _vitalwire_client(target, watched, tracker, ready)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        res.errors.append(f"client {c}: {exc!r}")
+        ready.set()
+
+
+async def _vitalwire_client(
+    target: Target, watched: list[int], tracker: _Tracker, ready: asyncio.Event
+) -> None:
+    from websockets.asyncio.client import connect
+
+    index = {f"patient:{target.devices[d][2]}": d for d in watched}
+    async with connect(
+        _ws_url(target.url) + "/ws", proxy=None, compression=None, max_size=2**24
+    ) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": target.token}))
+        await ws.recv()
+        await ws.send(json.dumps({"type": "subscribe", "streams": list(index), "id": 1}))
+        ready.set()
+        async for raw in ws:
+            msg = _frame.decode(raw)
+            if msg.get("type") == "event" and msg["kind"] == "reading":
+                data = msg["data"]
+                tracker.got(index[msg["stream"]], data["seq"], data["ts"])
+            elif msg.get("type") == "ping":
+                await ws.send('{"type":"pong"}')
+
+
+async def _naive_client(
+    target: Target, watched: list[int], tracker: _Tracker, ready: asyncio.Event
+) -> None:
+    from websockets.asyncio.client import connect
+
+    index = {patient_name(d): d for d in watched}
+    async with connect(_ws_url(target.url) + "/client", proxy=None, compression=None) as ws:
+        await ws.send(json.dumps({"subscribe": list(index)}))
+        await ws.recv()
+        ready.set()
+        async for raw in ws:
+            msg = _frame.decode(raw)
+            tracker.got(index[msg["patient"]], msg["seq"], msg["ts"])
+
+
+async def _mqtt_client(
+    target: Target, watched: list[int], tracker: _Tracker, ready: asyncio.Event
+) -> None:
+    import aiomqtt
+
+    host, port = target.url.removeprefix("mqtt://").split(":")
+    index = {f"vitalwire-bench/{patient_name(d)}": d for d in watched}
+    async with aiomqtt.Client(
+        host, int(port), identifier=f"bench-cli-{os.getpid()}-{id(tracker)}", clean_session=True
+    ) as client:
+        for topic in index:
+            await client.subscribe(topic, qos=target.qos)
+        ready.set()
+        async for message in client.messages:
+            msg = _frame.decode(message.payload)
+            tracker.got(index[str(message.topic)], msg["seq"], msg["ts"])
+
+
+# -------------------------------------------------------------------------------------------------
+# the run
+# -------------------------------------------------------------------------------------------------
+
+
+def proc_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, Any]:
+    """Run one load against one target; return the figures."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    workers = max(1, shape.workers)
+    dev_parts = [list(range(shape.devices))[i::workers] for i in range(workers)]
+    cli_parts = [list(range(shape.clients))[i::workers] for i in range(workers)]
+    start_at = time.time() + 3.0 + shape.devices / 500 + shape.clients / 200
+    rss0 = proc_rss_kb(server_pid) if server_pid else 0
+    cpu0 = proc_cpu_s(server_pid) if server_pid else 0.0
+    procs = [
+        ctx.Process(
+            target=run_worker, args=(target, shape, dev_parts[i], cli_parts[i], start_at, out)
+        )
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=shape.duration_s + 300) for _ in procs]
+    for p in procs:
+        p.join(30)
+    cpu1 = proc_cpu_s(server_pid) if server_pid else 0.0
+    rss1 = proc_rss_kb(server_pid) if server_pid else 0
+    wall = shape.duration_s + 2.0
+    sent: dict[int, int] = {}
+    received: dict[tuple[int, int], int] = {}
+    latencies: list[float] = []
+    dups = 0
+    errors: list[str] = []
+    for r in results:
+        sent.update({int(k): v for k, v in r["sent"].items()})
+        for (c, d), n in r["received"]:
+            received[(c, d)] = n
+        latencies.extend(r["latencies_ms"])
+        dups += r["duplicates"]
+        errors.extend(r["errors"])
+    expected = sum(sent.get(d, 0) for c in range(shape.clients) for d in shape.watched(c))
+    delivered = sum(received.values())
+    published = sum(sent.values())
+    connections = shape.devices + shape.clients
+    return {
+        "target": target.kind + (f" qos{target.qos}" if target.kind == "mqtt" else ""),
+        "shape": asdict(shape),
+        "published": published,
+        "published_per_s": published / shape.duration_s,
+        "delivered": delivered,
+        "delivered_per_s": delivered / shape.duration_s,
+        "lost": expected - delivered,
+        "duplicated": dups,
+        "latency_ms": percentiles(latencies),
+        "server_cpu_pct": 100 * (cpu1 - cpu0) / wall if server_pid else None,
+        "server_rss_mb": rss1 / 1024 if server_pid else None,
+        "rss_per_connection_kb": (rss1 - rss0) / connections if server_pid else None,
+        "generator_cpu_s": sum(r["cpu_s"] for r in results),
+        "connect_s": max(r["connect_s"] for r in results),
+        "errors": errors[:10],
+    }

@@ -1,0 +1,66 @@
+"""The reference a tutorial writes: a naive WebSocket fan-out server, no store, no auth.
+
+One ``websockets`` handler per connection. A device sends ``{"patient", "seq", "ts", ...}``
+frames; every client subscribed to that patient gets the frame, each send awaited in turn. It is
+what ``vitalwire bench --against naive`` measures our full pipeline against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+_subscribers: dict[str, set[ServerConnection]] = {}
+#: Tests of the bench itself: drop every Nth forwarded frame (0: never), to check loss counting.
+DROP_EVERY = 0
+_forwarded = 0
+
+
+async def _handler(ws: ServerConnection) -> None:
+    with contextlib.suppress(websockets.ConnectionClosed):
+        await _serve(ws)
+
+
+async def _serve(ws: ServerConnection) -> None:
+    global _forwarded
+    path = ws.request.path if ws.request else "/"
+    if path.startswith("/device"):
+        async for raw in ws:
+            msg = json.loads(raw)
+            for client in list(_subscribers.get(msg["patient"], ())):
+                _forwarded += 1
+                if DROP_EVERY and _forwarded % DROP_EVERY == 0:
+                    continue
+                try:
+                    await client.send(raw)
+                except Exception:
+                    pass
+        return
+    mine: list[str] = []
+    try:
+        async for raw in ws:
+            msg = json.loads(raw)
+            for patient in msg.get("subscribe", []):
+                _subscribers.setdefault(patient, set()).add(ws)
+                mine.append(patient)
+            await ws.send(json.dumps({"subscribed": len(mine)}))
+    finally:
+        for patient in mine:
+            _subscribers.get(patient, set()).discard(ws)
+
+
+async def main(port: int) -> None:
+    async with serve(_handler, "127.0.0.1", port, max_size=2**20, compression=None) as server:
+        print(f"naive listening {port}", flush=True)
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        DROP_EVERY = int(sys.argv[2])
+    asyncio.run(main(int(sys.argv[1])))
