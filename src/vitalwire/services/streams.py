@@ -8,6 +8,7 @@ awaits: each subscriber has its own bounded queue and sender (see services/clien
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -64,11 +65,12 @@ class Streams:
 
     async def save_snapshots(self, now: float) -> int:
         """Save the picture of every stream that changed since its last save."""
-        rows = [
-            (s, st.offset, msgspec.json.encode(st.snapshot()).decode())
-            for s, st in self._states.items()
-            if st.offset != self._saved.get(s)
-        ]
+        rows = []
+        for i, (s, st) in enumerate(list(self._states.items())):
+            if st.offset != self._saved.get(s):
+                rows.append((s, st.offset, msgspec.json.encode(st.snapshot()).decode()))
+            if i % 200 == 199:
+                await asyncio.sleep(0)  # let the fan-out run between slices
         await self.store.save_snapshots(rows, now)
         for s, offset, _ in rows:
             self._saved[s] = offset
