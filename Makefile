@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint serve watch clean
+.PHONY: install demo test lint serve watch clean bench bench-report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ lint: install
 
 watch: install
 	$(BIN)/vitalwire watch
+
+bench: install
+	$(BIN)/vitalwire bench --devices 2000 --rate 1 --clients 200 --patients-per-client 20 \
+		--duration 20 --against naive --against mqtt://127.0.0.1:1883 --json docs/bench/ward.json
+
+bench-report: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/vitalwire bench --devices 100 --rate 10 --clients 10 --patients-per-client 100 \
+		--duration 8 --saturate --against naive --against mqtt://127.0.0.1:1883 \
+		--json docs/bench/saturation.json
+	$(BIN)/python tools/bench_report.py docs/bench/saturation.json docs/bench/saturation.png
 
 clean:
 	rm -rf $(VENV) vitalwire.db vitalwire.db-wal vitalwire.db-shm .pytest_cache

@@ -331,12 +331,21 @@ async def bench_saturate(
     from dataclasses import replace
 
     held: dict[str, dict[str, Any]] = {}
+    curve: dict[str, list[dict[str, float]]] = {}  # every step, for the latency/throughput plot
     rate = shape.rate_hz
     for _ in range(steps):
         step = replace(shape, rate_hz=rate)
         rows = await bench_load(step, against)
         done = True
         for row in rows:
+            curve.setdefault(row["target"], []).append(
+                {
+                    "rate_hz": rate,
+                    "delivered_per_s": row["delivered_per_s"],
+                    "p99_ms": row["latency_ms"]["p99"],
+                    "lost": row["lost"],
+                }
+            )
             ok = row["latency_ms"]["p99"] <= p99_bound_ms and row["lost"] == 0
             if ok:
                 held[row["target"]] = row | {"rate_hz": rate}
@@ -344,4 +353,4 @@ async def bench_saturate(
         if done:
             break
         rate *= 2
-    return list(held.values())
+    return [row | {"steps": curve.get(target, [])} for target, row in held.items()]
