@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, need_data, start_server, stop_server
+from tests.conftest import RunningServer, need_data, start_server, stop_server, wait_until
 from vitalwire import wire
 from vitalwire.sdk import DeviceClient, MonitorClient
 from vitalwire.simulator import read_bidmc
@@ -237,9 +237,8 @@ async def test_alert_history_over_rest(clocked: Any) -> None:
         rows = got.json()
         missing = await http.get("/patients/nobody/alerts", headers=headers)
         audit = await http.get("/audit", headers=headers)
-    assert sorted((r["condition"], r["priority"], r["state"]) for r in rows) == [
-        ("device_offline", "medium", "active"),  # the device closed its connection
-        ("spo2_low", "high", "active"),
+    assert [(r["condition"], r["priority"], r["state"]) for r in rows] == [
+        ("spo2_low", "high", "active")  # device_offline waits out its grace (not raised yet)
     ]
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
     assert audit.status_code == 403
@@ -248,3 +247,58 @@ async def test_alert_history_over_rest(clocked: Any) -> None:
 class _Nobody:
     def push(self, event: object) -> None:
         pass
+
+
+async def test_device_offline_waits_for_its_grace_and_unbinding_ends_it(clocked: Any) -> None:
+    srv, clock = clocked
+    did, secret, pid = srv.device(0)
+    svc = srv.services
+
+    async def alerts() -> list[tuple[str, str]]:
+        await svc.writer.flush()
+        events = await svc.store.events_after(f"patient:{pid}", 0, 1000)
+        return [(e.data["condition"], e.data["action"]) for e in events if e.kind == "alert"]
+
+    async def connect_and_leave() -> None:
+        async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+            dev.send(hr=70)
+            await dev.flush()
+        await wait_until(lambda: did not in svc.ingest.sessions, 5, "device gone")
+
+    await connect_and_leave()  # a blip: back within the grace
+    clock.now += 5
+    svc.alerts.tick()
+    async with DeviceClient(srv.url, did, secret, clock=clock):
+        await wait_until(lambda: did in svc.ingest.sessions, 5, "device back")
+        clock.now += 20
+        svc.alerts.tick()
+    assert ("device_offline", "raised") not in await alerts()
+    await wait_until(lambda: did not in svc.ingest.sessions, 5, "device gone")
+    clock.now += 11  # away for longer than the grace
+    svc.alerts.tick()
+    assert ("device_offline", "raised") in await alerts()
+    await svc.registry.unbind(did)  # the patient no longer has this device
+    assert ("device_offline", "resolved") in await alerts()
+
+
+async def test_acknowledging_a_resolved_alert_is_a_conflict(clocked: Any) -> None:
+    srv, clock = clocked
+    did, secret, pid = srv.device(0)
+    nurse = await _monitor(srv)
+    try:
+        async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+            dev.send(spo2=80, probe=True, pi=2.0)
+            await dev.flush()
+            await srv.services.writer.flush()
+            (alert,) = srv.services.streams.attach(f"patient:{pid}", _Nobody())[1]["alerts"]
+            first = await nurse.request(wire.AckAlert(alert_id=alert["alert_id"]))
+            assert isinstance(first, wire.Result)
+            dev.send(spo2=97, probe=True, pi=2.0)
+            await dev.flush()
+            for _ in range(10):
+                clock.now += 1
+                srv.services.alerts.tick()
+            again = await nurse.request(wire.AckAlert(alert_id=alert["alert_id"]))
+    finally:
+        await nurse.close()
+    assert isinstance(again, wire.Error) and again.code == "conflict", again

@@ -274,3 +274,22 @@ async def test_queued_commands_survive_a_restart_and_in_flight_ones_resolve_hone
             assert (await next_command(dev1))["command_id"] == again["command_id"]
     finally:
         await stop_server(srv, task)
+
+
+async def test_idempotency_key_still_answers_after_the_command_finished(
+    server: RunningServer,
+) -> None:
+    _, _, pid = server.device(0)
+    mon = await monitor(server)
+    try:
+        async with device(server) as dev:
+            first = (await send(mon, pid, "identify", idempotency_key="same")).data["command"]
+            got = await next_command(dev)
+            await answer(dev, got["command_id"], "completed")
+            await statuses(mon, first["command_id"], "completed")
+            again = (await send(mon, pid, "identify", idempotency_key="same")).data["command"]
+            with pytest.raises(TimeoutError):
+                await next_command(dev, timeout=0.5)
+    finally:
+        await mon.close()
+    assert again["command_id"] == first["command_id"] and again["status"] == "completed"

@@ -374,9 +374,14 @@ def command(
             cmd = reply.data["command"]
             console.print(f"{cmd['command_id']} {cmd['status']}")
             status = cmd["status"]
+            deadline = (ttl or 300.0) + 660.0  # longest TTL plus the longest answer timeout
             while status not in TERMINAL:
-                e = await mon.next_event(timeout=cmd.get("timeout_s", 600) + 600)
-                if e.kind == "command" and e.data["command_id"] == cmd["command_id"]:
+                e = await mon.next_event(timeout=deadline)
+                if (
+                    e.kind == "command"
+                    and e.data["command_id"] == cmd["command_id"]
+                    and e.data["status"] != status
+                ):
                     status = e.data["status"]
                     extra = e.data.get("message") or e.data.get("result") or ""
                     console.print(f"{cmd['command_id']} {status} {extra}")

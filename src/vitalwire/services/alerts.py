@@ -32,6 +32,8 @@ from vitalwire.wire import Event
 
 log = logging.getLogger("vitalwire.alerts")
 
+#: Alert ids remembered (open or resolved) for acknowledgements.
+ALERT_MEMORY = 100_000
 #: Roles that may acknowledge alerts and change a patient's limits and observations.
 CLINICAL_ROLES = frozenset({"admin", "clinician"})
 
@@ -47,6 +49,7 @@ class AlertService:
         clock: Callable[[], float],
         config: AlertConfig | None = None,
         access: Access | None = None,
+        offline_grace_s: float = 10.0,
     ) -> None:
         self.access = access
         self.store = store
@@ -58,6 +61,9 @@ class AlertService:
         self._limits: dict[str, Limits] = {}  # patient -> limits in force (overrides applied)
         self._observations: dict[str, dict[str, Any]] = {}
         self._alert_patient: dict[str, str] = {}  # alert id -> patient id
+        #: devices whose socket closed, not yet back: (patient, device) -> since
+        self._offline_since: dict[tuple[str, str], float] = {}
+        self.offline_grace_s = offline_grace_s
 
     async def load(self) -> None:
         """Per-patient limits and observations from the store; open alerts back into engines."""
@@ -88,8 +94,19 @@ class AlertService:
         return self._to_events(pid, self.engine(pid).on_reading(now, device, values), now)
 
     def on_device_status(
-        self, pid: str, device: str, status: str, now: float
+        self, pid: str, device: str, status: str, now: float, reason: str | None = None
     ) -> tuple[list[Event], list[AlertRow]]:
+        """A device's status changed. A socket that closes (a reset, a network blip) raises
+        ``device_offline`` only if the device is not back within ``offline_grace_s``; a device
+        found silent has already been waited for, and raises at once."""
+        key = (pid, device)
+        if status == "offline" and reason != "silent":
+            self._offline_since.setdefault(key, now)
+            return [], []
+        if status != "offline":
+            was_pending = self._offline_since.pop(key, None) is not None
+            if was_pending and status == "online":
+                return [], []  # back within the grace: nothing was raised, nothing to resolve
         return self._to_events(pid, self.engine(pid).on_device_status(now, device, status), now)
 
     def tick(self, part: int = 0, parts: int = 1) -> int:
@@ -100,6 +117,15 @@ class AlertService:
         events: list[Event] = []
         rows: list[AlertRow] = []
         count = 0
+        for key, since in list(self._offline_since.items()):
+            if now - since >= self.offline_grace_s:
+                del self._offline_since[key]
+                pid, device = key
+                e, r = self._to_events(
+                    pid, self.engine(pid).on_device_status(now, device, "offline"), now
+                )
+                events.extend(e)
+                rows.extend(r)
         pids = list(self._engines)
         for pid in pids[part::parts] if parts > 1 else pids:
             engine = self._engines[pid]
@@ -216,9 +242,9 @@ class AlertService:
         for change in changes:
             data = _change_data(change)
             if isinstance(change, AlertChange):
-                self._alert_patient[change.alert_id] = pid
-                if change.state == "resolved":
-                    self._alert_patient.pop(change.alert_id, None)
+                self._alert_patient[change.alert_id] = pid  # kept once resolved: acknowledging
+                while len(self._alert_patient) > ALERT_MEMORY:  # it then says "conflict"
+                    del self._alert_patient[next(iter(self._alert_patient))]
                 events.append(self.streams.new_event(stream, ev.ALERT, now, data))
                 events.append(self.streams.new_event(ev.ALERTS_STREAM, ev.ALERT, now, data))
                 rows.append(

@@ -114,7 +114,8 @@ class CommandService:
         #: patient (care teams; reset and silence need the patient in the user's care)
         self.authorize = authorize or (lambda who, pid, spec: None)
         self._open: dict[str, CommandState] = {}
-        self._keys: dict[tuple[str, str], str] = {}
+        #: (requester, idempotency key) -> the command, kept for its TTL even once finished
+        self._keyed: dict[tuple[str, str], CommandState] = {}
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -143,7 +144,7 @@ class CommandService:
             )
             self._open[st.command_id] = st
             if st.idempotency_key:
-                self._keys[(st.requested_by, st.idempotency_key)] = st.command_id
+                self._keyed[(st.requested_by, st.idempotency_key)] = st
             if st.status in (cc.SENT, cc.ACKNOWLEDGED):
                 if cc.CATALOGUE[st.name].idempotent and st.status == cc.SENT:
                     self._move(
@@ -214,7 +215,7 @@ class CommandService:
             st.watchers.append(watcher)
         self._open[st.command_id] = st
         if st.idempotency_key:
-            self._keys[(who.name, st.idempotency_key)] = st.command_id
+            self._keyed[(who.name, st.idempotency_key)] = st
         event = self._event(st)
         detail = {"command_id": st.command_id, "name": st.name, "args": args, "device": device_id}
         audit = AuditRow(now, who.name, "command", st.patient_id, json.dumps(detail), origin)
@@ -225,11 +226,10 @@ class CommandService:
         return queued
 
     def _by_key(self, requester: str, key: str, now: float) -> CommandState | None:
-        cid = self._keys.get((requester, key))
-        st = self._open.get(cid) if cid else None
-        if st is None or now > st.created_at + st.ttl_s:
-            return None
-        return st
+        """The command sent with this key by this requester within its TTL — finished or not."""
+        for k in [k for k, st in self._keyed.items() if now > st.created_at + st.ttl_s]:
+            del self._keyed[k]  # past their TTL: a new command may use the key
+        return self._keyed.get((requester, key))
 
     async def _device_for(self, pid: str, device_id: str | None) -> str:
         patients = {p["id"]: p for p in await self.store.list_patients()}

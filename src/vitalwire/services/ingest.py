@@ -333,11 +333,16 @@ class Ingest:
         events = [self.streams.new_event(ev.patient_stream(pid), ev.DEVICE_STATUS, now, data)]
         alert_rows: list[AlertRow] = []
         if self.alerts is not None:
-            more, alert_rows = self.alerts.on_device_status(pid, did, status, now)
+            more, alert_rows = self.alerts.on_device_status(pid, did, status, now, reason)
             events.extend(more)
         self.writer.submit([], events, alerts=alert_rows)
 
-    def _on_binding_change(self, did: str, pid: str | None) -> None:
+    def _on_binding_change(self, did: str, pid: str | None, old: str | None = None) -> None:
+        if old is not None and old != pid and self.alerts is not None:
+            # the device's technical alerts stay with the patient it left: end them there
+            events, rows = self.alerts.on_device_status(old, did, "unbound", self.clock())
+            if events:
+                self.writer.submit([], events, alerts=rows)
         session = self.sessions.get(did)
         if session is not None and session.patient_id != pid:
             session.patient_id = pid

@@ -34,7 +34,8 @@ class Registry:
         self.clock = clock
         self.streams = streams
         self.writer = writer
-        self.on_binding_change: Callable[[str, str | None], None] | None = None
+        #: (device, new patient or None, previous patient or None)
+        self.on_binding_change: Callable[[str, str | None, str | None], None] | None = None
 
     async def create_patient(self, pid: str, name: str, ward: str) -> dict[str, Any]:
         ev.check_id("patient_id", pid)
@@ -78,7 +79,7 @@ class Registry:
             self._binding_event(previous.patient_id, did, "unbind", now)
         self._binding_event(pid, did, "bind", now)
         if self.on_binding_change is not None:
-            self.on_binding_change(did, pid)
+            self.on_binding_change(did, pid, previous.patient_id if previous else None)
         return previous
 
     async def unbind(self, did: str) -> Binding | None:
@@ -87,7 +88,7 @@ class Registry:
         if previous is not None:
             self._binding_event(previous.patient_id, did, "unbind", now)
         if self.on_binding_change is not None:
-            self.on_binding_change(did, None)
+            self.on_binding_change(did, None, previous.patient_id if previous else None)
         return previous
 
     def _binding_event(self, pid: str, did: str, action: str, now: float) -> None:
