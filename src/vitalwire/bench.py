@@ -90,6 +90,8 @@ async def server_process(folder: Path, patients: int) -> AsyncIterator[ServerPro
         "VITALWIRE_DEVICE_MSGS_BURST": "1000000",
         # the bench's clients all log in as one user; they stand for many
         "VITALWIRE_MAX_CONNECTIONS_PER_USER": "100000",
+        "VITALWIRE_CLIENT_MSGS_PER_S": "1000000",
+        "VITALWIRE_CLIENT_MSGS_BURST": "1000000",
         **os.environ,
     }
     proc = subprocess.Popen(
