@@ -180,7 +180,7 @@ def test_demo_serves_a_live_ward_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         )
         assert watch.returncode == 0, watch.stderr
         assert len(re.findall(r"P0(0[1-9]|1[0-2])", watch.stdout)) == 12
-        assert "online" in watch.stdout
+        assert "online" in watch.stdout and "NEWS2" in watch.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -270,3 +270,40 @@ async def test_limits_observe_and_command_through_a_running_server(server: Any) 
         stop.set()
         client = await asyncio.wait_for(sim, 30)
     assert client.connections >= 2  # reset really reconnected
+
+
+def test_watch_view_shows_vitals_news2_and_the_top_alert() -> None:
+    from rich.console import Console
+
+    from vitalwire.watch import WardView
+
+    view = WardView([{"id": "P001", "name": "Ada"}])
+    view.start(
+        "P001",
+        5,
+        {
+            "vitals": {"spo2": {"value": 84.0, "ts": 1.0, "device": "d", "offset": 2}},
+            "devices": {"d": {"status": "online", "ts": 1.0, "reason": None}},
+            "alerts": [
+                {
+                    "alert_id": "a",
+                    "priority": "high",
+                    "condition": "spo2_low",
+                    "state": "active",
+                    "raised_at": 1.0,
+                },
+                {
+                    "alert_id": "b",
+                    "priority": "low",
+                    "condition": "low_battery",
+                    "state": "active",
+                    "raised_at": 2.0,
+                },
+            ],
+            "news2": {"total": 7, "band": "high"},
+        },
+    )
+    console = Console(width=200, record=True)
+    console.print(view.table())
+    text = console.export_text()
+    assert "84" in text and "7 high" in text and "high: spo2_low (+1)" in text

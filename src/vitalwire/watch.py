@@ -43,10 +43,7 @@ class WardView:
         self.events = 0
 
     def start(self, pid: str, offset: int, snapshot: dict[str, Any]) -> None:
-        state = PatientState(offset=offset)
-        state.vitals = dict(snapshot.get("vitals", {}))
-        state.devices = dict(snapshot.get("devices", {}))
-        self.states[pid] = state
+        self.states[pid] = PatientState.from_snapshot(offset, snapshot)
 
     def apply(self, pid: str, offset: int, kind: str, ts: float, data: dict[str, Any]) -> None:
         self.states.setdefault(pid, PatientState()).apply(offset, kind, ts, data)
@@ -59,6 +56,8 @@ class WardView:
         table.add_column("Name")
         for title, _ in COLUMNS:
             table.add_column(title, justify="right")
+        table.add_column("NEWS2", justify="right")
+        table.add_column("Alerts")
         table.add_column("Device")
         table.add_column("Updated", justify="right")
         now = time.time()
@@ -84,10 +83,21 @@ class WardView:
                 or "–"
             )
             age = now - self.updated[pid] if pid in self.updated else None
+            news2 = "–" if st.news2 is None else f"{st.news2['total']} {st.news2['band']}"
+            open_alerts = st.open_alerts()
+            alerts = "–"
+            if open_alerts:
+                top = open_alerts[0]
+                colour = {"high": "bold red", "medium": "yellow"}.get(top["priority"], "cyan")
+                more = f" (+{len(open_alerts) - 1})" if len(open_alerts) > 1 else ""
+                ack = " ✓" if top.get("state") == "acknowledged" else ""
+                alerts = f"[{colour}]{top['priority']}: {top['condition']}{ack}[/]{more}"
             table.add_row(
                 pid,
                 self.patients.get(pid, {}).get("name", ""),
                 *cells,
+                news2,
+                alerts,
                 devices,
                 "–" if age is None else f"{age:.0f}s",
             )
