@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,10 +232,6 @@ async def bench_commands(count: int = 200) -> dict[str, Any]:
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else 0.0
 
 
 # -------------------------------------------------------------------------------------------------

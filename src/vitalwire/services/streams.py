@@ -155,7 +155,3 @@ class Streams:
             out.extend(page)
             cursor = page[-1].offset
         return out
-
-
-def patient_of(stream: str) -> str | None:
-    return ev.stream_patient(stream)

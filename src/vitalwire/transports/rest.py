@@ -93,6 +93,7 @@ async def metrics(request: Request) -> dict[str, Any]:
         "pending_rows": svc.writer.pending_rows,
         "device_connections": len(svc.ingest.sessions),
         "client_connections": len(svc.clients),
+        "subscriptions": svc.streams.subscriber_count(),
     }
 
 
