@@ -178,3 +178,20 @@ async def test_subscribe_validates_stream_names(bad: list[str]) -> None:
     with pytest.raises(InvalidMessage) as err:
         await session.subscribe(bad, None, 1)
     assert err.value.field == "streams"
+
+
+async def test_batching_client_gets_queued_events_in_one_frame_in_order() -> None:
+    import json
+
+    session, _ = _session()
+    await session.subscribe(["patient:P"], None, 1, batch=True)
+    await session.take()
+    for off in (1, 2, 3):
+        session.push(_status(off))
+    frames = await session.take()
+    assert frames is not None and len(frames) == 1
+    batch = json.loads(frames[0])
+    assert batch["type"] == "events" and [e["offset"] for e in batch["items"]] == [1, 2, 3]
+    session.push(_status(4))  # a single event still goes as itself
+    (single,) = await session.take() or []
+    assert json.loads(single)["type"] == "event"

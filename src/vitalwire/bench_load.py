@@ -282,14 +282,22 @@ async def _vitalwire_client(
     ) as ws:
         await ws.send(json.dumps({"type": "auth", "token": target.token}))
         await ws.recv()
-        await ws.send(json.dumps({"type": "subscribe", "streams": list(index), "id": 1}))
+        await ws.send(
+            json.dumps({"type": "subscribe", "streams": list(index), "batch": True, "id": 1})
+        )
         ready.set()
         async for raw in ws:
             msg = _frame.decode(raw)
-            if msg.get("type") == "event" and msg["kind"] == "reading":
+            kind = msg.get("type")
+            if kind == "events":
+                for item in msg["items"]:
+                    if item["kind"] == "reading":
+                        data = item["data"]
+                        tracker.got(index[item["stream"]], data["seq"], data["ts"])
+            elif kind == "event" and msg["kind"] == "reading":
                 data = msg["data"]
                 tracker.got(index[msg["stream"]], data["seq"], data["ts"])
-            elif msg.get("type") == "ping":
+            elif kind == "ping":
                 await ws.send('{"type":"pong"}')
 
 

@@ -177,6 +177,8 @@ class Auth(msgspec.Struct, tag="auth", **_opts):
 class Subscribe(msgspec.Struct, tag="subscribe", **_opts):
     streams: list[str]
     since: dict[str, int] | None = None
+    #: Send several queued events in one ``events`` frame (for this whole connection).
+    batch: bool = False
     id: int | None = None
 
 
@@ -278,7 +280,13 @@ class EventFrame(msgspec.Struct, tag="event", tag_field="type"):
     data: msgspec.Raw
 
 
-ServerToClient = Result | Subscribed | EventFrame | Error | Ping | Pong
+class Events(msgspec.Struct, tag="events", tag_field="type"):
+    """Several events in one frame, in order (clients that subscribed with ``batch``)."""
+
+    items: list[EventFrame]
+
+
+ServerToClient = Result | Subscribed | EventFrame | Events | Error | Ping | Pong
 ServerToDevice = Welcome | Ack | Command | Error | Ping | Pong
 
 

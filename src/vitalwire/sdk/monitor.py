@@ -72,8 +72,11 @@ class MonitorClient:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
         ssl: ssl_module.SSLContext | None = None,
+        batch: bool = True,
     ) -> None:
         base = _base(url)
+        #: Ask the server to send queued events several to a frame (cheaper on both sides).
+        self.batch = batch
         #: TLS context for https/wss (certificates are verified; pass one trusting your CA)
         self.ssl = ssl
         self.http_url = base.replace("ws://", "http://").replace("wss://", "https://")
@@ -134,7 +137,9 @@ class MonitorClient:
         for s in streams:
             if s not in self._streams:
                 self._streams.append(s)
-        reply = await self.request(wire.Subscribe(streams=streams, since=since), timeout)
+        reply = await self.request(
+            wire.Subscribe(streams=streams, since=since, batch=self.batch), timeout
+        )
         if isinstance(reply, wire.Error):
             raise ValueError(f"{reply.code}: {reply.message}")
         assert isinstance(reply, wire.Subscribed)
@@ -195,9 +200,8 @@ class MonitorClient:
                     self._ws = ws
                     if self._streams:  # resume where we were
                         since = {s: self.offsets[s] for s in self._streams if s in self.offsets}
-                        await ws.send(
-                            wire.encode_text(wire.Subscribe(self._streams, since or None, id=-1))
-                        )
+                        resume = wire.Subscribe(self._streams, since or None, self.batch, id=-1)
+                        await ws.send(wire.encode_text(resume))
                     if not first:
                         self.reconnects += 1
                     first = False
@@ -220,19 +224,23 @@ class MonitorClient:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.backoff_max_s)
 
+    def _event(self, msg: wire.EventFrame) -> None:
+        last = self.offsets.get(msg.stream, 0)
+        if msg.offset <= last:
+            return  # already delivered to the caller before a reconnect
+        self.offsets[msg.stream] = msg.offset
+        data = msgspec.json.decode(msg.data)
+        self._events.put_nowait(StreamEvent(msg.stream, msg.offset, msg.kind, msg.ts, data))
+
     async def _receive(self, ws: ClientConnection) -> None:
         try:
             async for raw in ws:
                 msg = wire.decode_from_server_to_client(raw)
                 if isinstance(msg, wire.EventFrame):
-                    last = self.offsets.get(msg.stream, 0)
-                    if msg.offset <= last:
-                        continue  # already delivered to the caller before a reconnect
-                    self.offsets[msg.stream] = msg.offset
-                    data = msgspec.json.decode(msg.data)
-                    self._events.put_nowait(
-                        StreamEvent(msg.stream, msg.offset, msg.kind, msg.ts, data)
-                    )
+                    self._event(msg)
+                elif isinstance(msg, wire.Events):
+                    for item in msg.items:
+                        self._event(item)
                 elif isinstance(msg, wire.Ping):
                     await ws.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
                 elif isinstance(msg, wire.Subscribed) and msg.id == -1:

@@ -73,6 +73,8 @@ class ClientSession:
         self.closed = False
         self.overflowed = False
         self.coalesced = 0
+        #: Set by a subscribe with ``batch``: live events queued together go in one frame.
+        self.batch_events = False
         #: Set by the transport: send what is queued, then close the connection with a code.
         self.shut: Callable[[int, str], None] | None = None
         #: Where the client connects from (for the audit log).
@@ -145,7 +147,11 @@ class ClientSession:
             await self._wake.wait()
         out = list(self._control)
         self._control.clear()
-        out.extend(self._live.values())
+        if self.batch_events and len(self._live) > 1:
+            # the frames are already encoded: joining them costs no re-encoding
+            out.append('{"type":"events","items":[' + ",".join(self._live.values()) + "]}")
+        else:
+            out.extend(self._live.values())
         self._live.clear()
         return out
 
@@ -156,10 +162,16 @@ class ClientSession:
     # -- requests -----------------------------------------------------------------------------
 
     async def subscribe(
-        self, streams: list[str], since: dict[str, int] | None, req_id: int | None
+        self,
+        streams: list[str],
+        since: dict[str, int] | None,
+        req_id: int | None,
+        batch: bool = False,
     ) -> None:
         """Subscribe to ``streams``; queue the ``subscribed`` reply, the replay, then go live."""
         names = list(dict.fromkeys(ev.check_stream(s) for s in streams))
+        if batch:
+            self.batch_events = True
         if not names:
             raise InvalidMessage("streams must name at least one stream", field="streams")
         since = since or {}

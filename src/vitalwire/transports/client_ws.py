@@ -204,7 +204,7 @@ async def _heartbeat(session: ClientSession, interval: float) -> None:
 
 async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
     if isinstance(msg, wire.Subscribe):
-        await session.subscribe(msg.streams, msg.since, msg.id)
+        await session.subscribe(msg.streams, msg.since, msg.id, msg.batch)
     elif isinstance(msg, wire.Unsubscribe):
         gone = session.unsubscribe(msg.streams)
         session.send(wire.encode_text(wire.Result(id=msg.id, data={"unsubscribed": gone})))
