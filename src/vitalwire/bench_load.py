@@ -372,6 +372,9 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
     ]
     for p in procs:
         p.start()
+    # every connection is open (the workers connect first) but no reading flows yet: idle memory
+    time.sleep(max(0.0, start_at - 0.3 - time.time()))
+    rss_idle = proc_rss_kb(server_pid) if server_pid else 0
     results = [out.get(timeout=shape.duration_s + 300) for _ in procs]
     for p in procs:
         p.join(30)
@@ -407,6 +410,7 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
         "server_cpu_pct": 100 * (cpu1 - cpu0) / wall if server_pid else None,
         "server_rss_mb": rss1 / 1024 if server_pid else None,
         "rss_per_connection_kb": (rss1 - rss0) / connections if server_pid else None,
+        "rss_per_idle_connection_kb": (rss_idle - rss0) / connections if server_pid else None,
         "generator_cpu_s": sum(r["cpu_s"] for r in results),
         "connect_s": max(r["connect_s"] for r in results),
         "errors": errors[:10],

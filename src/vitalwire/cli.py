@@ -449,7 +449,9 @@ def bench_main(
         "dup",
         "server CPU %",
         "RSS MB",
-        "KB/conn",
+        "KB/idle conn",
+        "connect s",
+        "gen CPU s",
         "ratio",
     ):
         t.add_column(col, justify="left" if col == "target" else "right")
@@ -472,7 +474,9 @@ def bench_main(
             str(r["duplicated"]),
             num(r["server_cpu_pct"]),
             num(r["server_rss_mb"], ".0f"),
-            num(r["rss_per_connection_kb"], ".1f"),
+            num(r["rss_per_idle_connection_kb"], ".1f"),
+            num(r["connect_s"], ".1f"),
+            num(r["generator_cpu_s"], ".1f"),
             f"{r['ratio_delivered_vs_vitalwire']:.2f}",
         )
     wide = Console(width=max(console.width, 170))
