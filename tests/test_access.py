@@ -452,3 +452,34 @@ async def test_subscriptions_per_connection_are_bounded(tmp_path: Path) -> None:
     assert isinstance(ok, wire.Subscribed)
     assert isinstance(too_many, wire.Error) and too_many.field == "streams"
     assert "at most 2, got 3" in too_many.message
+
+
+async def test_a_refusal_names_what_is_missing_the_role_or_the_care(server: RunningServer) -> None:
+    svc = server.services
+    await svc.registry.create_patient("Q001", "Other Ward", "ward-b")
+    await svc.access.refresh()
+    viewer = await _mon(server, "viewer")
+    clinician = await _mon(server, "clinician")
+    try:
+        role = await viewer.request(wire.SetLimits(patient_id="P001", limits={"hr": {"high": 125}}))
+        care = await clinician.request(
+            wire.SetLimits(patient_id="Q001", limits={"hr": {"high": 125}})
+        )
+    finally:
+        await viewer.close()
+        await clinician.close()
+    assert isinstance(role, wire.Error) and (role.field, role.message) == (
+        "role",
+        "role viewer may not set limits",
+    )
+    assert isinstance(care, wire.Error) and care.field == "patient_id"
+    assert "not in your care" in care.message and "Q001" in care.message
+
+
+def test_services_without_access_control_fail_closed() -> None:
+    from vitalwire.core import commands as cc
+    from vitalwire.core.errors import Forbidden
+    from vitalwire.services.commands import _deny_all
+
+    with pytest.raises(Forbidden):
+        _deny_all(Principal("admin", "admin"), "P001", cc.CATALOGUE["identify"])

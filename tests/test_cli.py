@@ -265,7 +265,7 @@ async def test_limits_observe_and_command_through_a_running_server(server: Any) 
             "--url",
             server.url,
         )
-        assert code == 1 and "role viewer may not send commands" in out
+        assert code == 1 and "role viewer may not command" in out
     finally:
         stop.set()
         client = await asyncio.wait_for(sim, 30)

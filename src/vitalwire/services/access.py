@@ -18,9 +18,6 @@ from vitalwire.services.auth import Principal
 from vitalwire.services.writer import BatchWriter
 from vitalwire.store import AuditRow, Store
 
-#: Longest and default break-glass access.
-BREAK_GLASS_MAX_S = 8 * 3600.0
-
 
 class Access:
     def __init__(
@@ -64,8 +61,11 @@ class Access:
         """Raise :class:`Forbidden` naming what is missing, unless allowed."""
         ok, why = self._decide(who, action, pid)
         if not ok:
-            target = f" (patient {pid})" if pid else ""
-            raise Forbidden(f"{why}{target}", field="patient_id" if pid else "role")
+            role_missing = who.role not in policy.POLICY[action][0]
+            target = f" (patient {pid})" if pid and not role_missing else ""
+            raise Forbidden(
+                f"{why}{target}", field="role" if role_missing or not pid else "patient_id"
+            )
 
     def _decide(self, who: Principal, action: str, pid: str | None) -> tuple[bool, str]:
         if pid is not None and pid not in self._ward_of:

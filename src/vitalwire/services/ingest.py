@@ -12,7 +12,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vitalwire.core import events as ev
 from vitalwire.core.errors import InvalidMessage, InvalidReading, PeerError
@@ -65,7 +65,6 @@ class DeviceSession:
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def stream(self) -> str | None:
