@@ -14,9 +14,15 @@ from vitalwire.store.schema import metadata
 from vitalwire.wire import Event
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "sqlite-engine"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    """``sqlite``: batches through the dedicated writer thread; ``sqlite-engine``: through the
+    async engine, the path PostgreSQL takes."""
+    from vitalwire.store.sql import SqlStore
+
+    s: Store = SqlStore(
+        f"sqlite:///{tmp_path / 'store.db'}", dedicated_writer=request.param == "sqlite"
+    )
     await s.open()
     try:
         yield s
@@ -45,6 +51,19 @@ async def test_write_batch_is_one_transaction_and_events_read_back(store: Store)
     assert await store.first_offset("patient:P1") == 1
     recent = await store.recent_events("patient:P1", 3)
     assert [e.offset for e in recent] == [298, 299, 300]
+
+
+async def test_a_failing_batch_writes_nothing_and_the_next_one_commits(store: Store) -> None:
+    """All or nothing: an event offset already taken fails the batch; none of its rows stay."""
+    await store.write_batch(_batch("d1", "patient:P1", range(1, 4), 1))
+    clash = _batch("d2", "patient:P1", range(1, 4), 3)  # offset 3 exists
+    with pytest.raises(Exception, match="(?i)unique|constraint"):
+        await store.write_batch(clash)
+    assert await store.device_last_seq("d2") == 0
+    assert await store.stream_heads() == {"patient:P1": 3}
+    await store.write_batch(_batch("d2", "patient:P1", range(1, 4), 4))
+    assert await store.device_last_seq("d2") == 3
+    assert await store.stream_heads() == {"patient:P1": 6}
 
 
 async def test_duplicate_reading_rows_are_ignored(store: Store) -> None:

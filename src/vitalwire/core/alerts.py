@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Final
 
 from vitalwire.core.errors import Conflict, InvalidMessage, NotFound
-from vitalwire.core.limits import DEFAULT_LIMITS, Limits
+from vitalwire.core.limits import DEFAULT_LIMITS, Limits, MetricLimits
 from vitalwire.core.metrics import METRIC_BY_NAME, VITAL_NAMES
 from vitalwire.core.news2 import News2, check_observations, score
 
@@ -407,6 +408,74 @@ def _limit_message(metric: str, direction: str, priority: str, value: float, lim
     return f"{label} {_qty(metric, value)} {side} {kind} {_qty(metric, limit)}"
 
 
+_VITAL_KEYS: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _vital_key(metric: str, direction: str) -> tuple[str, str]:
+    key = _VITAL_KEYS.get((metric, direction))
+    if key is None:
+        key = _VITAL_KEYS[(metric, direction)] = (f"{metric}_{direction}", "")
+    return key
+
+
+def _vital_info(
+    row: MetricLimits, direction: str, value: float, demand: str | None, limit: float | None
+) -> _Info:
+    """What an alert on a vital sign says (made only when an alert changes)."""
+    message = ""
+    if demand is not None and limit is not None:
+        message = _limit_message(row.metric, direction, demand, value, limit)
+    else:
+        limit = row.limit(direction)
+        if limit is not None:
+            label = METRIC_BY_NAME[row.metric].label
+            message = f"{label} back to {_qty(row.metric, value)} (limit {_qty(row.metric, limit)})"
+    return _Info(PHYSIOLOGICAL, row.metric, value, limit, None, message)
+
+
+def _offline_info(device: str, online: bool) -> _Info:
+    text = f"Device {device} back online" if online else f"Device {device} offline"
+    return _Info(TECHNICAL, device=device, message=text)
+
+
+def _probe_info(device: str, probe_off: bool) -> _Info:
+    text = (
+        f"SpO2 probe off or no signal on device {device}: SpO2 and pulse alarms suspended"
+        if probe_off
+        else f"SpO2 signal back on device {device}"
+    )
+    return _Info(TECHNICAL, device=device, message=text)
+
+
+def _perfusion_info(device: str, poor: bool, pi: float | None, floor: float) -> _Info:
+    text = (
+        f"Perfusion index {_num(pi or 0)} % below {_num(floor)} "
+        f"% on device {device}: SpO2 and pulse alarms suspended"
+        if poor
+        else f"Perfusion back on device {device}"
+    )
+    return _Info(TECHNICAL, "pi", pi, floor, device, text)
+
+
+def _battery_info(device: str, battery: float | None, limit: float | None) -> _Info:
+    text = (
+        f"Battery {_num(battery)} % below {_num(limit)} % on device {device}"
+        if battery is not None and limit is not None
+        else f"Battery of device {device} charged"
+    )
+    return _Info(TECHNICAL, "battery", battery, limit, device, text)
+
+
+def _news2_info(news: News2) -> _Info:
+    scored = ", ".join(f"{name} {pts}" for name, pts in news.points.items() if pts)
+    text = f"NEWS2 {news.total} ({news.band.replace('_', '-')} risk)"
+    if scored:
+        text += f": {scored}"
+    if news.missing:
+        text += f"; missing {', '.join(news.missing)}"
+    return _Info(PHYSIOLOGICAL, "news2", float(news.total), None, None, text)
+
+
 class PatientAlerts:
     """The alert engine of one patient (see the module docstring for how it works).
 
@@ -432,6 +501,10 @@ class PatientAlerts:
         self._open: dict[_Key, Alert] = {}
         self._keys: dict[str, _Key] = {}
         self._next_escalation: dict[str, float] = {}
+        #: inputs changed since the last evaluation (limits replaced, an alert restored)
+        self._dirty = True
+        #: the earliest time at which a tick with no new input can change anything
+        self._next_due = -math.inf
         self._resolved: OrderedDict[str, Alert] = OrderedDict()
         self._on_oxygen: bool | None = None
         self._consciousness: str | None = None
@@ -523,7 +596,13 @@ class PatientAlerts:
         return changes + self._step(now)
 
     def tick(self, now: float) -> list[Change]:
-        """Let time pass: delays expire, clear timers end conditions, alerts escalate."""
+        """Let time pass: delays expire, clear timers end conditions, alerts escalate.
+
+        Cheap when nothing is due: with no delay or clear timer running, no escalation due and
+        no NEWS2 value about to go stale, an evaluation could change nothing, so none is made.
+        """
+        if not self._dirty and now < self._next_due:
+            return []
         return self._step(now)
 
     def acknowledge(self, alert_id: str, by: str, now: float) -> list[Change]:
@@ -596,6 +675,7 @@ class PatientAlerts:
             InvalidMessage: a plain dict with an invalid value, naming the field.
         """
         self._limits = limits if isinstance(limits, Limits) else Limits.from_dict(limits)
+        self._dirty = True
 
     def restore(self, change: Mapping[str, Any]) -> None:
         """Put back an open alert after a restart, from its last :meth:`AlertChange.to_dict`.
@@ -652,6 +732,7 @@ class PatientAlerts:
         interval = self._config.escalation_s(priority)
         if state == ACTIVE and interval is not None:
             self._next_escalation[alert_id] = at + interval
+        self._dirty = True
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -689,7 +770,21 @@ class PatientAlerts:
         changes += self._evaluate_devices(now)
         changes += self._evaluate_news2(now)
         changes += self._escalate(now)
+        self._dirty = False
+        self._next_due = self._due_after(now)
         return changes
+
+    def _due_after(self, now: float) -> float:
+        """When a tick can next change something with no new input (``now``: every tick)."""
+        for track in self._tracks.values():
+            if track.pending_since is not None or track.clear_since is not None:
+                return now  # a delay or clear timer runs
+        due = min(self._next_escalation.values(), default=math.inf)
+        max_age = self._config.news2_max_age_s
+        for _value, ts in self._news2_vitals.values():
+            if now <= ts + max_age < due:  # fresh until then (RCP NEWS2: stale values score 0)
+                due = ts + max_age
+        return due
 
     def _evaluate_vitals(self, now: float) -> list[Change]:
         changes: list[Change] = []
@@ -701,23 +796,11 @@ class PatientAlerts:
                 dev = self._devices.get(vital.device)
                 usable = dev is None or not self._suppressed(dev)
             for direction in ("low", "high"):
-                key = (f"{row.metric}_{direction}", "")
+                key = _vital_key(row.metric, direction)
                 if vital is None or not usable:
                     self._hold(key)
                     continue
                 demand, limit = row.violation(vital.value, direction)
-                message = ""
-                if demand is not None and limit is not None:
-                    message = _limit_message(row.metric, direction, demand, vital.value, limit)
-                else:
-                    limit = row.limit(direction)
-                    if limit is not None:
-                        label = METRIC_BY_NAME[row.metric].label
-                        message = (
-                            f"{label} back to {_qty(row.metric, vital.value)} "
-                            f"(limit {_qty(row.metric, limit)})"
-                        )
-                info = _Info(PHYSIOLOGICAL, row.metric, vital.value, limit, None, message)
                 changes += self._drive(
                     now,
                     key,
@@ -726,7 +809,7 @@ class PatientAlerts:
                     delay_s=row.delay_s,
                     clear_s=row.clear_s,
                     immediate=demand == HIGH,
-                    info=info,
+                    info=partial(_vital_info, row, direction, vital.value, demand, limit),
                 )
         return changes
 
@@ -743,13 +826,7 @@ class PatientAlerts:
                 delay_s=0.0,
                 clear_s=0.0,
                 immediate=True,
-                info=_Info(
-                    TECHNICAL,
-                    device=device,
-                    message=f"Device {device} offline"
-                    if not dev.online
-                    else f"Device {device} back online",
-                ),
+                info=partial(_offline_info, device, dev.online),
             )
             if not dev.online:
                 for condition in (PROBE_OFF, POOR_SIGNAL, LOW_BATTERY):
@@ -764,14 +841,7 @@ class PatientAlerts:
                 delay_s=cfg.probe_off_delay_s,
                 clear_s=cfg.technical_clear_s,
                 immediate=False,
-                info=_Info(
-                    TECHNICAL,
-                    device=device,
-                    message=f"SpO2 probe off or no signal on device {device}: "
-                    "SpO2 and pulse alarms suspended"
-                    if probe_off
-                    else f"SpO2 signal back on device {device}",
-                ),
+                info=partial(_probe_info, device, probe_off),
             )
             poor = not probe_off and dev.pi is not None and dev.pi < cfg.perfusion_min_pct
             changes += self._drive(
@@ -782,17 +852,7 @@ class PatientAlerts:
                 delay_s=cfg.poor_signal_delay_s,
                 clear_s=cfg.technical_clear_s,
                 immediate=False,
-                info=_Info(
-                    TECHNICAL,
-                    "pi",
-                    dev.pi,
-                    cfg.perfusion_min_pct,
-                    device,
-                    f"Perfusion index {_num(dev.pi or 0)} % below {_num(cfg.perfusion_min_pct)} "
-                    f"% on device {device}: SpO2 and pulse alarms suspended"
-                    if poor
-                    else f"Perfusion back on device {device}",
-                ),
+                info=partial(_perfusion_info, device, poor, dev.pi, cfg.perfusion_min_pct),
             )
             battery = dev.battery
             demand: str | None = None
@@ -802,11 +862,6 @@ class PatientAlerts:
             elif battery is not None and battery < cfg.battery_low_pct:
                 demand, limit = LOW, cfg.battery_low_pct
             clear = battery is None or battery >= cfg.battery_low_pct + cfg.battery_deadband_pct
-            message = (
-                f"Battery {_num(battery)} % below {_num(limit)} % on device {device}"
-                if battery is not None and limit is not None
-                else f"Battery of device {device} charged"
-            )
             changes += self._drive(
                 now,
                 (LOW_BATTERY, device),
@@ -815,7 +870,7 @@ class PatientAlerts:
                 delay_s=0.0,
                 clear_s=0.0,
                 immediate=True,
-                info=_Info(TECHNICAL, "battery", battery, limit, device, message),
+                info=partial(_battery_info, device, battery, limit),
             )
         return changes
 
@@ -847,13 +902,7 @@ class PatientAlerts:
                     at=now,
                 )
             )
-        scored = ", ".join(f"{name} {pts}" for name, pts in news.points.items() if pts)
-        text = f"NEWS2 {news.total} ({news.band.replace('_', '-')} risk)"
-        if scored:
-            text += f": {scored}"
-        if news.missing:
-            text += f"; missing {', '.join(news.missing)}"
-        info = _Info(PHYSIOLOGICAL, "news2", float(news.total), None, None, text)
+        info = partial(_news2_info, news)
         high = news.band == "high"
         changes += self._drive(
             now,
@@ -909,7 +958,7 @@ class PatientAlerts:
         delay_s: float,
         clear_s: float,
         immediate: bool,
-        info: _Info,
+        info: Callable[[], _Info],
         can_raise: bool = True,
     ) -> list[Change]:
         track = self._tracks.setdefault(key, _Track())
@@ -927,16 +976,16 @@ class PatientAlerts:
                 return []
             track.pending_since = None
             if alert is None:
-                return [self._raise(now, key, demand, info)]
+                return [self._raise(now, key, demand, info())]
             alert = replace(alert, state=transition(alert.state, CONDITION_RETURNED), latched=False)
             self._open[key] = alert
             if _RANK[demand] > _RANK[alert.priority]:
-                return [self._raise_priority(now, key, alert, demand, info)]
+                return [self._raise_priority(now, key, alert, demand, info())]
             return []
         track.pending_since = None
         changes: list[Change] = []
         if demand is not None and _RANK[demand] > _RANK[alert.priority]:
-            changes.append(self._raise_priority(now, key, alert, demand, info))
+            changes.append(self._raise_priority(now, key, alert, demand, info()))
             alert = self._open[key]
         if not clear:
             track.clear_since = None
@@ -950,7 +999,8 @@ class PatientAlerts:
             state = transition(alert.state, CONDITION_ENDED_LATCHING)
             self._open[key] = replace(alert, state=state, latched=True, updated_at=now)
             return changes
-        changes.append(self._resolve(now, key, alert, CONDITION_ENDED, info.value, info.message))
+        ended = info()
+        changes.append(self._resolve(now, key, alert, CONDITION_ENDED, ended.value, ended.message))
         return changes
 
     def _latches(self, alert: Alert) -> bool:

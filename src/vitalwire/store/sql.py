@@ -20,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from vitalwire.core.errors import Conflict
 from vitalwire.store import schema as t
-from vitalwire.store.base import Batch, Binding
+from vitalwire.store.base import AlertRow, AuditRow, Batch, Binding, CommandRow, ReadingRow
+from vitalwire.store.sqlite_writer import SqliteBatchWriter, compile_positional
 from vitalwire.wire import Event
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -43,10 +44,122 @@ def _run_migrations(conn: Connection) -> None:
     command.upgrade(cfg, "head")
 
 
+def _reading_row(r: ReadingRow) -> dict[str, Any]:
+    return {
+        "device_id": r.device_id,
+        "seq": r.seq,
+        "patient_id": r.patient_id,
+        "stream_offset": r.stream_offset,
+        "device_ts": r.device_ts,
+        "received_ts": r.received_ts,
+        "unbound_data": r.unbound_data,
+    }
+
+
+def _event_row(e: Event) -> dict[str, Any]:
+    return {
+        "stream": e.stream,
+        "offset": e.offset,
+        "kind": e.kind,
+        "ts": e.ts,
+        "data": e.data_json.decode(),
+    }
+
+
+def _alert_row(a: AlertRow) -> dict[str, Any]:
+    return {
+        "alert_id": a.alert_id,
+        "patient_id": a.patient_id,
+        "condition": a.condition,
+        "priority": a.priority,
+        "category": a.category,
+        "state": a.state,
+        "raised_at": a.at,
+        "updated_at": a.at,
+        "acknowledged_at": a.at if a.acknowledged_by else None,
+        "acknowledged_by": a.acknowledged_by,
+        "resolved_at": a.at if a.state == "resolved" else None,
+        "escalation_level": a.escalation_level,
+        "last": a.last,
+    }
+
+
+def _command_row(c: CommandRow) -> dict[str, Any]:
+    return {
+        "command_id": c.command_id,
+        "patient_id": c.patient_id,
+        "device_id": c.device_id,
+        "name": c.name,
+        "args": c.args,
+        "status": c.status,
+        "requested_by": c.requested_by,
+        "idempotency_key": c.idempotency_key,
+        "created_at": c.created_at,
+        "ttl_s": c.ttl_s,
+        "timeout_s": c.timeout_s,
+        "sent_at": c.sent_at,
+        "updated_at": c.updated_at,
+        "message": c.message,
+        "result": c.result,
+    }
+
+
+def _audit_row(a: AuditRow) -> dict[str, Any]:
+    return {
+        "at": a.at,
+        "actor": a.actor,
+        "action": a.action,
+        "patient_id": a.patient_id,
+        "origin": a.origin,
+        "detail": a.detail,
+    }
+
+
+_READING0 = ReadingRow("d", 1, "p", 1, 0.0, 0.0, None)
+_EVENT0 = Event.from_stored("s", 1, "reading", 0.0, b"{}")
+_ALERT0 = AlertRow("a", "p", "c", "high", "clinical", "active", 0.0, None, 0, "{}")
+_COMMAND0 = CommandRow(
+    "c", "p", "d", "n", "{}", "queued", "u", None, 0.0, 1.0, 1.0, None, 0.0, None, None
+)
+_AUDIT0 = AuditRow(0.0, "u", "a", None, "{}")
+
+
+def _alert_upsert(dialect: Any) -> Any:
+    """An alert's row after a change: the first acknowledgement is kept, the rest follows."""
+    stmt = dialect.insert(t.alerts)
+    ex = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=["alert_id"],
+        set_={
+            "priority": ex.priority,
+            "state": ex.state,
+            "updated_at": ex.updated_at,
+            "acknowledged_at": func.coalesce(t.alerts.c.acknowledged_at, ex.acknowledged_at),
+            "acknowledged_by": func.coalesce(t.alerts.c.acknowledged_by, ex.acknowledged_by),
+            "resolved_at": ex.resolved_at,
+            "escalation_level": ex.escalation_level,
+            "last": ex.last,
+        },
+    )
+
+
+def _command_upsert(dialect: Any) -> Any:
+    stmt = dialect.insert(t.commands)
+    ex = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=["command_id"],
+        set_={k: ex[k] for k in ("status", "sent_at", "updated_at", "message", "result")},
+    )
+
+
 class SqlStore:
     """The :class:`~vitalwire.store.base.Store` on SQLAlchemy async Core."""
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, url: str, *, sqlite_synchronous: str = "NORMAL", dedicated_writer: bool = True
+    ) -> None:
+        """``dedicated_writer``: SQLite files write batches through :mod:`.sqlite_writer` (one
+        thread hop per batch); off, they go through the async engine as PostgreSQL's do."""
         self.url = _async_url(url)
         self.backend = "sqlite" if self.url.startswith("sqlite") else "postgresql"
         sync = sqlite_synchronous.upper()
@@ -55,6 +168,11 @@ class SqlStore:
         self._synchronous = sync
         self.transactions = 0
         self._engine: AsyncEngine | None = None
+        self._dialect: Any = sqlite if self.backend == "sqlite" else postgresql
+        #: SQLite files: batches go through one dedicated connection on its own thread
+        self._fast: SqliteBatchWriter | None = None
+        self._dedicated_writer = dedicated_writer
+        self._fast_sql: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     @property
     def engine(self) -> AsyncEngine:
@@ -78,143 +196,108 @@ class SqlStore:
         self._engine = engine
         async with engine.begin() as conn:
             await conn.run_sync(_run_migrations)
+        database = make_url(self.url).database
+        if (
+            self._dedicated_writer
+            and self.backend == "sqlite"
+            and database not in (None, "", ":memory:")
+        ):
+            self._fast_sql = {
+                "readings": compile_positional(
+                    self._insert_ignore(t.readings), _reading_row(_READING0)
+                ),
+                "events": compile_positional(insert(t.events), _event_row(_EVENT0)),
+                "alerts": compile_positional(_alert_upsert(sqlite), _alert_row(_ALERT0)),
+                "commands": compile_positional(_command_upsert(sqlite), _command_row(_COMMAND0)),
+                "audit": compile_positional(insert(t.audit), _audit_row(_AUDIT0)),
+            }
+            for name, row in (
+                ("readings", _reading_row(_READING0)),
+                ("events", _event_row(_EVENT0)),
+            ):
+                if self._fast_sql[name][1] != tuple(row):  # _fast_work builds these in this order
+                    raise RuntimeError(f"{name}: parameter order {self._fast_sql[name][1]}")
+            self._fast = SqliteBatchWriter(database, synchronous=self._synchronous)
+            await self._fast.open()
+
+    def _fast_work(self, batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """The batch as (SQL, parameter tuples) in write order, built on the caller's thread."""
+        work: list[tuple[str, list[tuple[Any, ...]]]] = []
+        sql = self._fast_sql
+        if batch.readings:
+            text, _ = sql["readings"]  # columns in ReadingRow's order (checked at compile)
+            work.append(
+                (
+                    text,
+                    [
+                        (
+                            r.device_id,
+                            r.seq,
+                            r.patient_id,
+                            r.stream_offset,
+                            r.device_ts,
+                            r.received_ts,
+                            r.unbound_data,
+                        )
+                        for r in batch.readings
+                    ],
+                )
+            )
+        if batch.events:
+            text, _ = sql["events"]
+            work.append(
+                (
+                    text,
+                    [
+                        (e.stream, e.offset, e.kind, e.ts, e.data_json.decode())
+                        for e in batch.events
+                    ],
+                )
+            )
+        for name, rows, to_row in (
+            ("alerts", batch.alerts, _alert_row),
+            ("commands", batch.commands, _command_row),
+            ("audit", batch.audit, _audit_row),
+        ):
+            if rows:
+                text, keys = sql[name]
+                work.append((text, [tuple(d[k] for k in keys) for d in map(to_row, rows)]))
+        return work
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
+            self._fast = None
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
 
     def _insert_ignore(self, table: Any) -> Any:
-        dialect = sqlite if self.backend == "sqlite" else postgresql
-        return dialect.insert(table).on_conflict_do_nothing()
+        return self._dialect.insert(table).on_conflict_do_nothing()
 
     # -- the event log ------------------------------------------------------------------------
 
     async def write_batch(self, batch: Batch) -> None:
-        async with self.engine.begin() as conn:
-            if batch.readings:
-                await conn.execute(
-                    self._insert_ignore(t.readings),
-                    [
-                        {
-                            "device_id": r.device_id,
-                            "seq": r.seq,
-                            "patient_id": r.patient_id,
-                            "stream_offset": r.stream_offset,
-                            "device_ts": r.device_ts,
-                            "received_ts": r.received_ts,
-                            "unbound_data": r.unbound_data,
-                        }
-                        for r in batch.readings
-                    ],
-                )
-            if batch.events:
-                await conn.execute(
-                    insert(t.events),
-                    [
-                        {
-                            "stream": e.stream,
-                            "offset": e.offset,
-                            "kind": e.kind,
-                            "ts": e.ts,
-                            "data": e.data_json.decode(),
-                        }
-                        for e in batch.events
-                    ],
-                )
-            if batch.alerts:
-                await self._upsert_alerts(conn, batch)
-            if batch.commands:
-                await self._upsert_commands(conn, batch)
-            if batch.audit:
-                await conn.execute(
-                    insert(t.audit),
-                    [
-                        {
-                            "at": a.at,
-                            "actor": a.actor,
-                            "action": a.action,
-                            "patient_id": a.patient_id,
-                            "origin": a.origin,
-                            "detail": a.detail,
-                        }
-                        for a in batch.audit
-                    ],
-                )
+        if self._fast is not None:
+            await self._fast.write(self._fast_work(batch))
+        else:
+            async with self.engine.begin() as conn:
+                if batch.readings:
+                    await conn.execute(
+                        self._insert_ignore(t.readings), [_reading_row(r) for r in batch.readings]
+                    )
+                if batch.events:
+                    await conn.execute(insert(t.events), [_event_row(e) for e in batch.events])
+                # in order: later changes of one alert or command win
+                if batch.alerts:
+                    rows = [_alert_row(a) for a in batch.alerts]
+                    await conn.execute(_alert_upsert(self._dialect), rows)
+                if batch.commands:
+                    rows = [_command_row(c) for c in batch.commands]
+                    await conn.execute(_command_upsert(self._dialect), rows)
+                if batch.audit:
+                    await conn.execute(insert(t.audit), [_audit_row(a) for a in batch.audit])
         self.transactions += 1
-
-    async def _upsert_alerts(self, conn: Any, batch: Batch) -> None:
-        dialect = sqlite if self.backend == "sqlite" else postgresql
-        for a in batch.alerts:  # a handful per batch; order matters (later changes win)
-            row = {
-                "alert_id": a.alert_id,
-                "patient_id": a.patient_id,
-                "condition": a.condition,
-                "priority": a.priority,
-                "category": a.category,
-                "state": a.state,
-                "raised_at": a.at,
-                "updated_at": a.at,
-                "acknowledged_at": a.at if a.acknowledged_by else None,
-                "acknowledged_by": a.acknowledged_by,
-                "resolved_at": a.at if a.state == "resolved" else None,
-                "escalation_level": a.escalation_level,
-                "last": a.last,
-            }
-            stmt = dialect.insert(t.alerts).values(row)
-            ex = stmt.excluded
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["alert_id"],
-                set_={
-                    "priority": ex.priority,
-                    "state": ex.state,
-                    "updated_at": ex.updated_at,
-                    "acknowledged_at": func.coalesce(
-                        t.alerts.c.acknowledged_at, ex.acknowledged_at
-                    ),
-                    "acknowledged_by": func.coalesce(
-                        t.alerts.c.acknowledged_by, ex.acknowledged_by
-                    ),
-                    "resolved_at": ex.resolved_at,
-                    "escalation_level": ex.escalation_level,
-                    "last": ex.last,
-                },
-            )
-            await conn.execute(stmt)
-
-    async def _upsert_commands(self, conn: Any, batch: Batch) -> None:
-        dialect = sqlite if self.backend == "sqlite" else postgresql
-        for c in batch.commands:  # few per batch; later changes of one command win
-            row = {
-                "command_id": c.command_id,
-                "patient_id": c.patient_id,
-                "device_id": c.device_id,
-                "name": c.name,
-                "args": c.args,
-                "status": c.status,
-                "requested_by": c.requested_by,
-                "idempotency_key": c.idempotency_key,
-                "created_at": c.created_at,
-                "ttl_s": c.ttl_s,
-                "timeout_s": c.timeout_s,
-                "sent_at": c.sent_at,
-                "updated_at": c.updated_at,
-                "message": c.message,
-                "result": c.result,
-            }
-            stmt = dialect.insert(t.commands).values(row)
-            ex = stmt.excluded
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["command_id"],
-                set_={
-                    "status": ex.status,
-                    "sent_at": ex.sent_at,
-                    "updated_at": ex.updated_at,
-                    "message": ex.message,
-                    "result": ex.result,
-                },
-            )
-            await conn.execute(stmt)
 
     async def open_commands(self) -> list[dict[str, Any]]:
         done = ("completed", "failed", "expired", "timed_out")

@@ -1,0 +1,96 @@
+"""Ticks that find nothing due skip the evaluation: it must never change what the engine says.
+
+A reference engine is forced to evaluate on every tick; random inputs (readings crossing limits,
+probe off, low perfusion and battery, devices going offline and back, acknowledgements, limit
+changes, ticks at random intervals) must give both engines the same changes in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vitalwire.core.alerts import AlertConfig, PatientAlerts
+from vitalwire.core.errors import Conflict, NotFound
+from vitalwire.core.limits import DEFAULT_LIMITS, override_limits
+
+_value = {
+    "spo2": st.sampled_from([70.0, 84.0, 89.0, 91.0, 93.0, 97.0]),
+    "hr": st.sampled_from([30.0, 45.0, 60.0, 75.0, 115.0, 135.0, 160.0]),
+    "rr": st.sampled_from([5.0, 9.0, 16.0, 22.0, 26.0, 35.0]),
+    "sbp": st.sampled_from([70.0, 95.0, 120.0, 185.0, 230.0]),
+    "temp": st.sampled_from([34.5, 36.5, 38.5, 39.5]),
+}
+
+_reading = st.fixed_dictionaries(
+    {},
+    optional={
+        **_value,
+        "probe": st.booleans(),
+        "pi": st.sampled_from([0.1, 0.5, 2.0]),
+        "battery": st.sampled_from([3.0, 8.0, 15.0, 60.0]),
+    },
+)
+
+_step = st.one_of(
+    st.tuples(st.just("reading"), st.sampled_from(["d1", "d2"]), _reading),
+    st.tuples(
+        st.just("status"),
+        st.sampled_from(["d1", "d2"]),
+        st.sampled_from(["online", "offline", "unbound"]),
+    ),
+    st.tuples(st.just("tick"), st.floats(0.05, 200.0)),
+    st.tuples(st.just("ack"), st.integers(0, 5)),
+    st.tuples(st.just("limits"), st.sampled_from([90.0, 92.0, 94.0])),
+)
+
+
+def _apply(engine: PatientAlerts, now: float, step: tuple[Any, ...], force: bool) -> list[Any]:
+    kind = step[0]
+    if kind == "reading":
+        return engine.on_reading(now, step[1], step[2])
+    if kind == "status":
+        return engine.on_device_status(now, step[1], step[2])
+    if kind == "tick":
+        if force:
+            engine._dirty = True  # the reference: evaluate on every tick
+        return engine.tick(now)
+    if kind == "ack":
+        active = engine.active()
+        if not active:
+            return []
+        try:
+            return engine.acknowledge(active[step[1] % len(active)].alert_id, "nurse", now)
+        except (Conflict, NotFound):
+            return []
+    engine.set_limits(override_limits(DEFAULT_LIMITS, {"spo2": {"low": step[1]}}))
+    return []
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_step, min_size=1, max_size=60))
+def test_skipped_ticks_change_nothing(steps: list[tuple[Any, ...]]) -> None:
+    config = AlertConfig(news2_max_age_s=300.0)
+    fast, reference = PatientAlerts("P1", config=config), PatientAlerts("P1", config=config)
+    now = 1_000.0
+    for step in steps:
+        now += step[1] if step[0] == "tick" else 0.5
+        got = [c.to_dict() for c in _apply(fast, now, step, force=False)]
+        want = [c.to_dict() for c in _apply(reference, now, step, force=True)]
+        assert got == want, step
+    assert [a.to_dict() for a in fast.active()] == [a.to_dict() for a in reference.active()]
+    assert fast.snapshot() == reference.snapshot()
+
+
+def test_a_quiet_engine_evaluates_again_when_a_value_goes_stale() -> None:
+    """The one change time alone makes without timers: a NEWS2 value ageing out."""
+    engine = PatientAlerts("P1", config=AlertConfig(news2_max_age_s=60.0))
+    engine.on_reading(0.0, "d1", {"spo2": 97.0, "hr": 70.0, "rr": 16.0})
+    assert engine.news2() is not None and "spo2" not in engine.news2().missing
+    for t in range(1, 60):
+        engine.tick(float(t))
+    assert "spo2" not in engine.news2().missing
+    engine.tick(60.5)
+    assert "spo2" in engine.news2().missing
