@@ -199,3 +199,26 @@ async def test_patient_settings_upsert(store: Store) -> None:
     settings = await store.patient_settings()
     assert settings["P1"]["limits"] == '{"spo2": {"low": 87}}'
     assert settings["P1"]["observations"] == '{"on_oxygen": true}'
+
+
+async def test_retention_deletes_old_events_but_keeps_each_streams_head(store: Store) -> None:
+    b = Batch()
+    for off in range(1, 6):  # P1: ts 1..5; P2: one old event, its head
+        b.events.append(Event.new("patient:P1", off, "reading", float(off), {"n": off}))
+    b.events.append(Event.new("patient:P2", 1, "reading", 1.0, {"n": 1}))
+    await store.write_batch(b)
+    assert await store.delete_events_before(4.0) == 3
+    assert await store.first_offset("patient:P1") == 4
+    assert await store.stream_heads() == {"patient:P1": 5, "patient:P2": 1}
+    assert await store.delete_events_before(100.0) == 1  # P1 keeps offset 5, P2 its only event
+    assert await store.stream_heads() == {"patient:P1": 5, "patient:P2": 1}
+
+
+async def test_snapshots_are_upserted_per_stream(store: Store) -> None:
+    await store.save_snapshots([("patient:P1", 3, '{"a":1}'), ("patient:P2", 1, "{}")], 10.0)
+    await store.save_snapshots([("patient:P1", 7, '{"a":2}')], 20.0)
+    await store.save_snapshots([], 30.0)
+    assert await store.load_snapshots() == {
+        "patient:P1": (7, '{"a":2}'),
+        "patient:P2": (1, "{}"),
+    }

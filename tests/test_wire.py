@@ -50,3 +50,16 @@ def test_event_frame_is_encoded_once_and_embeds_data() -> None:
         "reading",
         b'{"spo2":97.0}',
     )
+
+
+def test_events_are_not_tracked_by_the_garbage_collector() -> None:
+    """The bus keeps up to a thousand events per stream; the collector must not scan them."""
+    import gc
+
+    from vitalwire.wire import Event
+
+    event = Event.new("patient:P1", 1, "reading", 1.0, {"device": "d1", "seq": 1, "spo2": 97.0})
+    stored = Event.from_stored("patient:P1", 2, "reading", 1.0, b'{"device":"d1","seq":2}')
+    assert event.frame.startswith('{"type":"event"')
+    assert not gc.is_tracked(event) and not gc.is_tracked(stored)
+    assert not gc.is_tracked(event.data)  # flat readings hold no containers

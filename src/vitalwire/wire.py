@@ -11,7 +11,6 @@ batch rejects that reading alone.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -295,9 +294,14 @@ ServerToDevice = Welcome | Ack | Command | Error | Ping | Pong
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Event:
-    """One committed stream event. ``frame`` is encoded once and sent as-is to every subscriber."""
+class Event(msgspec.Struct, gc=False):
+    """One committed stream event. ``frame`` is encoded once and sent as-is to every subscriber.
+
+    Not tracked by the garbage collector (``gc=False``): the bus keeps up to a thousand events
+    per stream for replay, millions in a hospital, and the collector scanning them would stall
+    the event loop for seconds. An event refers to no object that can refer back to it, so it
+    can never be part of a reference cycle.
+    """
 
     stream: str
     offset: int

@@ -559,7 +559,11 @@ class PatientAlerts:
                 continue
             if name in SIGNAL_METRICS and suppressed:
                 continue
-            self._vitals[name] = _Vital(float(value), now, device)
+            vital = self._vitals.get(name)
+            if vital is None:
+                self._vitals[name] = _Vital(float(value), now, device)
+            else:  # in place: no new object per reading for the collector to scan
+                vital.value, vital.at, vital.device = float(value), now, device
             self._news2_vitals[name] = (float(value), now)
         return self._step(now)
 
@@ -887,6 +891,8 @@ class PatientAlerts:
             max_age_s=cfg.news2_max_age_s,
         )
         previous = self._news2
+        if news == previous:
+            news = previous  # unchanged: keep the object the collector has already seen
         self._news2 = news
         changes: list[Change] = []
         if previous is None or previous.band != news.band:
@@ -961,7 +967,9 @@ class PatientAlerts:
         info: Callable[[], _Info],
         can_raise: bool = True,
     ) -> list[Change]:
-        track = self._tracks.setdefault(key, _Track())
+        track = self._tracks.get(key)
+        if track is None:
+            track = self._tracks[key] = _Track()
         alert = self._open.get(key)
         if alert is None or alert.latched:
             track.clear_since = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, func, insert, select, update
+from sqlalchemy import Connection, bindparam, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -340,17 +340,25 @@ class SqlStore:
     async def save_snapshots(self, rows: list[tuple[str, int, str]], now: float) -> None:
         if not rows:
             return
-        dialect = sqlite if self.backend == "sqlite" else postgresql
-        stmt = dialect.insert(t.stream_snapshots)
+        stmt = self._dialect.insert(t.stream_snapshots)
         stmt = stmt.on_conflict_do_update(
             index_elements=["stream"],
             set_={k: stmt.excluded[k] for k in ("offset", "state", "saved_at")},
         )
+        await self._write(
+            stmt, [{"stream": s, "offset": o, "state": j, "saved_at": now} for s, o, j in rows]
+        )
+
+    async def _write(self, stmt: Any, rows: list[dict[str, Any]]) -> int:
+        """One write statement (executed once per row) in its own transaction; on SQLite files
+        through the batch writer, so it never waits on the writer's lock (nor the writer on
+        it). Returns the rows changed."""
+        if self._fast is not None:
+            text, keys = compile_positional(stmt, rows[0])
+            return await self._fast.write([(text, [tuple(r[k] for k in keys) for r in rows])])
         async with self.engine.begin() as conn:
-            await conn.execute(
-                stmt,
-                [{"stream": s, "offset": o, "state": j, "saved_at": now} for s, o, j in rows],
-            )
+            result = await conn.execute(stmt, rows[0] if len(rows) == 1 else rows)
+        return int(result.rowcount or 0)
 
     async def load_snapshots(self) -> dict[str, tuple[int, str]]:
         async with self.engine.connect() as conn:
@@ -480,9 +488,10 @@ class SqlStore:
         the stream's head, so offsets keep growing after a restart."""
         e, last = t.events, t.events.alias("last")
         head = select(func.max(last.c.offset)).where(last.c.stream == e.c.stream).scalar_subquery()
-        async with self.engine.begin() as conn:
-            result = await conn.execute(e.delete().where(e.c.ts < ts, e.c.offset < head))
-        return int(result.rowcount or 0)
+        before = bindparam("before", type_=t.events.c.ts.type)
+        return await self._write(
+            e.delete().where(e.c.ts < before, e.c.offset < head), [{"before": ts}]
+        )
 
     async def device_last_seq(self, device_id: str) -> int:
         async with self.engine.connect() as conn:

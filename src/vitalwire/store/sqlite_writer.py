@@ -73,18 +73,21 @@ class SqliteBatchWriter:
         )
         self._checkpointer.start()
 
-    async def write(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
-        """Commit every (SQL, parameter rows) of ``work`` in one transaction, or none of it."""
-        await asyncio.get_running_loop().run_in_executor(self._exec, self._write, work)
+    async def write(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> int:
+        """Commit every (SQL, parameter rows) of ``work`` in one transaction, or none of it;
+        return the number of rows the statements changed."""
+        return await asyncio.get_running_loop().run_in_executor(self._exec, self._write, work)
 
-    def _write(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+    def _write(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> int:
         conn = self._conn
         assert conn is not None, "writer not opened"
+        changed = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
             for sql, rows in work:
-                conn.executemany(sql, rows)
+                changed += conn.executemany(sql, rows).rowcount
             conn.execute("COMMIT")
+            return changed
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
