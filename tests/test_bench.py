@@ -40,6 +40,65 @@ def test_bench_ingest_and_commands_write_their_figures(tmp_path: Path) -> None:
     assert commands["baseline_ping_round_trip_ms"]["n"] == 5
 
 
+def test_bench_catchup_replays_every_missed_event_once(tmp_path: Path) -> None:
+    """2 patients x 30 s at 1 Hz: a client that went away gets every missed event back, once."""
+    runner = CliRunner()
+    out = tmp_path / "catchup.json"
+    r = runner.invoke(
+        app,
+        [
+            "bench",
+            "catchup",
+            *("--patients", "2", "--minutes", "0.5", "--rounds", "1", "--json", str(out)),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["readings_fed"] == 60
+    runs = result["vitalwire"]
+    assert [run["batch"] for run in runs] == [True, False]
+    for run in runs:
+        assert run["lost"] == 0 and run["dup"] == 0 and run["recovered"], run
+        assert run["readings"] == 60  # every reading fed, each offset exactly once
+        assert run["events"] == result["events"] >= 60
+        assert sum(run["kinds"].values()) == run["events"]
+        assert run["catch_up_ms"] > 0
+    assert result["baseline_store_events_after"]["median_ms"] > 0
+    assert result["baseline_sqlite3_select"]["median_ms"] > 0
+
+
+async def test_catchup_counts_lost_and_duplicated_offsets() -> None:
+    """A fake server replays offsets 6, 7, 7 (again, in an events frame) and 9 of 6..10: the
+    catch-up client must count 2 lost and 1 duplicated, and stop waiting after its quiet time."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    from vitalwire import wire
+    from vitalwire.bench import _resume
+
+    def event(offset: int) -> str:
+        return wire.Event.new("patient:P1", offset, "reading", 1.0, {"seq": offset}).frame
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()  # auth
+        await ws.send(wire.encode_text(wire.Result(id=0, data={})))
+        sub = wire.decode_client(await ws.recv())
+        assert isinstance(sub, wire.Subscribe) and sub.since == {"patient:P1": 5}
+        start = wire.StreamStart("patient:P1", 10, True, {}, 5)
+        await ws.send(wire.encode_text(wire.Subscribed(streams=[start], id=sub.id)))
+        await ws.send(event(6))
+        await ws.send('{"type":"events","items":[' + event(7) + "," + event(7) + "]}")
+        await ws.send(event(9))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        run = await _resume(
+            f"http://127.0.0.1:{port}", "t", {"patient:P1": 5}, batch=True, quiet_s=0.5
+        )
+    assert (run["events"], run["lost"], run["dup"], run["readings"]) == (5, 2, 1, 3)
+    assert run["frames"] == 3 and run["events_frames"] == 1 and run["recovered"]
+
+
 async def test_loss_is_counted_when_the_reference_drops_frames() -> None:
     """The naive server told to drop every 5th frame: the bench must see exactly those."""
     import asyncio

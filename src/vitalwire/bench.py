@@ -8,6 +8,9 @@ and prints the figures with the baseline next to them:
   the commit), beside the same rows written straight into a store with no server in front.
 - ``commands``: command round trip client -> server -> device -> server -> client (queued, sent,
   acknowledged and completed are each committed), beside a client ping -> pong on the same socket.
+- ``catchup``: a client that saw the patients' streams, went away while minutes of readings were
+  stored, resumes with ``since``: time from its ``subscribe`` to the last missed event, each offset
+  checked received once; beside the same events read straight from the SQLite file.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import httpx
 from vitalwire import wire
 from vitalwire.provision import WardCredentials, provision_ward
 from vitalwire.sdk import DeviceClient, MonitorClient
+from vitalwire.settings import Settings
 from vitalwire.store import Batch, ReadingRow, open_store
 from vitalwire.wire import Event
 
@@ -72,8 +76,11 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def server_process(folder: Path, patients: int) -> AsyncIterator[ServerProcess]:
-    """``vitalwire serve`` on a fresh SQLite file with ``patients`` provisioned patients."""
+async def server_process(
+    folder: Path, patients: int, env: dict[str, str] | None = None
+) -> AsyncIterator[ServerProcess]:
+    """``vitalwire serve`` on a fresh SQLite file with ``patients`` provisioned patients;
+    ``env`` (``VITALWIRE_*`` settings) wins over the environment."""
     db = f"sqlite:///{folder / 'bench.db'}"
     store = open_store(db)
     await store.open()
@@ -92,6 +99,7 @@ async def server_process(folder: Path, patients: int) -> AsyncIterator[ServerPro
         "VITALWIRE_CLIENT_MSGS_PER_S": "1000000",
         "VITALWIRE_CLIENT_MSGS_BURST": "1000000",
         **os.environ,
+        **(env or {}),
     }
     proc = subprocess.Popen(
         [
@@ -230,6 +238,306 @@ async def bench_commands(count: int = 200) -> dict[str, Any]:
     }
 
 
+# -------------------------------------------------------------------------------------------------
+# catch-up: a client resumes with ``since`` after minutes away
+# -------------------------------------------------------------------------------------------------
+
+
+async def _client_socket(url: str, token: str, compression: bool = True) -> Any:
+    """A raw ``/ws`` connection, authenticated (no SDK: every frame is counted as it comes).
+    ``compression`` offers permessage-deflate, as the SDK's client and browsers do."""
+    from websockets.asyncio.client import connect
+
+    ws = await connect(
+        url.replace("http://", "ws://") + "/ws",
+        proxy=None,
+        max_size=2**24,
+        open_timeout=10,
+        compression="deflate" if compression else None,
+    )
+    await ws.send(wire.encode_text(wire.Auth(token=token, id=0)))
+    reply = wire.decode_from_server_to_client(await asyncio.wait_for(ws.recv(), 10))
+    if not isinstance(reply, wire.Result) or not reply.ok:
+        await ws.close()
+        raise RuntimeError(f"auth refused: {reply!r}")
+    return ws
+
+
+async def _stream_heads(url: str, token: str, streams: list[str]) -> dict[str, int]:
+    """Subscribe without ``since`` and return each stream's offset (the last event published)."""
+    ws = await _client_socket(url, token)
+    try:
+        await ws.send(wire.encode_text(wire.Subscribe(streams=streams, id=1)))
+        while True:
+            msg = wire.decode_from_server_to_client(await asyncio.wait_for(ws.recv(), 10))
+            if isinstance(msg, wire.Error):
+                raise RuntimeError(f"subscribe refused: {msg.code}: {msg.message}")
+            if isinstance(msg, wire.Subscribed) and msg.id == 1:
+                return {s.stream: s.offset for s in msg.streams}
+    finally:
+        await ws.close()
+
+
+async def _resume(
+    url: str,
+    token: str,
+    since: dict[str, int],
+    batch: bool,
+    compression: bool = True,
+    quiet_s: float = 10.0,
+) -> dict[str, Any]:
+    """Reconnect, subscribe with ``since`` and take every event up to the heads the ``subscribed``
+    reply names. The clock starts when the subscribe is sent and stops at the last of them."""
+    ws = await _client_socket(url, token, compression)
+    streams = list(since)
+    expected: dict[str, tuple[int, int]] = {}  # stream -> (since, head)
+    seen: dict[str, set[int]] = {s: set() for s in streams}
+    early: list[wire.EventFrame] = []  # events before the reply (the protocol says: none)
+    remaining = -1
+    dup = frames = events_frames = nbytes = 0
+    kinds: dict[str, int] = {}
+    recovered = True
+    t_reply = t_first = t_last = 0.0
+
+    def take(e: wire.EventFrame) -> None:
+        nonlocal remaining, dup, t_last
+        got = seen.get(e.stream)
+        if got is None:
+            return
+        if e.offset in got:
+            dup += 1
+            return
+        got.add(e.offset)
+        lo, hi = expected[e.stream]
+        if lo < e.offset <= hi:
+            remaining -= 1
+            kinds[e.kind] = kinds.get(e.kind, 0) + 1
+            if remaining == 0:
+                t_last = time.perf_counter()
+
+    try:
+        t0 = time.perf_counter()
+        await ws.send(
+            wire.encode_text(wire.Subscribe(streams=streams, since=since, batch=batch, id=1))
+        )
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(quiet_s)  # pushed back at each frame (cheaper than wait_for)
+        with contextlib.suppress(TimeoutError):  # what never came is counted as lost
+            async with deadline:
+                while remaining != 0:
+                    raw = await ws.recv()
+                    deadline.reschedule(loop.time() + quiet_s)
+                    nbytes += len(raw)
+                    msg = wire.decode_from_server_to_client(raw)
+                    if isinstance(msg, wire.EventFrame):
+                        frames += 1
+                        t_first = t_first or time.perf_counter()
+                        if remaining < 0:
+                            early.append(msg)
+                        else:
+                            take(msg)
+                    elif isinstance(msg, wire.Events):
+                        frames += 1
+                        events_frames += 1
+                        t_first = t_first or time.perf_counter()
+                        for item in msg.items:
+                            if remaining < 0:
+                                early.append(item)
+                            else:
+                                take(item)
+                    elif isinstance(msg, wire.Subscribed) and msg.id == 1:
+                        t_reply = time.perf_counter()
+                        expected = {s.stream: (since[s.stream], s.offset) for s in msg.streams}
+                        recovered = all(s.recovered for s in msg.streams)
+                        remaining = sum(hi - lo for lo, hi in expected.values())
+                        for e in early:
+                            take(e)
+                    elif isinstance(msg, wire.Error):
+                        raise RuntimeError(f"subscribe refused: {msg.code}: {msg.message}")
+    finally:
+        await ws.close()
+    if remaining < 0:
+        raise RuntimeError(f"no subscribed reply within {quiet_s:g} s")
+    total = sum(hi - lo for lo, hi in expected.values())
+    elapsed = (t_last or time.perf_counter()) - t0
+    return {
+        "batch": batch,
+        "events": total,
+        "readings": kinds.get("reading", 0),
+        "kinds": kinds,
+        "catch_up_ms": elapsed * 1000,
+        "subscribed_ms": (t_reply - t0) * 1000 if t_reply else None,
+        "first_event_ms": (t_first - t0) * 1000 if t_first else None,
+        "events_per_s": total / elapsed if elapsed > 0 else 0.0,
+        "lost": max(0, remaining),
+        "dup": dup,
+        "recovered": recovered,
+        "frames": frames,
+        "events_frames": events_frames,
+        "bytes": nbytes,
+        "heads": {s: hi for s, (_, hi) in expected.items()},
+    }
+
+
+async def _baseline_store_read(db: str, since: dict[str, int], heads: dict[str, int]) -> float:
+    """Seconds to read the same events through the store (``events_after`` in the server's page
+    size, as its replay from the store does), each stream one after another, no server."""
+    from vitalwire.services.streams import STORE_PAGE
+
+    store = open_store(db)
+    await store.open()
+    try:
+        t0 = time.perf_counter()
+        n = 0
+        for s, after in since.items():
+            cursor, upto = after, heads[s]
+            while cursor < upto:
+                page = await store.events_after(s, cursor, min(STORE_PAGE, upto - cursor))
+                if not page:
+                    break
+                n += len(page)
+                cursor = page[-1].offset
+        elapsed = time.perf_counter() - t0
+    finally:
+        await store.close()
+    expected = sum(heads[s] - a for s, a in since.items())
+    if n != expected:
+        raise RuntimeError(f"store read {n} events, expected {expected}")
+    return elapsed
+
+
+def _baseline_sqlite_read(path: Path, since: dict[str, int], heads: dict[str, int]) -> float:
+    """Seconds for a plain ``sqlite3`` SELECT of the same rows (the floor: no decoding at all)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        t0 = time.perf_counter()
+        n = 0
+        for s, after in since.items():
+            rows = conn.execute(
+                "SELECT offset, kind, ts, data FROM events WHERE stream = ? AND offset > ? "
+                "AND offset <= ? ORDER BY offset",
+                (s, after, heads[s]),
+            ).fetchall()
+            n += len(rows)
+        elapsed = time.perf_counter() - t0
+    finally:
+        conn.close()
+    expected = sum(heads[s] - a for s, a in since.items())
+    if n != expected:
+        raise RuntimeError(f"sqlite3 read {n} rows, expected {expected}")
+    return elapsed
+
+
+async def _cpu_idle_pct(seconds: float) -> float | None:
+    """Idle share of all CPUs over ``seconds`` (from /proc/stat; None elsewhere)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        await asyncio.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 100.0 * (idle1 - idle0) / max(1, total1 - total0)
+
+
+async def bench_catchup(
+    patients: int = 20,
+    minutes: float = 10.0,
+    rate: float = 1.0,
+    rounds: int = 5,
+    bus_history: int | None = None,
+    compression: bool = True,
+) -> dict[str, Any]:
+    """A client resumes after ``minutes`` away from ``patients`` patients whose devices sent
+    ``rate`` readings/s: time to every missed event, with and without ``events`` frames, beside
+    the same events read straight from the SQLite file."""
+    per_device = max(1, round(minutes * 60 * rate))
+    idle_before = await _cpu_idle_pct(1.0)  # the machine may be shared: say how busy it was
+    env = {} if bus_history is None else {"VITALWIRE_BUS_HISTORY": str(bus_history)}
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        async with server_process(folder, patients, env) as srv:
+            from vitalwire.sdk.monitor import login
+
+            token = await login(srv.url, "clinician", "vitalwire-clinician")
+            streams = [f"patient:{d['patient_id']}" for d in srv.creds.devices]
+            devices = [
+                DeviceClient(
+                    srv.url, d["device_id"], d["secret"], max_batch=200, buffer_size=per_device + 10
+                )
+                for d in srv.creds.devices
+            ]
+            for c in devices:
+                await c.start()
+            try:
+                # 1. the client watches, notes the last offset of each stream, and goes away
+                since = await _stream_heads(srv.url, token, streams)
+                # 2. meanwhile the devices' readings of the last `minutes` are stored
+                t_feed = time.perf_counter()
+                start = time.time() - minutes * 60
+                for i in range(per_device):
+                    ts = start + i / rate
+                    for c in devices:
+                        c.send(spo2=97, pulse=70 + i % 20, hr=70 + i % 20, rr=16, ts=ts)
+                await asyncio.gather(*(c.flush(timeout=600) for c in devices))
+                feed_s = time.perf_counter() - t_feed
+                # 3. it comes back: resume from the noted offsets, with and without events frames
+                for r in range(1, rounds + 1):
+                    for batch in (True, False):
+                        run = await _resume(srv.url, token, since, batch, compression)
+                        runs.append({"round": r, **run})
+                        await asyncio.sleep(0.2)
+            finally:
+                for c in devices:
+                    await c.close()
+        heads = runs[0]["heads"]
+        db = f"sqlite:///{folder / 'bench.db'}"
+        store_s = [await _baseline_store_read(db, since, heads) for _ in range(rounds)]
+        sqlite_s = [_baseline_sqlite_read(folder / "bench.db", since, heads) for _ in range(rounds)]
+    events = runs[0]["events"]
+    readings = patients * per_device
+    # the server replays from its bus history when it reaches back far enough (protocol.md)
+    history = bus_history or Settings.model_fields["bus_history"].default
+    longest = max(heads[s] - after for s, after in since.items())
+
+    def baseline(seconds: list[float]) -> dict[str, Any]:
+        ms = sorted(s * 1000 for s in seconds)
+        median = ms[len(ms) // 2]
+        return {"ms": ms, "median_ms": median, "events_per_s": events / (median / 1000)}
+
+    def median_ms(batch: bool) -> float:
+        ms: list[float] = sorted(r["catch_up_ms"] for r in runs if r["batch"] is batch)
+        return ms[len(ms) // 2]
+
+    return {
+        "scenario": "catchup",
+        "patients": patients,
+        "minutes": minutes,
+        "rate_hz": rate,
+        "readings_fed": readings,
+        "feed_readings_per_s": readings / feed_s,
+        "events": events,
+        "replay_from": "bus history" if longest <= history else "store",
+        "bus_history": bus_history,
+        "compression": compression,
+        "target_ms": 250.0,
+        "cpu_idle_pct_before": idle_before,
+        "vitalwire": [{k: v for k, v in r.items() if k != "heads"} for r in runs],
+        "vitalwire_median_ms": {"batch": median_ms(True), "no_batch": median_ms(False)},
+        "baseline_store_events_after": baseline(store_s),
+        "baseline_sqlite3_select": baseline(sqlite_s),
+        "machine": machine(),
+    }
+
+
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -306,10 +614,10 @@ async def bench_load(shape: Any, against: list[str]) -> list[dict[str, Any]]:
             async with naive_process() as (url, pid):
                 rows.append(await asyncio.to_thread(run_load, Target("naive", url), shape, pid))
         elif ref.startswith("mqtt://"):
-            pid = _pid_of("mosquitto")
+            broker = _pid_of("mosquitto")
             for qos in (0, 1):
                 rows.append(
-                    await asyncio.to_thread(run_load, Target("mqtt", ref, qos=qos), shape, pid)
+                    await asyncio.to_thread(run_load, Target("mqtt", ref, qos=qos), shape, broker)
                 )
         else:
             raise ValueError(f"--against must be naive or mqtt://host:port, got {ref!r}")

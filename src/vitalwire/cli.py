@@ -543,6 +543,96 @@ def bench_commands_cmd(
         write_json(json_path, r)
 
 
+@bench_app.command("catchup")
+def bench_catchup_cmd(
+    patients: Annotated[
+        int, typer.Option(min=1, help="Patients (one device each) the client watches.")
+    ] = 20,
+    minutes: Annotated[float, typer.Option(min=0.01, help="Minutes the client was away.")] = 10.0,
+    rate: Annotated[float, typer.Option(min=0.01, help="Readings per second per device.")] = 1.0,
+    rounds: Annotated[int, typer.Option(min=1, help="Resumes per mode, alternating.")] = 5,
+    bus_history: Annotated[
+        int | None,
+        typer.Option(min=1, help="Server's bus history per stream (1: replay from the store)."),
+    ] = None,
+    compression: Annotated[
+        bool, typer.Option(help="Client offers permessage-deflate (as the SDK and browsers do).")
+    ] = True,
+    json_path: JsonOpt = None,
+) -> None:
+    """A client resuming after minutes away: time from its subscribe (with since) to the last
+    missed event, each offset checked once, beside the same events read from the SQLite file."""
+    from rich.table import Table
+
+    from vitalwire.bench import bench_catchup, write_json
+
+    r = asyncio.run(bench_catchup(patients, minutes, rate, rounds, bus_history, compression))
+    t = Table(
+        title=(
+            f"catch-up: {r['events']:,} events after {minutes:g} min away from {patients} patients"
+            f" at {rate:g} Hz (replayed from {r['replay_from']}"
+            f"{'' if compression else ', no compression'}; target {r['target_ms']:g} ms)"
+        )
+    )
+    for col in (
+        "",
+        "round",
+        "events",
+        "catch-up ms",
+        "subscribed ms",
+        "events/s",
+        "lost",
+        "dup",
+        "recovered",
+        "frames",
+    ):
+        t.add_column(col, justify="left" if col == "" else "right")
+    for run in r["vitalwire"]:
+        t.add_row(
+            "vitalwire, " + ("events frames (batch)" if run["batch"] else "one frame per event"),
+            str(run["round"]),
+            f"{run['events']:,}",
+            f"{run['catch_up_ms']:.1f}",
+            "-" if run["subscribed_ms"] is None else f"{run['subscribed_ms']:.1f}",
+            f"{run['events_per_s']:,.0f}",
+            str(run["lost"]),
+            str(run["dup"]),
+            "yes" if run["recovered"] else "no",
+            f"{run['frames']:,}",
+        )
+    for name, key in (
+        ("baseline: store.events_after, pages of 5000", "baseline_store_events_after"),
+        ("baseline: sqlite3 SELECT, no decoding", "baseline_sqlite3_select"),
+    ):
+        b = r[key]
+        t.add_row(
+            name,
+            f"median of {len(b['ms'])}",
+            f"{r['events']:,}",
+            f"{b['median_ms']:.1f}",
+            "-",
+            f"{b['events_per_s']:,.0f}",
+            "-",
+            "-",
+            "-",
+            "-",
+        )
+    wide = Console(width=max(console.width, 150))
+    wide.print(t)
+    idle = r["cpu_idle_pct_before"]
+    first = r["vitalwire"][0]
+    med = r["vitalwire_median_ms"]
+    wide.print(
+        f"median catch-up: {med['batch']:.1f} ms with batch, {med['no_batch']:.1f} ms without."
+        f" {r['readings_fed']:,} readings fed at {r['feed_readings_per_s']:,.0f}/s (acknowledged);"
+        f" events by kind: {first['kinds']}; with batch: {first['frames']:,} frames, of which"
+        f" {first['events_frames']:,} events frames."
+        + ("" if idle is None else f" CPU idle before the run: {idle:.0f} %.")
+    )
+    if json_path:
+        write_json(json_path, r)
+
+
 # -- admin ------------------------------------------------------------------------------------
 
 
