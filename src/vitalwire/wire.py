@@ -307,10 +307,18 @@ class Event(msgspec.Struct, gc=False):
     offset: int
     kind: str
     ts: float
-    data: dict[str, Any]
     data_json: bytes
+    _data: dict[str, Any] | None = None
     _frame: str | None = None
     _coalesce: tuple[str, object, frozenset[str]] | None = None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The event's body; an event read back from the store decodes it on first use only
+        (a replay sends the stored JSON as it is)."""
+        if self._data is None:
+            self._data = msgspec.json.decode(self.data_json)
+        return self._data
 
     @property
     def frame(self) -> str:
@@ -333,11 +341,11 @@ class Event(msgspec.Struct, gc=False):
 
     @classmethod
     def new(cls, stream: str, offset: int, kind: str, ts: float, data: dict[str, Any]) -> Event:
-        return cls(stream, offset, kind, ts, data, _encoder.encode(data))
+        return cls(stream, offset, kind, ts, _encoder.encode(data), data)
 
     @classmethod
     def from_stored(cls, stream: str, offset: int, kind: str, ts: float, data_json: bytes) -> Event:
-        return cls(stream, offset, kind, ts, msgspec.json.decode(data_json), data_json)
+        return cls(stream, offset, kind, ts, data_json)
 
 
 # --------------------------------------------------------------------------------------------

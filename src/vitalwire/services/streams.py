@@ -143,13 +143,12 @@ class Streams:
         recent = await self.bus.history(stream, after)
         if recent is not None:
             return [e for e in recent if e.offset <= upto]
-        first = await self.store.first_offset(stream)
-        if first is None or first > after + 1:
-            return None
         out: list[Event] = []
         cursor = after
         while cursor < upto:
             page = await self.store.events_after(stream, cursor, min(STORE_PAGE, upto - cursor))
+            if not out and (not page or page[0].offset > after + 1):
+                return None  # offsets are dense: a missing first one was pruned by retention
             if not page:
                 break
             out.extend(page)
