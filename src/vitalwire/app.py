@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import uvicorn
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from vitalwire import __version__
 from vitalwire.bus import Bus, open_bus
@@ -31,9 +32,9 @@ from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
 from vitalwire.settings import Settings
 from vitalwire.store import Store, open_store
-from vitalwire.transports import rest
+from vitalwire.transports import rest, wsserver
 from vitalwire.transports.client_ws import client_endpoint
-from vitalwire.transports.common import TransportHandle
+from vitalwire.transports.common import Socket
 from vitalwire.transports.device_ws import device_endpoint
 from vitalwire.wire import Close
 
@@ -171,7 +172,38 @@ async def open_services(
 QUIET_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy.engine", "websockets", "uvicorn.protocols")
 
 
-def create_app(settings: Settings | None = None, clock: Callable[[], float] = time.time) -> FastAPI:
+#: The WebSocket endpoints, by path.
+WEBSOCKETS: dict[str, Callable[[Socket, Services], Awaitable[None]]] = {
+    "/ws/device": device_endpoint,
+    "/ws": client_endpoint,
+}
+
+
+class VitalwireApp(FastAPI):
+    """FastAPI for REST; the WebSocket endpoints are dispatched before its middleware.
+
+    A connection to ``/ws/device`` or ``/ws`` goes straight from the server to its handler, on
+    the server's own ``receive`` and ``send``: none of the middleware, routing and exception-
+    handling layers stays on its stack for the life of the connection (memory per idle
+    connection) or wraps each frame sent (CPU per event). REST requests go through FastAPI.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            path: str = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            endpoint = WEBSOCKETS.get(path)
+            if endpoint is not None:
+                await endpoint(Socket(scope, receive, send), self.state.services)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(
+    settings: Settings | None = None, clock: Callable[[], float] = time.time
+) -> VitalwireApp:
     """The ASGI app. Its lifespan opens the services; shutdown flushes every pending write."""
     settings = settings or Settings()
     for name in QUIET_LOGGERS:
@@ -188,19 +220,9 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
             finally:
                 await drain(svc)
 
-    app = FastAPI(title="vitalwire", version=__version__, lifespan=lifespan)
-    app.add_middleware(TransportHandle)
+    app = VitalwireApp(title="vitalwire", version=__version__, lifespan=lifespan)
     app.include_router(rest.router)
     rest.install_error_handlers(app)
-
-    @app.websocket("/ws/device")
-    async def ws_device(ws: WebSocket) -> None:
-        await device_endpoint(ws, app.state.services)
-
-    @app.websocket("/ws")
-    async def ws_client(ws: WebSocket) -> None:
-        await client_endpoint(ws, app.state.services)
-
     return app
 
 
@@ -297,7 +319,7 @@ def make_server(settings: Settings, app: FastAPI | None = None, log_level: str =
         asgi,
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws=wsserver.protocol_class(),  # uvicorn's "websockets-sansio", holding less per connection
         ws_max_size=settings.hard_frame_bytes,
         # protocol pings catch a half-open peer that ignores JSON pings; their timeout is longer
         # than the 3-interval silence rule, so the documented 4004 close comes first

@@ -1,8 +1,10 @@
 """A client (clinician app, dashboard, ``vitalwire watch``) connection, independent of transport.
 
 How the send path works: the fan-out calls :meth:`ClientSession.push` without awaiting. Frames go
-into two queues that one sender task (in the transport) drains: ``_control`` (replies, snapshots,
-replayed events) first, then ``_live`` (live events). A stream's ``subscribed`` reply and replay are
+into two queues: ``_control`` (replies, snapshots, replayed events) first, then ``_live`` (live
+events). The transport drains them with :meth:`ClientSession.take_now` from a sender task it starts
+when :attr:`ClientSession.notify` tells it frames wait (so an idle connection has no sender task);
+:meth:`ClientSession.take` waits for frames instead. A stream's ``subscribed`` reply and replay are
 queued before any of its live events can be, so per-stream order holds.
 
 Slow consumers: while ``_live`` holds more than ``soft_queue`` frames, a new reading replaces the
@@ -34,6 +36,34 @@ from vitalwire.wire import Close, Event, StreamStart, Subscribed, encode_text
 
 class ClientSession:
     """Subscriptions and the bounded outgoing queues of one client connection."""
+
+    __slots__ = (
+        "principal",
+        "streams",
+        "max_queue",
+        "soft_queue",
+        "max_streams",
+        "max_replay",
+        "on_overflow",
+        "authorize",
+        "patient_filter",
+        "audit",
+        "clock",
+        "_watch_since",
+        "_last",
+        "_holding",
+        "_control",
+        "_live",
+        "_keys",
+        "_wake",
+        "closed",
+        "overflowed",
+        "coalesced",
+        "batch_events",
+        "notify",
+        "shut",
+        "origin",
+    )
 
     def __init__(
         self,
@@ -69,12 +99,14 @@ class ClientSession:
         self._control: deque[str] = deque()
         self._live: OrderedDict[Hashable, str] = OrderedDict()
         self._keys = itertools.count()
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None  # made by the first take() that has to wait
         self.closed = False
         self.overflowed = False
         self.coalesced = 0
         #: Set by a subscribe with ``batch``: live events queued together go in one frame.
         self.batch_events = False
+        #: Set by the transport: called (never awaited) each time frames are queued.
+        self.notify: Callable[[], None] | None = None
         #: Set by the transport: send what is queued, then close the connection with a code.
         self.shut: Callable[[int, str], None] | None = None
         #: Where the client connects from (for the audit log).
@@ -108,7 +140,7 @@ class ClientSession:
         else:
             key = next(self._keys)
         live[key] = event.frame
-        self._wake.set()
+        self._queued()
 
     def push_direct(self, event: Event) -> None:
         """An event this client asked for (its command's status), subscribed or not. When the
@@ -122,7 +154,13 @@ class ClientSession:
         if self.closed:
             return
         self._control.append(frame)
-        self._wake.set()
+        self._queued()
+
+    def _queued(self) -> None:
+        if self.notify is not None:
+            self.notify()
+        if self._wake is not None:
+            self._wake.set()
 
     def _overflow(self) -> None:
         if self.overflowed:
@@ -143,16 +181,24 @@ class ClientSession:
         while not self._control and not self._live:
             if self.closed or self.overflowed:
                 return None
+            if self._wake is None:
+                self._wake = asyncio.Event()
             self._wake.clear()
             await self._wake.wait()
+        return self.take_now()
+
+    def take_now(self) -> list[str]:
+        """Every frame queued, in sending order (empty when none is)."""
         out = list(self._control)
         self._control.clear()
-        if self.batch_events and len(self._live) > 1:
-            # the frames are already encoded: joining them costs no re-encoding
-            out.append('{"type":"events","items":[' + ",".join(self._live.values()) + "]}")
-        else:
-            out.extend(self._live.values())
-        self._live.clear()
+        live = self._live
+        if live:
+            if self.batch_events and len(live) > 1:
+                # the frames are already encoded: joining them costs no re-encoding
+                out.append('{"type":"events","items":[' + ",".join(live.values()) + "]}")
+            else:
+                out.extend(live.values())
+            live.clear()
         return out
 
     @property
@@ -278,4 +324,5 @@ class ClientSession:
             self._unwatched(s)
         self._last.clear()
         self.closed = True
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
-
-from starlette.websockets import WebSocket
 
 from vitalwire import wire
 from vitalwire.core import access as policy
@@ -24,9 +21,11 @@ from vitalwire.services.auth import Principal
 from vitalwire.services.clients import ClientSession
 from vitalwire.transports.common import (
     Disconnected,
+    Heartbeat,
+    Sender,
+    Socket,
     close_quietly,
     origin_allowed,
-    pump,
     receive_frame,
 )
 from vitalwire.transports.errors import public_message, row_for
@@ -52,16 +51,20 @@ def _error(exc: BaseException, req_id: int | None = None) -> str:
     )
 
 
-async def _authenticate(ws: WebSocket, svc: Services) -> tuple[Principal, int | None]:
+PING = wire.encode_text(wire.Ping())
+
+
+async def _authenticate(ws: Socket, svc: Services) -> tuple[Principal, int | None]:
     s = svc.settings
-    raw = await asyncio.wait_for(receive_frame(ws, s.max_frame_bytes), s.auth_timeout_s)
+    async with asyncio.timeout(s.auth_timeout_s):
+        raw = await receive_frame(ws, s.max_frame_bytes)
     msg = wire.decode_client(raw)
     if not isinstance(msg, wire.Auth):
         raise Unauthenticated("first message must be auth", field="type")
     return svc.tokens.verify(msg.token, svc.clock()), msg.id
 
 
-async def client_endpoint(ws: WebSocket, svc: Services) -> None:
+async def client_endpoint(ws: Socket, svc: Services) -> None:
     s = svc.settings
     if not origin_allowed(ws, s.allowed_origins):
         await ws.close(Close.FORBIDDEN)  # before accept: the handshake gets HTTP 403
@@ -76,15 +79,13 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
                 field="connections",
             )
     except TimeoutError:
-        with contextlib.suppress(Exception):
-            await ws.send_text(_error(AuthTimeout(f"no auth within {s.auth_timeout_s:g} s")))
+        await _send_quietly(ws, _error(AuthTimeout(f"no auth within {s.auth_timeout_s:g} s")))
         await close_quietly(ws, Close.AUTH_TIMEOUT, "no auth within the auth timeout")
         return
     except Disconnected:
         return
     except PeerError as exc:
-        with contextlib.suppress(Exception):
-            await ws.send_text(_error(exc))
+        await _send_quietly(ws, _error(exc))
         code = Close.RATE_LIMITED if isinstance(exc, RateLimited) else Close.UNAUTHENTICATED
         await close_quietly(ws, code, public_message(exc))
         return
@@ -95,7 +96,7 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
     def on_overflow(code: int, reason: str) -> None:
         """Too slow: stop sending now, close (or drop the connection if it cannot take it)."""
         closing.append((code, reason))
-        sender.cancel()
+        sender.stop()
         closers.add(
             asyncio.get_running_loop().create_task(
                 close_quietly(ws, code, reason, SLOW_CLOSE_TIMEOUT_S)
@@ -108,13 +109,12 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
         session.close()
 
         async def _close() -> None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(sender), 2.0)
+            await sender.sent(2.0, cancel=False)
             await close_quietly(ws, code, reason)
 
         closers.add(asyncio.get_running_loop().create_task(_close()))
 
-    origin = f"{ws.client.host}:{ws.client.port}" if ws.client else None
+    origin = ws.peer
 
     def audit(action: str, pid: str | None, detail: dict[str, Any]) -> None:
         svc.access.audit(session.principal.name, action, pid, detail, origin)
@@ -134,8 +134,9 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
     )
     session.shut = shut
     session.origin = origin
+    sender = Sender(ws, session.take_now)
+    session.notify = sender.kick
     svc.clients.add(session)
-    sender = asyncio.create_task(pump(ws, session.take))
     session.send(
         wire.encode_text(
             wire.Result(
@@ -149,18 +150,24 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
             )
         )
     )
-    heartbeat = asyncio.create_task(_heartbeat(session, s.heartbeat_s))
+
+    def silent() -> None:
+        if not closing:
+            shut(Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+
+    heartbeat = Heartbeat(s.heartbeat_s, s.heartbeat_s * 3, lambda: session.send(PING), silent)
     bucket = TokenBucket(s.client_msgs_per_s, s.client_msgs_burst)
     refused = 0
     try:
         while not closing:
+            heartbeat.waiting()
             try:
-                raw = await asyncio.wait_for(
-                    receive_frame(ws, s.max_frame_bytes), s.heartbeat_s * 3
-                )
+                raw = await receive_frame(ws, s.max_frame_bytes)
             except PeerError as exc:
                 session.send(_error(exc))
                 continue
+            finally:
+                heartbeat.busy()
             if not bucket.take(time.monotonic()):
                 refused += 1
                 limit = f"{s.client_msgs_per_s:g}/s, burst {s.client_msgs_burst}"
@@ -181,8 +188,6 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
                 session.send(_error(exc, req_id))
             except Exception as exc:  # never leak internals; keep serving
                 session.send(_error(exc, req_id))
-    except TimeoutError:
-        await close_quietly(ws, Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
     except Disconnected:
         pass
     finally:
@@ -191,15 +196,14 @@ async def client_endpoint(ws: WebSocket, svc: Services) -> None:
         svc.clients.discard(session)
         if closers:
             await asyncio.wait(closers, timeout=5)
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(sender, 1.0)
+        await sender.sent(1.0)
 
 
-async def _heartbeat(session: ClientSession, interval: float) -> None:
-    frame = wire.encode_text(wire.Ping())
-    while True:
-        await asyncio.sleep(interval)
-        session.send(frame)
+async def _send_quietly(ws: Socket, frame: str) -> None:
+    try:
+        await ws.send_text(frame)
+    except Disconnected:
+        pass
 
 
 async def _handle(svc: Services, session: ClientSession, msg: object) -> None:

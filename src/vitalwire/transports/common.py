@@ -1,21 +1,113 @@
-"""Small pieces both WebSocket transports share."""
+"""Small pieces both WebSocket transports share.
+
+Cost per connection matters here (a hospital keeps 10,000 devices and 1,000 clients connected,
+nearly all idle at any instant), so the transports run on the server's raw ASGI callables
+(:class:`Socket`, dispatched before the FastAPI middleware by ``app.VitalwireApp``), send from a
+task that exists only while frames wait (:class:`Sender`), and ping and watch for silence from a
+timer instead of a task (:class:`Heartbeat`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.types import Message, Receive, Scope, Send
 
 from vitalwire.core.errors import FrameTooLarge
 
 
 class Disconnected(Exception):
-    pass
+    """The peer is gone (a close or disconnect arrived, or a send failed)."""
 
 
-async def receive_frame(ws: WebSocket, max_bytes: int) -> str | bytes:
+class Socket:
+    """One WebSocket connection over the server's raw ASGI ``receive`` and ``send``.
+
+    What the transports need of starlette's ``WebSocket`` and nothing more: a frame goes straight
+    to the server's ``send``, with no middleware wrapper and no state machine per message.
+    """
+
+    __slots__ = ("scope", "_receive", "_send", "closed", "gone")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        #: A close was sent, or sending failed: nothing more goes out.
+        self.closed = False
+        #: A disconnect was received: nothing more comes in.
+        self.gone = False
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of a request header (``name`` in lower case), or None."""
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return str(value.decode("latin-1"))
+        return None
+
+    @property
+    def peer(self) -> str | None:
+        """``host:port`` of the peer, when the server knows it."""
+        client = self.scope.get("client")
+        return None if client is None else f"{client[0]}:{client[1]}"
+
+    async def accept(self) -> None:
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            raise RuntimeError(f"expected websocket.connect, got {message['type']!r}")
+        await self._send({"type": "websocket.accept"})
+
+    async def receive(self) -> Message:
+        if self.gone:
+            return {"type": "websocket.disconnect", "code": 1006}
+        message = await self._receive()
+        if message["type"] == "websocket.disconnect":
+            self.gone = True
+        return message
+
+    async def send_text(self, text: str) -> None:
+        """Send one text frame; Disconnected when it cannot go out."""
+        if self.closed:
+            raise Disconnected("close already sent")
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        except (OSError, RuntimeError) as exc:  # uvicorn: ClientDisconnected (an OSError)
+            self.closed = True
+            raise Disconnected(str(exc)) from exc
+
+    async def send_all(self, frames: list[str]) -> None:
+        """Send text frames in order (the hot path: one ``send`` call per frame, nothing else)."""
+        send = self._send
+        try:
+            for text in frames:
+                if self.closed:
+                    raise Disconnected("close already sent")
+                await send({"type": "websocket.send", "text": text})
+        except (OSError, RuntimeError) as exc:
+            self.closed = True
+            raise Disconnected(str(exc)) from exc
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame (before ``accept``, the handshake is refused with HTTP 403)."""
+        if self.closed:
+            return
+        self.closed = True
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def abort(self) -> bool:
+        """Drop the TCP connection; False when the server does not expose its transport.
+
+        uvicorn's ``send`` is a method of its protocol, which holds the transport.
+        """
+        transport = getattr(getattr(self._send, "__self__", None), "transport", None)
+        if transport is None or not hasattr(transport, "abort"):
+            return False
+        transport.abort()
+        return True
+
+
+async def receive_frame(ws: Socket, max_bytes: int) -> str | bytes:
     """The next text or binary frame. Raises Disconnected, or FrameTooLarge past ``max_bytes``."""
     message = await ws.receive()
     if message["type"] == "websocket.disconnect":
@@ -31,76 +123,145 @@ async def receive_frame(ws: WebSocket, max_bytes: int) -> str | bytes:
     return data
 
 
-async def pump(ws: WebSocket, take: Callable[[], Awaitable[list[str] | None]]) -> None:
-    """Send frames as the session hands them over, until it says stop or the socket fails."""
-    try:
-        while (frames := await take()) is not None:
-            for frame in frames:
-                await ws.send_text(frame)
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        return
-
-
-async def close_quietly(ws: WebSocket, code: int, reason: str = "", timeout: float = 2.0) -> None:
+async def close_quietly(ws: Socket, code: int, reason: str = "", timeout: float = 2.0) -> None:
     """Send a close frame; if the peer does not take it within ``timeout``, drop the connection.
 
     A peer that stopped reading leaves the server's socket unwritable, and ASGI cannot send the
     close frame past a full buffer; aborting the transport is then the only way to free it.
     """
-    if ws.application_state == WebSocketState.DISCONNECTED:
+    if ws.closed:
         return
     try:
-        await asyncio.wait_for(ws.close(code, reason[:120]), timeout)
+        async with asyncio.timeout(timeout):
+            await ws.close(code, reason[:120])
     except Exception:
-        abort(ws)
+        ws.abort()
 
 
-TRANSPORT_KEY = "vitalwire.transport"
-
-
-def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
+def origin_allowed(ws: Socket, allowed: list[str]) -> bool:
     """Browsers send Origin; allow the server's own (same host) and the configured list. A
     request without Origin is not from a browser (devices, SDK, CLI) and is allowed."""
-    origin = ws.headers.get("origin")
+    origin = ws.header(b"origin")
     if origin is None:
         return True
     if origin in allowed:
         return True
-    host = ws.headers.get("host", "")
+    host = ws.header(b"host") or ""
     return origin.split("://", 1)[-1].rstrip("/") == host
 
 
-class TransportHandle:
-    """ASGI middleware: remember the server's transport of each WebSocket in its scope, so a
-    connection whose peer stopped reading can be aborted (ASGI itself offers no way)."""
+class Sender:
+    """Sends the frames a source hands over, in order, from a task that exists only while there
+    are frames to send: an idle connection holds no sender task at all.
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    The source calls :meth:`kick` (synchronously, never awaiting) when it has queued frames;
+    ``take`` hands them all over at once (an empty list when there are none).
+    """
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
-            transport = getattr(getattr(send, "__self__", None), "transport", None)
-            if transport is not None:
-                scope[TRANSPORT_KEY] = transport
-        await self.app(scope, receive, send)
+    __slots__ = ("_ws", "_take", "_task", "stopped")
+
+    def __init__(self, ws: Socket, take: Callable[[], list[str]]) -> None:
+        self._ws = ws
+        self._take = take
+        self._task: asyncio.Task[None] | None = None
+        #: Sending failed or was stopped: nothing more is sent.
+        self.stopped = False
+
+    def kick(self) -> None:
+        if self._task is None and not self.stopped:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while frames := self._take():
+                await self._ws.send_all(frames)
+        except Disconnected:
+            self.stopped = True
+        finally:
+            self._task = None
+
+    def stop(self) -> None:
+        """Stop sending now (what is queued stays unsent)."""
+        self.stopped = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def sent(self, timeout: float, cancel: bool = True) -> None:
+        """Wait up to ``timeout`` for what is queued to go out; then, with ``cancel``, stop."""
+        task = self._task
+        done = task is None
+        if task is not None and timeout > 0:
+            done = bool((await asyncio.wait((task,), timeout=timeout))[0])
+        if cancel:
+            self.stop()
+            if task is not None and not done:
+                await asyncio.wait((task,))
 
 
-def abort(ws: WebSocket) -> bool:
-    """Abort the TCP connection under ``ws``; False when the server does not expose it."""
-    transport = ws.scope.get(TRANSPORT_KEY)
-    if transport is None or not hasattr(transport, "abort"):
-        return False
-    transport.abort()
-    return True
+class Heartbeat:
+    """One timer per connection (no task): ``ping()`` every ``interval`` seconds, and
+    ``expire()`` once when nothing came from the peer for ``silence`` seconds of waiting.
+
+    The handler calls :meth:`waiting` before each read and :meth:`busy` once a frame is in: the
+    silence clock runs only while the handler waits for the peer (a request being served, a
+    device held back by backpressure, do not count).
+    """
+
+    __slots__ = ("_interval", "_silence", "_ping", "_expire", "_next_ping", "_since", "_handle")
+
+    def __init__(
+        self,
+        interval: float,
+        silence: float,
+        ping: Callable[[], object],
+        expire: Callable[[], object],
+    ) -> None:
+        if silence < interval:
+            raise ValueError("silence must be at least one interval")
+        loop = asyncio.get_running_loop()
+        self._interval = interval
+        self._silence = silence
+        self._ping = ping
+        self._expire = expire
+        self._next_ping = loop.time() + interval
+        self._since: float | None = None
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._next_ping, self._tick)
+
+    def waiting(self) -> None:
+        self._since = asyncio.get_running_loop().time()
+
+    def busy(self) -> None:
+        self._since = None
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._next_ping - 0.001:
+            self._next_ping = now + self._interval
+            self._ping()
+        since = self._since
+        if since is not None and now >= since + self._silence - 0.001:
+            self._handle = None
+            self._expire()
+            return
+        when = self._next_ping if since is None else min(self._next_ping, since + self._silence)
+        self._handle = loop.call_at(when, self._tick)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class Outbox:
-    """A bounded queue of frames for a device connection."""
+    """A bounded queue of frames for a device connection, sent by a :class:`Sender`."""
 
-    def __init__(self, limit: int = 1000) -> None:
+    __slots__ = ("limit", "_frames", "sender", "closed", "overflowed", "on_overflow")
+
+    def __init__(self, ws: Socket, limit: int = 1000) -> None:
         self.limit = limit
         self._frames: list[str] = []
-        self._wake = asyncio.Event()
+        self.sender = Sender(ws, self._take)
         self.closed = False
         self.overflowed = False
         self.on_overflow: Callable[[], None] | None = None
@@ -116,17 +277,12 @@ class Outbox:
                 self.on_overflow()
             return
         self._frames.append(frame)
-        self._wake.set()
+        self.sender.kick()
 
-    async def take(self) -> list[str] | None:
-        while not self._frames:
-            if self.closed:
-                return None
-            self._wake.clear()
-            await self._wake.wait()
+    def _take(self) -> list[str]:
         out, self._frames = self._frames, []
         return out
 
     def close(self) -> None:
+        """Take no more frames; what is queued still goes out."""
         self.closed = True
-        self._wake.set()

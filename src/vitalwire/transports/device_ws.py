@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
-
-from starlette.websockets import WebSocket
 
 from vitalwire import wire
 from vitalwire.core.errors import AuthTimeout, InvalidMessage, PeerError, RateLimited
@@ -16,10 +13,11 @@ from vitalwire.core.ratelimit import TokenBucket
 from vitalwire.services.ingest import DeviceSession, Unavailable
 from vitalwire.transports.common import (
     Disconnected,
+    Heartbeat,
     Outbox,
+    Socket,
     close_quietly,
     origin_allowed,
-    pump,
     receive_frame,
 )
 from vitalwire.transports.errors import public_message, row_for
@@ -39,31 +37,34 @@ def _error(exc: BaseException, **extra: int | None) -> str:
     )
 
 
-async def device_endpoint(ws: WebSocket, svc: Services) -> None:
+PING = wire.encode_text(wire.Ping())
+
+
+async def device_endpoint(ws: Socket, svc: Services) -> None:
     s = svc.settings
     if not origin_allowed(ws, s.allowed_origins):
         await ws.close(Close.FORBIDDEN)  # before accept: the handshake gets HTTP 403
         return
     await ws.accept()
-    outbox = Outbox()
-    sender = asyncio.create_task(pump(ws, outbox.take))
+    outbox = Outbox(ws)
     session: DeviceSession | None = None
     closers: set[asyncio.Task[None]] = set()
     reason = "closed"
     try:
         try:
-            raw = await asyncio.wait_for(receive_frame(ws, s.max_frame_bytes), s.auth_timeout_s)
+            async with asyncio.timeout(s.auth_timeout_s):
+                raw = await receive_frame(ws, s.max_frame_bytes)
             hello = wire.decode_device(raw)
             if not isinstance(hello, wire.Hello):
                 raise InvalidMessage("first message must be hello", field="type")
         except TimeoutError:
             outbox.put(_error(AuthTimeout(f"no hello within {s.auth_timeout_s:g} s")))
-            await _finish(outbox, sender)
+            await _finish(outbox)
             await close_quietly(ws, Close.AUTH_TIMEOUT, "auth timeout")
             return
         except PeerError as exc:
             outbox.put(_error(exc))
-            await _finish(outbox, sender)
+            await _finish(outbox)
             await close_quietly(ws, Close.UNAUTHENTICATED, "hello required")
             return
 
@@ -74,8 +75,7 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
             outbox.close()
 
             async def _close() -> None:
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(asyncio.shield(sender), 2.0)
+                await outbox.sender.sent(2.0, cancel=False)
                 await close_quietly(ws, code, why)
 
             closers.add(asyncio.get_running_loop().create_task(_close()))
@@ -85,18 +85,20 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
             session, welcome = await svc.ingest.hello(hello, outbox.put, close)
         except PeerError as exc:
             outbox.put(_error(exc))
-            await _finish(outbox, sender)
+            await _finish(outbox)
             code = Close.TRY_AGAIN_LATER if isinstance(exc, Unavailable) else Close.UNAUTHENTICATED
             await close_quietly(ws, code, public_message(exc))
             return
         outbox.put(wire.encode_text(welcome))
         svc.commands.deliver(session.device_id)  # commands queued while it was away, in order
-        heartbeat = asyncio.create_task(_heartbeat(outbox, s.heartbeat_s))
+
+        def silent() -> None:
+            if not outbox.closed:
+                close(Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+
+        heartbeat = Heartbeat(s.heartbeat_s, s.heartbeat_s * 3, lambda: outbox.put(PING), silent)
         try:
-            await _serve(ws, svc, session, outbox)
-        except TimeoutError:
-            reason = "heartbeat timeout"
-            await close_quietly(ws, Close.HEARTBEAT_TIMEOUT, reason)
+            await _serve(ws, svc, session, outbox, heartbeat)
         finally:
             heartbeat.cancel()
     except Disconnected:
@@ -111,31 +113,26 @@ async def device_endpoint(ws: WebSocket, svc: Services) -> None:
         outbox.close()
         if closers:
             await asyncio.wait(closers, timeout=5)
-        sender.cancel()
-        with contextlib.suppress(BaseException):
-            await sender
+        await outbox.sender.sent(0)
 
 
-async def _finish(outbox: Outbox, sender: asyncio.Task[None]) -> None:
+async def _finish(outbox: Outbox) -> None:
     outbox.close()
-    with contextlib.suppress(BaseException):
-        await asyncio.wait_for(sender, 2.0)
+    await outbox.sender.sent(2.0)
 
 
-async def _heartbeat(outbox: Outbox, interval: float) -> None:
-    frame = wire.encode_text(wire.Ping())
-    while True:
-        await asyncio.sleep(interval)
-        outbox.put(frame)
-
-
-async def _serve(ws: WebSocket, svc: Services, session: DeviceSession, outbox: Outbox) -> None:
+async def _serve(
+    ws: Socket, svc: Services, session: DeviceSession, outbox: Outbox, heartbeat: Heartbeat
+) -> None:
     s = svc.settings
-    silence = s.heartbeat_s * 3
     bucket = TokenBucket(s.device_msgs_per_s, s.device_msgs_burst)
     while not outbox.closed:
         try:
-            raw = await asyncio.wait_for(receive_frame(ws, s.max_frame_bytes), silence)
+            heartbeat.waiting()
+            try:
+                raw = await receive_frame(ws, s.max_frame_bytes)
+            finally:
+                heartbeat.busy()
             if not bucket.take(time.monotonic()):
                 # a refused frame followed by accepted ones could let the cumulative ack cover
                 # it: a device over its rate is disconnected instead, and resends after reconnect
@@ -152,9 +149,8 @@ async def _serve(ws: WebSocket, svc: Services, session: DeviceSession, outbox: O
                 # backpressure: stop reading this device until the writer catches up; a store
                 # that stays stuck past a heartbeat ends the session (the device resends later)
                 try:
-                    await asyncio.wait_for(
-                        svc.writer.wait_for_room(s.max_pending_rows), s.heartbeat_s
-                    )
+                    async with asyncio.timeout(s.heartbeat_s):
+                        await svc.writer.wait_for_room(s.max_pending_rows)
                 except TimeoutError:
                     outbox.put(_error(Unavailable("the store is not keeping up; reconnect later")))
                     session.close(Close.TRY_AGAIN_LATER, "store not keeping up")
