@@ -423,3 +423,21 @@ async def test_resume_replays_from_bus_history_then_store(tmp_path: Path) -> Non
 async def test_wait_until_reports_what_it_waited_for() -> None:
     with pytest.raises(AssertionError, match="timed out after 0.01s waiting for never"):
         await wait_until(lambda: False, 0.01, "never")
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_permessage_deflate_is_accepted_only_when_configured(
+    tmp_path: Path, enabled: bool
+) -> None:
+    """``ws_compression`` off (the default): a client offering deflate is served uncompressed,
+    and everything still works; on: the extension is negotiated."""
+    srv, task = await start_server(tmp_path, patients=1, ws_compression=enabled)
+    try:
+        async with connect(srv.ws_url + "/ws", compression="deflate") as ws:
+            ext = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert ("permessage-deflate" in ext) is enabled, ext
+            await ws.send(json.dumps({"type": "ping", "id": 7}))  # before auth: refused
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert reply["type"] == "error" and "auth" in reply["message"], reply
+    finally:
+        await stop_server(srv, task)

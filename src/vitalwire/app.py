@@ -321,6 +321,7 @@ def make_server(settings: Settings, app: FastAPI | None = None, log_level: str =
         port=settings.port,
         ws=wsserver.protocol_class(),  # uvicorn's "websockets-sansio", holding less per connection
         ws_max_size=settings.hard_frame_bytes,
+        ws_per_message_deflate=settings.ws_compression,
         # protocol pings catch a half-open peer that ignores JSON pings; their timeout is longer
         # than the 3-interval silence rule, so the documented 4004 close comes first
         ws_ping_interval=settings.heartbeat_s,

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     auth_timeout_s: float = Field(10.0, gt=0)
     #: Server ping interval; a peer silent for 3 intervals is closed.
     heartbeat_s: float = Field(15.0, gt=0)
+    #: Accept permessage-deflate on WebSockets. Off by default: frames of vital signs are a few
+    #: hundred bytes, and compressing each one costs more CPU than sending it (docs/benchmarks.md).
+    ws_compression: bool = False
     #: Past this many queued live events, a client's readings coalesce (latest per patient and
     #: set of metrics); alert, command and status events are never coalesced.
     client_queue_soft: int = Field(1000, ge=1)
