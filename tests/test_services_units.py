@@ -107,6 +107,33 @@ async def test_wait_for_room_blocks_until_the_writer_catches_up() -> None:
     await writer.stop()
 
 
+async def test_held_back_producers_wake_in_order_and_only_with_room() -> None:
+    """A commit that leaves no room wakes nobody; room wakes the waiters oldest first, and a
+    cancelled waiter does not keep the others waiting."""
+    store = FakeStore()
+    store.gate = asyncio.Event()
+    writer, _ = await _writer(store, max_rows=2, max_wait_s=0)
+    for i in range(1, 9):
+        writer.submit(*_unit(i))  # 16 rows pending, 2 per batch
+    woke: list[str] = []
+
+    async def producer(name: str, bound: int) -> None:
+        await writer.wait_for_room(bound)
+        woke.append(name)
+
+    first = asyncio.create_task(producer("first", 8))
+    gone = asyncio.create_task(producer("gone", 8))
+    second = asyncio.create_task(producer("second", 8))
+    await asyncio.sleep(0)
+    gone.cancel()
+    assert woke == [] and len(writer._room_waiters) == 3
+    store.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert woke == ["first", "second"] and writer.pending_rows <= 8
+    assert not writer._room_waiters
+    await writer.stop()
+
+
 class _NoStore:
     pass
 

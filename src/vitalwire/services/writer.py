@@ -59,7 +59,8 @@ class BatchWriter:
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._committed = asyncio.Event()
+        #: producers held back by ``wait_for_room``, oldest first: (their bound, their future)
+        self._room_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         #: True while commits fail (the batch is kept and retried); health reports it.
         self.failing = False
         self._task: asyncio.Task[None] | None = None
@@ -93,10 +94,32 @@ class BatchWriter:
         self._task = asyncio.create_task(self._run(), name="vitalwire-writer")
 
     async def wait_for_room(self, max_pending_rows: int) -> None:
-        """Backpressure: wait until at most ``max_pending_rows`` rows wait to be committed."""
+        """Backpressure: wait until at most ``max_pending_rows`` rows wait to be committed.
+
+        Waiters are woken in arrival order, and only while there is room for them: a commit
+        does not wake every held-back device at once (thousands, at hospital scale) only for
+        most of them to wait again."""
         while self._pending_rows > max_pending_rows:
-            self._committed.clear()
-            await self._committed.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append((max_pending_rows, waiter))
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_room()  # pass the turn on
+                raise
+
+    def _wake_room(self) -> None:
+        waiters = self._room_waiters
+        while waiters:
+            bound, waiter = waiters[0]
+            if waiter.done():
+                waiters.popleft()
+                continue
+            if self._pending_rows > bound:
+                return
+            waiters.popleft()
+            waiter.set_result(None)
 
     async def commit(
         self,
@@ -182,7 +205,7 @@ class BatchWriter:
                 delay = min(delay * 2, 2.0)
         self.failing = False
         self.rows_written += len(batch)
-        self._committed.set()
+        self._wake_room()
         if batch.events:
             await self.bus.publish(batch.events)
         for unit in units:

@@ -26,7 +26,6 @@ from vitalwire.transports.common import (
     Socket,
     close_quietly,
     origin_allowed,
-    receive_frame,
 )
 from vitalwire.transports.errors import public_message, row_for
 from vitalwire.wire import Close
@@ -57,7 +56,7 @@ PING = wire.encode_text(wire.Ping())
 async def _authenticate(ws: Socket, svc: Services) -> tuple[Principal, int | None]:
     s = svc.settings
     async with asyncio.timeout(s.auth_timeout_s):
-        raw = await receive_frame(ws, s.max_frame_bytes)
+        raw = await ws.receive_frame(s.max_frame_bytes)
     msg = wire.decode_client(raw)
     if not isinstance(msg, wire.Auth):
         raise Unauthenticated("first message must be auth", field="type")
@@ -162,7 +161,7 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
         while not closing:
             heartbeat.waiting()
             try:
-                raw = await receive_frame(ws, s.max_frame_bytes)
+                raw = await ws.receive_frame(s.max_frame_bytes)
             except PeerError as exc:
                 session.send(_error(exc))
                 continue

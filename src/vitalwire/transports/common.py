@@ -58,13 +58,28 @@ class Socket:
             raise RuntimeError(f"expected websocket.connect, got {message['type']!r}")
         await self._send({"type": "websocket.accept"})
 
-    async def receive(self) -> Message:
+    async def receive_frame(self, max_bytes: int) -> str | bytes:
+        """The next text or binary frame. Raises Disconnected, or FrameTooLarge past
+        ``max_bytes``."""
         if self.gone:
-            return {"type": "websocket.disconnect", "code": 1006}
-        message = await self._receive()
+            raise Disconnected(1006)
+        message: Message = await self._receive()
         if message["type"] == "websocket.disconnect":
             self.gone = True
-        return message
+            raise Disconnected(message.get("code"))
+        data: str | bytes | None = message.get("text")
+        if data is None:
+            data = message.get("bytes") or b""
+        size = (
+            len(data)
+            if isinstance(data, bytes) or len(data) * 4 <= max_bytes
+            else len(data.encode())
+        )
+        if size > max_bytes:
+            raise FrameTooLarge(
+                f"frame must be at most {max_bytes} bytes, got {size}", field="frame"
+            )
+        return data
 
     async def send_text(self, text: str) -> None:
         """Send one text frame; Disconnected when it cannot go out."""
@@ -105,22 +120,6 @@ class Socket:
             return False
         transport.abort()
         return True
-
-
-async def receive_frame(ws: Socket, max_bytes: int) -> str | bytes:
-    """The next text or binary frame. Raises Disconnected, or FrameTooLarge past ``max_bytes``."""
-    message = await ws.receive()
-    if message["type"] == "websocket.disconnect":
-        raise Disconnected(message.get("code"))
-    data: str | bytes | None = message.get("text")
-    if data is None:
-        data = message.get("bytes") or b""
-    size = (
-        len(data) if isinstance(data, bytes) or len(data) * 4 <= max_bytes else len(data.encode())
-    )
-    if size > max_bytes:
-        raise FrameTooLarge(f"frame must be at most {max_bytes} bytes, got {size}", field="frame")
-    return data
 
 
 async def close_quietly(ws: Socket, code: int, reason: str = "", timeout: float = 2.0) -> None:

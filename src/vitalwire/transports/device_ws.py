@@ -18,7 +18,6 @@ from vitalwire.transports.common import (
     Socket,
     close_quietly,
     origin_allowed,
-    receive_frame,
 )
 from vitalwire.transports.errors import public_message, row_for
 from vitalwire.wire import Close
@@ -53,7 +52,7 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
     try:
         try:
             async with asyncio.timeout(s.auth_timeout_s):
-                raw = await receive_frame(ws, s.max_frame_bytes)
+                raw = await ws.receive_frame(s.max_frame_bytes)
             hello = wire.decode_device(raw)
             if not isinstance(hello, wire.Hello):
                 raise InvalidMessage("first message must be hello", field="type")
@@ -130,7 +129,7 @@ async def _serve(
         try:
             heartbeat.waiting()
             try:
-                raw = await receive_frame(ws, s.max_frame_bytes)
+                raw = await ws.receive_frame(s.max_frame_bytes)
             finally:
                 heartbeat.busy()
             if not bucket.take(time.monotonic()):

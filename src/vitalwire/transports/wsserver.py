@@ -13,7 +13,7 @@ for key sharing. :class:`LeanWebSocketProtocol` changes none of its behaviour, o
   its own copy;
 - the protocol's attributes live in slots.
 
-About 7 KB less per connection, measured with 2,200 idle connections (docs/benchmarks.md).
+About 7 KB less per connection (measured with 2,200 idle connections; architecture.md).
 :func:`protocol_class` falls back to uvicorn's own class if uvicorn no longer looks as expected.
 """
 
@@ -97,7 +97,8 @@ class Gate:
         return True
 
 
-#: The attributes uvicorn's protocol sets on itself (uvicorn 0.35 to 0.54), held in slots.
+#: The attributes uvicorn's protocol sets on itself (as of uvicorn 0.54), held in slots; one it
+#: adds later lands in the instance dict as usual.
 _ATTRIBUTES = (
     "config",
     "app",

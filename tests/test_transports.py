@@ -1,0 +1,301 @@
+"""The WebSocket transports' per-connection machinery: raw ASGI dispatch, the lazy sender, the
+heartbeat timer, and the leaner uvicorn protocol (issue 7: cost per connection)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from tests.conftest import RunningServer, start_server, stop_server, wait_until
+from vitalwire.core.errors import FrameTooLarge
+from vitalwire.transports.common import Disconnected, Heartbeat, Outbox, Sender, Socket
+from vitalwire.transports.wsserver import Gate, Inbox, LeanWebSocketProtocol
+
+
+def _socket(send: Any = None, receive: Any = None) -> Socket:
+    async def _nothing(*_: Any) -> Any:
+        return {"type": "websocket.connect"}
+
+    return Socket({"type": "websocket", "headers": []}, receive or _nothing, send or _nothing)
+
+
+async def _device(srv: RunningServer, i: int) -> Any:
+    did, secret, _ = srv.device(i)
+    ws = await connect(srv.ws_url + "/ws/device", proxy=None)
+    await ws.send(json.dumps({"type": "hello", "device_id": did, "secret": secret}))
+    assert json.loads(await ws.recv())["type"] == "welcome"
+    return ws
+
+
+async def _client(srv: RunningServer, streams: list[str]) -> Any:
+    user, pw = srv.user()
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        token = (await http.post("/auth/login", json={"username": user, "password": pw})).json()
+    ws = await connect(srv.ws_url + "/ws", proxy=None)
+    await ws.send(json.dumps({"type": "auth", "token": token["access_token"], "id": 1}))
+    assert json.loads(await ws.recv())["type"] == "result"
+    await ws.send(json.dumps({"type": "subscribe", "streams": streams, "id": 2}))
+    assert json.loads(await ws.recv())["type"] == "subscribed"
+    return ws
+
+
+def _server_tasks() -> tuple[int, list[str]]:
+    """uvicorn's connection tasks, and every other task running transport code."""
+    connections = 0
+    transport = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is None:
+            continue
+        if code.co_qualname == "WebSocketsSansIOProtocol.run_asgi":
+            connections += 1
+        elif "vitalwire/transports" in code.co_filename:
+            transport.append(code.co_qualname)
+    return connections, transport
+
+
+async def test_an_idle_connection_holds_no_task_of_its_own(tmp_path: Path) -> None:
+    srv, task = await start_server(tmp_path, patients=3, heartbeat_s=60)
+    sockets: list[Any] = []
+    try:
+        sockets += [await _device(srv, i) for i in range(3)]
+        sockets += [await _client(srv, ["alerts", f"patient:{srv.device(0)[2]}"]) for _ in range(2)]
+        await wait_until(lambda: len(srv.services.ingest.sessions) == 3, 5, "devices")
+        await wait_until(lambda: _server_tasks()[1] == [], 5, "senders done")
+        # one task per connection (uvicorn's), none of ours: no sender, heartbeat or timeout task
+        assert _server_tasks() == (5, [])
+    finally:
+        for ws in sockets:
+            await ws.close()
+        await stop_server(srv, task)
+
+
+async def test_the_server_runs_the_lean_protocol_without_the_handshake(
+    server: RunningServer,
+) -> None:
+    ws = await _device(server, 0)
+    try:
+        protocols = [
+            p
+            for p in server.server.server_state.connections
+            if isinstance(p, LeanWebSocketProtocol)
+        ]
+        assert len(protocols) == 1
+        (proto,) = protocols
+        assert isinstance(proto.queue, Inbox) and isinstance(proto.writable, Gate)
+        assert proto.request is None and proto.response is None
+        assert not hasattr(proto, "__dict__") or "queue" not in proto.__dict__  # slots
+        # the connection works both ways on it
+        await ws.send(json.dumps({"type": "ping", "id": 7}))
+        assert json.loads(await ws.recv()) == {"type": "pong", "id": 7}
+    finally:
+        await ws.close()
+
+
+async def test_other_websocket_paths_still_go_through_fastapi(server: RunningServer) -> None:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with connect(server.ws_url + "/ws/elsewhere", proxy=None):
+            pass
+    assert refused.value.response.status_code == 403
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_a_silent_client_is_closed_4004_after_its_pings(tmp_path: Path) -> None:
+    srv, task = await start_server(tmp_path, patients=1, heartbeat_s=0.2)
+    try:
+        ws = await _client(srv, ["alerts"])
+        kinds = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:  # read, never answer
+                kinds.append(json.loads(await asyncio.wait_for(ws.recv(), 5))["type"])
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4004
+        assert closed.value.rcvd.reason == "heartbeat timeout"
+        assert kinds.count("ping") >= 2
+        await wait_until(lambda: not srv.services.clients, 5, "client gone")
+    finally:
+        await stop_server(srv, task)
+
+
+async def test_a_client_that_answers_pings_stays(tmp_path: Path) -> None:
+    srv, task = await start_server(tmp_path, patients=1, heartbeat_s=0.1)
+    try:
+        ws = await _client(srv, ["alerts"])
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.0  # 10 heartbeats, over 3 silence windows
+        while loop.time() < until:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if msg["type"] == "ping":
+                await ws.send('{"type":"pong"}')
+        assert len(srv.services.clients) == 1
+        await ws.close()
+    finally:
+        await stop_server(srv, task)
+
+
+# -- the pieces, alone -------------------------------------------------------------------------
+
+
+async def test_sender_sends_in_order_in_batches_and_only_while_frames_wait() -> None:
+    sent: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["text"])
+        await asyncio.sleep(0)
+
+    queued: list[str] = []
+
+    def take() -> list[str]:
+        out = queued[:]
+        queued.clear()
+        return out
+
+    sender = Sender(_socket(send), take)
+    for frame in ("a", "b"):
+        queued.append(frame)
+        sender.kick()
+    assert sender._task is not None
+    await asyncio.sleep(0)
+    queued.append("c")  # while it sends: the same task takes it
+    sender.kick()
+    await sender.sent(1.0, cancel=False)
+    assert sent == ["a", "b", "c"] and sender._task is None and not sender.stopped
+
+
+async def test_sender_stops_when_the_socket_fails_and_sent_cancels_a_stuck_one() -> None:
+    async def broken(message: dict[str, Any]) -> None:
+        raise OSError("gone")
+
+    frames = ["x"]
+    sender = Sender(_socket(broken), lambda: [frames.pop()] if frames else [])
+    sender.kick()
+    await sender.sent(1.0, cancel=False)
+    assert sender.stopped
+    sender.kick()
+    assert sender._task is None  # a failed socket gets no new sender
+
+    never = asyncio.Event()
+
+    async def stuck(message: dict[str, Any]) -> None:
+        await never.wait()
+
+    frames = ["y"]
+    sender = Sender(_socket(stuck), lambda: [frames.pop()] if frames else [])
+    sender.kick()
+    await asyncio.sleep(0.01)
+    await sender.sent(0.05)
+    assert sender.stopped and sender._task is None
+
+
+async def test_outbox_past_its_limit_overflows_once_and_takes_no_more() -> None:
+    never = asyncio.Event()
+
+    async def stuck(message: dict[str, Any]) -> None:
+        await never.wait()
+
+    outbox = Outbox(_socket(stuck), limit=3)
+    overflows = []
+    outbox.on_overflow = lambda: overflows.append(1)
+    for i in range(10):
+        outbox.put(str(i))
+        await asyncio.sleep(0)
+    assert overflows == [1] and outbox.overflowed and outbox.closed
+    await outbox.sender.sent(0)
+
+
+async def test_socket_after_close_sends_nothing_more() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    ws = _socket(send)
+    await ws.close(4000, "bye")
+    await ws.close(4001, "again")
+    with pytest.raises(Disconnected):
+        await ws.send_text("late")
+    assert sent == [{"type": "websocket.close", "code": 4000, "reason": "bye"}]
+
+
+async def test_socket_reads_frames_then_disconnect() -> None:
+    messages = [
+        {"type": "websocket.receive", "text": "hi"},
+        {"type": "websocket.receive", "bytes": b"\x01"},
+        {"type": "websocket.receive", "text": "x" * 20},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    ws = _socket(receive=receive)
+    assert await ws.receive_frame(10) == "hi"
+    assert await ws.receive_frame(10) == b"\x01"
+    with pytest.raises(FrameTooLarge):
+        await ws.receive_frame(10)
+    for _ in range(2):  # the disconnect, then no more reads from the server
+        with pytest.raises(Disconnected):
+            await ws.receive_frame(10)
+
+
+async def test_heartbeat_pings_and_expires_only_while_waiting() -> None:
+    pings: list[float] = []
+    expired: list[float] = []
+    loop = asyncio.get_running_loop()
+    beat = Heartbeat(0.05, 0.15, lambda: pings.append(loop.time()), lambda: expired.append(1))
+    try:
+        beat.busy()
+        await asyncio.sleep(0.3)  # busy: pings go on, silence does not count
+        assert len(pings) >= 4 and expired == []
+        start = loop.time()
+        beat.waiting()
+        await wait_until(lambda: expired, 2, "expiry")
+        assert 0.14 <= loop.time() - start < 0.5 and expired == [1]
+        count = len(pings)
+        await asyncio.sleep(0.15)
+        assert len(pings) == count  # expired: the timer stopped
+    finally:
+        beat.cancel()
+    with pytest.raises(ValueError):
+        Heartbeat(1.0, 0.5, lambda: None, lambda: None)
+
+
+async def test_inbox_hands_messages_over_in_order_and_survives_a_cancelled_read() -> None:
+    inbox = Inbox()
+    reader = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError):
+        await inbox.get()  # one reader at a time
+    inbox.put_nowait(1)
+    inbox.put_nowait(2)
+    assert await reader == 1 and inbox.qsize() == 1 and not inbox.empty()
+    assert await inbox.get() == 2 and inbox.empty()
+    cancelled = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    inbox.put_nowait(3)
+    assert await inbox.get() == 3
+
+
+async def test_gate_releases_every_waiter_and_forgets_cancelled_ones() -> None:
+    gate = Gate()
+    gate.set()
+    assert gate.is_set() and await gate.wait()
+    gate.clear()
+    waiters = [asyncio.create_task(gate.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    waiters[0].cancel()
+    await asyncio.sleep(0)
+    assert gate._waiters is not None and len(gate._waiters) == 2
+    gate.set()
+    assert await waiters[1] and await waiters[2]
+    assert gate._waiters is None
