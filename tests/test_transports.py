@@ -220,7 +220,7 @@ async def test_socket_after_close_sends_nothing_more() -> None:
     await ws.close(4000, "bye")
     await ws.close(4001, "again")
     with pytest.raises(Disconnected):
-        await ws.send_text("late")
+        await ws.send_all(["late"])
     assert sent == [{"type": "websocket.close", "code": 4000, "reason": "bye"}]
 
 

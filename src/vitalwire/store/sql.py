@@ -429,7 +429,6 @@ class SqlStore:
     async def set_patient_settings(
         self, pid: str, limits: str | None, observations: str | None, now: float, by: str
     ) -> None:
-        dialect = sqlite if self.backend == "sqlite" else postgresql
         row = {
             "patient_id": pid,
             "limits": limits,
@@ -437,7 +436,7 @@ class SqlStore:
             "updated_at": now,
             "updated_by": by,
         }
-        stmt = dialect.insert(t.patient_settings).values(row)
+        stmt = self._dialect.insert(t.patient_settings).values(row)
         stmt = stmt.on_conflict_do_update(
             index_elements=["patient_id"],
             set_={

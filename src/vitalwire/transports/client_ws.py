@@ -200,7 +200,7 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
 
 async def _send_quietly(ws: Socket, frame: str) -> None:
     try:
-        await ws.send_text(frame)
+        await ws.send_all([frame])
     except Disconnected:
         pass
 

@@ -81,25 +81,16 @@ class Socket:
             )
         return data
 
-    async def send_text(self, text: str) -> None:
-        """Send one text frame; Disconnected when it cannot go out."""
-        if self.closed:
-            raise Disconnected("close already sent")
-        try:
-            await self._send({"type": "websocket.send", "text": text})
-        except (OSError, RuntimeError) as exc:  # uvicorn: ClientDisconnected (an OSError)
-            self.closed = True
-            raise Disconnected(str(exc)) from exc
-
     async def send_all(self, frames: list[str]) -> None:
-        """Send text frames in order (the hot path: one ``send`` call per frame, nothing else)."""
+        """Send text frames in order (the hot path: one ``send`` call per frame, nothing else);
+        Disconnected when they cannot go out."""
         send = self._send
         try:
             for text in frames:
                 if self.closed:
                     raise Disconnected("close already sent")
                 await send({"type": "websocket.send", "text": text})
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError) as exc:  # uvicorn: ClientDisconnected (an OSError)
             self.closed = True
             raise Disconnected(str(exc)) from exc
 
