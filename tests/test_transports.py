@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from tests.conftest import RunningServer, start_server, stop_server, wait_until
 from vitalwire.core.errors import FrameTooLarge
 from vitalwire.transports.common import Disconnected, Heartbeat, Outbox, Sender, Socket
-from vitalwire.transports.wsserver import Gate, Inbox, LeanWebSocketProtocol
+from vitalwire.transports.wsserver import Gate, Inbox, LeanWebSocketProtocol, text_frames
 
 
 def _socket(send: Any = None, receive: Any = None) -> Socket:
@@ -157,16 +157,90 @@ async def test_sender_sends_in_order_in_batches_and_only_while_frames_wait() -> 
         queued.clear()
         return out
 
-    sender = Sender(_socket(send), take)
+    sender = Sender(_socket(send), take)  # a server with no send_now: a task sends
     for frame in ("a", "b"):
         queued.append(frame)
         sender.kick()
-    assert sender._task is not None
+    assert sender._task is None  # frames of one loop turn are taken together, at its end
     await asyncio.sleep(0)
+    assert sender._task is not None
     queued.append("c")  # while it sends: the same task takes it
     sender.kick()
     await sender.sent(1.0, cancel=False)
     assert sent == ["a", "b", "c"] and sender._task is None and not sender.stopped
+
+
+def test_text_frames_parse_back_as_final_unmasked_text_frames_at_every_length_size() -> None:
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    texts = ["", "é" * 62, "x" * 125, "y" * 126, "z" * 65535, "w" * 65536, '{"type":"ping"}']
+    reader = StreamReader()
+    reader.feed_data(text_frames(texts))
+    reader.feed_eof()
+    got = []
+    for _ in texts:
+        parser = Frame.parse(reader.read_exact, mask=False)
+        with pytest.raises(StopIteration) as done:
+            next(parser)
+        frame = done.value.value
+        assert frame.opcode is Opcode.TEXT and frame.fin
+        got.append(frame.data.decode())
+    assert got == texts and not reader.buffer  # nothing left over: the lengths were exact
+
+
+class _Protocol:
+    """A server protocol with ``send_now`` (as transports/wsserver.py's), paused on demand."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.written: list[list[str]] = []
+        self.awaited: list[str] = []
+        self.room = asyncio.Event()
+
+    def send_now(self, texts: list[str]) -> bool:
+        if self.paused:
+            return False
+        self.written.append(list(texts))
+        return True
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.room.wait()
+        self.awaited.append(message["text"])
+
+
+async def test_sender_writes_a_turns_frames_at_once_and_awaits_only_a_paused_transport() -> None:
+    proto = _Protocol()
+    queued: list[str] = []
+
+    def take() -> list[str]:
+        out = queued[:]
+        queued.clear()
+        return out
+
+    sender = Sender(_socket(proto.send), take)
+    for frame in ("a", "b"):
+        queued.append(frame)
+        sender.kick()
+    await asyncio.sleep(0)
+    assert proto.written == [["a", "b"]] and sender._task is None  # one write, no task
+
+    proto.paused = True  # a full buffer: a task waits for room, later frames queue behind it
+    queued.append("c")
+    sender.kick()
+    await asyncio.sleep(0)
+    assert sender._task is not None and proto.written == [["a", "b"]]
+    queued.append("d")
+    sender.kick()
+    proto.paused = False
+    proto.room.set()
+    await sender.sent(1.0, cancel=False)
+    assert proto.awaited == ["c", "d"] and sender._task is None
+
+    queued.append("e")  # queued and not yet flushed when the transport asks for it: out now
+    sender.kick()
+    await sender.sent(0)
+    assert proto.written[-1] == ["e"]
 
 
 async def test_sender_stops_when_the_socket_fails_and_sent_cancels_a_stuck_one() -> None:

@@ -54,7 +54,7 @@ from typing import Any, Final
 from vitalwire.core.errors import Conflict, InvalidMessage, NotFound
 from vitalwire.core.limits import DEFAULT_LIMITS, Limits, MetricLimits
 from vitalwire.core.metrics import METRIC_BY_NAME, VITAL_NAMES
-from vitalwire.core.news2 import News2, check_observations, score
+from vitalwire.core.news2 import News2, check_observations, metric_points, score
 
 # -- priorities, categories, states ------------------------------------------------------------
 
@@ -358,6 +358,27 @@ Change = AlertChange | News2Change
 
 _Key = tuple[str, str]  # (condition, device or "")
 
+_VITALS: Final = frozenset(VITAL_NAMES)
+
+
+def _rows_by_metric(limits: Limits) -> dict[str, tuple[MetricLimits, ...]]:
+    rows: dict[str, list[MetricLimits]] = {}
+    for row in limits:
+        rows.setdefault(row.metric, []).append(row)
+    return {metric: tuple(r) for metric, r in rows.items()}
+
+
+def _battery_class(cfg: AlertConfig, battery: float) -> tuple[str | None, bool]:
+    """What the battery condition uses of a level: the priority it calls for, and whether it is
+    clear (see ``_evaluate_devices``)."""
+    if battery < cfg.battery_critical_pct:
+        demand: str | None = MEDIUM
+    elif battery < cfg.battery_low_pct:
+        demand = LOW
+    else:
+        demand = None
+    return demand, battery >= cfg.battery_low_pct + cfg.battery_deadband_pct
+
 
 @dataclass(slots=True)
 class _Track:
@@ -493,7 +514,10 @@ class PatientAlerts:
     ) -> None:
         self.patient_id = patient_id
         self._limits = limits if limits is not None else DEFAULT_LIMITS
+        self._rows = _rows_by_metric(self._limits)
         self._config = config if config is not None else AlertConfig()
+        #: evaluate in full on every input (no shortcut): what the shortcut is tested against
+        self.always_full = False
         self._vitals: dict[str, _Vital] = {}
         self._news2_vitals: dict[str, tuple[float, float]] = {}
         self._devices: dict[str, _Device] = {}
@@ -541,6 +565,13 @@ class PatientAlerts:
         Returns:
             The alert and NEWS2 changes, in order.
         """
+        dev = self._devices.get(device)
+        if (
+            dev is not None
+            and not self.always_full
+            and self._same_outcome(now, device, dev, values)
+        ):
+            return []
         dev = self._devices.setdefault(device, _Device())
         dev.online = True
         probe = values.get("probe")
@@ -679,6 +710,7 @@ class PatientAlerts:
             InvalidMessage: a plain dict with an invalid value, naming the field.
         """
         self._limits = limits if isinstance(limits, Limits) else Limits.from_dict(limits)
+        self._rows = _rows_by_metric(self._limits)
         self._dirty = True
 
     def restore(self, change: Mapping[str, Any]) -> None:
@@ -758,6 +790,83 @@ class PatientAlerts:
         }
 
     # -- evaluation ----------------------------------------------------------------------------
+
+    def _same_outcome(
+        self, now: float, device: str, dev: _Device, values: Mapping[str, float | bool]
+    ) -> bool:
+        """Take a reading that cannot change any outcome without evaluating everything; False
+        (nothing taken) when it might.
+
+        A full evaluation (:meth:`_step`) depends on time only through running delay and clear
+        timers, escalations and NEWS2 staleness, each of which puts ``_next_due`` at or before
+        the time it starts to matter; and on the values only through each condition's
+        classification: the priority a value calls for on each side, whether it is clear by the
+        deadband, and its NEWS2 points. When nothing is due, the device is online, not
+        suppressed and its probe state unchanged, and every value keeps its device and its
+        classification and its freshness (RCP NEWS2: a stale value scores as missing), the full
+        evaluation would return nothing and change no state but the stored values; those are
+        updated here. ``_next_due`` stays as it was: a staleness due
+        earlier than needed only brings the next full evaluation forward.
+        (``tests/test_core_alerts_ticks.py`` checks this against ``always_full`` engines.)
+        """
+        if self._dirty or now >= self._next_due or not dev.online or dev.probe is False:
+            return False
+        probe = values.get("probe")
+        if isinstance(probe, bool):
+            if probe is not dev.probe:
+                return False
+        elif "spo2" in values and dev.probe is not True:
+            return False
+        cfg = self._config
+        floor = cfg.perfusion_min_pct
+        pi = values.get("pi")
+        if dev.pi is not None and dev.pi < floor:
+            return False  # suppressed: signal values are ignored, the full path handles that
+        if pi is not None and (dev.pi is None or pi < floor):
+            return False
+        battery = values.get("battery")
+        if battery is not None and (
+            dev.battery is None or _battery_class(cfg, battery) != _battery_class(cfg, dev.battery)
+        ):
+            return False
+        vitals = self._vitals
+        news2_vitals = self._news2_vitals
+        max_age = cfg.news2_max_age_s
+        for name, value in values.items():
+            if name not in _VITALS or isinstance(value, bool):
+                continue
+            vital = vitals.get(name)
+            if vital is None or vital.device != device:
+                return False
+            stored = news2_vitals.get(name)
+            if stored is None or now - stored[1] > max_age:
+                return False  # a stale value coming back changes NEWS2's missing parameters
+            if value != vital.value and self._classify(name, vital.value) != self._classify(
+                name, float(value)
+            ):
+                return False
+        if pi is not None:
+            dev.pi = float(pi)
+        if battery is not None:
+            dev.battery = float(battery)
+        for name, value in values.items():
+            if name not in _VITALS or isinstance(value, bool):
+                continue
+            vital = vitals[name]
+            vital.value, vital.at = float(value), now
+            news2_vitals[name] = (vital.value, now)
+        return True
+
+    def _classify(self, name: str, value: float) -> tuple[object, ...]:
+        """What the evaluation uses of one value: per limit row and side, the priority it calls
+        for with its limit and whether it is clear; and its NEWS2 points."""
+        out: list[object] = []
+        for row in self._rows.get(name, ()):
+            for direction in ("low", "high"):
+                out.append(row.violation(value, direction))
+                out.append(row.is_clear(value, direction))
+        out.append(metric_points(name, value, scale=self._scale, on_oxygen=self._on_oxygen))
+        return tuple(out)
 
     def _suppressed(self, dev: _Device) -> bool:
         if dev.probe is False:

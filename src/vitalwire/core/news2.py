@@ -111,6 +111,29 @@ def points(bands: Bands, value: float) -> int:
     raise ValueError(f"no band for {value!r}")  # unreachable: the last row is open-ended
 
 
+#: The band table each vital scores on, SpO2 aside (its table depends on the scale): RCP 2017
+#: chart 1. ``hr`` stands in for ``pulse`` when the pulse is missing (see :func:`score`).
+_METRIC_BANDS: dict[str, Bands] = {
+    "rr": RR_BANDS,
+    "sbp": SBP_BANDS,
+    "pulse": PULSE_BANDS,
+    "hr": PULSE_BANDS,
+    "temp_c": TEMP_BANDS,
+}
+
+
+def metric_points(name: str, value: float, *, scale: int, on_oxygen: bool | None) -> int | None:
+    """The points one vital scores on its own (RCP 2017 chart 1, chart 2 for SpO2 on scale 2),
+    as :func:`score` counts it; None for a metric NEWS2 does not use. Two values with the same
+    points leave the score unchanged."""
+    if name == "spo2":
+        if scale == 1:
+            return points(SPO2_SCALE1_BANDS, value)
+        return points(SPO2_SCALE2_OXYGEN_BANDS if on_oxygen else SPO2_SCALE2_AIR_BANDS, value)
+    bands = _METRIC_BANDS.get(name)
+    return None if bands is None else points(bands, value)
+
+
 def band_of(total: int, parameter_points: Mapping[str, int]) -> str:
     """Clinical risk of a score (RCP 2017): 7+ high, 5-6 medium, any single 3 low-medium, else low.
 

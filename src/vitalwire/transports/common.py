@@ -28,12 +28,16 @@ class Socket:
     to the server's ``send``, with no middleware wrapper and no state machine per message.
     """
 
-    __slots__ = ("scope", "_receive", "_send", "closed", "gone")
+    __slots__ = ("scope", "_receive", "_send", "_send_now", "closed", "gone")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self._receive = receive
         self._send = send
+        # the lean protocol (transports/wsserver.py) can write frames without a coroutine
+        self._send_now: Callable[[list[str]], bool] | None = getattr(
+            getattr(send, "__self__", None), "send_now", None
+        )
         #: A close was sent, or sending failed: nothing more goes out.
         self.closed = False
         #: A disconnect was received: nothing more comes in.
@@ -94,6 +98,14 @@ class Socket:
             self.closed = True
             raise Disconnected(str(exc)) from exc
 
+    def send_now(self, frames: list[str]) -> bool:
+        """Write text frames at once, without awaiting, if the server allows it and nothing
+        stands in the way (a paused transport, a close); False when nothing was written and
+        :meth:`send_all` must be used."""
+        if self.closed or self._send_now is None:
+            return False
+        return self._send_now(frames)
+
     async def close(self, code: int, reason: str = "") -> None:
         """Send a close frame (before ``accept``, the handshake is refused with HTTP 403)."""
         if self.closed:
@@ -141,30 +153,46 @@ def origin_allowed(ws: Socket, allowed: list[str]) -> bool:
 
 
 class Sender:
-    """Sends the frames a source hands over, in order, from a task that exists only while there
-    are frames to send: an idle connection holds no sender task at all.
+    """Sends the frames a source hands over, in order, with no task while the socket takes them.
 
-    The source calls :meth:`kick` (synchronously, never awaiting) when it has queued frames;
-    ``take`` hands them all over at once (an empty list when there are none).
+    The source calls :meth:`kick` (synchronously, never awaiting) when it has queued frames.
+    Frames queued during one turn of the event loop go out together at its end (one
+    ``call_soon`` per connection and turn, so a client's events still join into one frame): then
+    ``take`` hands them all over at once (an empty list when there are none) and they are
+    written straight to the transport. Only when the transport cannot take them (paused by a
+    full buffer, or a server without :meth:`Socket.send_now`) does a task send them, awaiting
+    room; it ends when nothing is left. An idle connection holds no task and no callback.
     """
 
-    __slots__ = ("_ws", "_take", "_task", "stopped")
+    __slots__ = ("_ws", "_take", "_task", "_scheduled", "stopped")
 
     def __init__(self, ws: Socket, take: Callable[[], list[str]]) -> None:
         self._ws = ws
         self._take = take
         self._task: asyncio.Task[None] | None = None
+        self._scheduled = False
         #: Sending failed or was stopped: nothing more is sent.
         self.stopped = False
 
     def kick(self) -> None:
-        if self._task is None and not self.stopped:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._scheduled or self._task is not None or self.stopped:
+            return
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _run(self) -> None:
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._task is not None or self.stopped:
+            return
+        frames = self._take()
+        if frames and not self._ws.send_now(frames):
+            self._task = asyncio.get_running_loop().create_task(self._run(frames))
+
+    async def _run(self, frames: list[str]) -> None:
         try:
-            while frames := self._take():
+            while frames:
                 await self._ws.send_all(frames)
+                frames = self._take()
         except Disconnected:
             self.stopped = True
         finally:
@@ -178,6 +206,8 @@ class Sender:
 
     async def sent(self, timeout: float, cancel: bool = True) -> None:
         """Wait up to ``timeout`` for what is queued to go out; then, with ``cancel``, stop."""
+        if self._scheduled:
+            self._flush()  # queued this turn: out now (or handed to the task)
         task = self._task
         done = task is None
         if task is not None and timeout > 0:
