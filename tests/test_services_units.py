@@ -77,6 +77,35 @@ async def test_writer_bounds_batch_rows_and_publishes_after_commit() -> None:
     assert acks == list(range(1, 26))
 
 
+async def test_under_load_commits_start_a_min_interval_apart_but_idle_or_full_go_at_once() -> None:
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    committed = asyncio.Event()
+
+    class TimedStore(FakeStore):
+        async def write_batch(self, batch: Batch) -> None:
+            starts.append(loop.time())
+            await super().write_batch(batch)
+            committed.set()
+
+    store = TimedStore()
+    writer, _ = await _writer(store, max_rows=6, max_wait_s=0.0, min_interval_s=0.3)
+    writer.submit(*_unit(1))  # an idle writer commits at once: well before 0.3 s
+    await asyncio.wait_for(committed.wait(), 0.25)
+    committed.clear()
+    writer.submit(*_unit(2))  # right after a commit: waits for the rest of the interval
+    writer.submit(*_unit(3))
+    await asyncio.wait_for(committed.wait(), 5)
+    committed.clear()
+    assert [len(b) for b in store.batches] == [2, 4]  # units 2 and 3 went in one commit
+    assert starts[1] - starts[0] >= 0.3 - 0.01
+    for i in range(4, 7):  # 6 rows: a full batch does not wait for the interval
+        writer.submit(*_unit(i))
+    await asyncio.wait_for(committed.wait(), 0.25)
+    assert [len(b) for b in store.batches] == [2, 4, 6]
+    await writer.stop()
+
+
 async def test_writer_retries_a_failed_commit_and_reports_failing() -> None:
     store = FakeStore()
     store.fail_next = 10**6

@@ -81,7 +81,11 @@ async def open_services(
     bus = open_bus(settings.bus, history_size=settings.bus_history)
     streams = Streams(store, bus)
     writer = BatchWriter(
-        store, bus, max_rows=settings.batch_max_rows, max_wait_s=settings.batch_max_wait_ms / 1000
+        store,
+        bus,
+        max_rows=settings.batch_max_rows,
+        max_wait_s=settings.batch_max_wait_ms / 1000,
+        min_interval_s=settings.batch_min_interval_ms / 1000,
     )
     try:
         await streams.load()

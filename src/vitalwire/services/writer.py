@@ -5,13 +5,17 @@ task takes whatever is pending, up to ``max_rows``, waiting at most ``max_wait_s
 fill, and writes it in **one transaction**. Only after the commit are the events published on the
 bus and the callbacks (device acks) run, so nothing is shown or acknowledged before it is durable,
 and an offset a client saw is never reassigned after a crash. While one commit runs, the next batch
-accumulates: that is the group commit that keeps latency low under load.
+accumulates: that is the group commit that keeps latency low under load. Under heavy load commits
+start at least ``min_interval_s`` apart (a full batch excepted), so that a stream of tiny commits
+does not spend the CPU on per-commit work (a store round trip, an ack per device, a frame per
+client) that one larger commit does once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,12 +51,20 @@ class BatchWriter:
     """One writer per process. ``max_rows`` and ``max_wait_s`` bound a batch's size and latency."""
 
     def __init__(
-        self, store: Store, bus: Bus, *, max_rows: int = 500, max_wait_s: float = 0.005
+        self,
+        store: Store,
+        bus: Bus,
+        *,
+        max_rows: int = 500,
+        max_wait_s: float = 0.005,
+        min_interval_s: float = 0.0,
     ) -> None:
         self.store = store
         self.bus = bus
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
+        self.min_interval_s = min_interval_s
+        self.commits = 0
         self._pending: deque[_Unit] = deque()
         self._pending_rows = 0
         self._wake = asyncio.Event()
@@ -156,15 +168,22 @@ class BatchWriter:
             self._task = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = -math.inf  # when the last commit started
         while True:
             await self._wake.wait()
             if self._stopping and not self._pending:
                 return
-            if self._pending_rows < self.max_rows and self.max_wait_s > 0 and not self._stopping:
+            wait = 0.0
+            if self._pending_rows < self.max_rows and not self._stopping:
+                wait = max(self.max_wait_s, started + self.min_interval_s - loop.time())
+            if wait > 0:
                 try:
-                    await asyncio.wait_for(self._full.wait(), self.max_wait_s)
+                    await asyncio.wait_for(self._full.wait(), wait)
                 except TimeoutError:
                     pass
+            started = loop.time()
+            self.commits += 1
             units = self._take()
             if not self._pending:
                 self._wake.clear()
