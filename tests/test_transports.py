@@ -373,3 +373,200 @@ async def test_gate_releases_every_waiter_and_forgets_cancelled_ones() -> None:
     gate.set()
     assert await waiters[1] and await waiters[2]
     assert gate._waiters is None
+
+
+# -- the protocol's own frame reading (transports/wsserver.py), byte by byte ---------------------
+
+
+class _Wire:
+    """A client that writes hand-made frames (any split, any flags) and parses what comes back
+    with websockets' client protocol."""
+
+    def __init__(self, url: str) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        self.uri = parse_uri(url)
+        self.proto = ClientProtocol(self.uri, max_size=None)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        from websockets.http11 import Response
+
+        self.reader, self.writer = await asyncio.open_connection(self.uri.host, self.uri.port)
+        self.proto.send_request(self.proto.connect())
+        for data in self.proto.data_to_send():
+            self.writer.write(data)
+        while not any(isinstance(e, Response) for e in self.proto.events_received()):
+            self.proto.receive_data(await self.reader.read(65536))
+
+    def write(self, data: bytes, chunk: int = 0) -> None:
+        assert self.writer is not None
+        if not chunk:
+            self.writer.write(data)
+            return
+        for i in range(0, len(data), chunk):
+            self.writer.write(data[i : i + chunk])
+
+    async def frames(self, until: Any, timeout: float = 10.0) -> list[Any]:
+        """Frames from the server until ``until(frames)`` or the connection ends."""
+        assert self.reader is not None
+        got: list[Any] = []
+
+        async def _read() -> None:
+            while not until(got):
+                data = await self.reader.read(65536)  # type: ignore[union-attr]
+                if not data:
+                    return
+                self.proto.receive_data(data)
+                got.extend(self.proto.events_received())
+
+        await asyncio.wait_for(_read(), timeout)
+        return got
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+
+
+def _frame(
+    opcode: int, payload: bytes | str, *, fin: bool = True, mask: bool = True, rsv: int = 0
+) -> bytes:
+    import os
+
+    from websockets.frames import apply_mask
+
+    data = payload.encode() if isinstance(payload, str) else payload
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    n = len(data)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if not mask:
+        return head + data
+    key = os.urandom(4)
+    return head + key + apply_mask(data, key)
+
+
+def _protocols(srv: RunningServer) -> list[Any]:
+    return [p for p in srv.server.server_state.connections if isinstance(p, LeanWebSocketProtocol)]
+
+
+def _texts(frames: list[Any]) -> list[dict[str, Any]]:
+    return [json.loads(f.data) for f in frames if f.opcode.name == "TEXT"]
+
+
+def _close_code(frames: list[Any]) -> int | None:
+    from websockets.frames import Close
+
+    for f in frames:
+        if f.opcode.name == "CLOSE":
+            return Close.parse(f.data).code
+    return None
+
+
+async def _hello(srv: RunningServer, wire: _Wire, chunk: int = 0) -> None:
+    did, secret, _ = srv.device(0)
+    wire.write(_frame(1, json.dumps({"type": "hello", "device_id": did, "secret": secret})), chunk)
+    got = await wire.frames(lambda fs: bool(_texts(fs)))
+    assert _texts(got)[0]["type"] == "welcome"
+
+
+def _reading(seq: int) -> str:
+    import time
+
+    return json.dumps({"type": "reading", "seq": seq, "ts": time.time(), "spo2": 97, "hr": 70})
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 7])
+async def test_frames_in_one_write_or_split_anywhere_with_pings_are_all_read(
+    tmp_path: Path, chunk: int
+) -> None:
+    srv, task = await start_server(tmp_path, patients=1)
+    wire = _Wire(srv.ws_url + "/ws/device")
+    try:
+        await wire.connect()
+        await _hello(srv, wire, chunk)
+        items = [{"seq": s, "ts": 1.7e9 + s, "hr": 70, "spo2": 97} for s in range(2, 8)]
+        long_reading = json.dumps({"type": "readings", "items": items})
+        assert 126 <= len(long_reading) < 65536  # a 16-bit length
+        data = (
+            _frame(1, _reading(1))
+            + _frame(9, b"ping!")  # a protocol ping: pong with the same payload
+            + _frame(1, long_reading)
+            + _frame(10, b"unsolicited")  # a pong nobody asked for: ignored
+            + _frame(2, b'{"type":"ping","id":5}')  # binary frames are read too
+        )
+        wire.write(data, chunk)
+
+        def done(fs: list[Any]) -> bool:
+            texts = _texts(fs)
+            return any(t.get("type") == "pong" for t in texts) and any(
+                t.get("type") == "ack" and t["seq"] == 7 for t in texts
+            )
+
+        got = await wire.frames(done)
+        assert [f.data for f in got if f.opcode.name == "PONG"] == [b"ping!"]
+        assert {"type": "pong", "id": 5} in [
+            {k: v for k, v in t.items() if k in ("type", "id")} for t in _texts(got)
+        ]
+        assert not [t for t in _texts(got) if t["type"] == "error"]
+        assert srv.services.ingest._durable[srv.device(0)[0]] == 7
+        assert [p._fast for p in _protocols(srv)] == [True]  # all read by the fast path
+    finally:
+        wire.close()
+        await stop_server(srv, task)
+
+
+async def test_a_fragmented_message_hands_the_rest_of_the_connection_to_websockets(
+    tmp_path: Path,
+) -> None:
+    srv, task = await start_server(tmp_path, patients=1)
+    wire = _Wire(srv.ws_url + "/ws/device")
+    try:
+        await wire.connect()
+        await _hello(srv, wire)
+        text = _reading(1)
+        wire.write(_frame(1, text[:10], fin=False) + _frame(0, text[10:]) + _frame(1, _reading(2)))
+        got = await wire.frames(lambda fs: any(t.get("seq") == 2 for t in _texts(fs)))
+        assert [t["type"] for t in _texts(got)] == ["ack"] * len(_texts(got))
+        assert [p._fast for p in _protocols(srv)] == [False]  # websockets reads from here on
+        wire.write(_frame(8, (1000).to_bytes(2, "big")))  # a close, answered with a close
+        got = await wire.frames(lambda fs: _close_code(fs) is not None)
+        assert _close_code(got) == 1000
+    finally:
+        wire.close()
+        await stop_server(srv, task)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (_frame(1, b"\xff\xfe not utf-8"), 1007),  # invalid UTF-8
+        (_frame(1, b'{"type":"ping"}', mask=False), 1002),  # an unmasked client frame
+        (_frame(1, b'{"type":"ping"}', rsv=0x40), 1002),  # a reserved bit, no extension
+        (_frame(9, b"p" * 126), 1002),  # a control frame over 125 bytes
+        (_frame(1, "x" * 5000), 1009),  # past hard_frame_bytes
+    ],
+)
+async def test_a_bad_frame_gets_websockets_own_close_code(
+    tmp_path: Path, frame: bytes, code: int
+) -> None:
+    srv, task = await start_server(
+        tmp_path, patients=1, max_frame_bytes=2048, hard_frame_bytes=4096
+    )
+    wire = _Wire(srv.ws_url + "/ws/device")
+    try:
+        await wire.connect()
+        await _hello(srv, wire)
+        wire.write(frame)
+        got = await wire.frames(lambda fs: _close_code(fs) is not None)
+        assert _close_code(got) == code
+    finally:
+        wire.close()
+        await stop_server(srv, task)
