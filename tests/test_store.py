@@ -91,6 +91,10 @@ async def test_bindings_follow_transfers(store: Store) -> None:
     assert active is not None and active.patient_id == "P2"
     patients = {p["id"]: p["devices"] for p in await store.list_patients()}
     assert patients == {"P1": [], "P2": ["d1"]}
+    listed = {p["id"]: p for p in await store.list_patients()}
+    assert await store.get_patient("P2") == listed["P2"]  # one patient, as the list gives it
+    assert await store.get_patient("P1") == listed["P1"]
+    assert await store.get_patient("P3") is None
     ended = await store.unbind("d1", 30.0)
     assert ended is not None and ended.patient_id == "P2"
     assert await store.active_binding("d1") is None

@@ -213,9 +213,7 @@ class AlertService:
 
     async def require_patient(self, pid: str) -> None:
         ev.check_id("patient_id", pid)
-        if pid not in self._engines and pid not in {
-            p["id"] for p in await self.store.list_patients()
-        }:
+        if pid not in self._engines and await self.store.get_patient(pid) is None:
             raise NotFound(f"patient {pid} does not exist", field="patient_id")
 
     async def _save_settings(self, pid: str, who: Principal, now: float) -> None:

@@ -228,8 +228,7 @@ class CommandService:
         return self._keyed.get((requester, key))
 
     async def _device_for(self, pid: str, device_id: str | None) -> str:
-        patients = {p["id"]: p for p in await self.store.list_patients()}
-        patient = patients.get(pid)
+        patient = await self.store.get_patient(pid)
         if patient is None:
             raise NotFound(f"patient {pid} does not exist", field="patient_id")
         bound: list[str] = patient["devices"]

@@ -71,7 +71,7 @@ class Registry:
         """Bind a device to a patient, ending its previous binding (a transfer)."""
         if await self.store.get_device(did) is None:
             raise NotFound(f"device {did} does not exist", field="device_id")
-        if pid not in {p["id"] for p in await self.store.list_patients()}:
+        if await self.store.get_patient(pid) is None:
             raise NotFound(f"patient {pid} does not exist", field="patient_id")
         now = self.clock()
         previous = await self.store.bind(did, pid, now)

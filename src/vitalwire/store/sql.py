@@ -544,6 +544,19 @@ class SqlStore:
                 update(t.devices).where(t.devices.c.id == did).values(secret_hash=secret_hash)
             )
 
+    async def get_patient(self, pid: str) -> dict[str, Any] | None:
+        """One patient as :meth:`list_patients` gives it (with its bound devices), or None."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.patients).where(t.patients.c.id == pid))).first()
+            if row is None:
+                return None
+            bound = await conn.execute(
+                select(t.bindings.c.device_id).where(
+                    t.bindings.c.patient_id == pid, t.bindings.c.end_ts.is_(None)
+                )
+            )
+            return dict(row._mapping) | {"devices": sorted(d for (d,) in bound)}
+
     async def get_device(self, did: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(t.devices).where(t.devices.c.id == did))).first()
