@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import REQUIRE_SERVICES
 from vitalwire.bench import percentiles
 from vitalwire.cli import app
+
+
+def _need_node() -> None:
+    """``--generator node`` runs Node.js workers: skip without ``node`` (CI has it: fail there)."""
+    if shutil.which("node") is None:
+        reason = "node (Node.js) is not on PATH: --generator node needs it"
+        if REQUIRE_SERVICES:
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def test_percentiles_nearest_rank() -> None:
@@ -99,18 +111,29 @@ async def test_catchup_counts_lost_and_duplicated_offsets() -> None:
     assert run["frames"] == 3 and run["events_frames"] == 1 and run["recovered"]
 
 
-async def test_loss_is_counted_when_the_reference_drops_frames() -> None:
-    """The naive server told to drop every 5th frame: the bench must see exactly those."""
+@pytest.mark.parametrize("generator", ["python", "node"])
+async def test_loss_is_counted_when_the_reference_drops_frames(generator: str) -> None:
+    """The naive server told to drop every 5th frame: the bench must see exactly those, with
+    either load generator."""
     import asyncio
 
     from vitalwire.bench import naive_process
     from vitalwire.bench_load import Shape, Target, run_load
 
+    if generator == "node":
+        _need_node()
     shape = Shape(
-        devices=2, rate_hz=20, clients=1, patients_per_client=2, duration_s=1.0, workers=1
+        devices=2,
+        rate_hz=20,
+        clients=1,
+        patients_per_client=2,
+        duration_s=1.0,
+        workers=1,
+        generator=generator,
     )
     async with naive_process(drop_every=5) as (url, pid):
         row = await asyncio.to_thread(run_load, Target("naive", url), shape, pid)
+    assert row["generator"] == generator
     expected = row["published"]  # the one client watches both devices
     assert expected >= 30
     assert row["lost"] == expected // 5
@@ -154,6 +177,42 @@ def test_bench_load_against_naive_and_mqtt_at_a_tiny_size(tmp_path: Path) -> Non
         assert row["published"] >= 20 and row["lost"] == 0 and row["duplicated"] == 0, row
         assert row["delivered"] == row["published"]  # each device watched by exactly one client
         assert row["latency_ms"]["n"] == row["delivered"]
+    assert rows[0]["store_rows_per_s"] > 0
+
+
+def test_bench_load_with_the_node_generator_at_a_tiny_size(tmp_path: Path) -> None:
+    """``--generator node``: the same figures from Node.js workers, against vitalwire, the naive
+    server and (when the broker is there) MQTT QoS 0 and 1; two workers share the devices."""
+    import os
+
+    _need_node()
+    runner = CliRunner()
+    out = tmp_path / "load.json"
+    with_mqtt = os.environ.get("VITALWIRE_REQUIRE_SERVICES") == "1" or _mqtt_up()
+    against = ["--against", "naive"] + (["--against", "mqtt://127.0.0.1:1883"] if with_mqtt else [])
+    r = runner.invoke(
+        app,
+        [
+            "bench",
+            *("--devices", "4", "--rate", "10", "--clients", "2", "--patients-per-client", "2"),
+            *("--duration", "1", "--workers", "2", "--generator", "node", *against),
+            *("--json", str(out)),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "node load generator" in r.output
+    rows = json.loads(out.read_text())
+    targets = [row["target"] for row in rows]
+    assert targets[:2] == ["vitalwire", "naive"]
+    assert targets[2:] == (["mqtt qos0", "mqtt qos1"] if with_mqtt else [])
+    for row in rows:
+        assert row["generator"] == row["shape"]["generator"] == "node"
+        assert row["errors"] == [], row["errors"]
+        assert row["published"] >= 20 and row["lost"] == 0 and row["duplicated"] == 0, row
+        assert row["delivered"] == row["published"]  # each device watched by exactly one client
+        lat = row["latency_ms"]
+        assert lat["n"] == row["delivered"] and 0 < lat["p50"] <= lat["p99"] <= lat["max"], lat
+        assert row["generator_cpu_s"] > 0
     assert rows[0]["store_rows_per_s"] > 0
 
 

@@ -8,6 +8,12 @@ machine); every client records, per device, how many distinct seqs it got, dupli
 end-to-end latency of each (sampled). Readings of one device arrive in order on every transport
 here, so a seq at or below the highest seen is a duplicate; lost = sent - distinct received, per
 client and watched device.
+
+``generator="node"`` runs the same workers in Node.js instead (``bench_load.mjs``, no dependencies:
+only Node's built-ins), for rates at which the Python generator saturates before the servers do.
+They get their share of devices and clients as JSON on stdin and write a ``WorkerResult`` as JSON
+on stdout; their timestamps come from the parent's wall clock, carried over as a (``time.time()``,
+``time.monotonic()``) pair taken at one instant (Node's hrtime is the same CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import shutil
+import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -28,6 +38,8 @@ import msgspec
 from vitalwire.bench import percentiles
 
 LATENCY_SAMPLES = 200_000  # per worker, reservoir
+GENERATORS = ("python", "node")
+NODE_WORKER = Path(__file__).with_name("bench_load.mjs")
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class Shape:
     patients_per_client: int = 10
     duration_s: float = 10.0
     workers: int = 2
+    generator: str = "python"  # python | node: the language of the worker processes
 
     def watched(self, client: int) -> list[int]:
         """Device indexes client ``client`` watches (patients are one per device)."""
@@ -354,30 +367,103 @@ def proc_rss_kb(pid: int) -> int:
     return 0
 
 
+def node_path() -> str:
+    """The ``node`` executable, or a clear error."""
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError(
+            "--generator node needs Node.js (`node`, tested with v20) on PATH; none was found"
+        )
+    return node
+
+
+def _start_node_worker(
+    node: str,
+    target: Target,
+    shape: Shape,
+    devices: list[int],
+    clients: list[int],
+    start_at: float,
+    clock: dict[str, float],
+) -> subprocess.Popen[bytes]:
+    config = {
+        "target": asdict(target),
+        "shape": asdict(shape),
+        "devices": devices,
+        "clients": clients,
+        "start_at": start_at,
+        "clock": clock,
+    }
+    with tempfile.TemporaryFile() as stdin:  # a file: no pipe to keep fed while it starts
+        stdin.write(json.dumps(config).encode())
+        stdin.seek(0)
+        return subprocess.Popen(
+            [node, str(NODE_WORKER)], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+
+def _node_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"node load worker {proc.pid}: not done in {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        why = err.decode(errors="replace").strip()[-2000:]
+        raise RuntimeError(f"node load worker failed (exit {proc.returncode}): {why}")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
 def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, Any]:
     """Run one load against one target; return the figures."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+    if shape.generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {shape.generator!r}")
+    node = node_path() if shape.generator == "node" else ""
     workers = max(1, shape.workers)
     dev_parts = [list(range(shape.devices))[i::workers] for i in range(workers)]
     cli_parts = [list(range(shape.clients))[i::workers] for i in range(workers)]
     start_at = time.time() + 3.0 + shape.devices / 500 + shape.clients / 200
     rss0 = proc_rss_kb(server_pid) if server_pid else 0
     cpu0 = proc_cpu_s(server_pid) if server_pid else 0.0
-    procs = [
-        ctx.Process(
-            target=run_worker, args=(target, shape, dev_parts[i], cli_parts[i], start_at, out)
-        )
-        for i in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    # every connection is open (the workers connect first) but no reading flows yet: idle memory
-    time.sleep(max(0.0, start_at - 0.3 - time.time()))
-    rss_idle = proc_rss_kb(server_pid) if server_pid else 0
-    results = [out.get(timeout=shape.duration_s + 300) for _ in procs]
-    for p in procs:
-        p.join(30)
+    timeout = shape.duration_s + 300  # from the start of the load
+    if node:
+        clock = {"wall": time.time(), "mono": time.monotonic()}  # one instant, one clock
+        nodes: list[subprocess.Popen[bytes]] = []
+        try:
+            for i in range(workers):
+                nodes.append(
+                    _start_node_worker(
+                        node, target, shape, dev_parts[i], cli_parts[i], start_at, clock
+                    )
+                )
+            # every connection is open (workers connect first) but no reading flows: idle memory
+            time.sleep(max(0.0, start_at - 0.3 - time.time()))
+            rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+            results = [_node_result(p, timeout) for p in nodes]
+        finally:
+            for p in nodes:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+    else:
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=run_worker, args=(target, shape, dev_parts[i], cli_parts[i], start_at, out)
+            )
+            for i in range(workers)
+        ]
+        for p in procs:
+            p.start()
+        # every connection is open (the workers connect first) but no reading flows yet: idle memory
+        time.sleep(max(0.0, start_at - 0.3 - time.time()))
+        rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+        results = [out.get(timeout=timeout) for _ in procs]
+        for p in procs:
+            p.join(30)
     cpu1 = proc_cpu_s(server_pid) if server_pid else 0.0
     rss1 = proc_rss_kb(server_pid) if server_pid else 0
     wall = shape.duration_s + 2.0
@@ -399,6 +485,7 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
     connections = shape.devices + shape.clients
     return {
         "target": target.kind + (f" qos{target.qos}" if target.kind == "mqtt" else ""),
+        "generator": shape.generator,
         "shape": asdict(shape),
         "published": published,
         "published_per_s": published / shape.duration_s,

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -406,6 +407,11 @@ def alarms_report(
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")]
 
 
+class LoadGenerator(StrEnum):
+    python = "python"
+    node = "node"
+
+
 @bench_app.callback(invoke_without_command=True)
 def bench_main(
     ctx: typer.Context,
@@ -415,6 +421,13 @@ def bench_main(
     patients_per_client: Annotated[int, typer.Option(help="Patients each client watches.")] = 10,
     duration: Annotated[float, typer.Option(help="Seconds of load.")] = 10.0,
     workers: Annotated[int, typer.Option(help="Load generator processes.")] = 2,
+    generator: Annotated[
+        LoadGenerator,
+        typer.Option(
+            help="Load generator workers: python (asyncio) or node (Node.js, no dependencies; "
+            "for rates at which the Python generator saturates first)."
+        ),
+    ] = LoadGenerator.python,
     against: Annotated[
         list[str] | None, typer.Option(help="naive, or mqtt://host:port (QoS 0 and 1).")
     ] = None,
@@ -429,12 +442,20 @@ def bench_main(
     from rich.table import Table
 
     from vitalwire.bench import bench_load, bench_saturate
-    from vitalwire.bench_load import Shape
+    from vitalwire.bench_load import Shape, node_path
 
-    shape = Shape(devices, rate, clients, patients_per_client, duration, workers)
+    if generator is LoadGenerator.node:
+        try:
+            node_path()
+        except RuntimeError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--generator") from None
+    shape = Shape(devices, rate, clients, patients_per_client, duration, workers, generator.value)
     refs = against or []
     rows = asyncio.run(bench_saturate(shape, refs) if saturate else bench_load(shape, refs))
-    title = f"{devices} devices x {rate:g} Hz, {clients} clients x {patients_per_client} patients"
+    title = (
+        f"{devices} devices x {rate:g} Hz, {clients} clients x {patients_per_client} patients"
+        f" ({generator.value} load generator)"
+    )
     t = Table(title=("saturation: last rate with p99 <= 50 ms, " if saturate else "") + title)
     for col in (
         "target",
