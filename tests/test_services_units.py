@@ -226,6 +226,45 @@ async def test_events_already_sent_or_older_are_never_sent_again() -> None:
     assert frames is not None and len(frames) == 3
 
 
+def _alert(offset: int, patient: str) -> Event:
+    return Event.new(ev.ALERTS_STREAM, offset, ev.ALERT, 1.0, {"patient_id": patient})
+
+
+_SCENARIOS = {
+    "coalescing": (
+        dict(soft_queue=3, max_queue=100),
+        [_reading(1), _reading(2), _reading(3), _reading(4, hr=61.0), _status(5)]
+        + [_reading(6, hr=62.0), _reading(7, spo2=95.0), _reading(8, device="d2")]
+        + [_reading(9, hr=63.0)],
+    ),
+    "overflow": (dict(soft_queue=5, max_queue=5), [_status(i) for i in range(1, 8)]),
+    "repeats and alerts filtered": (
+        dict(patient_filter=lambda pid: pid == "P"),
+        [_status(1), _alert(1, "P"), _status(2), _status(2), _alert(2, "Q"), _status(1)]
+        + [_alert(3, "P"), _status(3)],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCENARIOS))
+async def test_push_many_is_push_of_each_in_order(name: str) -> None:
+    kw, events = _SCENARIOS[name]
+    outcomes = []
+    for many in (False, True):
+        session, closed = _session(**kw)
+        await session.subscribe(["patient:P", ev.ALERTS_STREAM], None, 1)
+        await session.take()  # the subscribed reply
+        if many:
+            session.push_many(events[:4])  # in two commits
+            session.push_many(events[4:])
+        else:
+            for e in events:
+                session.push(e)
+        outcomes.append((session.take_now(), session.coalesced, closed, session.overflowed))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] or outcomes[0][3]  # something was queued, or the client overflowed
+
+
 @pytest.mark.parametrize("bad", [["nope"], ["patient:bad id"], []])
 async def test_subscribe_validates_stream_names(bad: list[str]) -> None:
     from vitalwire.core.errors import InvalidMessage

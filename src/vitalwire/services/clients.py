@@ -142,6 +142,47 @@ class ClientSession:
         live[key] = event.frame
         self._queued()
 
+    def push_many(self, events: list[Event]) -> None:
+        """:meth:`push` each of ``events``, in order, with one wake-up of the sender at the end
+        (the fan-out path: one call per client and commit)."""
+        alerts_filter = self.patient_filter
+        holding = self._holding
+        last_of = self._last
+        live = self._live
+        max_queue = self.max_queue
+        soft_queue = self.soft_queue
+        queued = False
+        for event in events:
+            stream = event.stream
+            if (
+                alerts_filter is not None
+                and stream == ev.ALERTS_STREAM
+                and not alerts_filter(event.data.get("patient_id", ""))
+            ):
+                continue
+            held = holding.get(stream)
+            if held is not None:
+                held.append(event)
+                continue
+            last = last_of.get(stream)
+            if last is None or event.offset <= last or self.closed:
+                continue
+            last_of[stream] = event.offset
+            n = len(live)
+            if n >= max_queue:
+                self._overflow()
+                return
+            if n >= soft_queue and event.kind == ev.READING:
+                key: Hashable = event.coalesce_key
+                if live.pop(key, None) is not None:
+                    self.coalesced += 1
+            else:
+                key = next(self._keys)
+            live[key] = event.frame
+            queued = True
+        if queued:
+            self._queued()
+
     def push_direct(self, event: Event) -> None:
         """An event this client asked for (its command's status), subscribed or not. When the
         client watches the stream the event arrives there; otherwise it comes as a reply."""

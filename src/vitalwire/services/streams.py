@@ -30,6 +30,9 @@ STATE_WARMUP = 20_000
 
 
 class Subscriber(Protocol):
+    """Takes live events. One that also has ``push_many(events)`` (the same as ``push`` of each,
+    in order) gets a commit's events for it in one call."""
+
     def push(self, event: Event) -> None: ...
 
 
@@ -100,15 +103,34 @@ class Streams:
         return state.offset if state else 0
 
     def on_events(self, events: Sequence[Event]) -> None:
-        """The bus listener: fold and fan out committed events."""
+        """The bus listener: fold and fan out committed events.
+
+        Each subscriber gets the events of the call meant for it in one ``push_many``, in
+        order (a client watching 100 patients takes a commit's events in one call, not one
+        call per event).
+        """
+        states = self._states
+        subs_of = self._subs
+        mine: dict[Subscriber, list[Event]] = {}
         for e in events:
-            state = self._states.get(e.stream)
+            state = states.get(e.stream)
             if state is None:
-                state = self._states[e.stream] = PatientState()
+                state = states[e.stream] = PatientState()
             state.apply(e.offset, e.kind, e.ts, e.data)
-            subs = self._subs.get(e.stream)
+            subs = subs_of.get(e.stream)
             if subs:
-                for sub in tuple(subs):
+                for sub in subs:
+                    batch = mine.get(sub)
+                    if batch is None:
+                        mine[sub] = [e]
+                    else:
+                        batch.append(e)
+        for sub, batch in mine.items():
+            push_many = getattr(sub, "push_many", None)
+            if push_many is not None:
+                push_many(batch)
+            else:
+                for e in batch:
                     sub.push(e)
 
     def attach(self, stream: str, sub: Subscriber) -> tuple[int, dict[str, Any]]:
