@@ -36,21 +36,18 @@ class PatientState:
         self.offset = offset
         if kind == events.READING:
             device = data.get("device")
+            at = data.get("ts", ts)
+            vitals = self.vitals
             for name, value in data.items():
-                if name in METRIC_BY_NAME:
-                    self.vitals[name] = {
-                        "value": value,
-                        "ts": data.get("ts", ts),
-                        "device": device,
-                        "offset": offset,
-                    }
-            if "probe" in data:
-                self.vitals["probe"] = {
-                    "value": data["probe"],
-                    "ts": data.get("ts", ts),
-                    "device": device,
-                    "offset": offset,
-                }
+                if name in METRIC_BY_NAME or name == "probe":
+                    entry = vitals.get(name)
+                    if entry is None:
+                        vitals[name] = {"value": value, "ts": at, "device": device, "offset": offset}
+                    else:  # in place: no new dict per value for the collector to track
+                        entry["value"] = value
+                        entry["ts"] = at
+                        entry["device"] = device
+                        entry["offset"] = offset
         elif kind == events.DEVICE_STATUS:
             self.devices[data["device"]] = {
                 "status": data["status"],
