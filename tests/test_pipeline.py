@@ -220,8 +220,10 @@ async def test_duplicate_seq_is_dropped_and_acked(server: RunningServer) -> None
     async with raw_device(server) as ws:
         for seq in (1, 2, 3):
             await ws.send(reading(seq, hr=70 + seq))
-        acks = [await recv_json(ws) for _ in range(3)]
-        assert acks[-1] == {"type": "ack", "seq": 3}
+        acks = [await recv_json(ws)]
+        while acks[-1]["seq"] < 3:  # cumulative, and at most one per ack_min_interval_ms
+            acks.append(await recv_json(ws))
+        assert acks[-1] == {"type": "ack", "seq": 3} and all(a["type"] == "ack" for a in acks)
         await ws.send(reading(2, hr=99))
         assert await recv_json(ws) == {"type": "ack", "seq": 3}
     rows = await server.services.store.events_after(f"patient:{server.device(0)[2]}", 0, 100)
@@ -441,3 +443,30 @@ async def test_permessage_deflate_is_accepted_only_when_configured(
             assert reply["type"] == "error" and "auth" in reply["message"], reply
     finally:
         await stop_server(srv, task)
+
+
+async def test_a_fast_device_gets_one_cumulative_ack_per_interval_and_the_last_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    srv, task = await start_server(tmp_path, patients=1, ack_min_interval_ms=1000)
+    stopped = False
+    try:
+        async with raw_device(srv) as ws:
+            await ws.send(reading(1))
+            assert await recv_json(ws) == {"type": "ack", "seq": 1}  # after a quiet interval
+            for seq in range(2, 51):
+                await ws.send(reading(seq))
+            # all committed long before the interval ends: one ack covers them all
+            assert await recv_json(ws, timeout=10) == {"type": "ack", "seq": 50}
+            await ws.send(reading(51))
+            await wait_until(lambda: srv.services.ingest._durable[srv.device(0)[0]] == 51, 5)
+            srv.server.should_exit = True  # graceful shutdown sends the deferred ack first
+            assert await recv_json(ws, timeout=10) == {"type": "ack", "seq": 51}
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await recv_json(ws, timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        await asyncio.wait_for(task, 20)
+        stopped = True
+    finally:
+        if not stopped:
+            await stop_server(srv, task)

@@ -116,6 +116,7 @@ async def open_services(
             max_batch=settings.max_batch,
             max_silence_s=settings.device_max_silence_s,
             alerts=alerts,
+            ack_interval_s=settings.ack_min_interval_ms / 1000,
         )
         ingest.expect_back(streams.online_devices(), restarted_at)
         commands = CommandService(
@@ -284,6 +285,7 @@ async def drain(svc: Services, timeout: float = 10.0) -> None:
         await asyncio.wait_for(svc.writer.flush(), timeout)
     except TimeoutError:  # the store is down: nothing pending was acked, devices will resend
         log.error("shutdown: %d rows could not be committed", svc.writer.pending_rows)
+    svc.ingest.flush_acks()
     for session in list(svc.ingest.sessions.values()):
         session.close(Close.GOING_AWAY, "server shutting down")
     for client in list(svc.clients):

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     #: row (one ack per device and one frame per client per commit); an idle writer commits at
     #: once, so light load pays nothing.
     batch_min_interval_ms: float = Field(2.0, ge=0, le=50)
+    #: A device gets at most one (cumulative) ack per this interval; one due sooner is deferred
+    #: to the end of it, never dropped. 0: an ack after every commit that stored its readings.
+    ack_min_interval_ms: float = Field(20.0, ge=0, le=1000)
     #: Past this many uncommitted rows the server stops reading device frames until the writer
     #: catches up (backpressure through TCP; devices buffer meanwhile).
     max_pending_rows: int = Field(50_000, ge=1000)

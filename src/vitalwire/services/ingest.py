@@ -8,6 +8,7 @@ reading durable (services/writer.py), so an acknowledged reading survives a cras
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -65,6 +66,9 @@ class DeviceSession:
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
+    #: loop time of the last ack sent, and the timer of a deferred one (see Ingest._durable_to)
+    acked_at: float = -math.inf
+    ack_timer: asyncio.TimerHandle | None = None
 
     @property
     def stream(self) -> str | None:
@@ -87,6 +91,7 @@ class Ingest:
         max_batch: int = 500,
         max_silence_s: float = 30.0,
         alerts: AlertService | None = None,
+        ack_interval_s: float = 0.0,
     ) -> None:
         self.store = store
         self.streams = streams
@@ -98,6 +103,8 @@ class Ingest:
         self.max_batch = max_batch
         self.max_silence_s = max_silence_s
         self.alerts = alerts
+        #: at most one ack per device per this many seconds (the last one deferred, not dropped)
+        self.ack_interval_s = ack_interval_s
         self.stopping = False
         self._high: dict[str, int] = {}  # highest seq received (accepted or rejected) per device
         self._durable: dict[str, int] = {}  # highest seq committed per device
@@ -265,12 +272,43 @@ class Ingest:
         self.writer.submit([], [self.streams.new_event(stream, ev.WAVEFORM, now, data)])
 
     def _durable_to(self, did: str, seq: int) -> None:
+        """Readings of ``did`` up to ``seq`` are committed: ack them.
+
+        Acks are cumulative, so a device streaming fast (a waveform-like rate: a commit every
+        few milliseconds holds one of its readings) needs far fewer than one per commit: a
+        device gets at most one ack per ``ack_interval_s``. One due sooner waits for the rest
+        of the interval and then acknowledges everything durable by then; after a quiet
+        interval (a 1 Hz monitor) the ack goes out at once.
+        """
         if seq > self._durable[did]:
             self._durable[did] = seq
         session = self.sessions.get(did)
-        if session is not None and self._durable[did] > session.acked:
-            session.acked = self._durable[did]
-            session.send(encode_text(Ack(session.acked)))
+        if session is None or self._durable[did] <= session.acked or session.ack_timer is not None:
+            return
+        if self.ack_interval_s <= 0:
+            self._ack(session)
+            return
+        loop = asyncio.get_running_loop()
+        due = session.acked_at + self.ack_interval_s
+        if loop.time() >= due:
+            self._ack(session)
+        else:
+            session.ack_timer = loop.call_at(due, self._ack, session)
+
+    def _ack(self, session: DeviceSession) -> None:
+        session.ack_timer = None
+        durable = self._durable[session.device_id]
+        if durable > session.acked and self.sessions.get(session.device_id) is session:
+            session.acked = durable
+            session.acked_at = asyncio.get_running_loop().time()
+            session.send(encode_text(Ack(durable)))
+
+    def flush_acks(self) -> None:
+        """Send every deferred ack now (before the server closes device connections)."""
+        for session in list(self.sessions.values()):
+            if session.ack_timer is not None:
+                session.ack_timer.cancel()
+                self._ack(session)
 
     def expect_back(self, devices: list[tuple[str, str]], since: float) -> None:
         """After a restart: these devices were online; if one does not reconnect within its
@@ -301,6 +339,9 @@ class Ingest:
 
     def goodbye(self, session: DeviceSession, reason: str) -> None:
         """The device's connection ended."""
+        if session.ack_timer is not None:
+            session.ack_timer.cancel()
+            session.ack_timer = None
         if self.sessions.get(session.device_id) is session:
             del self.sessions[session.device_id]
             self._go_offline(session, reason)
