@@ -632,10 +632,12 @@ async def bench_saturate(
     shape: Any, against: list[str], p99_bound_ms: float = 50.0, steps: int = 6
 ) -> list[dict[str, Any]]:
     """Double the rate until p99 passes ``p99_bound_ms`` or readings are lost; per target, the
-    last rate that held."""
+    last rate that held before its first failure (later steps are still measured, for the
+    curve, while another target holds)."""
     from dataclasses import replace
 
     held: dict[str, dict[str, Any]] = {}
+    failed: set[str] = set()
     curve: dict[str, list[dict[str, float]]] = {}  # every step, for the latency/throughput plot
     rate = shape.rate_hz
     for _ in range(steps):
@@ -652,7 +654,9 @@ async def bench_saturate(
                 }
             )
             ok = row["latency_ms"]["p99"] <= p99_bound_ms and row["lost"] == 0
-            if ok:
+            if not ok:
+                failed.add(row["target"])
+            elif row["target"] not in failed:
                 held[row["target"]] = row | {"rate_hz": rate}
                 done = False
         if done:
