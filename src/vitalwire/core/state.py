@@ -42,7 +42,12 @@ class PatientState:
                 if name in METRIC_BY_NAME or name == "probe":
                     entry = vitals.get(name)
                     if entry is None:
-                        vitals[name] = {"value": value, "ts": at, "device": device, "offset": offset}
+                        vitals[name] = {
+                            "value": value,
+                            "ts": at,
+                            "device": device,
+                            "offset": offset,
+                        }
                     else:  # in place: no new dict per value for the collector to track
                         entry["value"] = value
                         entry["ts"] = at
