@@ -84,7 +84,8 @@ def validate_values(values: Mapping[str, float | None]) -> dict[str, float]:
         if value is None:
             continue
         metric = METRIC_BY_NAME[name]
-        check_bound(name, value, metric.low, metric.high)
+        if not metric.low <= value <= metric.high:  # NaN fails this too
+            check_bound(name, value, metric.low, metric.high)  # raises, naming field and bound
         out[name] = value
     sbp, dbp = out.get("sbp"), out.get("dbp")
     if sbp is not None and dbp is not None and dbp >= sbp:

@@ -230,6 +230,8 @@ class AlertService:
     def _to_events(
         self, pid: str, changes: list[Change], now: float
     ) -> tuple[list[Event], list[AlertRow]]:
+        if not changes:
+            return [], []
         events: list[Event] = []
         rows: list[AlertRow] = []
         stream = ev.patient_stream(pid)

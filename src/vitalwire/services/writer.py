@@ -18,7 +18,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 from vitalwire.bus import Bus
 from vitalwire.store import AlertRow, AuditRow, Batch, CommandRow, ReadingRow, Store
@@ -27,24 +27,30 @@ from vitalwire.wire import Event
 log = logging.getLogger("vitalwire.writer")
 
 
-@dataclass(slots=True)
-class _Unit:
-    readings: list[ReadingRow]
-    events: list[Event]
-    on_durable: Callable[[], None] | None = None
-    alerts: list[AlertRow] = field(default_factory=list)
-    audit: list[AuditRow] = field(default_factory=list)
-    commands: list[CommandRow] = field(default_factory=list)
-    rows: int = field(init=False)
+_NONE: list[Any] = []  # shared, never appended to: a unit's absent rows
 
-    def __post_init__(self) -> None:
-        self.rows = (
-            len(self.readings)
-            + len(self.events)
-            + len(self.alerts)
-            + len(self.audit)
-            + len(self.commands)
-        )
+
+class _Unit:
+    """What one ``submit`` hands over: rows to commit together, and what to run after."""
+
+    __slots__ = ("readings", "events", "on_durable", "alerts", "audit", "commands", "rows")
+
+    def __init__(
+        self,
+        readings: list[ReadingRow],
+        events: list[Event],
+        on_durable: Callable[[], None] | None,
+        alerts: list[AlertRow],
+        audit: list[AuditRow],
+        commands: list[CommandRow],
+    ) -> None:
+        self.readings = readings
+        self.events = events
+        self.on_durable = on_durable
+        self.alerts = alerts
+        self.audit = audit
+        self.commands = commands
+        self.rows = len(readings) + len(events) + len(alerts) + len(audit) + len(commands)
 
 
 class BatchWriter:
@@ -94,7 +100,9 @@ class BatchWriter:
         commands: list[CommandRow] | None = None,
     ) -> None:
         """Queue rows for the next batch; ``on_durable`` runs after their commit."""
-        unit = _Unit(readings, events, on_durable, alerts or [], audit or [], commands or [])
+        unit = _Unit(
+            readings, events, on_durable, alerts or _NONE, audit or _NONE, commands or _NONE
+        )
         self._pending.append(unit)
         self._pending_rows += unit.rows
         self._idle.clear()
