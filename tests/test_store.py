@@ -226,3 +226,36 @@ async def test_snapshots_are_upserted_per_stream(store: Store) -> None:
         "patient:P1": (7, '{"a":2}'),
         "patient:P2": (1, "{}"),
     }
+
+
+async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> None:
+    """A passive checkpoint never restarts the WAL while commits keep coming; the writer does,
+    once the WAL is long, so it stays bounded instead of holding every frame ever written."""
+    import sqlite3
+
+    from vitalwire.store.sqlite_writer import SqliteBatchWriter
+
+    path = str(tmp_path / "wal.db")
+    setup = sqlite3.connect(path)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE t (x INTEGER, pad TEXT)")
+    setup.close()
+    writer = SqliteBatchWriter(
+        path, synchronous="NORMAL", checkpoint_every_s=0.01, restart_frames=20
+    )
+    await writer.open()
+    try:
+        commits = 0
+        while writer.restarts < 3:
+            await writer.write([("INSERT INTO t VALUES (?, ?)", [(commits, "x" * 2000)] * 5)])
+            commits += 1
+            assert commits < 20_000, "the WAL never started over"
+        probe = sqlite3.connect(path)
+        _busy, frames, _copied = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        probe.close()
+        assert frames < commits  # each commit adds frames: the WAL holds only the recent ones
+    finally:
+        await writer.close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT count(*) FROM t").fetchone()[0] == commits * 5  # nothing lost
+    check.close()

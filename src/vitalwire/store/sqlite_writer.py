@@ -12,6 +12,16 @@ path: this connection never checkpoints by itself (``wal_autocheckpoint=0``); a 
 thread runs ``wal_checkpoint(PASSIVE)`` — which never blocks the writer or readers — every
 ``checkpoint_every_s``, and ``TRUNCATE`` at close. Readers use the store's other connections; WAL
 lets them read while this one writes.
+
+A passive checkpoint copies the WAL into the database but never starts the WAL over: SQLite does
+that only when a write begins with every frame already copied, which never happens while commits
+follow each other faster than a checkpoint runs (each checkpoint ends with newer frames behind
+it). Under sustained load the WAL would then grow without end, and every page lookup with it.
+So once a passive checkpoint finds ``restart_frames`` frames in the WAL, the writer runs
+``wal_checkpoint(RESTART)`` before its next batch: the passive one has copied nearly everything,
+so this copies the few newer frames and starts the WAL over (waiting at most ``RESTART_WAIT_MS``
+for readers; if one is still reading, the next round tries again). ``journal_size_limit`` then
+truncates the file to 64 MB.
 """
 
 from __future__ import annotations
@@ -28,7 +38,13 @@ from sqlalchemy.dialects import sqlite
 log = logging.getLogger("vitalwire.store")
 
 #: Seconds between passive checkpoints of the WAL (off the commit path).
-CHECKPOINT_EVERY_S = 1.0
+CHECKPOINT_EVERY_S = 0.25
+#: WAL frames (pages; 4 KB each by default) past which the writer starts the WAL over.
+RESTART_FRAMES = 8192
+#: How long the restart waits for readers before trying again at the next round.
+RESTART_WAIT_MS = 50
+#: The WAL file is truncated to this size when it starts over.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
 def compile_positional(stmt: Any, row: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
@@ -42,11 +58,21 @@ class SqliteBatchWriter:
     """One connection, one thread: ``write`` commits a list of (SQL, rows) in one transaction."""
 
     def __init__(
-        self, path: str, *, synchronous: str, checkpoint_every_s: float = CHECKPOINT_EVERY_S
+        self,
+        path: str,
+        *,
+        synchronous: str,
+        checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+        restart_frames: int = RESTART_FRAMES,
     ) -> None:
         self.path = path
         self.synchronous = synchronous
         self.checkpoint_every_s = checkpoint_every_s
+        self.restart_frames = restart_frames
+        #: set by the checkpointer when the WAL is long: the writer starts it over
+        self._restart_due = False
+        #: how many times the WAL was started over (for tests and diagnostics)
+        self.restarts = 0
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="vitalwire-sqlite-writer")
         self._conn: sqlite3.Connection | None = None
         self._stop = threading.Event()
@@ -65,6 +91,7 @@ class SqliteBatchWriter:
         def _open() -> None:
             self._conn = self._connect()
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
 
         await loop.run_in_executor(self._exec, _open)
         self._stop.clear()
@@ -81,6 +108,9 @@ class SqliteBatchWriter:
     def _write(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> int:
         conn = self._conn
         assert conn is not None, "writer not opened"
+        if self._restart_due:
+            self._restart_due = False
+            self._restart(conn)
         changed = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -93,12 +123,27 @@ class SqliteBatchWriter:
                 conn.execute("ROLLBACK")
             raise
 
+    def _restart(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+        try:
+            busy, _frames, _copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            if not busy:
+                self.restarts += 1
+        except sqlite3.Error:  # a reader held on: the next round tries again
+            log.debug("WAL restart skipped", exc_info=True)
+        finally:
+            conn.execute("PRAGMA busy_timeout=10000")
+
     def _checkpoint_loop(self) -> None:
         conn = self._connect()
         try:
             while not self._stop.wait(self.checkpoint_every_s):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    _busy, frames, _copied = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)"
+                    ).fetchone()
+                    if frames >= self.restart_frames:
+                        self._restart_due = True
                 except sqlite3.Error:  # busy or locked: the next round takes it
                     log.debug("passive checkpoint skipped", exc_info=True)
         finally:
