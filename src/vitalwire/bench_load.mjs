@@ -90,6 +90,21 @@ function connectTcp(host, port) {
 }
 
 /** Incremental parsing of a byte stream into frames/packets (subclasses: `parse`). */
+
+/** Resolves once `conn.sock` can take more (its "drain") or closes; at once if already closed. */
+function socketDrained(conn) {
+  if (conn.closed) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      conn.sock.off("drain", done);
+      conn.sock.off("close", done);
+      resolve();
+    };
+    conn.sock.on("drain", done);
+    conn.sock.on("close", done);
+  });
+}
+
 class Incoming {
   constructor() {
     this.buf = EMPTY; // unparsed bytes (owned: never a view of READ_BUFFER)
@@ -377,16 +392,7 @@ class WebSocket extends Incoming {
   }
 
   drained() {
-    if (this.closed) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = () => {
-        this.sock.off("drain", done);
-        this.sock.off("close", done);
-        resolve();
-      };
-      this.sock.on("drain", done);
-      this.sock.on("close", done);
-    });
+    return socketDrained(this);
   }
 
   /** The closing handshake: send close (1000), wait for the server to close the connection. */
@@ -550,16 +556,7 @@ class Mqtt extends Incoming {
   }
 
   drained() {
-    if (this.closed) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = () => {
-        this.sock.off("drain", done);
-        this.sock.off("close", done);
-        resolve();
-      };
-      this.sock.on("drain", done);
-      this.sock.on("close", done);
-    });
+    return socketDrained(this);
   }
 
   /** Packets from `buf`; returns how many bytes they took. */

@@ -115,32 +115,7 @@ class ClientSession:
     # -- fan-out side (never awaits) ------------------------------------------------------------
 
     def push(self, event: Event) -> None:
-        if (
-            self.patient_filter is not None
-            and event.stream == ev.ALERTS_STREAM
-            and not self.patient_filter(event.data.get("patient_id", ""))
-        ):
-            return
-        held = self._holding.get(event.stream)
-        if held is not None:
-            held.append(event)
-            return
-        last = self._last.get(event.stream)
-        if last is None or event.offset <= last or self.closed:
-            return
-        self._last[event.stream] = event.offset
-        live = self._live
-        if len(live) >= self.max_queue:
-            self._overflow()
-            return
-        if len(live) >= self.soft_queue and event.kind == ev.READING:
-            key: Hashable = event.coalesce_key
-            if live.pop(key, None) is not None:
-                self.coalesced += 1
-        else:
-            key = next(self._keys)
-        live[key] = event.frame
-        self._queued()
+        self.push_many([event])
 
     def push_many(self, events: list[Event]) -> None:
         """:meth:`push` each of ``events``, in order, with one wake-up of the sender at the end
