@@ -89,28 +89,39 @@ function connectTcp(host, port) {
   return sock;
 }
 
-/** Incremental parsing of a byte stream into frames/packets (subclasses: `parse`). */
-
-/** Resolves once `conn.sock` can take more (its "drain") or closes; at once if already closed. */
-function socketDrained(conn) {
-  if (conn.closed) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => {
-      conn.sock.off("drain", done);
-      conn.sock.off("close", done);
-      resolve();
-    };
-    conn.sock.on("drain", done);
-    conn.sock.on("close", done);
-  });
-}
-
+/** One client connection over `sock`: its close state, and incremental parsing of the byte
+ * stream into frames/packets (subclasses: `parse`, `onClose`). */
 class Incoming {
-  constructor() {
+  constructor(sock) {
+    this.sock = sock;
     this.buf = EMPTY; // unparsed bytes (owned: never a view of READ_BUFFER)
     this.queue = []; // copies of the reads that arrived while a large frame is incomplete
     this.queued = 0;
     this.need = 0; // bytes `buf` must hold before parsing again (0: parse at every read)
+    this.closing = false; // we started the close
+    this.closed = false;
+    this.closedPromise = new Promise((resolve) => {
+      this.resolveClosed = resolve;
+    });
+    sock.on("error", (err) => {
+      this.error = err;
+    });
+    sock.on("close", () => this.onClose());
+    sock.reader = this;
+  }
+
+  /** Resolves once the socket can take more (its "drain") or closes; at once if closed. */
+  drained() {
+    if (this.closed) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        this.sock.off("drain", done);
+        this.sock.off("close", done);
+        resolve();
+      };
+      this.sock.on("drain", done);
+      this.sock.on("close", done);
+    });
   }
 
   /** Take one read (a view of READ_BUFFER, valid until this returns). */
@@ -146,8 +157,7 @@ const WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
  * handler is set (the request/reply of the handshakes), recv() gives the next message, copied. */
 class WebSocket extends Incoming {
   constructor(sock, path) {
-    super();
-    this.sock = sock;
+    super(sock);
     this.path = path;
     this.handler = null; // (payload: Buffer) => void
     this.inbox = [];
@@ -155,16 +165,6 @@ class WebSocket extends Incoming {
     this.frags = null; // payloads of a fragmented message
     this.closeSent = false;
     this.closeCode = 0; // from the peer's close frame (1005: none given, 1006: no close frame)
-    this.closing = false; // we started the close
-    this.closed = false;
-    this.closedPromise = new Promise((resolve) => {
-      this.resolveClosed = resolve;
-    });
-    sock.on("error", (err) => {
-      this.error = err;
-    });
-    sock.on("close", () => this.onClose());
-    sock.reader = this;
   }
 
   static connect(url, path, onClose) {
@@ -391,10 +391,6 @@ class WebSocket extends Incoming {
     if (i < end) frame[i] ^= k2;
   }
 
-  drained() {
-    return socketDrained(this);
-  }
-
   /** The closing handshake: send close (1000), wait for the server to close the connection. */
   async close() {
     this.closing = true;
@@ -455,24 +451,13 @@ const DISCONNECT = Buffer.from([0xe0, 0x00]);
 /** `handler(topic, payload)` gets each PUBLISH; the payload is valid only during the call. */
 class Mqtt extends Incoming {
   constructor(sock, clientId) {
-    super();
-    this.sock = sock;
+    super(sock);
     this.clientId = clientId;
     this.handler = null; // (topic: string, payload: Buffer) => void
     this.nextId = 0;
     this.pending = new Map(); // packet id -> {resolve, reject} (PUBACK, SUBACK)
     this.connack = null;
     this.lastSent = mono();
-    this.closing = false;
-    this.closed = false;
-    this.closedPromise = new Promise((resolve) => {
-      this.resolveClosed = resolve;
-    });
-    sock.on("error", (err) => {
-      this.error = err;
-    });
-    sock.on("close", () => this.onClose());
-    sock.reader = this;
     this.pinger = setInterval(
       () => {
         if (!this.closed && mono() - this.lastSent >= MQTT_KEEPALIVE_S / 2) this.write(PINGREQ);
@@ -553,10 +538,6 @@ class Mqtt extends Incoming {
     out.write(text, at, len, "utf8");
     const ok = this.write(out);
     return qos ? acked : ok;
-  }
-
-  drained() {
-    return socketDrained(this);
   }
 
   /** Packets from `buf`; returns how many bytes they took. */
