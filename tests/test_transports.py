@@ -342,7 +342,7 @@ async def test_heartbeat_pings_and_expires_only_while_waiting() -> None:
 
 
 async def test_inbox_hands_messages_over_in_order_and_survives_a_cancelled_read() -> None:
-    inbox = Inbox()
+    inbox = Inbox(asyncio.get_running_loop())
     reader = asyncio.create_task(inbox.get())
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError):
@@ -361,7 +361,7 @@ async def test_inbox_hands_messages_over_in_order_and_survives_a_cancelled_read(
 
 
 async def test_gate_releases_every_waiter_and_forgets_cancelled_ones() -> None:
-    gate = Gate()
+    gate = Gate(asyncio.get_running_loop())
     gate.set()
     assert gate.is_set() and await gate.wait()
     gate.clear()

@@ -106,6 +106,8 @@ class Ingest:
         #: at most one ack per device per this many seconds (the last one deferred, not dropped)
         self.ack_interval_s = ack_interval_s
         self.stopping = False
+        # the loop the sessions live on, kept: each ``get_running_loop()`` makes a system call
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._high: dict[str, int] = {}  # highest seq received (accepted or rejected) per device
         self._durable: dict[str, int] = {}  # highest seq committed per device
         self.sessions: dict[str, DeviceSession] = {}
@@ -118,6 +120,7 @@ class Ingest:
         self, msg: Hello, send: Callable[[str], None], close: Callable[[int, str], None]
     ) -> tuple[DeviceSession, Welcome]:
         """Authenticate a device and open its session; a previous session of it is replaced."""
+        self._loop = asyncio.get_running_loop()
         if self.stopping:
             raise Unavailable("server is shutting down; reconnect later")
         ev.check_id("device_id", msg.device_id)
@@ -288,7 +291,7 @@ class Ingest:
         if self.ack_interval_s <= 0:
             self._ack(session)
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         due = session.acked_at + self.ack_interval_s
         if loop.time() >= due:
             self._ack(session)
@@ -300,7 +303,7 @@ class Ingest:
         durable = self._durable[session.device_id]
         if durable > session.acked and self.sessions.get(session.device_id) is session:
             session.acked = durable
-            session.acked_at = asyncio.get_running_loop().time()
+            session.acked_at = (self._loop or asyncio.get_running_loop()).time()
             session.send(encode_text(Ack(durable)))
 
     def flush_acks(self) -> None:

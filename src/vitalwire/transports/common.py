@@ -164,9 +164,11 @@ class Sender:
     room; it ends when nothing is left. An idle connection holds no task and no callback.
     """
 
-    __slots__ = ("_ws", "_take", "_task", "_scheduled", "stopped")
+    __slots__ = ("_ws", "_take", "_task", "_scheduled", "stopped", "_loop")
 
     def __init__(self, ws: Socket, take: Callable[[], list[str]]) -> None:
+        # made on the loop; kept, since each ``get_running_loop()`` costs a getpid() system call
+        self._loop = asyncio.get_running_loop()
         self._ws = ws
         self._take = take
         self._task: asyncio.Task[None] | None = None
@@ -178,7 +180,7 @@ class Sender:
         if self._scheduled or self._task is not None or self.stopped:
             return
         self._scheduled = True
-        asyncio.get_running_loop().call_soon(self._flush)
+        self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -186,7 +188,7 @@ class Sender:
             return
         frames = self._take()
         if frames and not self._ws.send_now(frames):
-            self._task = asyncio.get_running_loop().create_task(self._run(frames))
+            self._task = self._loop.create_task(self._run(frames))
 
     async def _run(self, frames: list[str]) -> None:
         try:
@@ -227,7 +229,16 @@ class Heartbeat:
     device held back by backpressure, do not count).
     """
 
-    __slots__ = ("_interval", "_silence", "_ping", "_expire", "_next_ping", "_since", "_handle")
+    __slots__ = (
+        "_interval",
+        "_silence",
+        "_ping",
+        "_expire",
+        "_next_ping",
+        "_since",
+        "_handle",
+        "_loop",
+    )
 
     def __init__(
         self,
@@ -238,7 +249,7 @@ class Heartbeat:
     ) -> None:
         if silence < interval:
             raise ValueError("silence must be at least one interval")
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._interval = interval
         self._silence = silence
         self._ping = ping
@@ -248,13 +259,13 @@ class Heartbeat:
         self._handle: asyncio.TimerHandle | None = loop.call_at(self._next_ping, self._tick)
 
     def waiting(self) -> None:
-        self._since = asyncio.get_running_loop().time()
+        self._since = self._loop.time()
 
     def busy(self) -> None:
         self._since = None
 
     def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         if now >= self._next_ping - 0.001:
             self._next_ping = now + self._interval

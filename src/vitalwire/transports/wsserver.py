@@ -41,9 +41,10 @@ from websockets.protocol import State
 class Inbox:
     """What uvicorn's protocol needs of ``asyncio.Queue``, for one reader at a time."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop  # not looked up per read: ``get_running_loop()`` makes a system call
         self._items: list[Any] = []
         self._waiter: asyncio.Future[None] | None = None
 
@@ -64,7 +65,7 @@ class Inbox:
         while not items:
             if self._waiter is not None:
                 raise RuntimeError("one reader at a time")
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = self._loop.create_future()
             try:
                 await waiter
             finally:
@@ -75,9 +76,10 @@ class Inbox:
 class Gate:
     """What uvicorn's protocol needs of ``asyncio.Event``; waiters are made only when closed."""
 
-    __slots__ = ("_open", "_waiters")
+    __slots__ = ("_open", "_waiters", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._open = False
         self._waiters: list[asyncio.Future[None]] | None = None
 
@@ -97,7 +99,7 @@ class Gate:
     async def wait(self) -> bool:
         if self._open:
             return True
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self._loop.create_future()
         if self._waiters is None:
             self._waiters = [waiter]
         else:
@@ -183,8 +185,8 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.queue = Inbox()  # type: ignore[assignment]
-        gate = Gate()
+        self.queue = Inbox(self.loop)  # type: ignore[assignment]
+        gate = Gate(self.loop)
         gate.set()
         self.writable = gate  # type: ignore[assignment]
         #: None until the handshake is done; then whether frames are read here (see the module)
