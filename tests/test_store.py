@@ -73,6 +73,43 @@ async def test_duplicate_reading_rows_are_ignored(store: Store) -> None:
     assert await store.device_last_seq("d1") == 3
 
 
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ('quote " backslash \\ newline \n tab \t', 0.1 + 0.2),
+        ("accents é ü, line separator \u2028, emoji \U0001f600", 1e-300),
+        ("", 2.0**53 + 1),
+        ('{"looks": ["like", "json"]}', -1.7976931348623157e308),
+    ],
+)
+async def test_rows_read_back_exactly_as_written(store: Store, text: str, number: float) -> None:
+    """The writer thread hands a batch's readings and events to SQLite as one JSON array:
+    text, NULL, integers past 2**53 and doubles must come back exactly as bound one by one.
+    (No text column holds a NUL character: ids are validated, data is JSON, which escapes it.)"""
+    from sqlalchemy import select
+
+    from vitalwire.store import schema
+    from vitalwire.store.sql import SqlStore
+
+    assert isinstance(store, SqlStore)
+    seq = 2**62 + 7
+    rows = [
+        ReadingRow("d1", seq, None, None, number, 1.5, text),
+        ReadingRow(text or "d2", 3, "P1", 9, 1.0, number, None),
+    ]
+    event = Event.new("patient:P1", 9, "reading", number, {"text": text, "n": number})
+    await store.write_batch(Batch(readings=rows, events=[event]))
+    async with store.engine.connect() as conn:
+        got = (await conn.execute(select(schema.readings).order_by(schema.readings.c.seq))).all()
+    assert [tuple(r) for r in got] == [
+        (text or "d2", 3, "P1", 9, 1.0, number, None),
+        ("d1", seq, None, None, number, 1.5, text),
+    ]
+    (back,) = await store.events_after("patient:P1", 0, 10)
+    assert (back.offset, back.kind, back.ts) == (9, "reading", number)
+    assert back.data_json == event.data_json and back.data == {"text": text, "n": number}
+
+
 async def test_unknown_stream_and_device(store: Store) -> None:
     assert await store.first_offset("patient:nobody") is None
     assert await store.events_after("patient:nobody", 0, 10) == []

@@ -21,7 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from vitalwire.core.errors import Conflict
 from vitalwire.store import schema as t
 from vitalwire.store.base import AlertRow, AuditRow, Batch, Binding, CommandRow, ReadingRow
-from vitalwire.store.sqlite_writer import SqliteBatchWriter, compile_positional
+from vitalwire.store.sqlite_writer import (
+    SqliteBatchWriter,
+    compile_json_rows,
+    compile_positional,
+    json_rows,
+)
 from vitalwire.wire import Event
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -203,10 +208,11 @@ class SqlStore:
             and database not in (None, "", ":memory:")
         ):
             self._fast_sql = {
-                "readings": compile_positional(
+                # the two tables written for every reading take a batch's rows in one step
+                "readings": compile_json_rows(
                     self._insert_ignore(t.readings), _reading_row(_READING0)
                 ),
-                "events": compile_positional(insert(t.events), _event_row(_EVENT0)),
+                "events": compile_json_rows(insert(t.events), _event_row(_EVENT0)),
                 "alerts": compile_positional(_alert_upsert(sqlite), _alert_row(_ALERT0)),
                 "commands": compile_positional(_command_upsert(sqlite), _command_row(_COMMAND0)),
                 "audit": compile_positional(insert(t.audit), _audit_row(_AUDIT0)),
@@ -226,34 +232,25 @@ class SqlStore:
         sql = self._fast_sql
         if batch.readings:
             text, _ = sql["readings"]  # columns in ReadingRow's order (checked at compile)
-            work.append(
+            readings = [
                 (
-                    text,
-                    [
-                        (
-                            r.device_id,
-                            r.seq,
-                            r.patient_id,
-                            r.stream_offset,
-                            r.device_ts,
-                            r.received_ts,
-                            r.unbound_data,
-                        )
-                        for r in batch.readings
-                    ],
+                    r.device_id,
+                    r.seq,
+                    r.patient_id,
+                    r.stream_offset,
+                    r.device_ts,
+                    r.received_ts,
+                    r.unbound_data,
                 )
-            )
+                for r in batch.readings
+            ]
+            work.append((text, [(json_rows(readings),)]))
         if batch.events:
             text, _ = sql["events"]
-            work.append(
-                (
-                    text,
-                    [
-                        (e.stream, e.offset, e.kind, e.ts, e.data_json.decode())
-                        for e in batch.events
-                    ],
-                )
-            )
+            events = [
+                (e.stream, e.offset, e.kind, e.ts, e.data_json.decode()) for e in batch.events
+            ]
+            work.append((text, [(json_rows(events),)]))
         for name, rows, to_row in (
             ("alerts", batch.alerts, _alert_row),
             ("commands", batch.commands, _command_row),
