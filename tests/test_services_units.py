@@ -136,6 +136,25 @@ async def test_wait_for_room_blocks_until_the_writer_catches_up() -> None:
     await writer.stop()
 
 
+async def test_wait_for_room_times_out_and_leaves_the_others_waiting() -> None:
+    """A producer held back past its timeout gets TimeoutError; the writer's queue of waiters
+    is not disturbed, and the one behind it still wakes when there is room."""
+    store = FakeStore()
+    store.gate = asyncio.Event()
+    writer, _ = await _writer(store, max_rows=4, max_wait_s=0)
+    for i in range(1, 11):
+        writer.submit(*_unit(i))
+    patient = asyncio.create_task(writer.wait_for_room(4))
+    with pytest.raises(TimeoutError):
+        await writer.wait_for_room(4, 0.01)
+    assert not patient.done()
+    store.gate.set()
+    await asyncio.wait_for(patient, 5)
+    assert writer.pending_rows <= 4
+    await writer.wait_for_room(4, 0.01)  # room already: returns at once
+    await writer.stop()
+
+
 async def test_held_back_producers_wake_in_order_and_only_with_room() -> None:
     """A commit that leaves no room wakes nobody; room wakes the waiters oldest first, and a
     cancelled waiter does not keep the others waiting."""

@@ -53,6 +53,11 @@ class _Unit:
         self.rows = len(readings) + len(events) + len(alerts) + len(audit) + len(commands)
 
 
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class BatchWriter:
     """One writer per process. ``max_rows`` and ``max_wait_s`` bound a batch's size and latency."""
 
@@ -79,6 +84,7 @@ class BatchWriter:
         self._idle.set()
         #: producers held back by ``wait_for_room``, oldest first: (their bound, their future)
         self._room_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None  # kept from start()
         #: True while commits fail (the batch is kept and retried); health reports it.
         self.failing = False
         self._task: asyncio.Task[None] | None = None
@@ -111,23 +117,34 @@ class BatchWriter:
             self._full.set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="vitalwire-writer")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="vitalwire-writer")
 
-    async def wait_for_room(self, max_pending_rows: int) -> None:
-        """Backpressure: wait until at most ``max_pending_rows`` rows wait to be committed.
+    async def wait_for_room(self, max_pending_rows: int, timeout: float | None = None) -> None:
+        """Backpressure: wait until at most ``max_pending_rows`` rows wait to be committed;
+        TimeoutError after ``timeout`` seconds.
 
         Waiters are woken in arrival order, and only while there is room for them: a commit
         does not wake every held-back device at once (thousands, at hospital scale) only for
-        most of them to wait again."""
+        most of them to wait again. (No ``asyncio.timeout``: it looks the loop up, a system
+        call, and thousands of held-back devices come through here.)"""
+        if self._pending_rows <= max_pending_rows:
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while self._pending_rows > max_pending_rows:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = loop.create_future()
             self._room_waiters.append((max_pending_rows, waiter))
+            timer = None if deadline is None else loop.call_at(deadline, _time_out, waiter)
             try:
                 await waiter
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
                     self._wake_room()  # pass the turn on
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def _wake_room(self) -> None:
         waiters = self._room_waiters

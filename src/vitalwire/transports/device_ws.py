@@ -148,8 +148,7 @@ async def _serve(
                 # backpressure: stop reading this device until the writer catches up; a store
                 # that stays stuck past a heartbeat ends the session (the device resends later)
                 try:
-                    async with asyncio.timeout(s.heartbeat_s):
-                        await svc.writer.wait_for_room(s.max_pending_rows)
+                    await svc.writer.wait_for_room(s.max_pending_rows, s.heartbeat_s)
                 except TimeoutError:
                     outbox.put(_error(Unavailable("the store is not keeping up; reconnect later")))
                     session.close(Close.TRY_AGAIN_LATER, "store not keeping up")
