@@ -263,6 +263,13 @@ async def test_snapshots_are_upserted_per_stream(store: Store) -> None:
         "patient:P1": (7, '{"a":2}'),
         "patient:P2": (1, "{}"),
     }
+    # several rows at once, one of them replacing a saved one (one JSON array on SQLite files)
+    await store.save_snapshots([("patient:P2", 4, '{"b":"é"}'), ("patient:P3", 1, "{}")], 40.0)
+    assert await store.load_snapshots() == {
+        "patient:P1": (7, '{"a":2}'),
+        "patient:P2": (4, '{"b":"é"}'),
+        "patient:P3": (1, "{}"),
+    }
 
 
 async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import Insert
 
 from vitalwire.core.errors import Conflict
 from vitalwire.store import schema as t
@@ -351,6 +352,11 @@ class SqlStore:
         through the batch writer, so it never waits on the writer's lock (nor the writer on
         it). Returns the rows changed."""
         if self._fast is not None:
+            if len(rows) > 1 and isinstance(stmt, Insert):
+                # many rows (every stream's snapshot): one step, see compile_json_rows
+                text, keys = compile_json_rows(stmt, rows[0])
+                data = json_rows([[r[k] for k in keys] for r in rows])
+                return await self._fast.write([(text, [(data,)])])
             text, keys = compile_positional(stmt, rows[0])
             return await self._fast.write([(text, [tuple(r[k] for k in keys) for r in rows])])
         async with self.engine.begin() as conn:
