@@ -483,3 +483,48 @@ def test_services_without_access_control_fail_closed() -> None:
 
     with pytest.raises(Forbidden):
         _deny_all(Principal("admin", "admin"), "P001", cc.CATALOGUE["identify"])
+
+
+async def test_care_teams_reload_only_when_another_process_changed_them(tmp_path: Path) -> None:
+    """The periodic refresh reads the store's access version and reloads the care teams only
+    when it changed; a change made by another process (the admin CLI, here a second store on
+    the same file) is seen at the next refresh."""
+    from vitalwire.services.access import Access
+    from vitalwire.store.sql import SqlStore
+
+    url = f"sqlite:///{tmp_path / 'access.db'}"
+    server_store, cli_store = SqlStore(url), SqlStore(url)
+    await server_store.open()
+    await cli_store.open()
+    loads = 0
+    care_teams = server_store.care_teams
+
+    async def counted(now: float) -> dict[str, Any]:
+        nonlocal loads
+        loads += 1
+        return await care_teams(now)
+
+    server_store.care_teams = counted  # type: ignore[method-assign]
+    access = Access(server_store, None, time.time)  # type: ignore[arg-type]
+    who = Principal("nurse", "clinician")
+    try:
+        await cli_store.create_patient("P1", "One", "ward-a", time.time())
+        await access.refresh()
+        await access.refresh()
+        assert loads == 1 and not access.in_care(who, "P1")
+        for change in (
+            lambda: cli_store.add_ward_member("nurse", "ward-a"),
+            lambda: cli_store.create_patient("P2", "Two", "ward-b", time.time()),
+            lambda: cli_store.assign("nurse", "P2"),
+            lambda: cli_store.add_grant("nurse", "P3", "emergency", time.time(), time.time() + 60),
+        ):
+            before = loads
+            await change()
+            await access.refresh()
+            await access.refresh()
+            assert loads == before + 1
+        assert access.in_care(who, "P1") and access.in_care(who, "P2")
+        assert access.has_break_glass(who, "P3")
+    finally:
+        await server_store.close()
+        await cli_store.close()

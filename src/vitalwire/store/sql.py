@@ -7,6 +7,7 @@ an fsync per commit (docs/reliability.md).
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from vitalwire.store.sqlite_writer import (
 from vitalwire.wire import Event
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+#: The ``meta`` key whose value changes with every change of the care teams (a random token).
+ACCESS_VERSION_KEY = "access_version"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -389,17 +392,31 @@ class SqlStore:
             }
         return {"wards": wards, "assigned": assigned, "grants": grants, "ward_of": ward_of}
 
+    async def access_version(self) -> str | None:
+        return await self.get_meta(ACCESS_VERSION_KEY)
+
+    async def _access_changed(self, conn: Any) -> None:
+        """In the transaction that changes the care teams: a new access version, so that every
+        process reloads them (and none reloads them while they stay the same)."""
+        token = secrets.token_hex(8)
+        await conn.execute(self._insert_ignore(t.meta).values(key=ACCESS_VERSION_KEY, value=token))
+        await conn.execute(
+            update(t.meta).where(t.meta.c.key == ACCESS_VERSION_KEY).values(value=token)
+        )
+
     async def add_ward_member(self, username: str, ward: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
                 self._insert_ignore(t.ward_members).values(username=username, ward=ward)
             )
+            await self._access_changed(conn)
 
     async def assign(self, username: str, pid: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
                 self._insert_ignore(t.assignments).values(username=username, patient_id=pid)
             )
+            await self._access_changed(conn)
 
     async def add_grant(
         self, username: str, pid: str, reason: str, now: float, expires_at: float
@@ -413,6 +430,7 @@ class SqlStore:
         }
         async with self.engine.begin() as conn:
             await conn.execute(insert(t.grants), [row])
+            await self._access_changed(conn)
 
     async def set_device_disabled(self, did: str, disabled: bool) -> None:
         async with self.engine.begin() as conn:
@@ -504,16 +522,20 @@ class SqlStore:
 
     # -- registry ----------------------------------------------------------------------------
 
-    async def _insert_new(self, table: Any, what: str, row: dict[str, Any]) -> None:
+    async def _insert_new(
+        self, table: Any, what: str, row: dict[str, Any], access: bool = False
+    ) -> None:
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(insert(table), [row])
+                if access:  # a patient's ward decides who may see them
+                    await self._access_changed(conn)
         except IntegrityError:
             raise Conflict(f"{what} already exists", field="id") from None
 
     async def create_patient(self, pid: str, name: str, ward: str, now: float) -> None:
         row = {"id": pid, "name": name, "ward": ward, "created_at": now}
-        await self._insert_new(t.patients, f"patient {pid}", row)
+        await self._insert_new(t.patients, f"patient {pid}", row, access=True)
 
     async def list_patients(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
