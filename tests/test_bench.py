@@ -141,6 +141,36 @@ async def test_loss_is_counted_when_the_reference_drops_frames(generator: str) -
     assert row["duplicated"] == 0
 
 
+@pytest.mark.parametrize("generator", ["python", "node"])
+async def test_a_warm_up_leaves_its_readings_out_of_the_latencies_only(generator: str) -> None:
+    """``--warmup``: readings sent in the first second still count as delivered (and would
+    count as lost), but only the later ones are timed."""
+    import asyncio
+
+    from vitalwire.bench import naive_process
+    from vitalwire.bench_load import Shape, Target, run_load
+
+    if generator == "node":
+        _need_node()
+    shape = Shape(
+        devices=2,
+        rate_hz=20,
+        clients=1,
+        patients_per_client=2,
+        duration_s=2.0,
+        workers=1,
+        generator=generator,
+        warmup_s=1.0,
+    )
+    async with naive_process() as (url, pid):
+        row = await asyncio.to_thread(run_load, Target("naive", url), shape, pid)
+    assert row["lost"] == 0 and row["delivered"] == row["published"] >= 60
+    timed = row["latency_ms"]["n"]
+    assert row["shape"]["warmup_s"] == 1.0
+    # a random phase per device, then 20 Hz: about half the readings come after the warm-up
+    assert 0.3 * row["delivered"] < timed < 0.7 * row["delivered"], (timed, row["delivered"])
+
+
 def test_bench_load_against_naive_and_mqtt_at_a_tiny_size(tmp_path: Path) -> None:
     import os
 

@@ -676,8 +676,9 @@ let kept = 0;
 
 /** Per client and watched device: the highest seq seen and how many distinct arrived. */
 class Tracker {
-  constructor(client, devices) {
+  constructor(client, devices, timedFrom) {
     this.client = client;
+    this.timedFrom = timedFrom; // device timestamps before this (the warm-up): not in the latencies
     this.devices = devices; // slot -> device index
     this.highest = new Float64Array(devices.length);
     this.count = new Float64Array(devices.length);
@@ -691,6 +692,7 @@ class Tracker {
     }
     this.highest[slot] = seq;
     this.count[slot] += 1;
+    if (ts < this.timedFrom) return;
     const latency = (tsNow() - ts) * 1000;
     res.seen += 1;
     if (kept < LATENCY_SAMPLES) {
@@ -856,7 +858,8 @@ async function worker(config) {
   WALL = clock.wall;
   MONO_NS = BigInt(Math.round(clock.mono * 1e9));
   const t0 = mono();
-  const trackers = clients.map((c) => new Tracker(c, watched(shape, c)));
+  const timedFrom = startAt + (shape.warmup_s || 0);
+  const trackers = clients.map((c) => new Tracker(c, watched(shape, c), timedFrom));
   const conns = [];
   const opened = trackers.map((tracker) =>
     openClient(target, shape, tracker.client, tracker).then(

@@ -51,6 +51,8 @@ class Shape:
     duration_s: float = 10.0
     workers: int = 2
     generator: str = "python"  # python | node: the language of the worker processes
+    #: readings sent in the first seconds of the load count for loss and duplicates, not latency
+    warmup_s: float = 0.0
 
     def watched(self, client: int) -> list[int]:
         """Device indexes client ``client`` watches (patients are one per device)."""
@@ -113,7 +115,10 @@ async def _worker(
     for c in clients:
         ev = asyncio.Event()
         ready.append(ev)
-        client_tasks.append(asyncio.create_task(_client(target, shape, c, res, ev, stop_clients)))
+        timed_from = start_at + shape.warmup_s
+        client_tasks.append(
+            asyncio.create_task(_client(target, shape, c, res, ev, stop_clients, timed_from))
+        )
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 120)
     senders = [await _open_device(target, d) for d in devices]
     res.connect_s = time.perf_counter() - t0
@@ -233,9 +238,10 @@ async def _send_loop(target: Target, shape: Shape, d: int, sender: Any, res: Wor
 
 
 class _Tracker:
-    def __init__(self, res: WorkerResult, client: int) -> None:
+    def __init__(self, res: WorkerResult, client: int, timed_from: float = 0.0) -> None:
         self.res = res
         self.client = client
+        self.timed_from = timed_from  # device timestamps before this: not in the latencies
         self.highest: dict[int, int] = {}
         self.k = 0
 
@@ -247,6 +253,8 @@ class _Tracker:
         self.highest[d] = seq
         key = (self.client, d)
         res.received[key] = res.received.get(key, 0) + 1
+        if ts < self.timed_from:
+            return
         latency = (time.time() - ts) * 1000
         res.seen += 1
         if len(res.latencies_ms) < LATENCY_SAMPLES:
@@ -267,9 +275,10 @@ async def _client(
     res: WorkerResult,
     ready: asyncio.Event,
     stop: asyncio.Event,
+    timed_from: float = 0.0,
 ) -> None:
     watched = shape.watched(c)
-    tracker = _Tracker(res, c)
+    tracker = _Tracker(res, c, timed_from)
     try:
         if target.kind == "mqtt":
             await _mqtt_client(target, watched, tracker, ready)

@@ -432,6 +432,14 @@ def bench_main(
         list[str] | None, typer.Option(help="naive, or mqtt://host:port (QoS 0 and 1).")
     ] = None,
     saturate: Annotated[bool, typer.Option(help="Double the rate until p99 > 50 ms.")] = False,
+    warmup: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds at the start of the load whose readings count for loss and "
+            "duplicates but not for latency (every device's first reading costs more).",
+        ),
+    ] = 0.0,
     json_path: JsonOpt = None,
 ) -> None:
     """Load vitalwire (and references) with devices x rate and clients x patients; print
@@ -449,12 +457,19 @@ def bench_main(
             node_path()
         except RuntimeError as exc:
             raise typer.BadParameter(str(exc), param_hint="--generator") from None
-    shape = Shape(devices, rate, clients, patients_per_client, duration, workers, generator.value)
+    if warmup >= duration:
+        raise typer.BadParameter(
+            f"must be less than --duration ({duration:g} s), got {warmup:g}", param_hint="--warmup"
+        )
+    shape = Shape(
+        devices, rate, clients, patients_per_client, duration, workers, generator.value, warmup
+    )
     refs = against or []
     rows = asyncio.run(bench_saturate(shape, refs) if saturate else bench_load(shape, refs))
     title = (
         f"{devices} devices x {rate:g} Hz, {clients} clients x {patients_per_client} patients"
-        f" ({generator.value} load generator)"
+        f" ({generator.value} load generator"
+        + (f"; latency after a {warmup:g} s warm-up)" if warmup else ")")
     )
     t = Table(title=("saturation: last rate with p99 <= 50 ms, " if saturate else "") + title)
     for col in (
