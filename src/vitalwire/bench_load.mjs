@@ -676,9 +676,9 @@ let kept = 0;
 
 /** Per client and watched device: the highest seq seen and how many distinct arrived. */
 class Tracker {
-  constructor(client, devices, timedFrom) {
+  constructor(client, devices, untimed) {
     this.client = client;
-    this.timedFrom = timedFrom; // device timestamps before this (the warm-up): not in the latencies
+    this.untimed = untimed; // each device's first readings (the warm-up): not in the latencies
     this.devices = devices; // slot -> device index
     this.highest = new Float64Array(devices.length);
     this.count = new Float64Array(devices.length);
@@ -692,7 +692,7 @@ class Tracker {
     }
     this.highest[slot] = seq;
     this.count[slot] += 1;
-    if (ts < this.timedFrom) return;
+    if (seq <= this.untimed) return;
     const latency = (tsNow() - ts) * 1000;
     res.seen += 1;
     if (kept < LATENCY_SAMPLES) {
@@ -858,8 +858,8 @@ async function worker(config) {
   WALL = clock.wall;
   MONO_NS = BigInt(Math.round(clock.mono * 1e9));
   const t0 = mono();
-  const timedFrom = startAt + (shape.warmup_s || 0);
-  const trackers = clients.map((c) => new Tracker(c, watched(shape, c), timedFrom));
+  const untimed = Math.round((shape.warmup_s || 0) * shape.rate_hz);
+  const trackers = clients.map((c) => new Tracker(c, watched(shape, c), untimed));
   const conns = [];
   const opened = trackers.map((tracker) =>
     openClient(target, shape, tracker.client, tracker).then(

@@ -115,10 +115,7 @@ async def _worker(
     for c in clients:
         ev = asyncio.Event()
         ready.append(ev)
-        timed_from = start_at + shape.warmup_s
-        client_tasks.append(
-            asyncio.create_task(_client(target, shape, c, res, ev, stop_clients, timed_from))
-        )
+        client_tasks.append(asyncio.create_task(_client(target, shape, c, res, ev, stop_clients)))
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 120)
     senders = [await _open_device(target, d) for d in devices]
     res.connect_s = time.perf_counter() - t0
@@ -238,10 +235,10 @@ async def _send_loop(target: Target, shape: Shape, d: int, sender: Any, res: Wor
 
 
 class _Tracker:
-    def __init__(self, res: WorkerResult, client: int, timed_from: float = 0.0) -> None:
+    def __init__(self, res: WorkerResult, client: int, untimed: int = 0) -> None:
         self.res = res
         self.client = client
-        self.timed_from = timed_from  # device timestamps before this: not in the latencies
+        self.untimed = untimed  # each device's first readings (the warm-up): not in the latencies
         self.highest: dict[int, int] = {}
         self.k = 0
 
@@ -253,7 +250,7 @@ class _Tracker:
         self.highest[d] = seq
         key = (self.client, d)
         res.received[key] = res.received.get(key, 0) + 1
-        if ts < self.timed_from:
+        if seq <= self.untimed:
             return
         latency = (time.time() - ts) * 1000
         res.seen += 1
@@ -275,10 +272,10 @@ async def _client(
     res: WorkerResult,
     ready: asyncio.Event,
     stop: asyncio.Event,
-    timed_from: float = 0.0,
 ) -> None:
     watched = shape.watched(c)
-    tracker = _Tracker(res, c, timed_from)
+    # a device numbers its readings from 1 when the load starts, so its warm-up is its first seqs
+    tracker = _Tracker(res, c, round(shape.warmup_s * shape.rate_hz))
     try:
         if target.kind == "mqtt":
             await _mqtt_client(target, watched, tracker, ready)

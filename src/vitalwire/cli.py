@@ -436,8 +436,8 @@ def bench_main(
         float,
         typer.Option(
             min=0,
-            help="Seconds at the start of the load whose readings count for loss and "
-            "duplicates but not for latency (every device's first reading costs more).",
+            help="Seconds at the start of each device's load whose readings count for loss "
+            "and duplicates but not for latency (every device's first reading costs more).",
         ),
     ] = 0.0,
     json_path: JsonOpt = None,
