@@ -252,3 +252,11 @@ def _mqtt_up() -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", 1883)) == 0
+
+
+def test_a_warm_up_must_be_shorter_than_the_load() -> None:
+    r = CliRunner().invoke(app, ["bench", "--duration", "2", "--warmup", "2"])
+    assert r.exit_code == 2
+    assert "--warmup" in r.output and "must be less than --duration (2 s), got 2" in r.output
+    negative = CliRunner().invoke(app, ["bench", "--warmup", "-1"])
+    assert negative.exit_code == 2 and "--warmup" in negative.output
