@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -111,10 +113,8 @@ async def test_catchup_counts_lost_and_duplicated_offsets() -> None:
     assert run["frames"] == 3 and run["events_frames"] == 1 and run["recovered"]
 
 
-@pytest.mark.parametrize("generator", ["python", "node"])
-async def test_loss_is_counted_when_the_reference_drops_frames(generator: str) -> None:
-    """The naive server told to drop every 5th frame: the bench must see exactly those, with
-    either load generator."""
+async def _naive_run(generator: str, drop_every: int = 0, **shape: Any) -> dict[str, Any]:
+    """A small load (2 devices at 20 Hz, one client watching both) through the naive server."""
     import asyncio
 
     from vitalwire.bench import naive_process
@@ -122,17 +122,20 @@ async def test_loss_is_counted_when_the_reference_drops_frames(generator: str) -
 
     if generator == "node":
         _need_node()
-    shape = Shape(
-        devices=2,
-        rate_hz=20,
-        clients=1,
-        patients_per_client=2,
-        duration_s=1.0,
-        workers=1,
-        generator=generator,
+    load = Shape(
+        devices=2, rate_hz=20, clients=1, patients_per_client=2, workers=1, generator=generator
     )
-    async with naive_process(drop_every=5) as (url, pid):
-        row = await asyncio.to_thread(run_load, Target("naive", url), shape, pid)
+    load = dataclasses.replace(load, **shape)
+    async with naive_process(drop_every=drop_every) as (url, pid):
+        row: dict[str, Any] = await asyncio.to_thread(run_load, Target("naive", url), load, pid)
+    return row
+
+
+@pytest.mark.parametrize("generator", ["python", "node"])
+async def test_loss_is_counted_when_the_reference_drops_frames(generator: str) -> None:
+    """The naive server told to drop every 5th frame: the bench must see exactly those, with
+    either load generator."""
+    row = await _naive_run(generator, drop_every=5, duration_s=1.0)
     assert row["generator"] == generator
     expected = row["published"]  # the one client watches both devices
     assert expected >= 30
@@ -143,32 +146,12 @@ async def test_loss_is_counted_when_the_reference_drops_frames(generator: str) -
 
 @pytest.mark.parametrize("generator", ["python", "node"])
 async def test_a_warm_up_leaves_its_readings_out_of_the_latencies_only(generator: str) -> None:
-    """``--warmup``: readings sent in the first second still count as delivered (and would
-    count as lost), but only the later ones are timed."""
-    import asyncio
-
-    from vitalwire.bench import naive_process
-    from vitalwire.bench_load import Shape, Target, run_load
-
-    if generator == "node":
-        _need_node()
-    shape = Shape(
-        devices=2,
-        rate_hz=20,
-        clients=1,
-        patients_per_client=2,
-        duration_s=2.0,
-        workers=1,
-        generator=generator,
-        warmup_s=1.0,
-    )
-    async with naive_process() as (url, pid):
-        row = await asyncio.to_thread(run_load, Target("naive", url), shape, pid)
-    assert row["lost"] == 0 and row["delivered"] == row["published"] >= 60
-    timed = row["latency_ms"]["n"]
+    """``--warmup 1`` at 20 Hz: each device's first 20 readings still count as delivered (and
+    would count as lost), but only the later ones are timed."""
+    row = await _naive_run(generator, duration_s=2.0, warmup_s=1.0)
     assert row["shape"]["warmup_s"] == 1.0
-    # a random phase per device, then 20 Hz: about half the readings come after the warm-up
-    assert 0.3 * row["delivered"] < timed < 0.7 * row["delivered"], (timed, row["delivered"])
+    assert row["lost"] == 0 and row["delivered"] == row["published"] >= 60
+    assert row["latency_ms"]["n"] == row["delivered"] - 2 * 20
 
 
 def test_bench_load_against_naive_and_mqtt_at_a_tiny_size(tmp_path: Path) -> None:
