@@ -191,6 +191,8 @@ def test_bench_load_against_naive_and_mqtt_at_a_tiny_size(tmp_path: Path) -> Non
         assert row["delivered"] == row["published"]  # each device watched by exactly one client
         assert row["latency_ms"]["n"] == row["delivered"]
     assert rows[0]["store_rows_per_s"] > 0
+    # the server's CPU over the load window: never more than every core, all the time
+    assert 0 < rows[0]["server_cpu_pct"] <= 100 * (rows[0]["machine"]["cores"] or 1) * 1.05
 
 
 def test_bench_load_with_the_node_generator_at_a_tiny_size(tmp_path: Path) -> None:

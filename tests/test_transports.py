@@ -570,3 +570,84 @@ async def test_a_bad_frame_gets_websockets_own_close_code(
     finally:
         wire.close()
         await stop_server(srv, task)
+
+
+async def test_device_frames_are_taken_as_they_arrive_without_waking_a_coroutine(
+    tmp_path: Path,
+) -> None:
+    srv, task = await start_server(tmp_path, patients=1)
+    wire = _Wire(srv.ws_url + "/ws/device")
+    try:
+        await wire.connect()
+        await _hello(srv, wire)
+        (proto,) = _protocols(srv)
+        assert proto.on_frame is not None
+        await wait_until(lambda: proto.queue._waiter is not None, 5, "the handler waits")
+        waiting = proto.queue._waiter  # the read the handler's coroutine is suspended in
+        wire.write(b"".join(_frame(1, _reading(s)) for s in range(1, 6)))
+        got = await wire.frames(lambda fs: any(t.get("seq") == 5 for t in _texts(fs)))
+        assert [t["type"] for t in _texts(got)] == ["ack"] * len(_texts(got))
+        assert srv.services.ingest._durable[srv.device(0)[0]] == 5
+        # the five frames were taken inside the server's read: nothing woke the coroutine, which
+        # still waits in the same read (no coroutine, future or message made per frame)
+        assert proto.queue._waiter is waiting and proto.queue.empty()
+        wire.write(_frame(8, (1000).to_bytes(2, "big")))
+        await wire.frames(lambda fs: _close_code(fs) is not None)
+        # the handler let go of its hook when it ended (the protocol would keep its state)
+        await wait_until(lambda: proto.on_frame is None, 5, "the hook released")
+    finally:
+        wire.close()
+        await stop_server(srv, task)
+
+
+async def test_a_device_frame_arriving_past_the_write_queue_bound_waits_and_keeps_its_order(
+    tmp_path: Path,
+) -> None:
+    """Backpressure with frames taken as they arrive: a frame that comes while more than
+    ``max_pending_rows`` rows wait is declined by the fast path, the handler waits for room,
+    and it and every frame behind it are then taken in order, none lost or doubled."""
+    srv, task = await start_server(tmp_path, patients=1, max_pending_rows=1000)
+    svc = srv.services
+    store = svc.store
+    release = asyncio.Event()
+    real_write = store.write_batch
+
+    async def stalled(batch: Any) -> None:
+        await release.wait()
+        await real_write(batch)
+
+    store.write_batch = stalled  # type: ignore[method-assign]
+    wire = _Wire(srv.ws_url + "/ws/device")
+    did = srv.device(0)[0]
+
+    def batch(first: int, n: int) -> bytes:
+        items = [{"seq": s, "ts": 1.7e9 + s, "hr": 70, "spo2": 97} for s in range(first, first + n)]
+        return _frame(1, json.dumps({"type": "readings", "items": items}))
+
+    try:
+        await wire.connect()
+        await _hello(srv, wire)
+        # frames of 300 readings (600 rows: reading + event) until more than 1,000 rows wait
+        # behind the stalled commit; each is taken while the queue is within its bound
+        last = 0
+        while svc.writer.pending_rows <= 1000:
+            wire.write(batch(last + 1, 300))
+            last += 300
+            await wait_until(lambda n=last: svc.ingest._high.get(did) == n, 5, "frame taken")
+        assert last <= 900
+        wire.write(_frame(1, _reading(last + 1)) + _frame(1, _reading(last + 2)))
+        await wait_until(lambda: bool(svc.writer._room_waiters), 5, "the handler waits for room")
+        assert svc.ingest._high[did] == last  # the two are held back, not taken
+        release.set()
+        got = await wire.frames(lambda fs: any(t.get("seq") == last + 2 for t in _texts(fs)))
+        assert not [t for t in _texts(got) if t["type"] == "error"]
+        assert svc.ingest._durable[did] == last + 2
+        # and frames are taken as they arrive again
+        wire.write(_frame(1, _reading(last + 3)))
+        await wire.frames(lambda fs: any(t.get("seq") == last + 3 for t in _texts(fs)))
+        events = await store.events_after(f"patient:{srv.device(0)[2]}", 0, 10_000)
+        seqs = [e.data["seq"] for e in events if e.kind == "reading"]
+        assert seqs == list(range(1, last + 4))  # every reading stored once, in order
+    finally:
+        wire.close()
+        await stop_server(srv, task)

@@ -432,7 +432,6 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
     cli_parts = [list(range(shape.clients))[i::workers] for i in range(workers)]
     start_at = time.time() + 3.0 + shape.devices / 500 + shape.clients / 200
     rss0 = proc_rss_kb(server_pid) if server_pid else 0
-    cpu0 = proc_cpu_s(server_pid) if server_pid else 0.0
     timeout = shape.duration_s + 300  # from the start of the load
     if node:
         clock = {"wall": time.time(), "mono": time.monotonic()}  # one instant, one clock
@@ -447,6 +446,7 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
             # every connection is open (workers connect first) but no reading flows: idle memory
             time.sleep(max(0.0, start_at - 0.3 - time.time()))
             rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+            cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
             results = [_node_result(p, timeout) for p in nodes]
         finally:
             for p in nodes:
@@ -467,12 +467,14 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
         # every connection is open (the workers connect first) but no reading flows yet: idle memory
         time.sleep(max(0.0, start_at - 0.3 - time.time()))
         rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+        cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
         results = [out.get(timeout=timeout) for _ in procs]
         for p in procs:
             p.join(30)
-    cpu1 = proc_cpu_s(server_pid) if server_pid else 0.0
+    # the server's CPU over the load alone (from just before the first reading to the workers'
+    # report), not over the connect phase before it
+    cpu1, wall = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic() - load_t0
     rss1 = proc_rss_kb(server_pid) if server_pid else 0
-    wall = shape.duration_s + 2.0
     sent: dict[int, int] = {}
     received: dict[tuple[int, int], int] = {}
     latencies: list[float] = []

@@ -74,16 +74,21 @@ class Socket:
         data: str | bytes | None = message.get("text")
         if data is None:
             data = message.get("bytes") or b""
-        size = (
-            len(data)
-            if isinstance(data, bytes) or len(data) * 4 <= max_bytes
-            else len(data.encode())
-        )
-        if size > max_bytes:
-            raise FrameTooLarge(
-                f"frame must be at most {max_bytes} bytes, got {size}", field="frame"
-            )
+        check_size(data, max_bytes)
         return data
+
+    def on_frames(self, take: Callable[[str | bytes], bool] | None) -> bool:
+        """Have the server hand each incoming text or binary frame to ``take`` as it arrives,
+        without a coroutine waiting for it (the lean protocol's ``on_frame``, transports/
+        wsserver.py); ``take`` returns False to leave a frame to :meth:`receive_frame` instead.
+        False when the server cannot (every frame then comes through :meth:`receive_frame`).
+        ``None`` stops it; a handler must do that when it ends (the protocol would keep it).
+        """
+        protocol = getattr(self._send, "__self__", None)
+        if protocol is None or not hasattr(protocol, "on_frame"):
+            return False
+        protocol.on_frame = take
+        return True
 
     async def send_all(self, frames: list[str]) -> None:
         """Send text frames in order (the hot path: one ``send`` call per frame, nothing else);
@@ -123,6 +128,15 @@ class Socket:
             return False
         transport.abort()
         return True
+
+
+def check_size(data: str | bytes, max_bytes: int) -> None:
+    """FrameTooLarge when ``data`` is past ``max_bytes`` (UTF-8 bytes for text)."""
+    size = (
+        len(data) if isinstance(data, bytes) or len(data) * 4 <= max_bytes else len(data.encode())
+    )
+    if size > max_bytes:
+        raise FrameTooLarge(f"frame must be at most {max_bytes} bytes, got {size}", field="frame")
 
 
 async def close_quietly(ws: Socket, code: int, reason: str = "", timeout: float = 2.0) -> None:
@@ -311,7 +325,11 @@ class Outbox:
         self.sender.kick()
 
     def _take(self) -> list[str]:
-        out, self._frames = self._frames, []
+        # a copy goes out and the queue's own list stays: a new list per ack would be one more
+        # object per device and second for the collector's young generation to scan
+        frames = self._frames
+        out = frames.copy()
+        frames.clear()
         return out
 
     def close(self) -> None:

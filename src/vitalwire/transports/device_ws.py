@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vitalwire import wire
@@ -16,6 +17,7 @@ from vitalwire.transports.common import (
     Heartbeat,
     Outbox,
     Socket,
+    check_size,
     close_quietly,
     origin_allowed,
 )
@@ -97,7 +99,7 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
 
         heartbeat = Heartbeat(s.heartbeat_s, s.heartbeat_s * 3, lambda: outbox.put(PING), silent)
         try:
-            await _serve(ws, svc, session, outbox, heartbeat)
+            await _serve(ws, svc, session, outbox, heartbeat, close)
         finally:
             heartbeat.cancel()
     except Disconnected:
@@ -121,38 +123,40 @@ async def _finish(outbox: Outbox) -> None:
 
 
 async def _serve(
-    ws: Socket, svc: Services, session: DeviceSession, outbox: Outbox, heartbeat: Heartbeat
+    ws: Socket,
+    svc: Services,
+    session: DeviceSession,
+    outbox: Outbox,
+    heartbeat: Heartbeat,
+    close: Callable[[int, str], None],
 ) -> None:
+    """Take the device's frames until the session closes or the device goes.
+
+    Frames are taken as they arrive, inside the server's read (``Socket.on_frames``): a device
+    waiting for its next reading holds no coroutine, future or timer made for that frame. Only
+    a frame that must wait goes through the loop below: one that arrives while the write queue
+    is full (backpressure), and every frame on a server without that hook.
+    """
     s = svc.settings
+    writer = svc.writer
+    max_rows = s.max_pending_rows
     bucket = TokenBucket(s.device_msgs_per_s, s.device_msgs_burst)
-    while not outbox.closed:
+
+    def take(raw: str | bytes) -> None:
+        """One frame's work, its size checked; never awaits."""
+        if not bucket.take(time.monotonic()):
+            # a refused frame followed by accepted ones could let the cumulative ack cover
+            # it: a device over its rate is disconnected instead, and resends after reconnect
+            limit = f"{s.device_msgs_per_s:g}/s, burst {s.device_msgs_burst}"
+            outbox.put(_error(RateLimited(f"messages must be at most {limit}")))
+            session.close(Close.RATE_LIMITED, "rate limited")
+            return
         try:
-            heartbeat.waiting()
-            try:
-                raw = await ws.receive_frame(s.max_frame_bytes)
-            finally:
-                heartbeat.busy()
-            if not bucket.take(time.monotonic()):
-                # a refused frame followed by accepted ones could let the cumulative ack cover
-                # it: a device over its rate is disconnected instead, and resends after reconnect
-                limit = f"{s.device_msgs_per_s:g}/s, burst {s.device_msgs_burst}"
-                outbox.put(_error(RateLimited(f"messages must be at most {limit}")))
-                session.close(Close.RATE_LIMITED, "rate limited")
-                return
             msg = wire.decode_device(raw)
         except PeerError as exc:
             outbox.put(_error(exc))
-            continue
+            return
         if isinstance(msg, (wire.Reading, wire.Readings)):
-            if svc.writer.pending_rows > s.max_pending_rows:
-                # backpressure: stop reading this device until the writer catches up; a store
-                # that stays stuck past a heartbeat ends the session (the device resends later)
-                try:
-                    await svc.writer.wait_for_room(s.max_pending_rows, s.heartbeat_s)
-                except TimeoutError:
-                    outbox.put(_error(Unavailable("the store is not keeping up; reconnect later")))
-                    session.close(Close.TRY_AGAIN_LATER, "store not keeping up")
-                    return
             _take(svc, session, outbox, [msg] if isinstance(msg, wire.Reading) else msg.items, None)
         elif isinstance(msg, wire.CommandResult):
             try:
@@ -170,6 +174,50 @@ async def _serve(
             pass
         elif isinstance(msg, wire.Hello):
             outbox.put(_error(InvalidMessage("hello was already received", field="type")))
+
+    def arrived(raw: str | bytes) -> bool:
+        """A frame, as the server read it; False leaves it to the loop below."""
+        if outbox.closed:
+            return False  # nothing more is taken; the loop ends on it
+        if writer.pending_rows > max_rows:
+            return False  # the loop waits for room first
+        try:
+            check_size(raw, s.max_frame_bytes)
+            take(raw)
+        except PeerError as exc:
+            outbox.put(_error(exc))
+        except Exception:
+            log.exception("device frame failed")
+            close(Close.INTERNAL_ERROR, "internal error")
+        heartbeat.waiting()  # the silence clock starts again
+        return True
+
+    ws.on_frames(arrived)
+    try:
+        while not outbox.closed:
+            try:
+                heartbeat.waiting()
+                try:
+                    raw = await ws.receive_frame(s.max_frame_bytes)
+                finally:
+                    heartbeat.busy()
+            except PeerError as exc:
+                outbox.put(_error(exc))
+                continue
+            if outbox.closed:
+                return
+            if writer.pending_rows > max_rows:
+                # backpressure: stop reading this device until the writer catches up; a store
+                # that stays stuck past a heartbeat ends the session (the device resends later)
+                try:
+                    await writer.wait_for_room(max_rows, s.heartbeat_s)
+                except TimeoutError:
+                    outbox.put(_error(Unavailable("the store is not keeping up; reconnect later")))
+                    session.close(Close.TRY_AGAIN_LATER, "store not keeping up")
+                    return
+            take(raw)
+    finally:
+        ws.on_frames(None)  # the protocol would keep this connection's state otherwise
 
 
 def _take(

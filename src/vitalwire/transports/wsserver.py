@@ -13,7 +13,7 @@ for key sharing. :class:`LeanWebSocketProtocol` changes none of its behaviour, o
   its own copy;
 - the protocol's attributes live in slots.
 
-It adds two fast paths, for the frames nearly all traffic is made of:
+It adds three fast paths, for the frames nearly all traffic is made of:
 
 - :meth:`LeanWebSocketProtocol.send_now`: text frames written to the transport at once, for a
   caller that is not awaiting (``common.Sender``), when nothing stands in the way;
@@ -23,6 +23,13 @@ It adds two fast paths, for the frames nearly all traffic is made of:
   the size limit, invalid UTF-8, a missing mask) the rest of the stream goes to websockets'
   parser, which is still at a frame boundary then, for the rest of the connection: every error
   and close is websockets' and uvicorn's own.
+- :attr:`LeanWebSocketProtocol.on_frame`: an app may hand the protocol a function that takes a
+  message's text or bytes at once, inside ``data_received``, instead of the message going
+  through the queue to a coroutine awaiting ``receive`` (a coroutine chain, a future and a dict
+  per message). It returns False to decline one (the message is then queued as usual, and
+  reading pauses until the app received it); while anything is queued, nothing is offered to it,
+  so the order holds. A connection waiting for its next frame then holds nothing made per frame
+  (10,000 idle device connections made the collector's young-generation pauses 60–90 ms).
 
 About 7 KB less per connection (measured with 2,200 idle connections; architecture.md).
 :func:`protocol_class` falls back to uvicorn's own class if uvicorn no longer looks as expected.
@@ -31,6 +38,7 @@ About 7 KB less per connection (measured with 2,200 idle connections; architectu
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -181,7 +189,7 @@ def text_frames(texts: list[str]) -> bytes:
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol holding less per connection (see the module)."""
 
-    __slots__ = (*_ATTRIBUTES, "_fast", "_rbuf")
+    __slots__ = (*_ATTRIBUTES, "_fast", "_rbuf", "on_frame")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -192,6 +200,8 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         #: None until the handshake is done; then whether frames are read here (see the module)
         self._fast: bool | None = None
         self._rbuf = b""  # the start of a frame not yet complete
+        #: Takes a whole message's text or bytes, or returns False to have it queued (module).
+        self.on_frame: Callable[[str | bytes], bool] | None = None
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -252,9 +262,9 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
                 except UnicodeDecodeError:
                     self._hand_over(buf, pos)
                     return
-                self._deliver({"type": "websocket.receive", "text": text})
+                self._deliver("text", text)
             elif opcode == 2:
-                self._deliver({"type": "websocket.receive", "bytes": payload})
+                self._deliver("bytes", payload)
             elif opcode == 9:
                 self.conn.send_pong(payload)
                 self.transport.write(b"".join(self.conn.data_to_send()))
@@ -269,11 +279,15 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         self._rbuf = b""
         super().data_received(buf[pos:])
 
-    def _deliver(self, message: dict[str, Any]) -> None:
-        """What uvicorn's ``send_receive_event_to_app`` does with one whole message."""
+    def _deliver(self, kind: str, data: str | bytes) -> None:
+        """What uvicorn's ``send_receive_event_to_app`` does with one whole message, or hand it
+        to :attr:`on_frame` when nothing is queued before it."""
         if self.close_sent:
             return  # past websocket.close: uvicorn discards it too
-        self.queue.put_nowait(message)
+        take = self.on_frame
+        if take is not None and self.queue.empty() and take(data):
+            return
+        self.queue.put_nowait({"type": "websocket.receive", kind: data})
         if not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
