@@ -4,6 +4,7 @@ heartbeat timer, and the leaner uvicorn protocol (issue 7: cost per connection).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -651,3 +652,79 @@ async def test_a_device_frame_arriving_past_the_write_queue_bound_waits_and_keep
     finally:
         wire.close()
         await stop_server(srv, task)
+
+
+async def test_a_peer_that_sends_but_never_answers_websocket_pings_is_closed_1011(
+    tmp_path: Path,
+) -> None:
+    """The keepalive (WebSocket pings, on the Ticker): a device that keeps sending, so the 4004
+    silence rule never fires, but never answers a WebSocket ping, is closed with 1011 once a
+    ping goes unanswered for 4 × ``heartbeat_s``."""
+    srv, task = await start_server(tmp_path, patients=1, heartbeat_s=0.1)
+    wire = _Wire(srv.ws_url + "/ws/device")  # it never writes back what its parser queues
+    try:
+        await wire.connect()
+        await _hello(srv, wire)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        got: list[Any] = []
+        n = 0
+        while _close_code(got) is None and loop.time() - start < 5:
+            n += 1
+            wire.write(_frame(1, json.dumps({"type": "ping", "id": n})))
+            with contextlib.suppress(TimeoutError):
+                got += await wire.frames(lambda fs: bool(fs), timeout=0.05)
+        assert _close_code(got) == 1011
+        assert [f.data for f in got if f.opcode.name == "CLOSE"][0][2:] == b"keepalive ping timeout"
+        pings = [f for f in got if f.opcode.name == "PING"]
+        assert len(pings) == 1  # one ping, unanswered; its deadline, not the next ping, came
+        assert 0.4 <= loop.time() - start < 2.0  # ping after 0.1 s, then 4 × 0.1 s for a pong
+        assert any(t.get("type") == "pong" for t in _texts(got))  # it was not silent
+    finally:
+        wire.close()
+        await stop_server(srv, task)
+
+
+async def test_ticker_runs_entries_in_due_order_never_early_and_forgets_withdrawn_ones() -> None:
+    from vitalwire.transports.common import TICK_S, ticker
+
+    loop = asyncio.get_running_loop()
+    t = ticker(loop)
+    assert ticker(loop) is t  # one per loop
+    ran: list[tuple[str, float]] = []
+
+    class Entry:
+        def __init__(self, name: str, when: float) -> None:
+            self.name, self.when = name, when
+
+        def due(self) -> None:
+            ran.append((self.name, loop.time()))
+
+    now = loop.time()
+    entries = [Entry(n, now + d) for n, d in (("c", 0.09), ("a", 0.03), ("x", 0.05), ("b", 0.06))]
+    keys = {e.name: t.add(e, e.when) for e in entries}
+    t.discard(entries[2], keys["x"])  # withdrawn: never runs
+
+    class Rival:  # two in one slot, each withdrawing the other: whichever runs first wins
+        other: Rival
+
+        def due(self) -> None:
+            t.discard(self.other, key)
+            ran.append(("rival", loop.time()))
+
+    r1, r2 = Rival(), Rival()
+    r1.other, r2.other = r2, r1
+    key = t.add(r1, now + 0.06)
+    assert t.add(r2, now + 0.06) == key
+    await wait_until(lambda: "c" in [n for n, _ in ran], 2, "entries run")
+    assert [n for n, _ in ran] == ["a", "b", "rival", "c"] or [n for n, _ in ran] == [
+        "a",
+        "rival",
+        "b",
+        "c",
+    ]
+    for name, at in ran:
+        if name in keys:
+            assert at >= next(e.when for e in entries if e.name == name) - 0.001  # never early
+    assert len(t) == 0
+    assert TICK_S <= 0.01

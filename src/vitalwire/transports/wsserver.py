@@ -38,12 +38,16 @@ About 7 KB less per connection (measured with 2,200 idle connections; architectu
 from __future__ import annotations
 
 import asyncio
+import random
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode, apply_mask
 from websockets.protocol import State
+
+from vitalwire.transports.common import ticker
 
 
 class Inbox:
@@ -189,7 +193,7 @@ def text_frames(texts: list[str]) -> bytes:
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol holding less per connection (see the module)."""
 
-    __slots__ = (*_ATTRIBUTES, "_fast", "_rbuf", "on_frame")
+    __slots__ = (*_ATTRIBUTES, "_fast", "_rbuf", "on_frame", "_ticker", "_ka_key", "_ka_pong")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -202,6 +206,10 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         self._rbuf = b""  # the start of a frame not yet complete
         #: Takes a whole message's text or bytes, or returns False to have it queued (module).
         self.on_frame: Callable[[str | bytes], bool] | None = None
+        # the keepalive's ping and pong deadlines are filed with the loop's Ticker, not timers
+        self._ticker = ticker(self.loop)
+        self._ka_key: int | None = None
+        self._ka_pong = False  # the entry filed is the pong deadline (else the next ping)
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -326,6 +334,59 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         self.response = None  # type: ignore[assignment]
         super().start_keepalive()
 
+    # -- the keepalive, as uvicorn's, on the Ticker ----------------------------------------------
+    # uvicorn arms two loop timers per connection and interval (the next ping; the pong's
+    # deadline); these file the same deadlines with the Ticker (transports/common.py), which
+    # makes no object per deadline. What is sent and when it closes (1011) is unchanged.
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        self._withdraw()
+        self._ka_key = self._ticker.add(self, self.loop.time() + delay)
+
+    def due(self) -> None:
+        self._ka_key = None
+        if self._ka_pong:
+            self._ka_pong = False
+            self.keepalive_timeout()
+        else:
+            self.send_keepalive_ping()
+
+    def send_keepalive_ping(self) -> None:
+        self.ping_timer = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        # a random payload identifies this ping; handle_pong ignores stale or unsolicited pongs
+        self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.ping_sent_at = self.loop.time()
+        self.conn.send_ping(self.pending_ping_payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        if self.ping_timeout is not None:
+            self._withdraw()
+            self._ka_pong = True
+            self._ka_key = self._ticker.add(self, self.ping_sent_at + self.ping_timeout)
+        else:
+            self.schedule_ping()
+
+    def handle_pong(self, event: Frame) -> None:
+        if self.pending_ping_payload is None or bytes(event.data) != self.pending_ping_payload:
+            return
+        self.last_ping_rtt = self.loop.time() - self.ping_sent_at
+        self.pending_ping_payload = None
+        if self._ka_pong:  # answered in time: the next ping
+            self.schedule_ping()
+
+    def stop_keepalive(self) -> None:
+        self._withdraw()
+        super().stop_keepalive()
+
+    def _withdraw(self) -> None:
+        if self._ka_key is not None:
+            self._ticker.discard(self, self._ka_key)
+            self._ka_key = None
+        self._ka_pong = False
+
 
 def protocol_class() -> type[asyncio.Protocol]:
     """:class:`LeanWebSocketProtocol`, or uvicorn's own class if uvicorn changed under it."""
@@ -338,6 +399,10 @@ def protocol_class() -> type[asyncio.Protocol]:
             "receive",
             "data_received",
             "handle_pong",
+            "schedule_ping",
+            "send_keepalive_ping",
+            "keepalive_timeout",
+            "stop_keepalive",
         )
     )
     return LeanWebSocketProtocol if ok else WebSocketsSansIOProtocol
