@@ -315,9 +315,7 @@ class Ticker:
             self._arm(keys[0])
 
 
-_tickers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ticker] = (
-    weakref.WeakKeyDictionary()
-)
+_tickers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ticker] = weakref.WeakKeyDictionary()
 
 
 def ticker(loop: asyncio.AbstractEventLoop) -> Ticker:
