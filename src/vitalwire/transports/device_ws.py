@@ -69,10 +69,11 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
             await close_quietly(ws, Close.UNAUTHENTICATED, "hello required")
             return
 
-        def close(code: int, why: str) -> None:
-            """Send what is queued (acks), then close with ``code``."""
+        def close(code: int, why: str, status: str | None = None) -> None:
+            """Send what is queued (acks), then close with ``code`` and ``why``; ``status`` is
+            the device's offline reason when it is not ``why``."""
             nonlocal reason
-            reason = why if code != Close.GOING_AWAY else "server shutting down"
+            reason = status or (why if code != Close.GOING_AWAY else "server shutting down")
             outbox.close()
 
             async def _close() -> None:
@@ -128,7 +129,7 @@ async def _serve(
     session: DeviceSession,
     outbox: Outbox,
     heartbeat: Heartbeat,
-    close: Callable[[int, str], None],
+    close: Callable[[int, str, str | None], None],
 ) -> None:
     """Take the device's frames until the session closes or the device goes.
 
@@ -188,7 +189,7 @@ async def _serve(
             outbox.put(_error(exc))
         except Exception:
             log.exception("device frame failed")
-            close(Close.INTERNAL_ERROR, "internal error")
+            close(Close.INTERNAL_ERROR, "internal error", "server error")  # as the loop's
         heartbeat.waiting()  # the silence clock starts again
         return True
 
