@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -478,6 +479,22 @@ async def _hello(srv: RunningServer, wire: _Wire, chunk: int = 0) -> None:
     assert _texts(got)[0]["type"] == "welcome"
 
 
+@contextlib.asynccontextmanager
+async def _device_wire(
+    tmp_path: Path, **overrides: Any
+) -> AsyncIterator[tuple[RunningServer, _Wire]]:
+    """A server with one patient, and a hand-made device connection past its ``hello``."""
+    srv, task = await start_server(tmp_path, patients=1, **overrides)
+    wire = _Wire(srv.ws_url + "/ws/device")
+    try:
+        await wire.connect()
+        await _hello(srv, wire)
+        yield srv, wire
+    finally:
+        wire.close()
+        await stop_server(srv, task)
+
+
 def _reading(seq: int) -> str:
     import time
 
@@ -576,11 +593,7 @@ async def test_a_bad_frame_gets_websockets_own_close_code(
 async def test_device_frames_are_taken_as_they_arrive_without_waking_a_coroutine(
     tmp_path: Path,
 ) -> None:
-    srv, task = await start_server(tmp_path, patients=1)
-    wire = _Wire(srv.ws_url + "/ws/device")
-    try:
-        await wire.connect()
-        await _hello(srv, wire)
+    async with _device_wire(tmp_path) as (srv, wire):
         (proto,) = _protocols(srv)
         assert proto.on_frame is not None
         await wait_until(lambda: proto.queue._waiter is not None, 5, "the handler waits")
@@ -596,9 +609,6 @@ async def test_device_frames_are_taken_as_they_arrive_without_waking_a_coroutine
         await wire.frames(lambda fs: _close_code(fs) is not None)
         # the handler let go of its hook when it ended (the protocol would keep its state)
         await wait_until(lambda: proto.on_frame is None, 5, "the hook released")
-    finally:
-        wire.close()
-        await stop_server(srv, task)
 
 
 async def test_a_device_frame_arriving_past_the_write_queue_bound_waits_and_keeps_its_order(
@@ -660,11 +670,8 @@ async def test_a_peer_that_sends_but_never_answers_websocket_pings_is_closed_101
     """The keepalive (WebSocket pings, on the Ticker): a device that keeps sending, so the 4004
     silence rule never fires, but never answers a WebSocket ping, is closed with 1011 once a
     ping goes unanswered for 4 × ``heartbeat_s``."""
-    srv, task = await start_server(tmp_path, patients=1, heartbeat_s=0.1)
-    wire = _Wire(srv.ws_url + "/ws/device")  # it never writes back what its parser queues
-    try:
-        await wire.connect()
-        await _hello(srv, wire)
+    # the hand-made client never writes back the pongs its parser queues
+    async with _device_wire(tmp_path, heartbeat_s=0.1) as (_srv, wire):
         loop = asyncio.get_running_loop()
         start = loop.time()
         got: list[Any] = []
@@ -680,9 +687,6 @@ async def test_a_peer_that_sends_but_never_answers_websocket_pings_is_closed_101
         assert len(pings) == 1  # one ping, unanswered; its deadline, not the next ping, came
         assert 0.4 <= loop.time() - start < 2.0  # ping after 0.1 s, then 4 × 0.1 s for a pong
         assert any(t.get("type") == "pong" for t in _texts(got))  # it was not silent
-    finally:
-        wire.close()
-        await stop_server(srv, task)
 
 
 async def test_ticker_runs_entries_in_due_order_never_early_and_forgets_withdrawn_ones() -> None:
