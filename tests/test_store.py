@@ -303,3 +303,25 @@ async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> Non
     check = sqlite3.connect(path)
     assert check.execute("SELECT count(*) FROM t").fetchone()[0] == commits * 5  # nothing lost
     check.close()
+
+
+async def test_a_batch_of_readings_and_events_is_one_statement(tmp_path: Path) -> None:
+    """One call into SQLite per batch on the hot path: no BEGIN or COMMIT around the inserts
+    (each return from SQLite waits for the GIL; see store/sqlite_writer.py), and the trigger
+    behind it writes both tables."""
+    from vitalwire.store.sql import SqlStore
+
+    store = SqlStore(f"sqlite:///{tmp_path / 'one.db'}")
+    await store.open()
+    try:
+        assert store._fast is not None and store._fast._conn is not None
+        traced: list[str] = []
+        store._fast._conn.set_trace_callback(traced.append)
+        await store.write_batch(_batch("d1", "patient:P1", range(1, 51), 1))
+        store._fast._conn.set_trace_callback(None)
+        # the trigger's steps trace as the statement that fired them: one statement, no BEGIN
+        assert {s.partition(" VALUES")[0] for s in traced} == {"INSERT INTO temp.reading_batch"}
+        assert await store.device_last_seq("d1") == 50
+        assert await store.stream_heads() == {"patient:P1": 50}
+    finally:
+        await store.close()

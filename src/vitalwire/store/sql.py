@@ -25,6 +25,7 @@ from vitalwire.store import schema as t
 from vitalwire.store.base import AlertRow, AuditRow, Batch, Binding, CommandRow, ReadingRow
 from vitalwire.store.sqlite_writer import (
     SqliteBatchWriter,
+    batch_view,
     compile_json_rows,
     compile_positional,
     json_rows,
@@ -182,6 +183,7 @@ class SqlStore:
         self._fast: SqliteBatchWriter | None = None
         self._dedicated_writer = dedicated_writer
         self._fast_sql: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._reading_batch = ""  # the statement taking a batch's readings and events at once
 
     @property
     def engine(self) -> AsyncEngine:
@@ -227,34 +229,40 @@ class SqlStore:
             ):
                 if self._fast_sql[name][1] != tuple(row):  # _fast_work builds these in this order
                     raise RuntimeError(f"{name}: parameter order {self._fast_sql[name][1]}")
-            self._fast = SqliteBatchWriter(database, synchronous=self._synchronous)
+            # a batch's readings and events: one statement, so one call into SQLite
+            self._reading_batch, setup = batch_view(
+                "reading_batch",
+                {"readings": self._fast_sql["readings"][0], "events": self._fast_sql["events"][0]},
+            )
+            self._fast = SqliteBatchWriter(database, synchronous=self._synchronous, setup=setup)
             await self._fast.open()
 
     def _fast_work(self, batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
         """The batch as (SQL, parameter tuples) in write order, built on the caller's thread."""
         work: list[tuple[str, list[tuple[Any, ...]]]] = []
         sql = self._fast_sql
-        if batch.readings:
-            text, _ = sql["readings"]  # columns in ReadingRow's order (checked at compile)
-            readings = [
-                (
-                    r.device_id,
-                    r.seq,
-                    r.patient_id,
-                    r.stream_offset,
-                    r.device_ts,
-                    r.received_ts,
-                    r.unbound_data,
-                )
-                for r in batch.readings
-            ]
-            work.append((text, [(json_rows(readings),)]))
+        readings = events = None
+        if batch.readings:  # columns in ReadingRow's order (checked at compile)
+            readings = json_rows(
+                [
+                    (
+                        r.device_id,
+                        r.seq,
+                        r.patient_id,
+                        r.stream_offset,
+                        r.device_ts,
+                        r.received_ts,
+                        r.unbound_data,
+                    )
+                    for r in batch.readings
+                ]
+            )
         if batch.events:
-            text, _ = sql["events"]
-            events = [
-                (e.stream, e.offset, e.kind, e.ts, e.data_json.decode()) for e in batch.events
-            ]
-            work.append((text, [(json_rows(events),)]))
+            events = json_rows(
+                [(e.stream, e.offset, e.kind, e.ts, e.data_json.decode()) for e in batch.events]
+            )
+        if readings is not None or events is not None:
+            work.append((self._reading_batch, [(readings, events)]))
         for name, rows, to_row in (
             ("alerts", batch.alerts, _alert_row),
             ("commands", batch.commands, _command_row),
