@@ -96,7 +96,7 @@ def _apply(engine: PatientAlerts, now: float, step: tuple[Any, ...], force: bool
 def _state(engine: PatientAlerts) -> Any:
     return (
         {k: (v.value, v.at, v.device) for k, v in engine._vitals.items()},
-        dict(engine._news2_vitals),
+        {k: tuple(v) for k, v in engine._news2_vitals.items()},
         {k: (d.online, d.probe, d.pi, d.battery) for k, d in engine._devices.items()},
         {
             k: (t.pending_since, t.clear_since)
@@ -135,7 +135,7 @@ def test_a_reading_within_its_bands_takes_the_shortcut_and_one_across_a_band_doe
     engine = PatientAlerts("P1")
     engine.on_reading(0.0, "d1", {"spo2": 97.0, "hr": 72.0, "rr": 16.0})
     assert engine._same_outcome(1.0, "d1", engine._devices["d1"], {"spo2": 98.0, "hr": 75.0})
-    assert engine._vitals["hr"].value == 75.0 and engine._news2_vitals["hr"] == (75.0, 1.0)
+    assert engine._vitals["hr"].value == 75.0 and tuple(engine._news2_vitals["hr"]) == (75.0, 1.0)
     # 91 -> NEWS2 2 points (RCP chart 1: SpO2 scale 1, 94-95 is 1, 92-93 is 2): a full pass
     assert not engine._same_outcome(2.0, "d1", engine._devices["d1"], {"spo2": 92.0})
     assert not engine._same_outcome(2.0, "d2", engine._devices["d1"], {"hr": 75.0})  # other device

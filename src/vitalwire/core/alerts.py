@@ -519,7 +519,8 @@ class PatientAlerts:
         #: evaluate in full on every input (no shortcut): what the shortcut is tested against
         self.always_full = False
         self._vitals: dict[str, _Vital] = {}
-        self._news2_vitals: dict[str, tuple[float, float]] = {}
+        #: NEWS2's inputs: name -> [value, time], updated in place (no object per reading)
+        self._news2_vitals: dict[str, list[float]] = {}
         self._devices: dict[str, _Device] = {}
         self._tracks: dict[_Key, _Track] = {}
         self._open: dict[_Key, Alert] = {}
@@ -595,7 +596,11 @@ class PatientAlerts:
                 self._vitals[name] = _Vital(float(value), now, device)
             else:  # in place: no new object per reading for the collector to scan
                 vital.value, vital.at, vital.device = float(value), now, device
-            self._news2_vitals[name] = (float(value), now)
+            stored = self._news2_vitals.get(name)
+            if stored is None:
+                self._news2_vitals[name] = [float(value), now]
+            else:  # in place too
+                stored[0], stored[1] = float(value), now
         return self._step(now)
 
     def on_device_status(self, now: float, device: str, status: str) -> list[Change]:
@@ -854,7 +859,8 @@ class PatientAlerts:
                 continue
             vital = vitals[name]
             vital.value, vital.at = float(value), now
-            news2_vitals[name] = (vital.value, now)
+            stored = news2_vitals[name]  # present: checked above
+            stored[0], stored[1] = vital.value, now
         return True
 
     def _classify(self, name: str, value: float) -> tuple[object, ...]:
