@@ -309,3 +309,35 @@ async def test_batching_client_gets_queued_events_in_one_frame_in_order() -> Non
     session.push(_status(4))  # a single event still goes as itself
     (single,) = await session.take() or []
     assert json.loads(single)["type"] == "event"
+
+
+class _SnapshotStore:
+    def __init__(self) -> None:
+        self.writes: list[list[tuple[str, int, str]]] = []
+
+    async def save_snapshots(self, rows: list[tuple[str, int, str]], now: float) -> None:
+        self.writes.append(list(rows))
+
+
+async def test_snapshots_are_written_in_bounded_slices_and_only_for_changed_streams() -> None:
+    """The store has one writer that readings wait behind: a hospital's streams go in slices of
+    SNAPSHOT_WRITE_ROWS, never all in one statement, and each changed stream exactly once."""
+    from vitalwire.services import streams as streams_module
+
+    store = _SnapshotStore()
+    streams = Streams(store, MemoryBus())  # type: ignore[arg-type]
+    bound = streams_module.SNAPSHOT_WRITE_ROWS
+    count = 2 * bound + 7
+    streams.on_events(
+        [Event.new(f"patient:P{i}", 1, ev.READING, 1.0, {"hr": 60.0}) for i in range(count)]
+    )
+    assert await streams.save_snapshots(10.0) == count
+    assert [len(w) for w in store.writes] == [bound, bound, 7]
+    assert sorted(s for w in store.writes for s, _, _ in w) == sorted(
+        f"patient:P{i}" for i in range(count)
+    )
+    store.writes.clear()
+    assert await streams.save_snapshots(20.0) == 0 and store.writes == []  # nothing changed
+    streams.on_events([Event.new("patient:P3", 2, ev.READING, 2.0, {"hr": 61.0})])
+    assert await streams.save_snapshots(30.0) == 1
+    assert store.writes == [[("patient:P3", 2, store.writes[0][0][2])]]

@@ -27,6 +27,8 @@ log = logging.getLogger("vitalwire.streams")
 STORE_PAGE = 5000
 #: Events folded per stream at start-up after its saved snapshot (or, without one, its last ones).
 STATE_WARMUP = 20_000
+#: Stream snapshots written per statement (a few milliseconds of the store's writer each).
+SNAPSHOT_WRITE_ROWS = 500
 
 
 class Subscriber(Protocol):
@@ -67,16 +69,29 @@ class Streams:
         self._saved = {s: o for s, (o, _) in saved.items()}
 
     async def save_snapshots(self, now: float) -> int:
-        """Save the picture of every stream that changed since its last save."""
-        rows = []
+        """Save the picture of every stream that changed since its last save.
+
+        Written ``SNAPSHOT_WRITE_ROWS`` streams at a time: the store has one writer, and the
+        readings' commits wait behind whatever it is doing (all 10,000 streams of a hospital
+        in one statement held them 50 ms). Each row stands alone (a stream's picture as of
+        its offset), so a save cut short keeps the rows already written."""
+        saved = 0
+        rows: list[tuple[str, int, str]] = []
         for i, (s, st) in enumerate(list(self._states.items())):
             if st.offset != self._saved.get(s):
                 rows.append((s, st.offset, msgspec.json.encode(st.snapshot()).decode()))
-            if i % 200 == 199:
+            if len(rows) >= SNAPSHOT_WRITE_ROWS:
+                saved += await self._save(rows, now)
+                rows = []
+            elif i % 200 == 199:
                 await asyncio.sleep(0)  # let the fan-out run between slices
-        await self.store.save_snapshots(rows, now)
-        for s, offset, _ in rows:
-            self._saved[s] = offset
+        return saved + await self._save(rows, now)
+
+    async def _save(self, rows: list[tuple[str, int, str]], now: float) -> int:
+        if rows:
+            await self.store.save_snapshots(rows, now)
+            for s, offset, _ in rows:
+                self._saved[s] = offset
         return len(rows)
 
     def new_event(self, stream: str, kind: str, ts: float, data: dict[str, Any]) -> Event:
