@@ -325,3 +325,16 @@ async def test_a_batch_of_readings_and_events_is_one_statement(tmp_path: Path) -
         assert await store.stream_heads() == {"patient:P1": 50}
     finally:
         await store.close()
+
+
+def test_a_batch_view_takes_only_json_array_inserts() -> None:
+    """Any other parameter would be left unbound inside the trigger: refused, naming the column."""
+    from vitalwire.store.sqlite_writer import batch_view
+
+    with pytest.raises(ValueError, match="audit: not a compile_json_rows insert"):
+        batch_view("b", {"audit": "INSERT INTO audit (at) VALUES (?)"})
+    statement, setup = batch_view(
+        "b", {"t": "INSERT INTO t (x) SELECT value ->> 0 FROM json_each(?) WHERE true"}
+    )
+    assert statement == "INSERT INTO temp.b VALUES (?)"
+    assert "json_each(NEW.t)" in setup[1] and "?" not in setup[1]

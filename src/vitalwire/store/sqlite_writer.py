@@ -3,8 +3,9 @@
 Through aiosqlite every statement of a batch (begin, each insert, commit, the pool's reset) is a
 round trip between the event loop and SQLite's thread, and each round trip waits for the loop to
 come around — under load, a millisecond or more each. Here a whole batch is **one** hop: the loop
-hands the prepared statements and parameter tuples to the writer thread, which runs ``BEGIN
-IMMEDIATE``, one statement per table and ``COMMIT``, and the loop hears back once. The SQL text
+hands the prepared statements and parameter tuples to the writer thread, which runs them in one
+transaction (``BEGIN IMMEDIATE`` … ``COMMIT``, or a single statement alone), and the loop hears
+back once. The SQL text
 is compiled once from the SQLAlchemy tables, so the schema stays in one place. The readings and
 events of a batch go in as one JSON array each (:func:`compile_json_rows`): one step of SQLite,
 not one per row. And both arrays go in through **one statement** (:func:`batch_view`): an
@@ -105,7 +106,13 @@ def batch_view(name: str, inserts: dict[str, str]) -> tuple[str, list[str]]:
     ``statement`` inserts one row of those arrays into the view (``NULL`` for none: zero rows).
     A statement and its triggers commit or fail together. Temporary objects belong to one
     connection: the setup runs on the writer's, at open.
+
+    Raises:
+        ValueError: an insert that does not take its rows as one ``json_each(?)`` parameter.
     """
+    for column, sql in inserts.items():
+        if sql.count("?") != 1 or sql.count("json_each(?)") != 1:
+            raise ValueError(f"{column}: not a compile_json_rows insert: {sql}")
     columns = list(inserts)
     body = "; ".join(
         sql.replace("json_each(?)", f"json_each(NEW.{column})") for column, sql in inserts.items()
