@@ -113,7 +113,9 @@ async def test_catchup_counts_lost_and_duplicated_offsets() -> None:
     assert run["frames"] == 3 and run["events_frames"] == 1 and run["recovered"]
 
 
-async def _naive_run(generator: str, drop_every: int = 0, **shape: Any) -> dict[str, Any]:
+async def _naive_run(
+    generator: str, drop_every: int = 0, stall_every: int = 0, **shape: Any
+) -> dict[str, Any]:
     """A small load (2 devices at 20 Hz, one client watching both) through the naive server."""
     import asyncio
 
@@ -126,7 +128,7 @@ async def _naive_run(generator: str, drop_every: int = 0, **shape: Any) -> dict[
         devices=2, rate_hz=20, clients=1, patients_per_client=2, workers=1, generator=generator
     )
     load = dataclasses.replace(load, **shape)
-    async with naive_process(drop_every=drop_every) as (url, pid):
+    async with naive_process(drop_every=drop_every, stall_every=stall_every) as (url, pid):
         row: dict[str, Any] = await asyncio.to_thread(run_load, Target("naive", url), load, pid)
     return row
 
@@ -152,6 +154,29 @@ async def test_a_warm_up_leaves_its_readings_out_of_the_latencies_only(generator
     assert row["shape"]["warmup_s"] == 1.0
     assert row["lost"] == 0 and row["delivered"] == row["published"] >= 60
     assert row["latency_ms"]["n"] == row["delivered"] - 2 * 20
+
+
+@pytest.mark.parametrize("generator", ["python", "node"])
+async def test_the_timeline_places_the_slow_readings_in_their_second(generator: str) -> None:
+    """The naive server told to stall 120 ms before every 15th frame (2 s at 2 x 20 Hz: 5 or
+    so stalls): the timeline counts every timed reading once, in the second it arrived, finds
+    at least one reading over 50 ms per stall, and its slowest is the run's slowest; every second
+    of the load and its drain has the generator's longest stall beside it."""
+    from vitalwire.bench_naive import STALL_S
+
+    row = await _naive_run(generator, stall_every=15, duration_s=2.0)
+    timeline = row["timeline"]
+    lat = row["latency_ms"]
+    assert row["lost"] == 0 and lat["n"] == row["delivered"] >= 60
+    assert sum(s["timed"] for s in timeline) == lat["n"]
+    seconds = [s["s"] for s in timeline]
+    assert seconds == sorted(set(seconds)) and 0 <= seconds[0] and seconds[-1] <= 5
+    # the generator's own stalls, sampled every 10 ms through the load and its drain
+    assert {0, 1, 2, 3} <= set(seconds)
+    assert all(s["generator_stall_ms"] >= 0 for s in timeline)
+    stalls = row["delivered"] // 15
+    assert sum(s["over_50ms"] for s in timeline) >= stalls >= 3
+    assert max(s["max_ms"] for s in timeline) == lat["max"] >= STALL_S * 1000
 
 
 def test_bench_load_against_naive_and_mqtt_at_a_tiny_size(tmp_path: Path) -> None:

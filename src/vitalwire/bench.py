@@ -548,8 +548,11 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def naive_process(drop_every: int = 0) -> AsyncIterator[tuple[str, int]]:
-    """The naive reference server (vitalwire.bench_naive) in a child process."""
+async def naive_process(
+    drop_every: int = 0, stall_every: int = 0
+) -> AsyncIterator[tuple[str, int]]:
+    """The naive reference server (vitalwire.bench_naive) in a child process; ``drop_every``
+    and ``stall_every`` make it misbehave for the bench's own tests."""
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -557,6 +560,7 @@ async def naive_process(drop_every: int = 0) -> AsyncIterator[tuple[str, int]]:
         "vitalwire.bench_naive",
         str(port),
         str(drop_every),
+        str(stall_every),
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None

@@ -672,6 +672,25 @@ const res = {
 };
 
 const latencies = new Float64Array(LATENCY_SAMPLES); // the reservoir, filled up to `kept`
+/** Per second of the load (by arrival): [timed readings, slower than SLOW_MS, slowest ms]. */
+const timeline = new Map();
+const SLOW_MS = 50; // as bench_load.py
+let START_AT = 0; // the load's start (wall clock, s)
+/** Per second of the load: this worker's longest event-loop stall (ms), which a latency measured
+ * here includes — so a slow second can be told from a slow generator. */
+const stalls = new Map();
+const STALL_TICK_MS = 10;
+
+function sampleStalls() {
+  let last = tsNow();
+  return setInterval(() => {
+    const now = tsNow();
+    const stall = Math.max(0, (now - last) * 1000 - STALL_TICK_MS);
+    last = now;
+    const second = Math.floor(now - START_AT);
+    if (!(stalls.get(second) >= stall)) stalls.set(second, stall);
+  }, STALL_TICK_MS);
+}
 let kept = 0;
 
 /** Per client and watched device: the highest seq seen and how many distinct arrived. */
@@ -693,8 +712,18 @@ class Tracker {
     this.highest[slot] = seq;
     this.count[slot] += 1;
     if (seq <= this.untimed) return;
-    const latency = (tsNow() - ts) * 1000;
+    const now = tsNow();
+    const latency = (now - ts) * 1000;
     res.seen += 1;
+    const second = Math.floor(now - START_AT);
+    let bucket = timeline.get(second);
+    if (bucket === undefined) {
+      bucket = [0, 0, 0];
+      timeline.set(second, bucket);
+    }
+    bucket[0] += 1;
+    if (latency > SLOW_MS) bucket[1] += 1;
+    if (latency > bucket[2]) bucket[2] = latency;
     if (kept < LATENCY_SAMPLES) {
       latencies[kept++] = latency;
     } else {
@@ -855,6 +884,7 @@ async function readStdin() {
 
 async function worker(config) {
   const { target, shape, devices, clients, start_at: startAt, clock } = config;
+  START_AT = startAt;
   WALL = clock.wall;
   MONO_NS = BigInt(Math.round(clock.mono * 1e9));
   const t0 = mono();
@@ -872,8 +902,10 @@ async function worker(config) {
   for (const d of devices) senders.push(await openDevice(target, d));
   res.connect_s = mono() - t0;
   await sleep(startAt - tsNow());
+  const sampler = sampleStalls();
   await Promise.all(devices.map((d, i) => sendLoop(shape, d, senders[i])));
   await sleep(2.0); // let the last readings arrive
+  clearInterval(sampler);
   await Promise.all(senders.map((s) => s.conn.close().catch(() => {})));
   await Promise.all(conns.map((conn) => conn.close().catch(() => {})));
   const received = [];
@@ -884,7 +916,13 @@ async function worker(config) {
   }
   const usage = process.cpuUsage();
   res.cpu_s = (usage.user + usage.system) / 1e6;
-  return { ...res, received, latencies_ms: Array.from(latencies.subarray(0, kept)) };
+  return {
+    ...res,
+    received,
+    latencies_ms: Array.from(latencies.subarray(0, kept)),
+    timeline: [...timeline.entries()].sort((a, b) => a[0] - b[0]).map(([k, v]) => [k, ...v]),
+    stalls: [...stalls.entries()],
+  };
 }
 
 try {

@@ -38,6 +38,8 @@ import msgspec
 from vitalwire.bench import percentiles
 
 LATENCY_SAMPLES = 200_000  # per worker, reservoir
+#: the timeline's bound: a timed reading slower than this counts as slow in its second
+SLOW_MS = 50.0
 GENERATORS = ("python", "node")
 NODE_WORKER = Path(__file__).with_name("bench_load.mjs")
 
@@ -76,6 +78,12 @@ class WorkerResult:
     duplicates: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     seen: int = 0
+    #: per second of the load (by arrival): [timed readings, slower than SLOW_MS, slowest ms]
+    timeline: dict[int, list[float]] = field(default_factory=dict)
+    #: per second of the load: this worker's longest event-loop stall (ms), which a latency
+    #: measured here includes — so a slow second can be told from a slow generator
+    stalls: dict[int, float] = field(default_factory=dict)
+    start_at: float = 0.0
     connect_s: float = 0.0
     cpu_s: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -101,13 +109,36 @@ def run_worker(
     result = asyncio.run(_worker(target, shape, devices, clients, start_at))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result.cpu_s = usage.ru_utime + usage.ru_stime
-    out.put(asdict(result) | {"received": list(result.received.items())})
+    out.put(
+        asdict(result)
+        | {
+            "received": list(result.received.items()),
+            "timeline": [[k, *v] for k, v in sorted(result.timeline.items())],
+            "stalls": list(result.stalls.items()),
+        }
+    )
+
+
+STALL_TICK_S = 0.01
+
+
+async def _sample_stalls(res: WorkerResult) -> None:
+    """Record, per second of the load, how much later than asked a 10 ms sleep woke up."""
+    last = time.time()
+    while True:
+        await asyncio.sleep(STALL_TICK_S)
+        now = time.time()
+        stall = max(0.0, (now - last - STALL_TICK_S) * 1000)
+        last = now
+        second = int(now - res.start_at)
+        if stall > res.stalls.get(second, -1.0):
+            res.stalls[second] = stall
 
 
 async def _worker(
     target: Target, shape: Shape, devices: list[int], clients: list[int], start_at: float
 ) -> WorkerResult:
-    res = WorkerResult()
+    res = WorkerResult(start_at=start_at)
     stop_clients = asyncio.Event()
     t0 = time.perf_counter()
     client_tasks = []
@@ -120,10 +151,12 @@ async def _worker(
     senders = [await _open_device(target, d) for d in devices]
     res.connect_s = time.perf_counter() - t0
     await asyncio.sleep(max(0.0, start_at - time.time()))
+    sampler = asyncio.create_task(_sample_stalls(res))
     await asyncio.gather(
         *(_send_loop(target, shape, d, s, res) for d, s in zip(devices, senders, strict=True))
     )
     await asyncio.sleep(2.0)  # let the last readings arrive
+    sampler.cancel()
     stop_clients.set()
     for s in senders:
         with contextlib.suppress(Exception):
@@ -252,8 +285,18 @@ class _Tracker:
         res.received[key] = res.received.get(key, 0) + 1
         if seq <= self.untimed:
             return
-        latency = (time.time() - ts) * 1000
+        now = time.time()
+        latency = (now - ts) * 1000
         res.seen += 1
+        second = int(now - res.start_at)
+        slot = res.timeline.get(second)
+        if slot is None:
+            slot = res.timeline[second] = [0, 0, 0.0]
+        slot[0] += 1
+        if latency > SLOW_MS:
+            slot[1] += 1
+        if latency > slot[2]:
+            slot[2] = latency
         if len(res.latencies_ms) < LATENCY_SAMPLES:
             res.latencies_ms.append(latency)
         else:
@@ -478,9 +521,18 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
     sent: dict[int, int] = {}
     received: dict[tuple[int, int], int] = {}
     latencies: list[float] = []
+    timeline: dict[int, list[float]] = {}
+    stalls: dict[int, float] = {}
     dups = 0
     errors: list[str] = []
     for r in results:
+        for second, timed, slow, worst in r["timeline"]:
+            slot = timeline.setdefault(int(second), [0, 0, 0.0])
+            slot[0] += timed
+            slot[1] += slow
+            slot[2] = max(slot[2], worst)
+        for second, stall in r["stalls"]:
+            stalls[int(second)] = max(stalls.get(int(second), 0.0), stall)
         sent.update({int(k): v for k, v in r["sent"].items()})
         for (c, d), n in r["received"]:
             received[(c, d)] = n
@@ -502,6 +554,19 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
         "lost": expected - delivered,
         "duplicated": dups,
         "latency_ms": percentiles(latencies),
+        # where in the run the slow readings fell: a start's backlog, or stalls all along
+        # (and whether the generator itself stalled then: its stall is inside those latencies)
+        "timeline": [
+            {
+                "s": k,
+                "timed": int(timeline.get(k, (0,))[0]),
+                "over_50ms": int(timeline.get(k, (0, 0))[1]),
+                "max_ms": timeline.get(k, (0, 0, 0.0))[2],
+                "generator_stall_ms": stalls.get(k, 0.0),
+            }
+            for k in sorted(timeline.keys() | stalls.keys())
+            if k >= 0
+        ],
         "server_cpu_pct": 100 * (cpu1 - cpu0) / wall if server_pid else None,
         "server_rss_mb": rss1 / 1024 if server_pid else None,
         "rss_per_connection_kb": (rss1 - rss0) / connections if server_pid else None,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
@@ -18,6 +19,10 @@ from websockets.asyncio.server import ServerConnection, serve
 _subscribers: dict[str, set[ServerConnection]] = {}
 #: Tests of the bench itself: drop every Nth forwarded frame (0: never), to check loss counting.
 DROP_EVERY = 0
+#: Tests of the bench itself: stall the whole server ``STALL_S`` before every Nth forwarded frame
+#: (0: never), to check that the timeline finds the slow readings.
+STALL_EVERY = 0
+STALL_S = 0.12
 _forwarded = 0
 
 
@@ -36,6 +41,8 @@ async def _serve(ws: ServerConnection) -> None:
                 _forwarded += 1
                 if DROP_EVERY and _forwarded % DROP_EVERY == 0:
                     continue
+                if STALL_EVERY and _forwarded % STALL_EVERY == 0:
+                    time.sleep(STALL_S)  # the event loop held, as a long pause would
                 try:
                     await client.send(raw)
                 except Exception:
@@ -63,4 +70,6 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2:
         DROP_EVERY = int(sys.argv[2])
+    if len(sys.argv) > 3:
+        STALL_EVERY = int(sys.argv[3])
     asyncio.run(main(int(sys.argv[1])))

@@ -518,10 +518,26 @@ def bench_main(
     wide = Console(width=max(console.width, 170))
     wide.print(t)
     for r in rows:
+        slow = [s for s in r.get("timeline", []) if s["over_50ms"]]
+        if slow:  # where the tail came from: the start's backlog, or stalls all along
+            seconds = ", ".join(_slow_second(s) for s in slow[:12])
+            more = f"(+{len(slow) - 12} more seconds)" if len(slow) > 12 else ""
+            console.print(f"{r['target']}: readings over 50 ms, by second of the load: {seconds}")
+            if more:
+                console.print(f"  {more.strip()}")
+    for r in rows:
         for err in r["errors"]:
             console.print(f"[yellow]{r['target']}: {err}[/yellow]")
     if json_path:
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _slow_second(s: dict[str, Any]) -> str:
+    """``12s 1,208``, and the generator's own stall that second when it is large enough to
+    matter (its stall is inside the latencies it measured)."""
+    stall = s.get("generator_stall_ms", 0.0)
+    note = f" (generator stalled {stall:.0f} ms)" if stall >= 20 else ""
+    return f"{s['s']}s {s['over_50ms']:,}{note}"
 
 
 @bench_app.command("ingest")
