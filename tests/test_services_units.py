@@ -341,3 +341,23 @@ async def test_snapshots_are_written_in_bounded_slices_and_only_for_changed_stre
     streams.on_events([Event.new("patient:P3", 2, ev.READING, 2.0, {"hr": 61.0})])
     assert await streams.save_snapshots(30.0) == 1
     assert store.writes == [[("patient:P3", 2, store.writes[0][0][2])]]
+
+
+async def test_snapshot_shares_split_the_streams_and_a_round_saves_each_once() -> None:
+    """The server saves one share of the streams every half second (app.SNAPSHOT_PARTS), not
+    all of them at once: each share holds about 1/parts of the streams (by hash: no share as much
+    as twice its part), and a whole round of shares saves every changed stream exactly once."""
+    store = _SnapshotStore()
+    streams = Streams(store, MemoryBus())  # type: ignore[arg-type]
+    count, parts = 1000, 7
+    streams.on_events(
+        [Event.new(f"patient:P{i}", 1, ev.READING, 1.0, {"hr": 60.0}) for i in range(count)]
+    )
+    sizes = [await streams.save_snapshots(10.0, part, parts) for part in range(parts)]
+    assert sum(sizes) == count and max(sizes) < 2 * count / parts
+    saved = [s for w in store.writes for s, _, _ in w]
+    assert sorted(saved) == sorted(f"patient:P{i}" for i in range(count))  # each once
+    store.writes.clear()
+    streams.on_events([Event.new("patient:P3", 2, ev.READING, 2.0, {"hr": 61.0})])
+    assert [await streams.save_snapshots(20.0, part, parts) for part in range(parts)].count(1) == 1
+    assert [s for w in store.writes for s, _, _ in w] == ["patient:P3"]

@@ -42,6 +42,8 @@ log = logging.getLogger("vitalwire")
 
 #: How often each changed stream's live picture is saved (restart rebuilds from it).
 SNAPSHOT_EVERY_S = 30.0
+#: ...saved a share at a time: every SNAPSHOT_EVERY_S / SNAPSHOT_PARTS seconds (0.5 s), one share
+SNAPSHOT_PARTS = 60
 #: Collector thresholds: measured with `vitalwire bench` at 2,000 devices and 200 clients, the
 #: default (700, 10, 10) put p99 near 900 ms (long collections of the live state); these keep
 #: cyclic garbage collected while cutting p99 to about 75 ms (docs/benchmarks.md).
@@ -151,10 +153,7 @@ async def open_services(
                 _every(ACCESS_REFRESH_S, access.refresh, delay_first=True), name="access"
             ),
             asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
-            asyncio.create_task(
-                _every(SNAPSHOT_EVERY_S, lambda: streams.save_snapshots(clock()), delay_first=True),
-                name="snapshots",
-            ),
+            asyncio.create_task(_save_snapshots(streams, clock), name="snapshots"),
         ]
         try:
             yield svc
@@ -242,6 +241,21 @@ async def _every(
         except Exception:
             log.exception("periodic job failed")
         await asyncio.sleep(interval)
+
+
+async def _save_snapshots(
+    streams: Streams, clock: Callable[[], float], parts: int = SNAPSHOT_PARTS
+) -> None:
+    """Every stream's picture once per ``SNAPSHOT_EVERY_S``, one share of the streams at a time
+    spread evenly over it (see ``Streams.save_snapshots``)."""
+    part = 0
+    while True:
+        await asyncio.sleep(SNAPSHOT_EVERY_S / parts)
+        try:
+            await streams.save_snapshots(clock(), part, parts)
+        except Exception:
+            log.exception("snapshot save failed")
+        part = (part + 1) % parts
 
 
 async def _check_silence(svc: Services) -> None:
