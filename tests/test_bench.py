@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,8 @@ async def test_the_timeline_places_the_slow_readings_in_their_second(generator: 
     stalls = row["delivered"] // 15
     assert sum(s["over_50ms"] for s in timeline) >= stalls >= 3
     assert max(s["max_ms"] for s in timeline) == lat["max"] >= STALL_S * 1000
+    # second 0 on the wall clock: the load of this run began before now, and not long before
+    assert 0 < time.time() - row["load_started_at"] < 60
 
 
 def test_bench_load_against_naive_and_mqtt_at_a_tiny_size(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ engines the same changes in the same order, and leave them in the same state.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -151,3 +152,22 @@ def test_a_quiet_engine_evaluates_again_when_a_value_goes_stale() -> None:
     assert "spo2" not in engine.news2().missing
     engine.tick(60.5)
     assert "spo2" in engine.news2().missing
+
+
+def test_an_engines_state_is_kept_out_of_the_garbage_collector() -> None:
+    """Per-vital, per-condition, per-device and NEWS2-input state lives as long as the patient
+    and holds numbers and strings only: untracked (``gc=False``), with the dicts holding it, so
+    a hospital's engines add nothing to the collector's pauses (docs/benchmarks.md)."""
+    engine = PatientAlerts("P1")
+    engine.on_reading(0.0, "d1", {"spo2": 84.0, "hr": 72.0, "rr": 16.0})  # a condition pending
+    engine.on_reading(1.0, "d1", {"spo2": 85.0, "hr": 73.0})  # updated in place
+    assert engine._tracks and engine._vitals and engine._devices and engine._news2_vitals
+    held = [
+        *engine._vitals.values(),
+        *engine._news2_vitals.values(),
+        *engine._devices.values(),
+        *engine._tracks.values(),
+    ]
+    assert not any(gc.is_tracked(o) for o in held)
+    assert not gc.is_tracked(engine._vitals) and not gc.is_tracked(engine._news2_vitals)
+    assert tuple(engine._news2_vitals["spo2"]) == (85.0, 1.0)

@@ -547,6 +547,7 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
         "target": target.kind + (f" qos{target.qos}" if target.kind == "mqtt" else ""),
         "generator": shape.generator,
         "shape": asdict(shape),
+        "load_started_at": start_at,  # wall clock (s): the timeline's second 0
         "published": published,
         "published_per_s": published / shape.duration_s,
         "delivered": delivered,

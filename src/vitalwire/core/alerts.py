@@ -46,10 +46,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Final
+
+import msgspec
 
 from vitalwire.core.errors import Conflict, InvalidMessage, NotFound
 from vitalwire.core.limits import DEFAULT_LIMITS, Limits, MetricLimits
@@ -362,10 +364,19 @@ _VITALS: Final = frozenset(VITAL_NAMES)
 
 
 def _rows_by_metric(limits: Limits) -> dict[str, tuple[MetricLimits, ...]]:
+    if limits is DEFAULT_LIMITS:  # shared by every engine on the defaults (nothing changes it)
+        return _DEFAULT_ROWS
+    return _group_rows(limits)
+
+
+def _group_rows(limits: Limits) -> dict[str, tuple[MetricLimits, ...]]:
     rows: dict[str, list[MetricLimits]] = {}
     for row in limits:
         rows.setdefault(row.metric, []).append(row)
     return {metric: tuple(r) for metric, r in rows.items()}
+
+
+_DEFAULT_ROWS: Final = _group_rows(DEFAULT_LIMITS)
 
 
 def _battery_class(cfg: AlertConfig, battery: float) -> tuple[str | None, bool]:
@@ -380,21 +391,36 @@ def _battery_class(cfg: AlertConfig, battery: float) -> tuple[str | None, bool]:
     return demand, battery >= cfg.battery_low_pct + cfg.battery_deadband_pct
 
 
-@dataclass(slots=True)
-class _Track:
+# An engine's per-condition, per-vital and per-device state lives as long as the patient and is
+# updated in place. Those objects hold numbers and strings only, so they can never be part of a
+# reference cycle, and they are kept out of the garbage collector (msgspec's ``gc=False``: the
+# object, and a dict holding only such objects, is not tracked). Tracked, a hospital's 10,000
+# engines put 125,000 objects into the collector's middle generation, and its first collection
+# after they appear held the server for 70-150 ms (docs/benchmarks.md).
+class _Track(msgspec.Struct, gc=False):
     pending_since: float | None = None
     clear_since: float | None = None
 
 
-@dataclass(slots=True)
-class _Vital:
+class _Vital(msgspec.Struct, gc=False):
     value: float
     at: float
     device: str
 
 
-@dataclass(slots=True)
-class _Device:
+class _Value(msgspec.Struct, gc=False):
+    """One NEWS2 input: unpacks as ``(value, at)``, as :func:`~vitalwire.core.news2.score`
+    takes it."""
+
+    value: float
+    at: float
+
+    def __iter__(self) -> Iterator[float]:
+        yield self.value
+        yield self.at
+
+
+class _Device(msgspec.Struct, gc=False):
     online: bool = True
     probe: bool | None = None
     pi: float | None = None
@@ -519,8 +545,8 @@ class PatientAlerts:
         #: evaluate in full on every input (no shortcut): what the shortcut is tested against
         self.always_full = False
         self._vitals: dict[str, _Vital] = {}
-        #: NEWS2's inputs: name -> [value, time], updated in place (no object per reading)
-        self._news2_vitals: dict[str, list[float]] = {}
+        #: NEWS2's inputs: name -> (value, time), updated in place (no object per reading)
+        self._news2_vitals: dict[str, _Value] = {}
         self._devices: dict[str, _Device] = {}
         self._tracks: dict[_Key, _Track] = {}
         self._open: dict[_Key, Alert] = {}
@@ -598,9 +624,9 @@ class PatientAlerts:
                 vital.value, vital.at, vital.device = float(value), now, device
             stored = self._news2_vitals.get(name)
             if stored is None:
-                self._news2_vitals[name] = [float(value), now]
+                self._news2_vitals[name] = _Value(float(value), now)
             else:  # in place too
-                stored[0], stored[1] = float(value), now
+                stored.value, stored.at = float(value), now
         return self._step(now)
 
     def on_device_status(self, now: float, device: str, status: str) -> list[Change]:
@@ -844,7 +870,7 @@ class PatientAlerts:
             if vital is None or vital.device != device:
                 return False
             stored = news2_vitals.get(name)
-            if stored is None or now - stored[1] > max_age:
+            if stored is None or now - stored.at > max_age:
                 return False  # a stale value coming back changes NEWS2's missing parameters
             if value != vital.value and self._classify(name, vital.value) != self._classify(
                 name, float(value)
@@ -860,7 +886,7 @@ class PatientAlerts:
             vital = vitals[name]
             vital.value, vital.at = float(value), now
             stored = news2_vitals[name]  # present: checked above
-            stored[0], stored[1] = vital.value, now
+            stored.value, stored.at = vital.value, now
         return True
 
     def _classify(self, name: str, value: float) -> tuple[object, ...]:
@@ -900,7 +926,8 @@ class PatientAlerts:
                 return now  # a delay or clear timer runs
         due = min(self._next_escalation.values(), default=math.inf)
         max_age = self._config.news2_max_age_s
-        for _value, ts in self._news2_vitals.values():
+        for stored in self._news2_vitals.values():
+            ts = stored.at
             if now <= ts + max_age < due:  # fresh until then (RCP NEWS2: stale values score 0)
                 due = ts + max_age
         return due

@@ -17,7 +17,7 @@ in :attr:`News2.missing`: a score from partial data is a lower bound of the full
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +172,7 @@ def check_observations(
 
 
 def score(
-    vitals: Mapping[str, Sequence[float]],
+    vitals: Mapping[str, Iterable[float]],
     *,
     on_oxygen: bool | None,
     consciousness: str | None,
