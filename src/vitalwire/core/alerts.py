@@ -395,8 +395,8 @@ def _battery_class(cfg: AlertConfig, battery: float) -> tuple[str | None, bool]:
 # updated in place. Those objects hold numbers and strings only, so they can never be part of a
 # reference cycle, and they are kept out of the garbage collector (msgspec's ``gc=False``: the
 # object, and a dict holding only such objects, is not tracked). Tracked, a hospital's 10,000
-# engines put 125,000 objects into the collector's middle generation, and its first collection
-# after they appear held the server for 70-150 ms (docs/benchmarks.md).
+# engines were about 80,000 of the 125,000 objects that the collector's first middle-generation
+# collection under load scanned, for 70-150 ms (docs/benchmarks.md).
 class _Track(msgspec.Struct, gc=False):
     pending_since: float | None = None
     clear_since: float | None = None
