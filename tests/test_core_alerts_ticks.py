@@ -160,7 +160,10 @@ def test_an_engines_state_is_kept_out_of_the_garbage_collector() -> None:
     a hospital's engines add nothing to the collector's pauses (docs/benchmarks.md)."""
     engine = PatientAlerts("P1")
     engine.on_reading(0.0, "d1", {"spo2": 84.0, "hr": 72.0, "rr": 16.0})  # a condition pending
-    engine.on_reading(1.0, "d1", {"spo2": 85.0, "hr": 73.0})  # updated in place
+    first = (engine._vitals["spo2"], engine._news2_vitals["spo2"])
+    engine.on_reading(1.0, "d1", {"spo2": 85.0, "hr": 73.0})
+    # updated in place: the same objects, no new ones per reading
+    assert engine._vitals["spo2"] is first[0] and engine._news2_vitals["spo2"] is first[1]
     assert engine._tracks and engine._vitals and engine._devices and engine._news2_vitals
     held = [
         *engine._vitals.values(),
