@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -303,6 +304,72 @@ async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> Non
     check = sqlite3.connect(path)
     assert check.execute("SELECT count(*) FROM t").fetchone()[0] == commits * 5  # nothing lost
     check.close()
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "OFF"])
+async def test_the_checkpointer_syncs_the_database_file_before_a_restart_needs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
+) -> None:
+    """SQLite syncs the database file after a checkpoint only when it caught up with the
+    writer, so under sustained writes the restart would sync every page copied since the last
+    one. The checkpointer syncs the database file after each passive checkpoint instead, and
+    before a restart catches up until little came in during one pass. With synchronous=OFF
+    nothing is synced."""
+    import sqlite3
+
+    from vitalwire.store import sqlite_writer
+    from vitalwire.store.sqlite_writer import CATCH_UP_PASSES, SqliteBatchWriter
+
+    path = str(tmp_path / "sync.db")
+    setup = sqlite3.connect(path)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE t (x INTEGER, pad TEXT)")
+    setup.close()
+    synced: list[int] = []  # inode of each file synced
+    real_sync = sqlite_writer._datasync
+    monkeypatch.setattr(
+        sqlite_writer, "_datasync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_sync(fd))
+    )
+    writer = SqliteBatchWriter(
+        path, synchronous=synchronous, checkpoint_every_s=0.01, restart_frames=20
+    )
+    steps: list[tuple[str, int]] = []  # ("pass", frames in the WAL) and ("restart", 0), in order
+    real_checkpoint, real_restart = writer._checkpoint, writer._restart
+
+    def checkpoint(conn: sqlite3.Connection, fd: int) -> int:
+        frames = real_checkpoint(conn, fd)
+        steps.append(("pass", frames))
+        return frames
+
+    def restart(conn: sqlite3.Connection) -> None:
+        steps.append(("restart", 0))
+        real_restart(conn)
+
+    monkeypatch.setattr(writer, "_checkpoint", checkpoint)
+    monkeypatch.setattr(writer, "_restart", restart)
+    await writer.open()
+    try:
+        commits = 0
+        while writer.restarts < 3:
+            await writer.write([("INSERT INTO t VALUES (?, ?)", [(commits, "x" * 2000)] * 5)])
+            commits += 1
+            assert commits < 20_000, "the WAL never started over"
+    finally:
+        await writer.close()
+    passes = [frames for step, frames in steps if step == "pass"]
+    if synchronous == "OFF":
+        assert synced == [] and writer.syncs == 0 and passes
+        return
+    assert writer.syncs == len(passes) == len(synced)  # one sync per passive checkpoint ...
+    assert set(synced) == {os.stat(path).st_ino}  # ... of the database file itself
+    # each restart comes after the pass that found the WAL long (>= 20 frames) and at least one
+    # catch-up pass (at most CATCH_UP_PASSES), with no restart between them
+    restarts = [i for i, (step, _) in enumerate(steps) if step == "restart"]
+    assert len(restarts) >= 3
+    for i in restarts:
+        before = [frames for _, frames in steps[max(0, i - 1 - CATCH_UP_PASSES) : i]]
+        assert steps[i - 1][0] == steps[i - 2][0] == "pass"
+        assert before[-1] >= 20 and before[-2] >= 20, steps[max(0, i - 6) : i + 1]
 
 
 async def test_a_batch_of_readings_and_events_is_one_statement(tmp_path: Path) -> None:
