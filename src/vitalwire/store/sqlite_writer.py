@@ -45,7 +45,8 @@ to copy). So the checkpointer syncs the database file itself after every passive
 (when ``synchronous`` is not ``OFF``), and when the WAL is due to start over it runs up to
 ``CATCH_UP_PASSES`` more passive checkpoints, each with its sync, until fewer than
 ``CATCH_UP_FRAMES`` frames came in during one: the restart is left a few dozen frames to copy and
-sync (0-2 ms where it took 6-24 ms, in the same standalone test).
+sync (0-2 ms where it took 6-24 ms, in the same standalone test). While a restart is due the
+checkpointer starts no pass: a restart that finds a checkpoint running gives up at once.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class SqliteBatchWriter:
         #: checkpointer (for tests and diagnostics)
         self.restarts = 0
         self.syncs = 0
+        self._synced_at = 0  # the WAL frames checkpointed at the last sync
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="vitalwire-sqlite-writer")
         self._conn: sqlite3.Connection | None = None
         self._stop = threading.Event()
@@ -211,8 +213,8 @@ class SqliteBatchWriter:
         conn = self._conn
         assert conn is not None, "writer not opened"
         if self._restart_due:
-            self._restart_due = False
             self._restart(conn)
+            self._restart_due = False  # after it: the checkpointer waits for this
         if len(work) == 1 and len(work[0][1]) == 1:
             # one call into SQLite, so one wait for the GIL after it (see the module's doc)
             sql, (params,) = work[0]
@@ -247,29 +249,42 @@ class SqliteBatchWriter:
         fd = os.open(self.path, os.O_RDONLY) if sync else -1
         try:
             while not self._stop.wait(self.checkpoint_every_s):
-                try:
-                    frames = self._checkpoint(conn, fd)
-                    if frames < self.restart_frames:
-                        continue
-                    for _ in range(CATCH_UP_PASSES):  # leave the restart little to copy
-                        before, frames = frames, self._checkpoint(conn, fd)
-                        if frames - before < CATCH_UP_FRAMES:
-                            break
-                    self._restart_due = True
-                except sqlite3.Error:  # busy or locked: the next round takes it
-                    log.debug("passive checkpoint skipped", exc_info=True)
+                self._round(conn, fd)
         finally:
             if fd >= 0:
                 os.close(fd)
             conn.close()
 
+    def _round(self, conn: sqlite3.Connection, fd: int) -> None:
+        """One round of the checkpointer: a passive checkpoint, and when the WAL is long, the
+        catch-up passes and the restart asked of the writer. Nothing while a restart is due:
+        the writer's restart must not find a checkpoint running (it would give up at once)."""
+        if self._restart_due:
+            return
+        try:
+            frames = self._checkpoint(conn, fd)
+            if frames < self.restart_frames:
+                return
+            for _ in range(CATCH_UP_PASSES):  # leave the restart little to copy
+                before, frames = frames, self._checkpoint(conn, fd)
+                if frames - before < CATCH_UP_FRAMES:  # or busy (-1)
+                    break
+            self._restart_due = True
+        except sqlite3.Error:  # busy or locked: the next round takes it
+            log.debug("passive checkpoint skipped", exc_info=True)
+        except OSError:  # the restart still syncs before the WAL is reused
+            log.warning("syncing the database file failed", exc_info=True)
+
     def _checkpoint(self, conn: sqlite3.Connection, fd: int) -> int:
         """A passive checkpoint, then the database file synced (``fd >= 0``); returns the
         frames in the WAL. SQLite itself syncs the file only after a checkpoint that caught up
         with the writer: one that did not leaves the restart to write every page it copied."""
-        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if fd >= 0:
+        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy:  # another checkpoint was running: nothing done (-1)
+            return -1
+        if fd >= 0 and copied != self._synced_at:  # nothing copied since: nothing to sync
             _datasync(fd)
+            self._synced_at = copied
             self.syncs += 1
         return int(frames)
 
