@@ -213,8 +213,10 @@ class SqliteBatchWriter:
         conn = self._conn
         assert conn is not None, "writer not opened"
         if self._restart_due:
-            self._restart(conn)
-            self._restart_due = False  # after it: the checkpointer waits for this
+            try:
+                self._restart(conn)
+            finally:  # only after it: the checkpointer starts no pass until then
+                self._restart_due = False
         if len(work) == 1 and len(work[0][1]) == 1:
             # one call into SQLite, so one wait for the GIL after it (see the module's doc)
             sql, (params,) = work[0]
