@@ -273,6 +273,17 @@ async def test_snapshots_are_upserted_per_stream(store: Store) -> None:
     }
 
 
+def _wal_db(path: Path) -> str:
+    """A new WAL-mode SQLite file with one table ``t (x, pad)``, for the writer's tests."""
+    import sqlite3
+
+    setup = sqlite3.connect(path)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE t (x INTEGER, pad TEXT)")
+    setup.close()
+    return str(path)
+
+
 async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> None:
     """A passive checkpoint never restarts the WAL while commits keep coming; the writer does,
     once the WAL is long, so it stays bounded instead of holding every frame ever written."""
@@ -280,11 +291,7 @@ async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> Non
 
     from vitalwire.store.sqlite_writer import SqliteBatchWriter
 
-    path = str(tmp_path / "wal.db")
-    setup = sqlite3.connect(path)
-    setup.execute("PRAGMA journal_mode=WAL")
-    setup.execute("CREATE TABLE t (x INTEGER, pad TEXT)")
-    setup.close()
+    path = _wal_db(tmp_path / "wal.db")
     writer = SqliteBatchWriter(
         path, synchronous="NORMAL", checkpoint_every_s=0.01, restart_frames=20
     )
@@ -320,11 +327,7 @@ async def test_the_checkpointer_syncs_the_database_file_before_a_restart_needs_i
     from vitalwire.store import sqlite_writer
     from vitalwire.store.sqlite_writer import CATCH_UP_PASSES, SqliteBatchWriter
 
-    path = str(tmp_path / "sync.db")
-    setup = sqlite3.connect(path)
-    setup.execute("PRAGMA journal_mode=WAL")
-    setup.execute("CREATE TABLE t (x INTEGER, pad TEXT)")
-    setup.close()
+    path = _wal_db(tmp_path / "sync.db")
     synced: list[int] = []  # inode of each file synced
     real_sync = sqlite_writer._datasync
     monkeypatch.setattr(
@@ -380,18 +383,19 @@ async def test_no_checkpoint_runs_while_a_restart_is_due(tmp_path: Path) -> None
 
     from vitalwire.store.sqlite_writer import SqliteBatchWriter
 
-    path = str(tmp_path / "due.db")
-    setup = sqlite3.connect(path)
-    setup.execute("PRAGMA journal_mode=WAL")
-    setup.execute("CREATE TABLE t (x INTEGER, pad TEXT)")
-    setup.close()
+    path = _wal_db(tmp_path / "due.db")
     # the checkpointer thread never wakes in this test: its rounds are run here, one by one
     writer = SqliteBatchWriter(
         path, synchronous="NORMAL", checkpoint_every_s=3600, restart_frames=20
     )
-    passes: list[int] = []
+    passes: list[int] = []  # frames in the WAL after each pass
     real_checkpoint = writer._checkpoint
-    writer._checkpoint = lambda conn, fd: passes.append(real_checkpoint(conn, fd)) or passes[-1]  # type: ignore[method-assign]
+
+    def checkpoint(conn: sqlite3.Connection, fd: int) -> int:
+        passes.append(real_checkpoint(conn, fd))
+        return passes[-1]
+
+    writer._checkpoint = checkpoint  # type: ignore[method-assign]
     await writer.open()
     conn = sqlite3.connect(path, isolation_level=None)
     fd = os.open(path, os.O_RDONLY)
