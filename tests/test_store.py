@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect
@@ -284,6 +285,17 @@ def _wal_db(path: Path) -> str:
     return str(path)
 
 
+async def _write_until_restarts(writer: Any, restarts: int) -> int:
+    """Commit 5 rows of 2 KB at a time until the writer has started the WAL over ``restarts``
+    times; returns the number of commits."""
+    commits = 0
+    while writer.restarts < restarts:
+        await writer.write([("INSERT INTO t VALUES (?, ?)", [(commits, "x" * 2000)] * 5)])
+        commits += 1
+        assert commits < 20_000, "the WAL never started over"
+    return commits
+
+
 async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> None:
     """A passive checkpoint never restarts the WAL while commits keep coming; the writer does,
     once the WAL is long, so it stays bounded instead of holding every frame ever written."""
@@ -297,11 +309,7 @@ async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> Non
     )
     await writer.open()
     try:
-        commits = 0
-        while writer.restarts < 3:
-            await writer.write([("INSERT INTO t VALUES (?, ?)", [(commits, "x" * 2000)] * 5)])
-            commits += 1
-            assert commits < 20_000, "the WAL never started over"
+        commits = await _write_until_restarts(writer, 3)
         probe = sqlite3.connect(path)
         _busy, frames, _copied = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         probe.close()
@@ -352,11 +360,7 @@ async def test_the_checkpointer_syncs_the_database_file_before_a_restart_needs_i
     monkeypatch.setattr(writer, "_restart", restart)
     await writer.open()
     try:
-        commits = 0
-        while writer.restarts < 3:
-            await writer.write([("INSERT INTO t VALUES (?, ?)", [(commits, "x" * 2000)] * 5)])
-            commits += 1
-            assert commits < 20_000, "the WAL never started over"
+        await _write_until_restarts(writer, 3)
     finally:
         await writer.close()
     passes = [frames for step, frames in steps if step == "pass"]
