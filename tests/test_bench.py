@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -273,3 +274,69 @@ def test_a_warm_up_must_be_shorter_than_the_load() -> None:
     assert "--warmup" in r.output and "must be less than --duration (2 s), got 2" in r.output
     negative = CliRunner().invoke(app, ["bench", "--warmup", "-1"])
     assert negative.exit_code == 2 and "--warmup" in negative.output
+
+
+async def test_saturate_doubles_then_halves_each_targets_interval() -> None:
+    """Targets with known limits (a fake run stands in for the loads): the doubling finds each
+    one's step, then two refinements halve each interval between the last rate that held and
+    the first that failed, running only the targets whose middle it is — together when they
+    share it. A reading lost fails a rate as a p99 past the bound does."""
+    from vitalwire.bench import bench_saturate
+    from vitalwire.bench_load import Shape
+
+    p99_limit = {"vitalwire": 100.0, "naive": 90.0, "mqtt qos0": 1000.0, "mqtt qos1": 1000.0}
+    lossless_up_to = {"mqtt qos1": 60.0}
+    calls: list[tuple[float, list[str] | None]] = []
+
+    async def run(shape: Any, against: list[str], only: Any) -> list[dict[str, Any]]:
+        rate = shape.rate_hz
+        calls.append((rate, None if only is None else sorted(only)))
+        return [
+            {
+                "target": t,
+                "delivered_per_s": rate * 1000,
+                "latency_ms": {"p99": 10.0 if rate <= limit else 80.0},
+                "lost": 0 if rate <= lossless_up_to.get(t, math.inf) else 7,
+            }
+            for t, limit in p99_limit.items()
+            if only is None or t in only
+        ]
+
+    shape = Shape(devices=1, rate_hz=10, clients=1, patients_per_client=1)
+    rows = await bench_saturate(shape, ["naive", "mqtt://x"], steps=6, refine=2, run=run)
+
+    assert calls == [
+        *((r, None) for r in (10, 20, 40, 80, 160, 320)),
+        (60, ["mqtt qos1"]),  # held 40, failed 80
+        (120, ["naive", "vitalwire"]),  # both held 80, failed 160
+        (70, ["mqtt qos1"]),
+        (100, ["naive", "vitalwire"]),
+    ]
+    got = {r["target"]: (r["rate_hz"], r["failed_at_hz"]) for r in rows}
+    assert got == {
+        "vitalwire": (100, 120),
+        "naive": (80, 100),
+        "mqtt qos0": (320, None),  # never failed within the steps: nothing to narrow
+        "mqtt qos1": (60, 70),
+    }
+    by_target = {r["target"]: r for r in rows}
+    assert by_target["naive"]["ratio_delivered_vs_vitalwire"] == pytest.approx(0.8)
+    assert by_target["mqtt qos0"]["ratio_delivered_vs_vitalwire"] == pytest.approx(3.2)
+    steps = [s["rate_hz"] for s in by_target["vitalwire"]["steps"]]
+    assert steps == [10, 20, 40, 80, 100, 120, 160, 320]  # by rate, for the plot
+    assert [s["lost"] for s in by_target["mqtt qos1"]["steps"]] == [0, 0, 0, 0, 7, 7, 7, 7]
+
+
+async def test_a_load_runs_only_the_targets_named() -> None:
+    """``bench_load(..., only=...)``, as the refinement calls it: the naive reference alone,
+    for real, at a tiny size; no vitalwire row, so no ratio to it."""
+    from vitalwire.bench import bench_load
+    from vitalwire.bench_load import Shape
+
+    shape = Shape(
+        devices=2, rate_hz=10, clients=1, patients_per_client=2, duration_s=1.0, workers=1
+    )
+    rows = await bench_load(shape, ["naive"], only={"naive"})
+    assert [r["target"] for r in rows] == ["naive"]
+    assert rows[0]["published"] >= 20 and rows[0]["lost"] == 0
+    assert rows[0]["ratio_delivered_vs_vitalwire"] is None

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -592,78 +592,153 @@ async def _metrics(url: str) -> dict[str, Any]:
         return dict(r.json())
 
 
-async def bench_load(shape: Any, against: list[str]) -> list[dict[str, Any]]:
-    """Run the load shape against vitalwire, then each reference; return one row per target."""
+async def bench_load(
+    shape: Any, against: list[str], only: Collection[str] | None = None
+) -> list[dict[str, Any]]:
+    """Run the load shape against vitalwire, then each reference; return one row per target.
+
+    ``only``: the targets to run, by their row's name (``vitalwire``, ``naive``, ``mqtt qos0``,
+    ``mqtt qos1``); all of them when None. Each row's ratio is its delivered/s over
+    vitalwire's in the same run (None when vitalwire did not run)."""
     from vitalwire.bench_load import Target, run_load
 
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        async with server_process(Path(tmp), shape.devices) as srv:
-            from vitalwire.sdk.monitor import login
+    def wanted(name: str) -> bool:
+        return only is None or name in only
 
-            token = await login(srv.url, "clinician", "vitalwire-clinician")
-            devices = tuple(
-                (d["device_id"], d["secret"], d["patient_id"]) for d in srv.creds.devices
-            )
-            target = Target("vitalwire", srv.url, devices=devices, token=token)
-            before = await _metrics(srv.url)
-            row = await asyncio.to_thread(run_load, target, shape, srv.proc.pid)
-            after = await _metrics(srv.url)
-            row["store_rows_per_s"] = (after["rows_written"] - before["rows_written"]) / (
-                shape.duration_s
-            )
-            rows.append(row)
+    rows: list[dict[str, Any]] = []
+    if wanted("vitalwire"):
+        with tempfile.TemporaryDirectory() as tmp:
+            async with server_process(Path(tmp), shape.devices) as srv:
+                from vitalwire.sdk.monitor import login
+
+                token = await login(srv.url, "clinician", "vitalwire-clinician")
+                devices = tuple(
+                    (d["device_id"], d["secret"], d["patient_id"]) for d in srv.creds.devices
+                )
+                target = Target("vitalwire", srv.url, devices=devices, token=token)
+                before = await _metrics(srv.url)
+                row = await asyncio.to_thread(run_load, target, shape, srv.proc.pid)
+                after = await _metrics(srv.url)
+                row["store_rows_per_s"] = (after["rows_written"] - before["rows_written"]) / (
+                    shape.duration_s
+                )
+                rows.append(row)
     for ref in against:
         if ref == "naive":
-            async with naive_process() as (url, pid):
-                rows.append(await asyncio.to_thread(run_load, Target("naive", url), shape, pid))
+            if wanted("naive"):
+                async with naive_process() as (url, pid):
+                    rows.append(
+                        await asyncio.to_thread(run_load, Target("naive", url), shape, pid)
+                    )
         elif ref.startswith("mqtt://"):
             broker = _pid_of("mosquitto")
             for qos in (0, 1):
-                rows.append(
-                    await asyncio.to_thread(run_load, Target("mqtt", ref, qos=qos), shape, broker)
-                )
+                if wanted(f"mqtt qos{qos}"):
+                    rows.append(
+                        await asyncio.to_thread(
+                            run_load, Target("mqtt", ref, qos=qos), shape, broker
+                        )
+                    )
         else:
             raise ValueError(f"--against must be naive or mqtt://host:port, got {ref!r}")
-    base = rows[0]["delivered_per_s"] or 1.0
+    _ratios(rows)
     for row in rows:
-        row["ratio_delivered_vs_vitalwire"] = row["delivered_per_s"] / base
         row["machine"] = machine()
     return rows
 
 
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's delivered/s over vitalwire's row's (None without a vitalwire row)."""
+    base = next((r["delivered_per_s"] for r in rows if r["target"] == "vitalwire"), None)
+    for row in rows:
+        row["ratio_delivered_vs_vitalwire"] = (
+            row["delivered_per_s"] / (base or 1.0) if base is not None else None
+        )
+
+
+#: Runs a load shape against the targets named (all when None): :func:`bench_load`'s signature.
+LoadRunner = Callable[[Any, list[str], Collection[str] | None], Awaitable[list[dict[str, Any]]]]
+
+
 async def bench_saturate(
-    shape: Any, against: list[str], p99_bound_ms: float = 50.0, steps: int = 6
+    shape: Any,
+    against: list[str],
+    p99_bound_ms: float = 50.0,
+    steps: int = 6,
+    refine: int = 2,
+    run: LoadRunner | None = None,
 ) -> list[dict[str, Any]]:
-    """Double the rate until p99 passes ``p99_bound_ms`` or readings are lost; per target, the
-    last rate that held before its first failure (later steps are still measured, for the
-    curve, while another target holds)."""
+    """Per target, the highest rate at which p99 stays within ``p99_bound_ms`` with nothing
+    lost: a rate *holds* then, and *fails* otherwise.
+
+    First the rate doubles from ``shape.rate_hz``, every target at each step, for at most
+    ``steps`` steps or until every target has failed once (a target that failed is still
+    measured while another holds, for the curve). Then ``refine`` times, each target's
+    interval between the last rate that held and the first that failed is halved: it runs
+    at the interval's middle (targets with the same middle together, the others not at all)
+    and keeps the half the limit is in. With the default 2, a limit is known to a quarter of
+    its doubling step: held at 160 Hz and failed at 320 Hz becomes 200, 240 or 280 Hz.
+
+    Returns, per target that held at least once, the row of its highest rate that held,
+    with ``rate_hz``, ``failed_at_hz`` (the lowest rate that failed above it; None if none
+    did), ``steps`` (every rate measured, by rate) and its ratio to vitalwire's held rate's
+    delivered/s. ``run`` replaces :func:`bench_load` (tests).
+    """
     from dataclasses import replace
 
+    run = run or bench_load
     held: dict[str, dict[str, Any]] = {}
-    failed: set[str] = set()
+    failed_at: dict[str, float] = {}  # the lowest failing rate above the held one
     curve: dict[str, list[dict[str, float]]] = {}  # every step, for the latency/throughput plot
+
+    def record(row: dict[str, Any], rate: float) -> bool:
+        curve.setdefault(row["target"], []).append(
+            {
+                "rate_hz": rate,
+                "delivered_per_s": row["delivered_per_s"],
+                "p99_ms": row["latency_ms"]["p99"],
+                "lost": row["lost"],
+            }
+        )
+        return bool(row["latency_ms"]["p99"] <= p99_bound_ms and row["lost"] == 0)
+
     rate = shape.rate_hz
     for _ in range(steps):
-        step = replace(shape, rate_hz=rate)
-        rows = await bench_load(step, against)
         done = True
-        for row in rows:
-            curve.setdefault(row["target"], []).append(
-                {
-                    "rate_hz": rate,
-                    "delivered_per_s": row["delivered_per_s"],
-                    "p99_ms": row["latency_ms"]["p99"],
-                    "lost": row["lost"],
-                }
-            )
-            ok = row["latency_ms"]["p99"] <= p99_bound_ms and row["lost"] == 0
-            if not ok:
-                failed.add(row["target"])
-            elif row["target"] not in failed:
-                held[row["target"]] = row | {"rate_hz": rate}
+        for row in await run(replace(shape, rate_hz=rate), against, None):
+            target = row["target"]
+            if not record(row, rate):
+                failed_at.setdefault(target, rate)
+            elif target not in failed_at:
+                held[target] = row | {"rate_hz": rate}
                 done = False
         if done:
             break
         rate *= 2
-    return [row | {"steps": curve.get(target, [])} for target, row in held.items()]
+    for _ in range(refine):
+        middles: dict[float, list[str]] = {}
+        for target, row in held.items():
+            hi = failed_at.get(target)
+            if hi is not None and row["rate_hz"] < (mid := (row["rate_hz"] + hi) / 2) < hi:
+                middles.setdefault(mid, []).append(target)
+        if not middles:
+            break
+        for mid, targets in sorted(middles.items()):
+            for row in await run(replace(shape, rate_hz=mid), against, targets):
+                target = row["target"]
+                if target not in targets:
+                    continue
+                if record(row, mid):
+                    held[target] = row | {"rate_hz": mid}
+                else:
+                    failed_at[target] = mid
+    rows = [
+        row
+        | {
+            "failed_at_hz": failed_at.get(target),
+            "steps": sorted(curve.get(target, []), key=lambda s: s["rate_hz"]),
+        }
+        for target, row in held.items()
+    ]
+    _ratios(rows)
+    return rows

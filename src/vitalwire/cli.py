@@ -431,7 +431,22 @@ def bench_main(
     against: Annotated[
         list[str] | None, typer.Option(help="naive, or mqtt://host:port (QoS 0 and 1).")
     ] = None,
-    saturate: Annotated[bool, typer.Option(help="Double the rate until p99 > 50 ms.")] = False,
+    saturate: Annotated[
+        bool,
+        typer.Option(
+            help="Double the rate until p99 > 50 ms or a reading is lost, then narrow each "
+            "target's limit (--refine); report the last rate that held."
+        ),
+    ] = False,
+    refine: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=6,
+            help="With --saturate: times each target's interval between the last rate that "
+            "held and the first that failed is halved (2: to a quarter of the doubling step).",
+        ),
+    ] = 2,
     warmup: Annotated[
         float,
         typer.Option(
@@ -465,7 +480,9 @@ def bench_main(
         devices, rate, clients, patients_per_client, duration, workers, generator.value, warmup
     )
     refs = against or []
-    rows = asyncio.run(bench_saturate(shape, refs) if saturate else bench_load(shape, refs))
+    rows = asyncio.run(
+        bench_saturate(shape, refs, refine=refine) if saturate else bench_load(shape, refs)
+    )
     title = (
         f"{devices} devices x {rate:g} Hz, {clients} clients x {patients_per_client} patients"
         f" ({generator.value} load generator"
@@ -513,10 +530,15 @@ def bench_main(
             num(r["rss_per_idle_connection_kb"], ".1f"),
             num(r["connect_s"], ".1f"),
             num(r["generator_cpu_s"], ".1f"),
-            f"{r['ratio_delivered_vs_vitalwire']:.2f}",
+            num(r["ratio_delivered_vs_vitalwire"], ".2f"),
         )
     wide = Console(width=max(console.width, 170))
     wide.print(t)
+    if saturate:
+        for r in rows:
+            above = r.get("failed_at_hz")
+            limit = f"failed at {above:g} Hz" if above is not None else "none failed"
+            console.print(f"{r['target']}: held {r['rate_hz']:g} Hz; {limit}")
     for r in rows:
         slow = [s for s in r.get("timeline", []) if s["over_50ms"]]
         if slow:  # where the tail came from: the start's backlog, or stalls all along
