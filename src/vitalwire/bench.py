@@ -627,9 +627,7 @@ async def bench_load(
         if ref == "naive":
             if wanted("naive"):
                 async with naive_process() as (url, pid):
-                    rows.append(
-                        await asyncio.to_thread(run_load, Target("naive", url), shape, pid)
-                    )
+                    rows.append(await asyncio.to_thread(run_load, Target("naive", url), shape, pid))
         elif ref.startswith("mqtt://"):
             broker = _pid_of("mosquitto")
             for qos in (0, 1):
