@@ -116,7 +116,11 @@ async def test_catchup_counts_lost_and_duplicated_offsets() -> None:
 
 
 async def _naive_run(
-    generator: str, drop_every: int = 0, stall_every: int = 0, **shape: Any
+    generator: str,
+    drop_every: int = 0,
+    stall_every: int = 0,
+    device_open_delay_s: float = 0.0,
+    **shape: Any,
 ) -> dict[str, Any]:
     """A small load (2 devices at 20 Hz, one client watching both) through the naive server."""
     import asyncio
@@ -130,7 +134,7 @@ async def _naive_run(
         devices=2, rate_hz=20, clients=1, patients_per_client=2, workers=1, generator=generator
     )
     load = dataclasses.replace(load, **shape)
-    async with naive_process(drop_every=drop_every, stall_every=stall_every) as (url, pid):
+    async with naive_process(drop_every, stall_every, device_open_delay_s) as (url, pid):
         row: dict[str, Any] = await asyncio.to_thread(run_load, Target("naive", url), load, pid)
     return row
 
@@ -146,6 +150,21 @@ async def test_loss_is_counted_when_the_reference_drops_frames(generator: str) -
     assert row["lost"] == expected // 5
     assert row["delivered"] == expected - expected // 5
     assert row["duplicated"] == 0
+
+
+@pytest.mark.parametrize("generator", ["python", "node"])
+async def test_the_load_starts_once_every_connection_is_open(generator: str) -> None:
+    """The naive server holds each device's opening handshake 2 s, so the worker needs at
+    least 4 s to open its two devices: the load (second 0 of the timeline, the idle memory
+    reading, the CPU window) starts only then, whatever was planned, and every reading of the
+    1 s load is counted from its first second."""
+    before = time.time()
+    row = await _naive_run(generator, device_open_delay_s=2.0, duration_s=1.0)
+    assert row["connect_s"] >= 4.0
+    assert row["load_started_at"] >= before + 4.0
+    assert row["lost"] == 0 and row["delivered"] == row["published"] >= 30
+    first = min(t["s"] for t in row["timeline"] if t["timed"])
+    assert first == 0, row["timeline"]
 
 
 @pytest.mark.parametrize("generator", ["python", "node"])

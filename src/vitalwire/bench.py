@@ -549,10 +549,10 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def naive_process(
-    drop_every: int = 0, stall_every: int = 0
+    drop_every: int = 0, stall_every: int = 0, device_open_delay_s: float = 0.0
 ) -> AsyncIterator[tuple[str, int]]:
-    """The naive reference server (vitalwire.bench_naive) in a child process; ``drop_every``
-    and ``stall_every`` make it misbehave for the bench's own tests."""
+    """The naive reference server (vitalwire.bench_naive) in a child process; ``drop_every``,
+    ``stall_every`` and ``device_open_delay_s`` make it misbehave for the bench's own tests."""
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -561,6 +561,7 @@ async def naive_process(
         str(port),
         str(drop_every),
         str(stall_every),
+        str(device_open_delay_s),
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None

@@ -1,20 +1,23 @@
 // One load-generator worker of `vitalwire bench --generator node` (see bench_load.py).
 //
 // The same worker as bench_load.py's Python one, in Node.js with no dependencies (only built-ins),
-// because at high rates the Python generator saturates before the servers it measures. It reads one
-// JSON config on stdin: {target, shape, devices, clients, start_at, clock}, and writes one JSON
-// result on stdout with the fields of bench_load.WorkerResult.
+// because at high rates the Python generator saturates before the servers it measures. It reads its
+// JSON config from the file named by its argument: {target, shape, devices, clients, clock}. Once
+// every connection is open it writes the line `connected` on stdout and reads one line on stdin,
+// {"start_at": wall clock s}, the load's start, given when every worker is connected. At the end
+// it writes one JSON result on stdout with the fields of bench_load.WorkerResult.
 //
 // One clock for every process: `clock` is {wall: time.time(), mono: time.monotonic()} taken in the
 // parent at one instant; Node's hrtime and Python's monotonic clock are both CLOCK_MONOTONIC on
 // Linux, so wall + (hrtime - mono) is the parent's wall clock, as an epoch the server accepts.
 //
 // Behaviour, as in the Python worker: open every client and wait until each has subscribed, then
-// open the devices (one after another), wait until start_at, run each device's send loop at
+// open the devices (one after another), say so, wait until start_at, run each device's send loop at
 // rate_hz for duration_s (a random phase within one period, an absolute schedule), wait 2 s for
 // the last readings, close everything and print the result.
 
 import crypto from "node:crypto";
+import fs from "node:fs";
 import net from "node:net";
 
 const LATENCY_SAMPLES = 200_000; // per worker, reservoir
@@ -876,15 +879,19 @@ async function sendLoop(shape, d, sender) {
   res.sent[d] = seq;
 }
 
-async function readStdin() {
-  const chunks = [];
-  for await (const chunk of process.stdin) chunks.push(chunk);
-  return Buffer.concat(chunks).toString("utf8");
+/** The first line on stdin (the parent writes it once every worker is connected). */
+async function readLine() {
+  let text = "";
+  for await (const chunk of process.stdin) {
+    text += chunk.toString("utf8");
+    const end = text.indexOf("\n");
+    if (end !== -1) return text.slice(0, end);
+  }
+  return text;
 }
 
 async function worker(config) {
-  const { target, shape, devices, clients, start_at: startAt, clock } = config;
-  START_AT = startAt;
+  const { target, shape, devices, clients, clock } = config;
   WALL = clock.wall;
   MONO_NS = BigInt(Math.round(clock.mono * 1e9));
   const t0 = mono();
@@ -901,6 +908,10 @@ async function worker(config) {
   const senders = [];
   for (const d of devices) senders.push(await openDevice(target, d));
   res.connect_s = mono() - t0;
+  process.stdout.write("connected\n");
+  const startAt = JSON.parse(await readLine()).start_at;
+  START_AT = startAt;
+  res.start_at = startAt;
   await sleep(startAt - tsNow());
   const sampler = sampleStalls();
   await Promise.all(devices.map((d, i) => sendLoop(shape, d, senders[i])));
@@ -926,7 +937,7 @@ async function worker(config) {
 }
 
 try {
-  const result = await worker(JSON.parse(await readStdin()));
+  const result = await worker(JSON.parse(fs.readFileSync(process.argv[2], "utf8")));
   process.stdout.write(JSON.stringify(result), () => process.exit(0));
 } catch (err) {
   process.stderr.write(`bench_load.mjs: ${err && err.stack ? err.stack : err}\n`);

@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import select
 import shutil
 import subprocess
 import tempfile
@@ -103,10 +104,13 @@ def run_worker(
     shape: Shape,
     devices: list[int],
     clients: list[int],
-    start_at: float,
+    ready: Any,
+    go: Any,
     out: Any,
 ) -> None:
-    result = asyncio.run(_worker(target, shape, devices, clients, start_at))
+    """One Python worker process: connect, put ``"connected"`` on ``ready``, take the load's
+    start (wall clock) from ``go``, run the load, put the result on ``out``."""
+    result = asyncio.run(_worker(target, shape, devices, clients, ready, go))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result.cpu_s = usage.ru_utime + usage.ru_stime
     out.put(
@@ -136,9 +140,9 @@ async def _sample_stalls(res: WorkerResult) -> None:
 
 
 async def _worker(
-    target: Target, shape: Shape, devices: list[int], clients: list[int], start_at: float
+    target: Target, shape: Shape, devices: list[int], clients: list[int], connected: Any, go: Any
 ) -> WorkerResult:
-    res = WorkerResult(start_at=start_at)
+    res = WorkerResult()
     stop_clients = asyncio.Event()
     t0 = time.perf_counter()
     client_tasks = []
@@ -150,7 +154,9 @@ async def _worker(
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 120)
     senders = [await _open_device(target, d) for d in devices]
     res.connect_s = time.perf_counter() - t0
-    await asyncio.sleep(max(0.0, start_at - time.time()))
+    connected.put("connected")
+    res.start_at = await asyncio.to_thread(go.get, True, connect_timeout(shape))
+    await asyncio.sleep(max(0.0, res.start_at - time.time()))
     sampler = asyncio.create_task(_sample_stalls(res))
     await asyncio.gather(
         *(_send_loop(target, shape, d, s, res) for d, s in zip(devices, senders, strict=True))
@@ -432,23 +438,79 @@ def _start_node_worker(
     shape: Shape,
     devices: list[int],
     clients: list[int],
-    start_at: float,
     clock: dict[str, float],
 ) -> subprocess.Popen[bytes]:
+    """A Node worker with its config (a file: the device credentials of a hospital are far
+    more than a pipe holds); the load's start goes to its stdin once everyone is connected."""
     config = {
         "target": asdict(target),
         "shape": asdict(shape),
         "devices": devices,
         "clients": clients,
-        "start_at": start_at,
         "clock": clock,
     }
-    with tempfile.TemporaryFile() as stdin:  # a file: no pipe to keep fed while it starts
-        stdin.write(json.dumps(config).encode())
-        stdin.seek(0)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config, f)
+    try:
         return subprocess.Popen(
-            [node, str(NODE_WORKER)], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [node, str(NODE_WORKER), f.name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
+    finally:  # the worker reads it first thing; should it not, it is not left behind
+        _config_files.append(f.name)
+
+
+_config_files: list[str] = []
+
+
+def _remove_config_files() -> None:
+    while _config_files:
+        with contextlib.suppress(OSError):
+            os.unlink(_config_files.pop())
+
+
+def _node_connected(proc: subprocess.Popen[bytes], deadline: float) -> None:
+    """Wait for the worker's ``connected`` line."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            proc.kill()
+            raise RuntimeError(f"node load worker {proc.pid}: not connected in time")
+        chunk = os.read(fd, 1)  # one byte at a time: nothing past the line is taken from it
+        if not chunk:
+            proc.wait()
+            assert proc.stderr is not None
+            why = proc.stderr.read().decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"node load worker failed (exit {proc.returncode}): {why}")
+        line += chunk
+    if line.strip() != b"connected":
+        proc.kill()
+        raise RuntimeError(f"node load worker {proc.pid}: expected 'connected', got {line!r}")
+
+
+def _python_connected(procs: list[Any], ready: Any, deadline: float) -> None:
+    """Wait until every Python worker said ``connected``; fail at once if one died first."""
+    import queue
+
+    left = len(procs)
+    while left:
+        try:
+            ready.get(timeout=0.5)
+            left -= 1
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode is not None]
+            if dead:
+                raise RuntimeError(
+                    f"load worker {dead[0].pid} exited (code {dead[0].exitcode}) "
+                    "before it connected"
+                ) from None
+            if time.monotonic() > deadline:
+                raise RuntimeError("load workers not connected in time") from None
 
 
 def _node_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
@@ -465,6 +527,16 @@ def _node_result(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any
     return result
 
 
+#: Seconds from "every worker is connected" to the load's start: time for the start to reach them.
+START_MARGIN_S = 0.3
+
+
+def connect_timeout(shape: Shape) -> float:
+    """How long the workers may take to open every connection (generous: a slow machine took
+    79 s for 11,000; the load waits for them, however long it takes within this)."""
+    return 120.0 + (shape.devices + shape.clients) / 20
+
+
 def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, Any]:
     """Run one load against one target; return the figures."""
     if shape.generator not in GENERATORS:
@@ -473,43 +545,57 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
     workers = max(1, shape.workers)
     dev_parts = [list(range(shape.devices))[i::workers] for i in range(workers)]
     cli_parts = [list(range(shape.clients))[i::workers] for i in range(workers)]
-    start_at = time.time() + 3.0 + shape.devices / 500 + shape.clients / 200
     rss0 = proc_rss_kb(server_pid) if server_pid else 0
     timeout = shape.duration_s + 300  # from the start of the load
+    # The load starts once every worker has opened all its connections, however long that took:
+    # the idle memory is read then, and the server's CPU counted from then on.
     if node:
         clock = {"wall": time.time(), "mono": time.monotonic()}  # one instant, one clock
         nodes: list[subprocess.Popen[bytes]] = []
         try:
             for i in range(workers):
                 nodes.append(
-                    _start_node_worker(
-                        node, target, shape, dev_parts[i], cli_parts[i], start_at, clock
-                    )
+                    _start_node_worker(node, target, shape, dev_parts[i], cli_parts[i], clock)
                 )
-            # every connection is open (workers connect first) but no reading flows: idle memory
-            time.sleep(max(0.0, start_at - 0.3 - time.time()))
+            deadline = time.monotonic() + connect_timeout(shape)
+            for p in nodes:
+                _node_connected(p, deadline)
+            # every connection is open but no reading flows: idle memory
             rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+            start_at = time.time() + START_MARGIN_S
+            for p in nodes:
+                assert p.stdin is not None
+                p.stdin.write(json.dumps({"start_at": start_at}).encode() + b"\n")
+                p.stdin.flush()  # left open: communicate() closes it
+            time.sleep(max(0.0, start_at - time.time()))
             cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
             results = [_node_result(p, timeout) for p in nodes]
         finally:
+            _remove_config_files()
             for p in nodes:
                 if p.poll() is None:
                     p.kill()
                     p.communicate()
     else:
         ctx = mp.get_context("spawn")
-        out = ctx.Queue()
+        out, ready = ctx.Queue(), ctx.Queue()
+        gos = [ctx.Queue() for _ in range(workers)]
         procs = [
             ctx.Process(
-                target=run_worker, args=(target, shape, dev_parts[i], cli_parts[i], start_at, out)
+                target=run_worker,
+                args=(target, shape, dev_parts[i], cli_parts[i], ready, gos[i], out),
             )
             for i in range(workers)
         ]
         for p in procs:
             p.start()
-        # every connection is open (the workers connect first) but no reading flows yet: idle memory
-        time.sleep(max(0.0, start_at - 0.3 - time.time()))
+        _python_connected(procs, ready, time.monotonic() + connect_timeout(shape))
+        # every connection is open but no reading flows yet: idle memory
         rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+        start_at = time.time() + START_MARGIN_S
+        for go in gos:
+            go.put(start_at)
+        time.sleep(max(0.0, start_at - time.time()))
         cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
         results = [out.get(timeout=timeout) for _ in procs]
         for p in procs:

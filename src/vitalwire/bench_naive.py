@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 import time
+from typing import Any
 
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
@@ -23,7 +24,15 @@ DROP_EVERY = 0
 #: (0: never), to check that the timeline finds the slow readings.
 STALL_EVERY = 0
 STALL_S = 0.12
+#: Tests of the bench itself: hold each device connection's opening handshake this long (0:
+#: not at all), to check that the load waits until every connection is open.
+DEVICE_OPEN_DELAY_S = 0.0
 _forwarded = 0
+
+
+async def _process_request(connection: ServerConnection, request: Any) -> None:
+    if DEVICE_OPEN_DELAY_S and request.path.startswith("/device"):
+        await asyncio.sleep(DEVICE_OPEN_DELAY_S)
 
 
 async def _handler(ws: ServerConnection) -> None:
@@ -62,7 +71,14 @@ async def _serve(ws: ServerConnection) -> None:
 
 
 async def main(port: int) -> None:
-    async with serve(_handler, "127.0.0.1", port, max_size=2**20, compression=None) as server:
+    async with serve(
+        _handler,
+        "127.0.0.1",
+        port,
+        max_size=2**20,
+        compression=None,
+        process_request=_process_request,
+    ) as server:
         print(f"naive listening {port}", flush=True)
         await server.serve_forever()
 
@@ -72,4 +88,6 @@ if __name__ == "__main__":
         DROP_EVERY = int(sys.argv[2])
     if len(sys.argv) > 3:
         STALL_EVERY = int(sys.argv[3])
+    if len(sys.argv) > 4:
+        DEVICE_OPEN_DELAY_S = float(sys.argv[4])
     asyncio.run(main(int(sys.argv[1])))
