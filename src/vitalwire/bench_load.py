@@ -439,9 +439,11 @@ def _start_node_worker(
     devices: list[int],
     clients: list[int],
     clock: dict[str, float],
+    configs: list[str],
 ) -> subprocess.Popen[bytes]:
-    """A Node worker with its config (a file: the device credentials of a hospital are far
-    more than a pipe holds); the load's start goes to its stdin once everyone is connected."""
+    """A Node worker with its config (a file, named in ``configs``: the device credentials of
+    a hospital are far more than a pipe holds); the load's start goes to its stdin once every
+    worker is connected."""
     config = {
         "target": asdict(target),
         "shape": asdict(shape),
@@ -451,24 +453,13 @@ def _start_node_worker(
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
-    try:
-        return subprocess.Popen(
-            [node, str(NODE_WORKER), f.name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    finally:  # the worker reads it first thing; should it not, it is not left behind
-        _config_files.append(f.name)
-
-
-_config_files: list[str] = []
-
-
-def _remove_config_files() -> None:
-    while _config_files:
-        with contextlib.suppress(OSError):
-            os.unlink(_config_files.pop())
+    configs.append(f.name)  # removed by the caller when the run ends
+    return subprocess.Popen(
+        [node, str(NODE_WORKER), f.name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _node_connected(proc: subprocess.Popen[bytes], deadline: float) -> None:
@@ -552,10 +543,13 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
     if node:
         clock = {"wall": time.time(), "mono": time.monotonic()}  # one instant, one clock
         nodes: list[subprocess.Popen[bytes]] = []
+        configs: list[str] = []
         try:
             for i in range(workers):
                 nodes.append(
-                    _start_node_worker(node, target, shape, dev_parts[i], cli_parts[i], clock)
+                    _start_node_worker(
+                        node, target, shape, dev_parts[i], cli_parts[i], clock, configs
+                    )
                 )
             deadline = time.monotonic() + connect_timeout(shape)
             for p in nodes:
@@ -571,7 +565,9 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
             cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
             results = [_node_result(p, timeout) for p in nodes]
         finally:
-            _remove_config_files()
+            for path in configs:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             for p in nodes:
                 if p.poll() is None:
                     p.kill()
@@ -589,17 +585,23 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
         ]
         for p in procs:
             p.start()
-        _python_connected(procs, ready, time.monotonic() + connect_timeout(shape))
-        # every connection is open but no reading flows yet: idle memory
-        rss_idle = proc_rss_kb(server_pid) if server_pid else 0
-        start_at = time.time() + START_MARGIN_S
-        for go in gos:
-            go.put(start_at)
-        time.sleep(max(0.0, start_at - time.time()))
-        cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
-        results = [out.get(timeout=timeout) for _ in procs]
-        for p in procs:
-            p.join(30)
+        try:
+            _python_connected(procs, ready, time.monotonic() + connect_timeout(shape))
+            # every connection is open but no reading flows yet: idle memory
+            rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+            start_at = time.time() + START_MARGIN_S
+            for go in gos:
+                go.put(start_at)
+            time.sleep(max(0.0, start_at - time.time()))
+            cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
+            results = [out.get(timeout=timeout) for _ in procs]
+            for p in procs:
+                p.join(30)
+        finally:  # a worker that failed leaves none of the others running
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
     # the server's CPU over the load alone (from just before the first reading to the workers'
     # report), not over the connect phase before it
     cpu1, wall = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic() - load_t0
