@@ -104,13 +104,13 @@ def run_worker(
     shape: Shape,
     devices: list[int],
     clients: list[int],
-    ready: Any,
+    connected: Any,
     go: Any,
     out: Any,
 ) -> None:
-    """One Python worker process: connect, put ``"connected"`` on ``ready``, take the load's
-    start (wall clock) from ``go``, run the load, put the result on ``out``."""
-    result = asyncio.run(_worker(target, shape, devices, clients, ready, go))
+    """One Python worker process: connect, put ``"connected"`` on ``connected``, take the
+    load's start (wall clock) from ``go``, run the load, put the result on ``out``."""
+    result = asyncio.run(_worker(target, shape, devices, clients, connected, go))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result.cpu_s = usage.ru_utime + usage.ru_stime
     out.put(
@@ -484,14 +484,14 @@ def _node_connected(proc: subprocess.Popen[bytes], deadline: float) -> None:
         raise RuntimeError(f"node load worker {proc.pid}: expected 'connected', got {line!r}")
 
 
-def _python_connected(procs: list[Any], ready: Any, deadline: float) -> None:
+def _python_connected(procs: list[Any], connected: Any, deadline: float) -> None:
     """Wait until every Python worker said ``connected``; fail at once if one died first."""
     import queue
 
     left = len(procs)
     while left:
         try:
-            ready.get(timeout=0.5)
+            connected.get(timeout=0.5)
             left -= 1
         except queue.Empty:
             dead = [p for p in procs if p.exitcode is not None]
@@ -574,19 +574,19 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
                     p.communicate()
     else:
         ctx = mp.get_context("spawn")
-        out, ready = ctx.Queue(), ctx.Queue()
+        out, connected = ctx.Queue(), ctx.Queue()
         gos = [ctx.Queue() for _ in range(workers)]
         procs = [
             ctx.Process(
                 target=run_worker,
-                args=(target, shape, dev_parts[i], cli_parts[i], ready, gos[i], out),
+                args=(target, shape, dev_parts[i], cli_parts[i], connected, gos[i], out),
             )
             for i in range(workers)
         ]
         for p in procs:
             p.start()
         try:
-            _python_connected(procs, ready, time.monotonic() + connect_timeout(shape))
+            _python_connected(procs, connected, time.monotonic() + connect_timeout(shape))
             # every connection is open but no reading flows yet: idle memory
             rss_idle = proc_rss_kb(server_pid) if server_pid else 0
             start_at = time.time() + START_MARGIN_S
