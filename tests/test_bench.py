@@ -295,6 +295,24 @@ def test_a_warm_up_must_be_shorter_than_the_load() -> None:
     assert negative.exit_code == 2 and "--warmup" in negative.output
 
 
+def test_refine_is_bounded_and_only_with_saturate() -> None:
+    """``--refine`` narrows a saturation ladder: alone it is an error, as is one past 6
+    halvings; both are refused before anything runs."""
+
+    def text(output: str) -> str:  # the error box's lines joined: it wraps by terminal width
+        return " ".join(output.replace("│", " ").split())
+
+    alone = CliRunner().invoke(app, ["bench", "--refine", "3"])
+    assert alone.exit_code == 2
+    assert (
+        "Invalid value for --refine: narrows a --saturate ladder: use it with --saturate "
+        "(got 3 without)" in text(alone.output)
+    )
+    too_many = CliRunner().invoke(app, ["bench", "--saturate", "--refine", "7"])
+    assert too_many.exit_code == 2
+    assert "--refine': Input should be less than or equal to 6" in text(too_many.output)
+
+
 async def test_saturate_doubles_then_halves_each_targets_interval() -> None:
     """Targets with known limits (a fake run stands in for the loads): the doubling finds each
     one's step, then two refinements halve each interval between the last rate that held and

@@ -439,14 +439,16 @@ def bench_main(
         ),
     ] = False,
     refine: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
             max=6,
             help="With --saturate: times each target's interval between the last rate that "
-            "held and the first that failed is halved (2: to a quarter of the doubling step).",
+            "held and the first that failed is halved (default 2: to a quarter of the "
+            "doubling step).",
+            show_default=False,
         ),
-    ] = 2,
+    ] = None,
     warmup: Annotated[
         float,
         typer.Option(
@@ -472,6 +474,11 @@ def bench_main(
             node_path()
         except RuntimeError as exc:
             raise typer.BadParameter(str(exc), param_hint="--generator") from None
+    if refine is not None and not saturate:
+        raise typer.BadParameter(
+            f"narrows a --saturate ladder: use it with --saturate (got {refine} without)",
+            param_hint="--refine",
+        )
     if warmup >= duration:
         raise typer.BadParameter(
             f"must be less than --duration ({duration:g} s), got {warmup:g}", param_hint="--warmup"
@@ -481,7 +488,9 @@ def bench_main(
     )
     refs = against or []
     rows = asyncio.run(
-        bench_saturate(shape, refs, refine=refine) if saturate else bench_load(shape, refs)
+        bench_saturate(shape, refs, refine=2 if refine is None else refine)
+        if saturate
+        else bench_load(shape, refs)
     )
     title = (
         f"{devices} devices x {rate:g} Hz, {clients} clients x {patients_per_client} patients"
