@@ -295,9 +295,10 @@ def test_a_warm_up_must_be_shorter_than_the_load() -> None:
     assert negative.exit_code == 2 and "--warmup" in negative.output
 
 
-def test_refine_is_bounded_and_only_with_saturate() -> None:
-    """``--refine`` narrows a saturation ladder: alone it is an error, as is one past 6
-    halvings; both are refused before anything runs."""
+def test_refine_and_repeat_are_bounded_and_only_with_saturate() -> None:
+    """``--refine`` narrows a saturation ladder and ``--repeat`` repeats its steps: alone
+    either is an error, as is one past its bound (6 halvings, 5 runs); all are refused
+    before anything runs."""
 
     def text(output: str) -> str:  # the error box's lines joined: it wraps by terminal width
         return " ".join(output.replace("│", " ").split())
@@ -311,6 +312,15 @@ def test_refine_is_bounded_and_only_with_saturate() -> None:
     too_many = CliRunner().invoke(app, ["bench", "--saturate", "--refine", "7"])
     assert too_many.exit_code == 2
     assert "--refine': Input should be less than or equal to 6" in text(too_many.output)
+    repeat_alone = CliRunner().invoke(app, ["bench", "--repeat", "3"])
+    assert repeat_alone.exit_code == 2
+    assert (
+        "Invalid value for --repeat: repeats the steps of a --saturate ladder: use it with "
+        "--saturate (got 3 without)" in text(repeat_alone.output)
+    )
+    too_many_runs = CliRunner().invoke(app, ["bench", "--saturate", "--repeat", "6"])
+    assert too_many_runs.exit_code == 2
+    assert "--repeat': Input should be less than or equal to 5" in text(too_many_runs.output)
 
 
 async def test_saturate_doubles_then_halves_each_targets_interval() -> None:
@@ -362,6 +372,49 @@ async def test_saturate_doubles_then_halves_each_targets_interval() -> None:
     steps = [s["rate_hz"] for s in by_target["vitalwire"]["steps"]]
     assert steps == [10, 20, 40, 80, 100, 120, 160, 320]  # by rate, for the plot
     assert [s["lost"] for s in by_target["mqtt qos1"]["steps"]] == [0, 0, 0, 0, 7, 7, 7, 7]
+
+
+async def test_saturate_repeat_takes_the_majority_of_each_steps_runs() -> None:
+    """With ``repeat``, a step holds when most of its runs held (a tie fails) and reports the
+    run of the median p99: one bad run in three does not end a ladder, two do."""
+    from vitalwire.bench import bench_saturate
+    from vitalwire.bench_load import Shape
+
+    # the p99 of each run at each rate, in run order (vitalwire only: no references)
+    p99s = {
+        10: [5.0, 70.0, 6.0],  # one bad run of three: holds
+        20: [60.0, 8.0, 9.0],  # holds again
+        40: [7.0, 90.0, 95.0],  # two bad runs: fails
+        30: [40.0, 45.0, 55.0],  # the refinement's middle: holds, median 45
+        35: [51.0, 52.0, 20.0],  # fails
+    }
+    seen: dict[float, int] = {}
+
+    async def run(shape: Any, against: list[str], only: Any) -> list[dict[str, Any]]:
+        rate = shape.rate_hz
+        i = seen[rate] = seen.get(rate, -1) + 1
+        return [
+            {
+                "target": "vitalwire",
+                "delivered_per_s": rate * 1000 + i,  # which run was reported
+                "latency_ms": {"p99": p99s[int(rate)][i]},
+                "lost": 0,
+            }
+        ]
+
+    shape = Shape(devices=1, rate_hz=10, clients=1, patients_per_client=1)
+    (row,) = await bench_saturate(shape, [], steps=6, refine=2, run=run, repeat=3)
+    assert seen == {10: 2, 20: 2, 40: 2, 30: 2, 35: 2}  # every step ran three times
+    assert (row["rate_hz"], row["failed_at_hz"]) == (30, 35)
+    assert row["delivered_per_s"] == 30_000 + 1  # the median run: p99 45 ms
+    steps = {s["rate_hz"]: s for s in row["steps"]}
+    assert steps[10]["p99_ms"] == 6.0 and steps[10]["runs_held"] == 2
+    assert steps[40]["runs_p99_ms"] == [7.0, 90.0, 95.0] and steps[40]["runs_held"] == 1
+
+    seen.clear()  # two runs: a tie (one held, one failed) fails the step, so nothing held
+    p99s[10] = [5.0, 70.0]
+    assert await bench_saturate(shape, [], steps=1, refine=0, run=run, repeat=2) == []
+    assert seen == {10: 1}
 
 
 async def test_a_load_runs_only_the_targets_named() -> None:

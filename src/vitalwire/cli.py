@@ -449,6 +449,16 @@ def bench_main(
             show_default=False,
         ),
     ] = None,
+    repeat: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=5,
+            help="With --saturate: runs of each step; a rate holds when a majority of its "
+            "runs held, and the run of the median p99 is reported (default 1).",
+            show_default=False,
+        ),
+    ] = None,
     warmup: Annotated[
         float,
         typer.Option(
@@ -479,6 +489,12 @@ def bench_main(
             f"narrows a --saturate ladder: use it with --saturate (got {refine} without)",
             param_hint="--refine",
         )
+    if repeat is not None and not saturate:
+        raise typer.BadParameter(
+            f"repeats the steps of a --saturate ladder: use it with --saturate "
+            f"(got {repeat} without)",
+            param_hint="--repeat",
+        )
     if warmup >= duration:
         raise typer.BadParameter(
             f"must be less than --duration ({duration:g} s), got {warmup:g}", param_hint="--warmup"
@@ -488,7 +504,7 @@ def bench_main(
     )
     refs = against or []
     rows = asyncio.run(
-        bench_saturate(shape, refs, refine=2 if refine is None else refine)
+        bench_saturate(shape, refs, refine=2 if refine is None else refine, repeat=repeat or 1)
         if saturate
         else bench_load(shape, refs)
     )
@@ -497,7 +513,10 @@ def bench_main(
         f" ({generator.value} load generator"
         + (f"; latency after a {warmup:g} s warm-up)" if warmup else ")")
     )
-    t = Table(title=("saturation: last rate with p99 <= 50 ms, " if saturate else "") + title)
+    ladder = "saturation: last rate with p99 <= 50 ms, "
+    if (repeat or 1) > 1:
+        ladder = f"saturation: last rate with p99 <= 50 ms in most of {repeat} runs, "
+    t = Table(title=(ladder if saturate else "") + title)
     for col in (
         "target",
         "rate Hz",
