@@ -295,32 +295,33 @@ def test_a_warm_up_must_be_shorter_than_the_load() -> None:
     assert negative.exit_code == 2 and "--warmup" in negative.output
 
 
-def test_refine_and_repeat_are_bounded_and_only_with_saturate() -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--refine", "3"],
+            "Invalid value for --refine: narrows a --saturate ladder: use it with --saturate "
+            "(got 3 without)",
+        ),
+        (["--saturate", "--refine", "7"], "--refine': Input should be less than or equal to 6"),
+        (
+            ["--repeat", "3"],
+            "Invalid value for --repeat: repeats the steps of a --saturate ladder: use it with "
+            "--saturate (got 3 without)",
+        ),
+        (["--saturate", "--repeat", "6"], "--repeat': Input should be less than or equal to 5"),
+    ],
+)
+def test_refine_and_repeat_are_bounded_and_only_with_saturate(
+    args: list[str], message: str
+) -> None:
     """``--refine`` narrows a saturation ladder and ``--repeat`` repeats its steps: alone
     either is an error, as is one past its bound (6 halvings, 5 runs); all are refused
     before anything runs."""
-
-    def text(output: str) -> str:  # the error box's lines joined: it wraps by terminal width
-        return " ".join(output.replace("│", " ").split())
-
-    alone = CliRunner().invoke(app, ["bench", "--refine", "3"])
-    assert alone.exit_code == 2
-    assert (
-        "Invalid value for --refine: narrows a --saturate ladder: use it with --saturate "
-        "(got 3 without)" in text(alone.output)
-    )
-    too_many = CliRunner().invoke(app, ["bench", "--saturate", "--refine", "7"])
-    assert too_many.exit_code == 2
-    assert "--refine': Input should be less than or equal to 6" in text(too_many.output)
-    repeat_alone = CliRunner().invoke(app, ["bench", "--repeat", "3"])
-    assert repeat_alone.exit_code == 2
-    assert (
-        "Invalid value for --repeat: repeats the steps of a --saturate ladder: use it with "
-        "--saturate (got 3 without)" in text(repeat_alone.output)
-    )
-    too_many_runs = CliRunner().invoke(app, ["bench", "--saturate", "--repeat", "6"])
-    assert too_many_runs.exit_code == 2
-    assert "--repeat': Input should be less than or equal to 5" in text(too_many_runs.output)
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 2
+    # the error box's lines joined: it wraps by terminal width
+    assert message in " ".join(result.output.replace("│", " ").split())
 
 
 async def test_saturate_doubles_then_halves_each_targets_interval() -> None:
