@@ -416,6 +416,8 @@ async def test_saturate_repeat_takes_the_majority_of_each_steps_runs() -> None:
     p99s[10] = [5.0, 70.0]
     assert await bench_saturate(shape, [], steps=1, refine=0, run=run, repeat=2) == []
     assert seen == {10: 1}
+    with pytest.raises(ValueError, match="repeat must be at least 1, got 0"):
+        await bench_saturate(shape, [], run=run, repeat=0)
 
 
 async def test_a_load_runs_only_the_targets_named() -> None:

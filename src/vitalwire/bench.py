@@ -692,6 +692,8 @@ async def bench_saturate(
     """
     from dataclasses import replace
 
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
     run = run or bench_load
     held: dict[str, dict[str, Any]] = {}
     failed_at: dict[str, float] = {}  # the lowest failing rate above the held one
