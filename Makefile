@@ -33,7 +33,8 @@ bench: install
 bench-report: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/vitalwire bench --devices 100 --rate 10 --clients 10 --patients-per-client 100 \
-		--duration 8 --saturate --generator node --against naive --against mqtt://127.0.0.1:1883 \
+		--duration 8 --saturate --repeat 3 --generator node --against naive \
+		--against mqtt://127.0.0.1:1883 \
 		--json docs/bench/saturation.json
 	$(BIN)/python tools/bench_report.py docs/bench/saturation.json docs/bench/saturation.png
 
