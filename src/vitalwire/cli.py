@@ -513,10 +513,9 @@ def bench_main(
         f" ({generator.value} load generator"
         + (f"; latency after a {warmup:g} s warm-up)" if warmup else ")")
     )
-    ladder = "saturation: last rate with p99 <= 50 ms, "
-    if (repeat or 1) > 1:
-        ladder = f"saturation: last rate with p99 <= 50 ms in most of {repeat} runs, "
-    t = Table(title=(ladder if saturate else "") + title)
+    runs = f" in most of {repeat} runs" if repeat and repeat > 1 else ""
+    ladder = f"saturation: last rate with p99 <= 50 ms{runs}, " if saturate else ""
+    t = Table(title=ladder + title)
     for col in (
         "target",
         "rate Hz",
