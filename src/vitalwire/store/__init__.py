@@ -13,11 +13,15 @@ from vitalwire.store.base import (
 )
 
 
-def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> Store:
+def open_store(
+    url: str, *, sqlite_synchronous: str = "NORMAL", sqlite_inline_writes: bool = True
+) -> Store:
     """Return an (unopened) store for ``url``: ``sqlite:///path`` or ``postgresql://...``."""
     from vitalwire.store.sql import SqlStore
 
-    return SqlStore(url, sqlite_synchronous=sqlite_synchronous)
+    return SqlStore(
+        url, sqlite_synchronous=sqlite_synchronous, inline_writes=sqlite_inline_writes
+    )
 
 
 __all__ = [

@@ -166,10 +166,16 @@ class SqlStore:
     """The :class:`~vitalwire.store.base.Store` on SQLAlchemy async Core."""
 
     def __init__(
-        self, url: str, *, sqlite_synchronous: str = "NORMAL", dedicated_writer: bool = True
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: str = "NORMAL",
+        dedicated_writer: bool = True,
+        inline_writes: bool = True,
     ) -> None:
         """``dedicated_writer``: SQLite files write batches through :mod:`.sqlite_writer` (one
-        thread hop per batch); off, they go through the async engine as PostgreSQL's do."""
+        thread hop per batch, or none: ``inline_writes``); off, they go through the async engine
+        as PostgreSQL's do."""
         self.url = _async_url(url)
         self.backend = "sqlite" if self.url.startswith("sqlite") else "postgresql"
         sync = sqlite_synchronous.upper()
@@ -182,6 +188,7 @@ class SqlStore:
         #: SQLite files: batches go through one dedicated connection on its own thread
         self._fast: SqliteBatchWriter | None = None
         self._dedicated_writer = dedicated_writer
+        self._inline_writes = inline_writes
         self._fast_sql: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._reading_batch = ""  # the statement taking a batch's readings and events at once
 
@@ -234,7 +241,9 @@ class SqlStore:
                 "reading_batch",
                 {"readings": self._fast_sql["readings"][0], "events": self._fast_sql["events"][0]},
             )
-            self._fast = SqliteBatchWriter(database, synchronous=self._synchronous, setup=setup)
+            self._fast = SqliteBatchWriter(
+                database, synchronous=self._synchronous, setup=setup, inline=self._inline_writes
+            )
             await self._fast.open()
 
     def _fast_work(self, batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
