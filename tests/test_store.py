@@ -431,6 +431,33 @@ async def test_which_writes_run_inline(
     check.close()
 
 
+async def test_a_large_batch_goes_to_the_thread(tmp_path: Path) -> None:
+    """A batch of more than ``inline_max_rows`` rows (a backlog) is written on the writer's
+    thread, so the loop goes on meanwhile; the next small one is inline again."""
+    import sqlite3
+
+    from vitalwire.store.sqlite_writer import INLINE_MAX_ROWS, SqliteBatchWriter
+
+    assert INLINE_MAX_ROWS == SqliteBatchWriter("x", synchronous="NORMAL").inline_max_rows
+    path = _wal_db(tmp_path / "large.db")
+    writer = SqliteBatchWriter(
+        path, synchronous="NORMAL", inline=True, inline_max_rows=2, checkpoint_every_s=3600
+    )
+    await writer.open()
+    counts = []
+    try:
+        for n in (2, 3, 1):
+            work = [("INSERT INTO t VALUES (?, ?)", [(n, "x")] * n)]
+            await writer.write(work, n)
+            counts.append((writer.inline_writes, writer.thread_writes))
+    finally:
+        await writer.close()
+    assert counts == [(1, 0), (1, 1), (2, 1)]
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 6
+    check.close()
+
+
 async def test_an_inline_write_waits_for_a_held_lock_on_the_thread_not_on_the_loop(
     tmp_path: Path,
 ) -> None:

@@ -297,7 +297,7 @@ class SqlStore:
 
     async def write_batch(self, batch: Batch) -> None:
         if self._fast is not None:
-            await self._fast.write(self._fast_work(batch))
+            await self._fast.write(self._fast_work(batch), len(batch))
         else:
             async with self.engine.begin() as conn:
                 if batch.readings:
@@ -376,9 +376,11 @@ class SqlStore:
                 # many rows (every stream's snapshot): one step, see compile_json_rows
                 text, keys = compile_json_rows(stmt, rows[0])
                 data = json_rows([[r[k] for k in keys] for r in rows])
-                return await self._fast.write([(text, [(data,)])])
+                return await self._fast.write([(text, [(data,)])], len(rows))
             text, keys = compile_positional(stmt, rows[0])
-            return await self._fast.write([(text, [tuple(r[k] for k in keys) for r in rows])])
+            return await self._fast.write(
+                [(text, [tuple(r[k] for k in keys) for r in rows])], len(rows)
+            )
         async with self.engine.begin() as conn:
             result = await conn.execute(stmt, rows[0] if len(rows) == 1 else rows)
         return int(result.rowcount or 0)
