@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -297,27 +296,20 @@ async def _write_until_restarts(writer: Any, restarts: int) -> int:
     return commits
 
 
-@pytest.mark.parametrize("inline", [False, True])
-async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path, inline: bool) -> None:
+async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> None:
     """A passive checkpoint never restarts the WAL while commits keep coming; the writer does,
-    once the WAL is long, so it stays bounded instead of holding every frame ever written.
-    Inline writes too: a due restart sends the next batch to the writer's thread."""
+    once the WAL is long, so it stays bounded instead of holding every frame ever written."""
     import sqlite3
 
     from vitalwire.store.sqlite_writer import SqliteBatchWriter
 
     path = _wal_db(tmp_path / "wal.db")
     writer = SqliteBatchWriter(
-        path, synchronous="NORMAL", checkpoint_every_s=0.01, restart_frames=20, inline=inline
+        path, synchronous="NORMAL", checkpoint_every_s=0.01, restart_frames=20
     )
     await writer.open()
     try:
         commits = await _write_until_restarts(writer, 3)
-        if inline:  # the thread ran the restarts' batches (and at most a few fallbacks more)
-            assert writer.inline_writes > 0 and writer.thread_writes >= 3
-            assert writer.inline_writes + writer.thread_writes == commits
-        else:
-            assert (writer.inline_writes, writer.thread_writes) == (0, commits)
         probe = sqlite3.connect(path)
         _busy, frames, _copied = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         probe.close()
@@ -388,144 +380,6 @@ async def test_the_checkpointer_syncs_the_database_file_before_a_restart_needs_i
         assert before[-1] >= 20 and before[-2] >= 20, steps[max(0, i - 6) : i + 1]
 
 
-@pytest.mark.parametrize(
-    ("inline", "synchronous", "on_the_loop"),
-    [
-        (True, "NORMAL", True),
-        (True, "off", True),
-        (True, "FULL", False),  # every commit syncs the WAL: never on the loop
-        (True, "EXTRA", False),
-        (False, "NORMAL", False),
-    ],
-)
-async def test_which_writes_run_inline(
-    tmp_path: Path, inline: bool, synchronous: str, on_the_loop: bool
-) -> None:
-    """Batches are written on the caller's thread only when asked and only when commits do
-    not sync; the rows are committed either way."""
-    import sqlite3
-    import threading
-
-    from vitalwire.store.sqlite_writer import SqliteBatchWriter
-
-    path = _wal_db(tmp_path / "which.db")
-    writer = SqliteBatchWriter(
-        path, synchronous=synchronous, inline=inline, checkpoint_every_s=3600
-    )
-    threads: list[str] = []
-    writer.setup = ("CREATE TEMP TRIGGER seen AFTER INSERT ON t BEGIN SELECT seen(); END",)
-    await writer.open()
-    assert writer._conn is not None
-    writer._conn.create_function("seen", 0, lambda: threads.append(threading.current_thread().name))
-    try:
-        for i in range(3):
-            await writer.write([("INSERT INTO t VALUES (?, ?)", [(i, "x")])])
-    finally:
-        await writer.close()
-    assert len(threads) == 3 and len(set(threads)) == 1  # one thread wrote all three ...
-    assert (threads[0] == threading.current_thread().name) is on_the_loop  # ... this one?
-    expected = (3, 0) if on_the_loop else (0, 3)
-    assert (writer.inline_writes, writer.thread_writes) == expected
-    check = sqlite3.connect(path)
-    assert check.execute("SELECT x FROM t ORDER BY rowid").fetchall() == [(0,), (1,), (2,)]
-    check.close()
-
-
-async def test_a_large_batch_goes_to_the_thread(tmp_path: Path) -> None:
-    """A batch of more than ``inline_max_rows`` rows (a backlog) is written on the writer's
-    thread, so the loop goes on meanwhile; the next small one is inline again."""
-    import sqlite3
-
-    from vitalwire.store.sqlite_writer import INLINE_MAX_ROWS, SqliteBatchWriter
-
-    assert INLINE_MAX_ROWS == SqliteBatchWriter("x", synchronous="NORMAL").inline_max_rows
-    path = _wal_db(tmp_path / "large.db")
-    writer = SqliteBatchWriter(
-        path, synchronous="NORMAL", inline=True, inline_max_rows=2, checkpoint_every_s=3600
-    )
-    await writer.open()
-    counts = []
-    try:
-        for n in (2, 3, 1):
-            work = [("INSERT INTO t VALUES (?, ?)", [(n, "x")] * n)]
-            await writer.write(work, n)
-            counts.append((writer.inline_writes, writer.thread_writes))
-    finally:
-        await writer.close()
-    assert counts == [(1, 0), (1, 1), (2, 1)]
-    check = sqlite3.connect(path)
-    assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 6
-    check.close()
-
-
-async def test_an_inline_write_waits_for_a_held_lock_on_the_thread_not_on_the_loop(
-    tmp_path: Path,
-) -> None:
-    """Another connection holding the write lock (an administrative change through the store's
-    pool, whose transaction may itself wait for the loop) must not hold up the event loop: the
-    batch goes to the writer's thread, which waits for the lock; a batch written meanwhile
-    queues behind it, so both commit in order; then batches are inline again."""
-    import sqlite3
-
-    from vitalwire.store.sqlite_writer import SqliteBatchWriter
-
-    path = _wal_db(tmp_path / "held.db")
-    writer = SqliteBatchWriter(path, synchronous="NORMAL", inline=True, checkpoint_every_s=3600)
-    await writer.open()
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        await writer.write([("INSERT INTO t VALUES (?, ?)", [(1, "a"), (2, "b")])])
-        assert (writer.inline_writes, writer.thread_writes) == (1, 0)
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("INSERT INTO t VALUES (3, 'other')")
-        first = asyncio.create_task(writer.write([("INSERT INTO t VALUES (?, ?)", [(4, "c")])]))
-        for _ in range(20):  # this coroutine runs on: the loop is not held by the batch
-            await asyncio.sleep(0)
-        assert not first.done() and writer._queued == 1  # waiting for the lock, on the thread
-        second = asyncio.create_task(writer.write([("INSERT INTO t VALUES (?, ?)", [(5, "d")])]))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert not second.done() and writer._queued == 2  # behind it, not inline
-        other.execute("COMMIT")
-        await asyncio.wait_for(asyncio.gather(first, second), 10)
-        assert (writer.inline_writes, writer.thread_writes) == (1, 2)
-        await writer.write([("INSERT INTO t VALUES (?, ?)", [(6, "e")])])
-        assert (writer.inline_writes, writer.thread_writes) == (2, 2)  # inline again
-        rows = other.execute("SELECT x FROM t ORDER BY rowid").fetchall()
-        assert rows == [(1,), (2,), (3,), (4,), (5,), (6,)]
-    finally:
-        other.close()
-        await writer.close()
-
-
-async def test_a_failed_inline_write_leaves_nothing_and_the_writer_usable(tmp_path: Path) -> None:
-    """An error other than a held lock (here a duplicate key) reaches the caller at once, the
-    whole batch rolled back; the next batch commits inline."""
-    import sqlite3
-
-    from vitalwire.store.sqlite_writer import SqliteBatchWriter
-
-    path = str(tmp_path / "fail.db")
-    setup = sqlite3.connect(path)
-    setup.execute("PRAGMA journal_mode=WAL")
-    setup.execute("CREATE TABLE u (k INTEGER PRIMARY KEY)")
-    setup.close()
-    writer = SqliteBatchWriter(path, synchronous="NORMAL", inline=True, checkpoint_every_s=3600)
-    await writer.open()
-    try:
-        await writer.write([("INSERT INTO u VALUES (?)", [(1,)])])
-        with pytest.raises(sqlite3.IntegrityError):
-            await writer.write([("INSERT INTO u VALUES (?)", [(2,), (1,)])])
-        assert writer._conn is not None and not writer._conn.in_transaction
-        await writer.write([("INSERT INTO u VALUES (?)", [(3,)])])
-        assert (writer.inline_writes, writer.thread_writes) == (2, 0)
-    finally:
-        await writer.close()
-    check = sqlite3.connect(path)
-    assert check.execute("SELECT k FROM u ORDER BY k").fetchall() == [(1,), (3,)]
-    check.close()
-
-
 async def test_no_checkpoint_runs_while_a_restart_is_due(tmp_path: Path) -> None:
     """A restart that finds a checkpoint running gives up at once, so once the checkpointer has
     asked the writer for one it starts no pass until the writer has run it."""
@@ -546,13 +400,11 @@ async def test_no_checkpoint_runs_while_a_restart_is_due(tmp_path: Path) -> None
         return passes[-1]
 
     writer._checkpoint = checkpoint  # type: ignore[method-assign]
-    writer.inline = True  # as in the server: the restart sends its batch to the thread
     await writer.open()
     conn = sqlite3.connect(path, isolation_level=None)
     fd = os.open(path, os.O_RDONLY)
     try:
         await writer.write([("INSERT INTO t VALUES (?, ?)", [(i, "x" * 2000) for i in range(60)])])
-        assert (writer.inline_writes, writer.thread_writes) == (1, 0)
         writer._round(conn, fd)
         assert passes[0] >= 20 and len(passes) >= 2  # long: catch-up passes, then ...
         assert writer._restart_due and writer.restarts == 0  # ... a restart asked of the writer
@@ -560,8 +412,7 @@ async def test_no_checkpoint_runs_while_a_restart_is_due(tmp_path: Path) -> None
         writer._round(conn, fd)
         assert len(passes) == done  # no pass while the restart is due
         await writer.write([("INSERT INTO t VALUES (?, ?)", [(99, "y")])])
-        assert writer.restarts == 1 and not writer._restart_due  # the writer ran it ...
-        assert (writer.inline_writes, writer.thread_writes) == (1, 1)  # ... on its thread
+        assert writer.restarts == 1 and not writer._restart_due  # the writer ran it
         writer._round(conn, fd)
         assert len(passes) == done + 1 and passes[-1] < 20  # passes again, on a short WAL
     finally:

@@ -78,11 +78,7 @@ async def open_services(
     settings: Settings, clock: Callable[[], float] = time.time
 ) -> AsyncIterator[Services]:
     """Open the store and bus, start the writer; on exit flush every write and close."""
-    store = open_store(
-        settings.db,
-        sqlite_synchronous=settings.sqlite_synchronous,
-        sqlite_inline_writes=settings.sqlite_inline_writes,
-    )
+    store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
     await store.open()
     bus = open_bus(settings.bus, history_size=settings.bus_history)
     streams = Streams(store, bus)

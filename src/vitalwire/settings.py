@@ -23,10 +23,6 @@ class Settings(BaseSettings):
     refresh_ttl_s: float = Field(43200.0, gt=0)
     #: SQLite ``PRAGMA synchronous``: NORMAL survives kill -9; FULL survives power loss too.
     sqlite_synchronous: str = "NORMAL"
-    #: SQLite write batches are committed on the event loop's thread (no thread hop) when the
-    #: database file's lock is free and commits do not sync (``sqlite_synchronous`` NORMAL or
-    #: OFF); otherwise, and with this off, on the writer's thread (docs/benchmarks.md).
-    sqlite_inline_writes: bool = True
     #: A write batch holds at most this many rows ...
     batch_max_rows: int = Field(500, ge=1, le=10_000)
     #: ... and waits at most this long for more rows before it commits. 0: commit at once;

@@ -13,15 +13,11 @@ from vitalwire.store.base import (
 )
 
 
-def open_store(
-    url: str, *, sqlite_synchronous: str = "NORMAL", sqlite_inline_writes: bool = True
-) -> Store:
+def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> Store:
     """Return an (unopened) store for ``url``: ``sqlite:///path`` or ``postgresql://...``."""
     from vitalwire.store.sql import SqlStore
 
-    return SqlStore(
-        url, sqlite_synchronous=sqlite_synchronous, inline_writes=sqlite_inline_writes
-    )
+    return SqlStore(url, sqlite_synchronous=sqlite_synchronous)
 
 
 __all__ = [

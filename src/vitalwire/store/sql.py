@@ -166,16 +166,10 @@ class SqlStore:
     """The :class:`~vitalwire.store.base.Store` on SQLAlchemy async Core."""
 
     def __init__(
-        self,
-        url: str,
-        *,
-        sqlite_synchronous: str = "NORMAL",
-        dedicated_writer: bool = True,
-        inline_writes: bool = True,
+        self, url: str, *, sqlite_synchronous: str = "NORMAL", dedicated_writer: bool = True
     ) -> None:
         """``dedicated_writer``: SQLite files write batches through :mod:`.sqlite_writer` (one
-        thread hop per batch, or none: ``inline_writes``); off, they go through the async engine
-        as PostgreSQL's do."""
+        thread hop per batch); off, they go through the async engine as PostgreSQL's do."""
         self.url = _async_url(url)
         self.backend = "sqlite" if self.url.startswith("sqlite") else "postgresql"
         sync = sqlite_synchronous.upper()
@@ -188,7 +182,6 @@ class SqlStore:
         #: SQLite files: batches go through one dedicated connection on its own thread
         self._fast: SqliteBatchWriter | None = None
         self._dedicated_writer = dedicated_writer
-        self._inline_writes = inline_writes
         self._fast_sql: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._reading_batch = ""  # the statement taking a batch's readings and events at once
 
@@ -241,9 +234,7 @@ class SqlStore:
                 "reading_batch",
                 {"readings": self._fast_sql["readings"][0], "events": self._fast_sql["events"][0]},
             )
-            self._fast = SqliteBatchWriter(
-                database, synchronous=self._synchronous, setup=setup, inline=self._inline_writes
-            )
+            self._fast = SqliteBatchWriter(database, synchronous=self._synchronous, setup=setup)
             await self._fast.open()
 
     def _fast_work(self, batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
@@ -297,7 +288,7 @@ class SqlStore:
 
     async def write_batch(self, batch: Batch) -> None:
         if self._fast is not None:
-            await self._fast.write(self._fast_work(batch), len(batch))
+            await self._fast.write(self._fast_work(batch))
         else:
             async with self.engine.begin() as conn:
                 if batch.readings:
@@ -376,11 +367,9 @@ class SqlStore:
                 # many rows (every stream's snapshot): one step, see compile_json_rows
                 text, keys = compile_json_rows(stmt, rows[0])
                 data = json_rows([[r[k] for k in keys] for r in rows])
-                return await self._fast.write([(text, [(data,)])], len(rows))
+                return await self._fast.write([(text, [(data,)])])
             text, keys = compile_positional(stmt, rows[0])
-            return await self._fast.write(
-                [(text, [tuple(r[k] for k in keys) for r in rows])], len(rows)
-            )
+            return await self._fast.write([(text, [tuple(r[k] for k in keys) for r in rows])])
         async with self.engine.begin() as conn:
             result = await conn.execute(stmt, rows[0] if len(rows) == 1 else rows)
         return int(result.rowcount or 0)

@@ -20,31 +20,6 @@ four times: measured beside a thread busy 75 % of the time (the loop at hospital
 of 70 readings and their events took 6.6 ms at the median instead of 1.4 ms. As one statement,
 1.2 ms at the median and 6.4 ms at p90 (one wait, at the end).
 
-**Inline writes** (``inline=True``, the server's default with ``synchronous`` ``NORMAL`` or
-``OFF``): a batch is written on the caller's thread — the event loop's — with no hop at all. With
-those settings a commit in WAL mode appends pages to the WAL and syncs nothing (the checkpointer
-syncs), so it costs the loop SQLite's CPU only: a millisecond or two for a batch of 100 readings.
-The hop cost more than that. Timed in the server at 10,000 readings a second (100 devices at
-100 Hz), with the thread: the commit stage was busy 96 % of the time, and only 26 % of it was
-SQLite's CPU. The rest was waiting: for the thread to start (11 %), for the GIL inside the
-write (16 %), and for the loop to take the result back (25 %). Commits run one after the other,
-so that waiting set the throughput. Inline writes fall back to the thread whenever the loop
-could otherwise wait:
-- the connection's busy timeout is 0 for them: when another connection holds the write lock (an
-  administrative change through the store's pool, whose transaction may itself wait for the
-  loop), SQLite refuses at once and the batch goes to the thread, which waits for the lock as
-  before;
-- a WAL restart that is due runs on the thread (it may wait for readers);
-- while a batch is queued for or running on the thread, later batches queue behind it, so
-  batches commit in the order they were written;
-- with ``synchronous`` ``FULL`` or ``EXTRA`` every commit syncs the WAL file: those always use
-  the thread;
-- a batch of more than ``INLINE_MAX_ROWS`` rows (a backlog: commits of about 100 rows keep up
-  with 10,000 readings a second) goes to the thread, so SQLite works on the other core while the
-  loop goes on taking frames. Inline, a backlog's large batches added SQLite's whole CPU to a
-  loop already behind: at 20,000 readings a second p99 was 223-724 ms inline against 73-79 ms
-  with the thread, where at 16,000 both held.
-
 Checkpoints (copying the WAL back into the database file, with an fsync) are taken off the commit
 path: this connection never checkpoints by itself (``wal_autocheckpoint=0``); a checkpointer
 thread runs ``wal_checkpoint(PASSIVE)`` — which never blocks the writer or readers — every
@@ -104,13 +79,6 @@ CATCH_UP_PASSES = 4
 CATCH_UP_FRAMES = 200
 #: How long the restart waits for readers before trying again at the next round.
 RESTART_WAIT_MS = 50
-#: How long a write on the writer's thread (and the checkpointer) waits for another
-#: connection's lock.
-BUSY_TIMEOUT_MS = 10_000
-#: Larger batches go to the writer's thread even when inline writes are on (see the module's doc).
-INLINE_MAX_ROWS = 200
-#: ``synchronous`` settings whose commits do not sync in WAL mode: only these write inline.
-INLINE_SYNCHRONOUS = ("OFF", "NORMAL", "0", "1")
 #: The WAL file is truncated to this size when it starts over (above the restart size: a WAL that
 #: is cut back at every restart only grows again).
 WAL_SIZE_LIMIT = 160 * 1024 * 1024
@@ -191,22 +159,12 @@ class SqliteBatchWriter:
         setup: Sequence[str] = (),
         checkpoint_every_s: float = CHECKPOINT_EVERY_S,
         restart_frames: int = RESTART_FRAMES,
-        inline: bool = False,
-        inline_max_rows: int = INLINE_MAX_ROWS,
     ) -> None:
         """``setup``: statements run on the writer's connection when it opens (temporary views
-        and triggers, see :func:`batch_view`). ``inline``: write batches on the caller's thread
-        when nothing could make it wait (see the module's doc); never with ``synchronous``
-        ``FULL`` or ``EXTRA``, whose commits sync."""
+        and triggers, see :func:`batch_view`)."""
         self.path = path
         self.setup = tuple(setup)
         self.synchronous = synchronous
-        self.inline = inline and synchronous.strip().upper() in INLINE_SYNCHRONOUS
-        self.inline_max_rows = inline_max_rows
-        #: batches written on the caller's thread and on the writer's thread (diagnostics, tests)
-        self.inline_writes = 0
-        self.thread_writes = 0
-        self._queued = 0  # batches handed to the writer's thread and not finished
         self.checkpoint_every_s = checkpoint_every_s
         self.restart_frames = restart_frames
         #: set by the checkpointer when the WAL is long: the writer starts it over
@@ -225,7 +183,7 @@ class SqliteBatchWriter:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA busy_timeout=10000")
         return conn
 
     async def open(self) -> None:
@@ -233,8 +191,6 @@ class SqliteBatchWriter:
 
         def _open() -> None:
             self._conn = self._connect()
-            if self.inline:  # inline writes never wait for the lock (the thread's do: _write)
-                self._conn.execute("PRAGMA busy_timeout=0")
             self._conn.execute("PRAGMA wal_autocheckpoint=0")
             self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             for sql in self.setup:
@@ -247,41 +203,13 @@ class SqliteBatchWriter:
         )
         self._checkpointer.start()
 
-    async def write(self, work: list[tuple[str, list[tuple[Any, ...]]]], rows: int = 0) -> int:
+    async def write(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> int:
         """Commit every (SQL, parameter rows) of ``work`` in one transaction, or none of it;
         return the number of rows the statements changed (rows changed by triggers not
-        counted). One statement with one row of parameters runs as its own transaction.
-
-        Inline when the batch is small (``rows``, the table rows it holds, at most
-        ``inline_max_rows``) and nothing could make the caller wait (see the module's doc),
-        else on the writer's thread."""
-        if (
-            self.inline
-            and rows <= self.inline_max_rows
-            and not self._queued
-            and not self._restart_due
-        ):
-            conn = self._conn
-            assert conn is not None, "writer not opened"
-            try:
-                changed = self._commit(conn, work)
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
-                    raise
-                # another connection holds the write lock: nothing was written; wait for it
-                # on the thread, where waiting holds up no one
-            else:
-                self.inline_writes += 1
-                return changed
-        self._queued += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._exec, self._write, work)
-        finally:
-            self._queued -= 1
+        counted). One statement with one row of parameters runs as its own transaction."""
+        return await asyncio.get_running_loop().run_in_executor(self._exec, self._write, work)
 
     def _write(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> int:
-        """A batch on the writer's thread: a restart first when one is due; the lock waited
-        for (up to ``busy_timeout``) when another connection holds it."""
         conn = self._conn
         assert conn is not None, "writer not opened"
         if self._restart_due:
@@ -289,18 +217,6 @@ class SqliteBatchWriter:
                 self._restart(conn)
             finally:  # only after it: the checkpointer starts no pass until then
                 self._restart_due = False
-        if self.inline:
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        try:
-            changed = self._commit(conn, work)
-        finally:
-            if self.inline:
-                conn.execute("PRAGMA busy_timeout=0")
-        self.thread_writes += 1
-        return changed
-
-    @staticmethod
-    def _commit(conn: sqlite3.Connection, work: list[tuple[str, list[tuple[Any, ...]]]]) -> int:
         if len(work) == 1 and len(work[0][1]) == 1:
             # one call into SQLite, so one wait for the GIL after it (see the module's doc)
             sql, (params,) = work[0]
@@ -326,7 +242,7 @@ class SqliteBatchWriter:
         except sqlite3.Error:  # a reader held on: the next round tries again
             log.debug("WAL restart skipped", exc_info=True)
         finally:
-            conn.execute(f"PRAGMA busy_timeout={0 if self.inline else BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA busy_timeout=10000")
 
     def _checkpoint_loop(self) -> None:
         conn = self._connect()
