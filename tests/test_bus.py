@@ -1,39 +1,99 @@
-"""Bus contract: one body for every backend (memory now; Redis joins the parameter list)."""
+"""Bus contract: one body for every backend (memory and Redis), then what only Redis does:
+carry events between processes (here, between bus instances with the same key prefix)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import REQUIRE_SERVICES, RunningServer, start_server, stop_server, wait_until
 from vitalwire.bus import Bus, open_bus
+from vitalwire.bus.redis import RedisBus, parse_url
 from vitalwire.wire import Event
 
+REDIS = "redis://127.0.0.1:6379/0"
 
-@pytest.fixture(params=["memory://"])
-async def bus(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Bus, list[Event]]]:
-    received: list[Event] = []
 
-    def listener(events: Sequence[Event]) -> None:
-        received.extend(events)
+async def _need_redis() -> str:
+    """A fresh key prefix on the local Redis; skip (fail in CI) when Redis is not reachable."""
+    import redis.asyncio as aioredis
 
-    b = open_bus(request.param, history_size=5)
-    await b.open(listener)
+    r = aioredis.from_url(REDIS)
+    try:
+        await r.ping()
+    except Exception as exc:
+        reason = f"Redis is not reachable at {REDIS}: {exc}"
+        if REQUIRE_SERVICES:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    finally:
+        await r.aclose()
+    return f"vwtest-{uuid.uuid4().hex[:12]}"
+
+
+async def _drop_keys(prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(REDIS)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await r.delete(*keys)
+    finally:
+        await r.aclose()
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    p = await _need_redis()
+    try:
+        yield p
+    finally:
+        await _drop_keys(p)
+
+
+class Received:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, events: Sequence[Event]) -> None:
+        self.events.extend(events)
+
+    @property
+    def offsets(self) -> list[tuple[str, int]]:
+        return [(e.stream, e.offset) for e in self.events]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def bus(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Bus, Received]]:
+    received = Received()
+    prefix = None
+    if request.param == "redis":
+        prefix = await _need_redis()
+        b = open_bus(f"{REDIS}?prefix={prefix}", history_size=5)
+    else:
+        b = open_bus("memory://", history_size=5)
+    await b.open(received)
     try:
         yield b, received
     finally:
         await b.close()
+        if prefix is not None:
+            await _drop_keys(prefix)
 
 
-def _events(stream: str, offsets: range) -> list[Event]:
-    return [Event.new(stream, o, "reading", float(o), {"o": o}) for o in offsets]
+def _events(stream: str, offsets: range, tag: str = "") -> list[Event]:
+    return [Event.new(stream, o, "reading", float(o), {"o": o, "tag": tag}) for o in offsets]
 
 
-async def test_published_events_reach_the_listener_in_order(bus: tuple[Bus, list[Event]]) -> None:
+async def test_published_events_reach_the_listener_in_order(bus: tuple[Bus, Received]) -> None:
     b, received = bus
     await b.publish(_events("patient:A", range(1, 4)))
     await b.publish(_events("patient:B", range(1, 3)))
-    assert [(e.stream, e.offset) for e in received] == [
+    assert received.offsets == [
         ("patient:A", 1),
         ("patient:A", 2),
         ("patient:A", 3),
@@ -43,7 +103,7 @@ async def test_published_events_reach_the_listener_in_order(bus: tuple[Bus, list
 
 
 async def test_history_is_bounded_and_says_when_it_cannot_reach_back(
-    bus: tuple[Bus, list[Event]],
+    bus: tuple[Bus, Received],
 ) -> None:
     b, _ = bus
     assert await b.history("patient:A", 0) is None  # nothing known: ask the store
@@ -55,5 +115,165 @@ async def test_history_is_bounded_and_says_when_it_cannot_reach_back(
 
 
 def test_unknown_bus_scheme() -> None:
-    with pytest.raises(ValueError, match="bus URL must start with"):
+    with pytest.raises(ValueError, match="bus URL must start with memory:// or redis://"):
         open_bus("carrier-pigeon://")
+
+
+def test_redis_url_prefix() -> None:
+    assert parse_url("redis://h:1/2?prefix=ward7") == ("redis://h:1/2", "ward7")
+    assert parse_url("redis://h:1/2") == ("redis://h:1/2", "vitalwire")
+    with pytest.raises(ValueError, match="prefix must be a plain non-empty name"):
+        parse_url("redis://h:1/2?prefix=a*b")
+
+
+async def test_redis_unreachable_fails_at_open() -> None:
+    b = open_bus("redis://127.0.0.1:1/0?prefix=nowhere")
+    with pytest.raises(ConnectionError):
+        await b.open(Received())
+
+
+# -- between processes (Redis only) --------------------------------------------------------------
+
+
+async def _open(prefix: str, size: int = 5) -> tuple[RedisBus, Received]:
+    b = open_bus(f"{REDIS}?prefix={prefix}", history_size=size)
+    assert isinstance(b, RedisBus)
+    received = Received()
+    await b.open(received)
+    return b, received
+
+
+async def test_events_reach_the_other_process_once_in_order(prefix: str) -> None:
+    a, got_a = await _open(prefix)
+    b, got_b = await _open(prefix)
+    try:
+        await a.publish(_events("patient:A", range(1, 4)))
+        await a.publish(_events("patient:B", range(1, 3)) + _events("patient:A", range(4, 5)))
+        want = [("patient:A", o) for o in (1, 2, 3)] + [
+            ("patient:B", 1),
+            ("patient:B", 2),
+            ("patient:A", 4),
+        ]
+        await wait_until(lambda: len(got_b.events) >= 6, what="events at the other process")
+        assert got_b.offsets == want
+        assert [e.data for e in got_b.events[:2]] == [{"o": 1, "tag": ""}, {"o": 2, "tag": ""}]
+        assert got_a.offsets == want  # the publisher's own: once, not again from the channel
+        # the other process answers history from what it received, without asking the publisher
+        assert [e.offset for e in await b.history("patient:A", 2) or []] == [3, 4]
+    finally:
+        await a.close()
+        await b.close()
+    assert got_a.offsets == want and len(got_b.events) == 6
+
+
+async def test_a_process_started_later_reads_history_from_redis(prefix: str) -> None:
+    a, _ = await _open(prefix)
+    try:
+        await a.publish(_events("patient:A", range(1, 9), tag="x"))  # Redis keeps 4..8
+    finally:
+        await a.close()  # waits until the batches reached Redis
+    c, got_c = await _open(prefix)
+    try:
+        assert got_c.events == []
+        hist = await c.history("patient:A", 5)
+        assert [(e.offset, e.data["tag"]) for e in hist or []] == [(6, "x"), (7, "x"), (8, "x")]
+        assert [e.offset for e in await c.history("patient:A", 3) or []] == [4, 5, 6, 7, 8]
+        assert await c.history("patient:A", 8) == []
+        assert await c.history("patient:A", 2) is None
+        assert await c.history("patient:Z", 0) is None
+    finally:
+        await c.close()
+
+
+async def test_a_process_that_lost_the_channel_gets_what_it_missed(prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    a, _ = await _open(prefix, size=100)
+    b, got_b = await _open(prefix, size=100)
+    r = aioredis.from_url(REDIS)
+    try:
+        await a.publish(_events("patient:A", range(1, 4)))
+        await wait_until(lambda: len(got_b.events) == 3, what="the first events at b")
+        # cut b's channel connection (what a network blip does); b reconnects after RECONNECT_S
+        clients = await r.client_list(_type="pubsub")
+        mine = [c for c in clients if c.get("name") == b.client_name]
+        assert len(mine) == 1, clients
+        await r.client_kill_filter(_id=mine[0]["id"])
+        await wait_until(lambda: not b.connected, what="b to notice the lost channel")
+        await a.publish(_events("patient:A", range(4, 7)))  # b misses these on the channel
+        await wait_until(lambda: b.connected, what="b to subscribe again")
+        await a.publish(_events("patient:A", range(7, 8)))
+        await wait_until(lambda: len(got_b.events) >= 7, what="the rest at b")
+        assert [e.offset for e in got_b.events] == [1, 2, 3, 4, 5, 6, 7]
+    finally:
+        await r.aclose()
+        await a.close()
+        await b.close()
+
+
+async def test_history_from_an_earlier_store_is_started_over_but_a_resend_is_not(
+    prefix: str,
+) -> None:
+    a, _ = await _open(prefix)
+    try:
+        await a.publish(_events("patient:A", range(1, 6), tag="old"))
+    finally:
+        await a.close()
+    # the same events again (a retry whose reply was lost): the history is kept as it is
+    b, _ = await _open(prefix)
+    try:
+        await b.publish(_events("patient:A", range(4, 6), tag="old"))
+    finally:
+        await b.close()
+    c, _ = await _open(prefix)
+    try:
+        assert [e.offset for e in await c.history("patient:A", 0) or []] == [1, 2, 3, 4, 5]
+        # a new store starts the stream at 1 again with other events: the old history goes
+        await c.publish(_events("patient:A", range(1, 3), tag="new"))
+    finally:
+        await c.close()
+    d, _ = await _open(prefix)
+    try:
+        hist = await d.history("patient:A", 0)
+        assert [(e.offset, e.data["tag"]) for e in hist or []] == [(1, "new"), (2, "new")]
+    finally:
+        await d.close()
+
+
+async def test_server_on_the_redis_bus_serves_its_clients_and_other_processes(
+    tmp_path: Path, prefix: str
+) -> None:
+    from tests.test_pipeline import monitor
+    from vitalwire.sdk import DeviceClient
+
+    other, got = await _open(prefix, size=100)  # another vitalwire process, as far as the bus goes
+    srv: RunningServer
+    srv, task = await start_server(tmp_path, bus=f"{REDIS}?prefix={prefix}")  # type: ignore[arg-type]
+    try:
+        assert srv.services.bus.backend == "redis"
+        did, secret, pid = srv.device(0)
+        mon = await monitor(srv)
+        try:
+            await mon.subscribe([f"patient:{pid}"])
+            async with DeviceClient(srv.url, did, secret) as dev:
+                seqs = [dev.send(spo2=96, hr=72) for _ in range(3)]
+                readings = []
+                while len(readings) < 3:
+                    e = await mon.next_event()
+                    if e.kind == "reading":
+                        readings.append(e)
+            assert [e.data["seq"] for e in readings] == seqs
+        finally:
+            await mon.close()
+        stream = f"patient:{pid}"
+
+        def at_other() -> list[Event]:
+            return [e for e in got.events if e.stream == stream and e.kind == "reading"]
+
+        await wait_until(lambda: len(at_other()) == 3, what="the readings at the other process")
+        assert [(e.offset, e.data["seq"]) for e in at_other()] == [
+            (e.offset, e.data["seq"]) for e in readings
+        ]
+    finally:
+        await stop_server(srv, task)
+        await other.close()

@@ -8,13 +8,24 @@ from vitalwire.bus.base import Bus, Listener
 
 
 def open_bus(url: str, *, history_size: int = 1000) -> Bus:
-    """Return an (unopened) bus for ``url``: ``memory://`` (default)."""
+    """Return an (unopened) bus for ``url``: ``memory://`` (default, one process) or
+    ``redis://host:port/db?prefix=NAME`` (several processes; needs the ``redis`` extra)."""
     scheme = urlparse(url).scheme
     if scheme == "memory":
         from vitalwire.bus.memory import MemoryBus
 
         return MemoryBus(history_size=history_size)
-    raise ValueError(f"bus URL must start with memory://, got {url!r}")
+    if scheme in ("redis", "rediss"):
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "a redis:// bus needs the redis package: pip install 'vitalwire[redis]'"
+            ) from None
+        from vitalwire.bus.redis import RedisBus
+
+        return RedisBus(url, history_size=history_size)
+    raise ValueError(f"bus URL must start with memory:// or redis://, got {url!r}")
 
 
 __all__ = ["Bus", "Listener", "open_bus"]

@@ -1,0 +1,332 @@
+"""Redis bus (``redis://host:port/db?prefix=NAME``): fan-out and history shared by every process.
+
+What each process sees:
+
+- Its own events reach its listener at once, inside :meth:`RedisBus.publish`, exactly as with
+  the memory bus: the commit path never waits on the network. The same events then go to Redis
+  from one background task, in the order they were published: every event is appended to its
+  stream's history (a Redis stream per event stream, its entry id the event's offset, trimmed
+  to ``history_size`` entries), and each batch is published once on one channel.
+- The other processes' events arrive from that channel, read by one task per process (one bus
+  reader, however many clients watch), and reach the same listener in the order they were
+  published. A batch whose first offset of a stream is past the next one expected (this process
+  lost its Redis connection for a while) is preceded by the missing events, read back from the
+  stream's Redis history.
+- :meth:`RedisBus.history` answers from this process's own recent history first (events it
+  published or received), then from Redis, which also holds what other processes published
+  before this one started.
+
+Offsets come from the store's commit (docs/reliability.md); the bus never invents one. Each
+stream must have one publishing process at a time: Redis rejects an entry id that does not grow.
+A history left in Redis by an earlier store (offsets that went back to 1) is dropped and started
+again when that happens.
+
+Limits (docs/configuration.md): at most ``MAX_PENDING_BATCHES`` batches wait for Redis; past that
+(Redis down or too slow) the oldest are dropped from the shared history and the channel, with an
+error in the log: this process's own clients are not affected, other processes' clients catch up
+from the store when they resubscribe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from itertools import islice
+from typing import Any
+from urllib.parse import parse_qs, urlparse, urlunparse
+
+import msgspec
+
+from vitalwire.bus.base import Listener
+from vitalwire.wire import Event
+
+log = logging.getLogger("vitalwire.bus")
+
+#: Batches published locally and not yet written to Redis, at most (each is one commit's events).
+MAX_PENDING_BATCHES = 10_000
+#: Batches written to Redis in one round trip, at most.
+WRITE_BATCHES = 256
+#: Seconds between attempts to reach Redis again after the channel's connection failed.
+RECONNECT_S = 1.0
+#: Seconds :meth:`RedisBus.close` waits for the batches still pending to reach Redis.
+CLOSE_FLUSH_S = 5.0
+
+_ITEM = tuple[str, int, str, float, bytes]  # stream, offset, kind, ts, data_json
+_encode = msgspec.msgpack.Encoder().encode
+_decode_batch = msgspec.msgpack.Decoder(tuple[str, list[_ITEM]]).decode
+_decode_entry = msgspec.msgpack.Decoder(tuple[str, float, bytes]).decode
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """The connection URL for redis-py and the key prefix (``?prefix=``, default ``vitalwire``)."""
+    parts = urlparse(url)
+    query = parse_qs(parts.query)
+    prefix = query.pop("prefix", ["vitalwire"])[-1]
+    if not prefix or any(c in prefix for c in " {}*?[]"):
+        raise ValueError(f"bus URL: prefix must be a plain non-empty name, got {prefix!r}")
+    rest = "&".join(f"{k}={v}" for k, values in query.items() for v in values)
+    return urlunparse(parts._replace(query=rest)), prefix
+
+
+class RedisBus:
+    """``redis://`` — the bus for several processes (see the module)."""
+
+    backend = "redis"
+
+    def __init__(self, url: str, history_size: int = 1000) -> None:
+        if history_size < 1:
+            raise ValueError(f"bus history size must be at least 1, got {history_size}")
+        self.url, self.prefix = parse_url(url)
+        self.history_size = history_size
+        self.origin = uuid.uuid4().hex  # this process, to skip its own batches on the channel
+        self.channel = f"{self.prefix}:events"
+        #: the name this process's Redis connections carry (CLIENT LIST)
+        self.client_name = f"{self.prefix}-{self.origin[:12]}"
+        #: subscribed to the channel now
+        self.connected = False
+        self._history: dict[str, deque[Event]] = {}
+        self._seen: dict[str, int] = {}  # highest offset delivered per stream
+        self._listener: Listener | None = None
+        self._redis: Any = None
+        self._pending: deque[list[Event]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing pending
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = asyncio.Event()
+        #: batches never written to Redis (the pending bound was reached)
+        self.dropped = 0
+        self._failing = False
+
+    def _key(self, stream: str) -> str:
+        return f"{self.prefix}:history:{stream}"
+
+    async def open(self, listener: Listener) -> None:
+        import redis.asyncio as aioredis
+
+        self._listener = listener
+        self._redis = aioredis.from_url(self.url, client_name=self.client_name)
+        try:
+            await self._redis.ping()  # a wrong URL fails here, at start, not at the first event
+        except Exception as exc:
+            await self._redis.aclose()
+            self._redis = None
+            raise ConnectionError(f"bus: cannot reach Redis at {self.url}: {exc}") from exc
+        self._tasks = [
+            asyncio.create_task(self._send_loop(), name="bus-redis-send"),
+            asyncio.create_task(self._read_loop(), name="bus-redis-read"),
+        ]
+        await asyncio.wait_for(self._subscribed.wait(), 10)
+
+    async def close(self) -> None:
+        if self._redis is None:
+            return
+        if self._pending and not self._failing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), CLOSE_FLUSH_S)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        await self._redis.aclose()
+        self._redis = None
+        self._listener = None
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        batch = list(events)
+        self._deliver(batch)
+        if len(self._pending) >= MAX_PENDING_BATCHES:
+            self._pending.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error(
+                    "Redis bus: %d batches not written (more than %d waiting); other processes "
+                    "miss them until their clients resubscribe",
+                    self.dropped,
+                    MAX_PENDING_BATCHES,
+                )
+        self._pending.append(batch)
+        self._idle.clear()
+        self._wake.set()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batches = list(islice(self._pending, WRITE_BATCHES))
+                try:
+                    await self._write(batches)
+                except Exception as exc:  # Redis unreachable: keep the batches, try again
+                    if not self._failing:
+                        log.error("Redis bus: cannot write to Redis (%s); retrying", exc)
+                    self._failing = True
+                    await asyncio.sleep(RECONNECT_S)
+                    continue
+                if self._failing:
+                    log.warning("Redis bus: writing to Redis again")
+                    self._failing = False
+                for batch in batches:  # the bound may have dropped some meanwhile
+                    if self._pending and self._pending[0] is batch:
+                        self._pending.popleft()
+            self._idle.set()
+
+    def _xadd(self, pipe: Any, e: Event) -> None:
+        pipe.xadd(
+            self._key(e.stream),
+            {"e": _encode((e.kind, e.ts, e.data_json))},
+            id=f"{e.offset}-0",
+            maxlen=self.history_size,
+            approximate=False,
+        )
+
+    async def _write(self, batches: list[list[Event]]) -> None:
+        """Every event into its stream's history, then each batch on the channel: one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        sent: list[Event | None] = []  # per command: the event of an XADD, None for a PUBLISH
+        for batch in batches:
+            for e in batch:
+                self._xadd(pipe, e)
+                sent.append(e)
+            items = [(e.stream, e.offset, e.kind, e.ts, e.data_json) for e in batch]
+            pipe.publish(self.channel, _encode((self.origin, items)))
+            sent.append(None)
+        results = await pipe.execute(raise_on_error=False)
+        refused: list[Event] = []
+        for e, r in zip(sent, results, strict=True):
+            if isinstance(r, Exception):
+                if e is None or "equal or smaller" not in str(r):
+                    raise r
+                refused.append(e)
+        if refused:
+            await self._refused(refused)
+
+    async def _refused(self, refused: list[Event]) -> None:
+        """XADDs refused because the stream's history already reaches past them: either this
+        process wrote them before (a retry after a lost reply: nothing to do), or the history
+        comes from an earlier store whose offsets went further (drop it and start over)."""
+        stale: dict[str, list[Event]] = {}
+        for e in refused:
+            rows = await self._redis.xrange(
+                self._key(e.stream), min=f"{e.offset}-0", max=f"{e.offset}-0"
+            )
+            mine = _encode((e.kind, e.ts, e.data_json))
+            if not (rows and rows[0][1].get(b"e") == mine):
+                stale.setdefault(e.stream, []).append(e)
+        if not stale:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        for stream, events in stale.items():
+            log.warning(
+                "Redis bus: history of %s is from an earlier store; starting it over", stream
+            )
+            pipe.delete(self._key(stream))
+            for e in events:
+                self._xadd(pipe, e)
+        await pipe.execute()
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.connected = True
+                self._subscribed.set()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    origin, items = _decode_batch(message["data"])
+                    if origin != self.origin:
+                        await self._received(items)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected = False
+                log.error("Redis bus: channel lost (%s); reconnecting", exc)
+                await asyncio.sleep(RECONNECT_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _received(self, items: list[_ITEM]) -> None:
+        events: list[Event] = []
+        expect: dict[str, int] = {}  # next offset per stream
+        for stream, offset, kind, ts, data in items:
+            nxt = expect.get(stream)
+            if nxt is None:
+                seen = self._seen.get(stream)
+                nxt = offset if seen is None else seen + 1
+            if offset > nxt:
+                # a gap: this process missed batches (its channel connection dropped)
+                missed = await self._from_redis(stream, nxt - 1, offset - 1)
+                if missed is None:
+                    log.warning(
+                        "Redis bus: %s offsets %d..%d are no longer in Redis; clients that "
+                        "watch it get them from the store when they resubscribe",
+                        stream,
+                        nxt,
+                        offset - 1,
+                    )
+                else:
+                    events.extend(missed)
+            expect[stream] = offset + 1
+            events.append(Event.from_stored(stream, offset, kind, ts, data))
+        self._deliver(events)
+
+    def _deliver(self, events: list[Event]) -> None:
+        """Remember ``events`` (offsets this process has not delivered yet) and hand them on."""
+        fresh: list[Event] = []
+        seen = self._seen
+        for event in events:
+            last = seen.get(event.stream)
+            if last is not None and event.offset <= last:
+                continue
+            seen[event.stream] = event.offset
+            ring = self._history.get(event.stream)
+            if ring is None:
+                ring = self._history[event.stream] = deque(maxlen=self.history_size)
+            ring.append(event)
+            fresh.append(event)
+        if fresh and self._listener is not None:
+            self._listener(fresh)
+
+    # -- history ---------------------------------------------------------------------------------
+
+    async def history(self, stream: str, after: int) -> list[Event] | None:
+        ring = self._history.get(stream)
+        if ring and ring[0].offset <= after + 1:
+            return list(islice(ring, max(0, after + 1 - ring[0].offset), None))
+        return await self._from_redis(stream, after, None)
+
+    async def _from_redis(self, stream: str, after: int, upto: int | None) -> list[Event] | None:
+        """Events of ``stream`` after ``after`` (up to ``upto``) from Redis; None when its history
+        does not reach back to ``after + 1``."""
+        rows = await self._redis.xrange(
+            self._key(stream), min=f"({after}-0", max="+" if upto is None else f"{upto}-0"
+        )
+        if not rows:
+            # nothing after `after`: the history reaches back if it holds `after` itself
+            if after == 0:
+                return None
+            last = await self._redis.xrange(self._key(stream), min=f"{after}-0", max=f"{after}-0")
+            return [] if last else None
+        first = int(rows[0][0].split(b"-")[0])
+        if first != after + 1:
+            return None
+        out = []
+        for entry_id, fields in rows:
+            kind, ts, data = _decode_entry(fields[b"e"])
+            out.append(Event.from_stored(stream, int(entry_id.split(b"-")[0]), kind, ts, data))
+        return out
