@@ -48,6 +48,8 @@ log = logging.getLogger("vitalwire.bus")
 
 #: Batches published locally and not yet written to Redis, at most (each is one commit's events).
 MAX_PENDING_BATCHES = 10_000
+#: A channel message starts with its publisher's id (these many bytes), then the msgpack items.
+ORIGIN_BYTES = 16
 #: Batches written to Redis in one round trip, at most.
 WRITE_BATCHES = 256
 #: Seconds between attempts to reach Redis again after the channel's connection failed.
@@ -55,10 +57,36 @@ RECONNECT_S = 1.0
 #: Seconds :meth:`RedisBus.close` waits for the batches still pending to reach Redis.
 CLOSE_FLUSH_S = 5.0
 
-_ITEM = tuple[str, int, str, float, bytes]  # stream, offset, kind, ts, data_json
+_ITEM = tuple[str, int, bytes]  # stream, offset, entry: msgpack [kind, ts, data_json]
 _encode = msgspec.msgpack.Encoder().encode
-_decode_batch = msgspec.msgpack.Decoder(tuple[str, list[_ITEM]]).decode
+_decode_items = msgspec.msgpack.Decoder(list[_ITEM]).decode
 _decode_entry = msgspec.msgpack.Decoder(tuple[str, float, bytes]).decode
+
+#: Events into their streams' histories and onto the channel, in one command that Redis runs
+#: whole (a process reading the channel finds every event of a message already in the history).
+#: ARGV: key prefix of the histories, their length, the channel, the message, then per event its
+#: stream, offset and entry. Returns the 1-based positions of the events refused (an id not above
+#: the stream's last).
+_PUBLISH_LUA = """
+local refused = {}
+for i = 5, #ARGV, 3 do
+  local r = redis.pcall('XADD', ARGV[1] .. ARGV[i], 'MAXLEN', ARGV[2], ARGV[i + 1] .. '-0',
+                        'e', ARGV[i + 2])
+  if type(r) == 'table' and r.err then
+    if not string.find(r.err, 'equal or smaller', 1, true) then
+      return redis.error_reply(r.err)
+    end
+    refused[#refused + 1] = (i - 2) / 3
+  end
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return refused
+"""
+
+
+def _entry(e: Event) -> bytes:
+    """What a history entry holds of an event (its stream and offset are the key and the id)."""
+    return _encode((e.kind, e.ts, e.data_json))
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -83,6 +111,7 @@ class RedisBus:
         self.url, self.prefix = parse_url(url)
         self.history_size = history_size
         self.origin = uuid.uuid4().hex  # this process, to skip its own batches on the channel
+        self._origin = bytes.fromhex(self.origin)  # what each of its messages starts with
         self.channel = f"{self.prefix}:events"
         #: the name this process's Redis connections carry (CLIENT LIST)
         self.client_name = f"{self.prefix}-{self.origin[:12]}"
@@ -110,6 +139,7 @@ class RedisBus:
 
         self._listener = listener
         self._redis = aioredis.from_url(self.url, client_name=self.client_name)
+        self._publish_script = self._redis.register_script(_PUBLISH_LUA)
         try:
             await self._redis.ping()  # a wrong URL fails here, at start, not at the first event
         except Exception as exc:
@@ -184,32 +214,28 @@ class RedisBus:
     def _xadd(self, pipe: Any, e: Event) -> None:
         pipe.xadd(
             self._key(e.stream),
-            {"e": _encode((e.kind, e.ts, e.data_json))},
+            {"e": _entry(e)},
             id=f"{e.offset}-0",
             maxlen=self.history_size,
             approximate=False,
         )
 
     async def _write(self, batches: list[list[Event]]) -> None:
-        """Every event into its stream's history, then each batch on the channel: one round trip."""
-        pipe = self._redis.pipeline(transaction=False)
-        sent: list[Event | None] = []  # per command: the event of an XADD, None for a PUBLISH
-        for batch in batches:
-            for e in batch:
-                self._xadd(pipe, e)
-                sent.append(e)
-            items = [(e.stream, e.offset, e.kind, e.ts, e.data_json) for e in batch]
-            pipe.publish(self.channel, _encode((self.origin, items)))
-            sent.append(None)
-        results = await pipe.execute(raise_on_error=False)
-        refused: list[Event] = []
-        for e, r in zip(sent, results, strict=True):
-            if isinstance(r, Exception):
-                if e is None or "equal or smaller" not in str(r):
-                    raise r
-                refused.append(e)
+        """Every event of ``batches`` into its stream's history and onto the channel, in one
+        command (one round trip, and per event no command for the client library to build)."""
+        events = [e for batch in batches for e in batch]
+        items = [(e.stream, e.offset, _entry(e)) for e in events]
+        args: list[Any] = [
+            f"{self.prefix}:history:",
+            self.history_size,
+            self.channel,
+            self._origin + _encode(items),
+        ]
+        for item in items:
+            args += item
+        refused = await self._publish_script(args=args)
         if refused:
-            await self._refused(refused)
+            await self._refused([events[int(i) - 1] for i in refused])
 
     async def _refused(self, refused: list[Event]) -> None:
         """XADDs refused because the stream's history already reaches past them: either this
@@ -220,7 +246,7 @@ class RedisBus:
             rows = await self._redis.xrange(
                 self._key(e.stream), min=f"{e.offset}-0", max=f"{e.offset}-0"
             )
-            mine = _encode((e.kind, e.ts, e.data_json))
+            mine = _entry(e)
             if not (rows and rows[0][1].get(b"e") == mine):
                 stale.setdefault(e.stream, []).append(e)
         if not stale:
@@ -247,9 +273,9 @@ class RedisBus:
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
-                    origin, items = _decode_batch(message["data"])
-                    if origin != self.origin:
-                        await self._received(items)
+                    data = message["data"]
+                    if data[:ORIGIN_BYTES] != self._origin:  # not this process's own
+                        await self._received(_decode_items(data[ORIGIN_BYTES:]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -263,7 +289,7 @@ class RedisBus:
     async def _received(self, items: list[_ITEM]) -> None:
         events: list[Event] = []
         expect: dict[str, int] = {}  # next offset per stream
-        for stream, offset, kind, ts, data in items:
+        for stream, offset, entry in items:
             nxt = expect.get(stream)
             if nxt is None:
                 seen = self._seen.get(stream)
@@ -282,6 +308,7 @@ class RedisBus:
                 else:
                     events.extend(missed)
             expect[stream] = offset + 1
+            kind, ts, data = _decode_entry(entry)
             events.append(Event.from_stored(stream, offset, kind, ts, data))
         self._deliver(events)
 
