@@ -57,36 +57,44 @@ RECONNECT_S = 1.0
 #: Seconds :meth:`RedisBus.close` waits for the batches still pending to reach Redis.
 CLOSE_FLUSH_S = 5.0
 
-_ITEM = tuple[str, int, bytes]  # stream, offset, entry: msgpack [kind, ts, data_json]
-_encode = msgspec.msgpack.Encoder().encode
+_ITEM = tuple[str, int, str]  # stream, offset, entry: JSON [kind, ts, data]
+_encode_items = msgspec.msgpack.Encoder().encode
 _decode_items = msgspec.msgpack.Decoder(list[_ITEM]).decode
-_decode_entry = msgspec.msgpack.Decoder(tuple[str, float, bytes]).decode
+_encode_entry = msgspec.json.Encoder().encode
+_decode_entry = msgspec.json.Decoder(tuple[str, float, msgspec.Raw]).decode
 
 #: Events into their streams' histories and onto the channel, in one command that Redis runs
 #: whole (a process reading the channel finds every event of a message already in the history).
-#: ARGV: key prefix of the histories, their length, the channel, the message, then per event its
-#: stream, offset and entry. Returns the 1-based positions of the events refused (an id not above
-#: the stream's last).
+#: ARGV: key prefix of the histories, their length, the channel, the message: ORIGIN_BYTES of
+#: the publisher's id, then msgpack ``[[stream, offset, entry], ...]`` (Redis's Lua reads msgpack
+#: strings, not binary: an entry is JSON text). Returns the 1-based positions of the events
+#: refused (an id not above the stream's last).
 _PUBLISH_LUA = """
+local items = cmsgpack.unpack(string.sub(ARGV[4], ORIGIN_BYTES + 1))
 local refused = {}
-for i = 5, #ARGV, 3 do
-  local r = redis.pcall('XADD', ARGV[1] .. ARGV[i], 'MAXLEN', ARGV[2], ARGV[i + 1] .. '-0',
-                        'e', ARGV[i + 2])
+for i, item in ipairs(items) do
+  local r = redis.pcall('XADD', ARGV[1] .. item[1], 'MAXLEN', ARGV[2],
+                        string.format('%d-0', item[2]), 'e', item[3])
   if type(r) == 'table' and r.err then
     if not string.find(r.err, 'equal or smaller', 1, true) then
       return redis.error_reply(r.err)
     end
-    refused[#refused + 1] = (i - 2) / 3
+    refused[#refused + 1] = i
   end
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return refused
-"""
+""".replace("ORIGIN_BYTES", str(ORIGIN_BYTES))
 
 
-def _entry(e: Event) -> bytes:
+def _entry(e: Event) -> str:
     """What a history entry holds of an event (its stream and offset are the key and the id)."""
-    return _encode((e.kind, e.ts, e.data_json))
+    return _encode_entry((e.kind, e.ts, msgspec.Raw(e.data_json))).decode()
+
+
+def _event(stream: str, offset: int, entry: bytes | str) -> Event:
+    kind, ts, data = _decode_entry(entry)
+    return Event.from_stored(stream, offset, kind, ts, bytes(data))
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -224,16 +232,10 @@ class RedisBus:
         """Every event of ``batches`` into its stream's history and onto the channel, in one
         command (one round trip, and per event no command for the client library to build)."""
         events = [e for batch in batches for e in batch]
-        items = [(e.stream, e.offset, _entry(e)) for e in events]
-        args: list[Any] = [
-            f"{self.prefix}:history:",
-            self.history_size,
-            self.channel,
-            self._origin + _encode(items),
-        ]
-        for item in items:
-            args += item
-        refused = await self._publish_script(args=args)
+        message = self._origin + _encode_items([(e.stream, e.offset, _entry(e)) for e in events])
+        refused = await self._publish_script(
+            args=[f"{self.prefix}:history:", self.history_size, self.channel, message]
+        )
         if refused:
             await self._refused([events[int(i) - 1] for i in refused])
 
@@ -246,7 +248,7 @@ class RedisBus:
             rows = await self._redis.xrange(
                 self._key(e.stream), min=f"{e.offset}-0", max=f"{e.offset}-0"
             )
-            mine = _entry(e)
+            mine = _entry(e).encode()
             if not (rows and rows[0][1].get(b"e") == mine):
                 stale.setdefault(e.stream, []).append(e)
         if not stale:
@@ -308,8 +310,7 @@ class RedisBus:
                 else:
                     events.extend(missed)
             expect[stream] = offset + 1
-            kind, ts, data = _decode_entry(entry)
-            events.append(Event.from_stored(stream, offset, kind, ts, data))
+            events.append(_event(stream, offset, entry))
         self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:
@@ -352,8 +353,4 @@ class RedisBus:
         first = int(rows[0][0].split(b"-")[0])
         if first != after + 1:
             return None
-        out = []
-        for entry_id, fields in rows:
-            kind, ts, data = _decode_entry(fields[b"e"])
-            out.append(Event.from_stored(stream, int(entry_id.split(b"-")[0]), kind, ts, data))
-        return out
+        return [_event(stream, int(i.split(b"-")[0]), fields[b"e"]) for i, fields in rows]
