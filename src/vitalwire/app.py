@@ -45,9 +45,12 @@ SNAPSHOT_EVERY_S = 30.0
 #: ...saved a share at a time: every SNAPSHOT_EVERY_S / SNAPSHOT_PARTS seconds (0.5 s), one share
 SNAPSHOT_PARTS = 60
 #: Collector thresholds: measured with `vitalwire bench` at 2,000 devices and 200 clients, the
-#: default (700, 10, 10) put p99 near 900 ms (long collections of the live state); these keep
-#: cyclic garbage collected while cutting p99 to about 75 ms (docs/benchmarks.md).
-GC_THRESHOLDS = (50_000, 50, 1000)
+#: default (700, 10, 10) put p99 near 900 ms (long collections of the live state). With the
+#: start-up objects frozen, a young collection costs about 0.7-1 us per young object on a slow
+#: machine: 50,000 held the loop 32-61 ms at once (every device's first reading makes one), a
+#: young generation of 10,000 holds it 5-14 ms, five times as often, for the same total
+#: (docs/benchmarks.md, "The collector's young generation").
+GC_THRESHOLDS = (10_000, 50, 1000)
 #: Care teams edited outside this process (the admin CLI) apply within this many seconds.
 ACCESS_REFRESH_S = 5.0
 #: How long shutdown waits for the store before giving up (nothing unacked is lost: devices resend).

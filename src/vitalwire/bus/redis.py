@@ -50,6 +50,9 @@ log = logging.getLogger("vitalwire.bus")
 MAX_PENDING_BATCHES = 10_000
 #: A channel message starts with its publisher's id (these many bytes), then the msgpack items.
 ORIGIN_BYTES = 16
+#: Seconds between two writes to Redis, at least: the commits in between go in one round trip.
+#: Only other processes see this delay; this process's clients get its events at the commit.
+WRITE_INTERVAL_S = 0.005
 #: Batches written to Redis in one round trip, at most.
 WRITE_BATCHES = 256
 #: Seconds between attempts to reach Redis again after the channel's connection failed.
@@ -217,6 +220,9 @@ class RedisBus:
                 for batch in batches:  # the bound may have dropped some meanwhile
                     if self._pending and self._pending[0] is batch:
                         self._pending.popleft()
+                # let the next commits gather: one round trip (and one message back to this
+                # process's own channel reader) for several commits, not one each
+                await asyncio.sleep(WRITE_INTERVAL_S)
             self._idle.set()
 
     def _xadd(self, pipe: Any, e: Event) -> None:
