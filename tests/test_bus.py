@@ -126,10 +126,29 @@ def test_redis_url_prefix() -> None:
         parse_url("redis://h:1/2?prefix=a*b")
 
 
-async def test_redis_unreachable_fails_at_open() -> None:
-    b = open_bus("redis://127.0.0.1:1/0?prefix=nowhere")
-    with pytest.raises(ConnectionError):
+async def test_redis_unreachable_fails_at_open_without_showing_the_password() -> None:
+    b = open_bus("redis://:hunter2@127.0.0.1:1/0?prefix=nowhere")
+    with pytest.raises(ConnectionError, match="cannot reach Redis at redis://127.0.0.1:1/0") as e:
         await b.open(Received())
+    assert "hunter2" not in str(e.value)
+
+
+async def test_a_foreign_message_on_the_channel_is_skipped(prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    a, _ = await _open(prefix)
+    b, got_b = await _open(prefix)
+    r = aioredis.from_url(REDIS)
+    try:
+        await r.publish(f"{prefix}:events", b"x" * 16 + b"not msgpack")
+        await a.publish(_events("patient:A", range(1, 3)))
+        await wait_until(lambda: len(got_b.events) == 2, what="the events after it")
+        assert got_b.offsets == [("patient:A", 1), ("patient:A", 2)]
+        assert b.connected
+    finally:
+        await r.aclose()
+        await a.close()
+        await b.close()
 
 
 # -- between processes (Redis only) --------------------------------------------------------------

@@ -156,7 +156,8 @@ class RedisBus:
         except Exception as exc:
             await self._redis.aclose()
             self._redis = None
-            raise ConnectionError(f"bus: cannot reach Redis at {self.url}: {exc}") from exc
+            where = urlparse(self.url)._replace(netloc=urlparse(self.url).netloc.rpartition("@")[2])
+            raise ConnectionError(f"bus: cannot reach Redis at {urlunparse(where)}: {exc}") from exc
         self._tasks = [
             asyncio.create_task(self._send_loop(), name="bus-redis-send"),
             asyncio.create_task(self._read_loop(), name="bus-redis-read"),
@@ -282,8 +283,14 @@ class RedisBus:
                     if message.get("type") != "message":
                         continue
                     data = message["data"]
-                    if data[:ORIGIN_BYTES] != self._origin:  # not this process's own
-                        await self._received(_decode_items(data[ORIGIN_BYTES:]))
+                    if data[:ORIGIN_BYTES] == self._origin:
+                        continue  # this process's own: its listener had them at the commit
+                    try:
+                        items = _decode_items(data[ORIGIN_BYTES:])
+                    except msgspec.DecodeError as exc:
+                        log.error("Redis bus: a message on %s is not ours (%s)", self.channel, exc)
+                        continue
+                    await self._received(items)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
