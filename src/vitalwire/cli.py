@@ -53,7 +53,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port (0 picks a free one).")] = None,
     db: DbOpt = None,
-    bus: Annotated[str | None, typer.Option("--bus", help="Bus URL (memory://).")] = None,
+    bus: Annotated[
+        str | None,
+        typer.Option("--bus", help="Bus URL (memory:// or redis://host:port/db?prefix=NAME)."),
+    ] = None,
     certfile: Annotated[
         str | None, typer.Option(help="TLS certificate (PEM): serve https/wss.")
     ] = None,
