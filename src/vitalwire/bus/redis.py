@@ -4,22 +4,23 @@ What each process sees:
 
 - Its own events reach its listener at once, inside :meth:`RedisBus.publish`, exactly as with
   the memory bus: the commit path never waits on the network. The same events then go to Redis
-  from one background task, in the order they were published: every event is appended to its
-  stream's history (a Redis stream per event stream, its entry id the event's offset, trimmed
-  to ``history_size`` entries), and each batch is published once on one channel.
+  from one background task, in the order they were published, at most every
+  ``WRITE_INTERVAL_S``: each round's events are appended to their streams' histories (a Redis
+  stream per event stream, its entry id the event's offset, trimmed to ``history_size``
+  entries) and published as one message on one channel, by one script that Redis runs whole.
 - The other processes' events arrive from that channel, read by one task per process (one bus
   reader, however many clients watch), and reach the same listener in the order they were
-  published. A batch whose first offset of a stream is past the next one expected (this process
-  lost its Redis connection for a while) is preceded by the missing events, read back from the
-  stream's Redis history.
+  published. A message whose first offset of a stream is past the next one expected (this
+  process lost its channel connection for a while) is preceded by the missing events, read back
+  from the stream's Redis history.
 - :meth:`RedisBus.history` answers from this process's own recent history first (events it
   published or received), then from Redis, which also holds what other processes published
   before this one started.
 
 Offsets come from the store's commit (docs/reliability.md); the bus never invents one. Each
-stream must have one publishing process at a time: Redis rejects an entry id that does not grow.
-A history left in Redis by an earlier store (offsets that went back to 1) is dropped and started
-again when that happens.
+stream must have one publishing process at a time: Redis refuses an entry id that does not grow.
+When that happens, a history left in Redis by an earlier store (offsets that went back to 1) is
+dropped and started again; an entry this process already wrote (a retry) is left as it is.
 
 Limits (docs/configuration.md): at most ``MAX_PENDING_BATCHES`` batches wait for Redis; past that
 (Redis down or too slow) the oldest are dropped from the shared history and the channel, with an
@@ -244,29 +245,31 @@ class RedisBus:
             args=[f"{self.prefix}:history:", self.history_size, self.channel, message]
         )
         if refused:
-            await self._refused([events[int(i) - 1] for i in refused])
+            await self._refused([events[int(i) - 1] for i in refused], events)
 
-    async def _refused(self, refused: list[Event]) -> None:
+    async def _refused(self, refused: list[Event], written: list[Event]) -> None:
         """XADDs refused because the stream's history already reaches past them: either this
         process wrote them before (a retry after a lost reply: nothing to do), or the history
-        comes from an earlier store whose offsets went further (drop it and start over)."""
-        stale: dict[str, list[Event]] = {}
+        comes from an earlier store whose offsets went further: drop it and start it over with
+        every event of ``written`` (the round) in that stream, refused or not."""
+        stale: set[str] = set()
         for e in refused:
             rows = await self._redis.xrange(
                 self._key(e.stream), min=f"{e.offset}-0", max=f"{e.offset}-0"
             )
             mine = _entry(e).encode()
             if not (rows and rows[0][1].get(b"e") == mine):
-                stale.setdefault(e.stream, []).append(e)
+                stale.add(e.stream)
         if not stale:
             return
         pipe = self._redis.pipeline(transaction=True)
-        for stream, events in stale.items():
+        for stream in sorted(stale):
             log.warning(
                 "Redis bus: history of %s is from an earlier store; starting it over", stream
             )
             pipe.delete(self._key(stream))
-            for e in events:
+        for e in written:
+            if e.stream in stale:
                 self._xadd(pipe, e)
         await pipe.execute()
 
