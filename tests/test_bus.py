@@ -230,6 +230,33 @@ async def test_a_process_that_lost_the_channel_gets_what_it_missed(prefix: str) 
         await b.close()
 
 
+async def test_a_gap_no_history_fills_is_not_answered_from_around_it(prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    a, _ = await _open(prefix, size=2)  # Redis keeps the last 2 events of each stream
+    b, got_b = await _open(prefix, size=100)
+    r = aioredis.from_url(REDIS)
+    try:
+        await a.publish(_events("patient:A", range(1, 4)))
+        await wait_until(lambda: len(got_b.events) == 3, what="the first events at b")
+        clients = await r.client_list(_type="pubsub")
+        (mine,) = [c for c in clients if c.get("name") == b.client_name]
+        await r.client_kill_filter(_id=mine["id"])
+        await wait_until(lambda: not b.connected, what="b to notice the lost channel")
+        await a.publish(_events("patient:A", range(4, 9)))  # Redis keeps only 7 and 8
+        await wait_until(lambda: b.connected, what="b to subscribe again")
+        await a.publish(_events("patient:A", range(9, 10)))
+        await wait_until(lambda: got_b.offsets[-1:] == [("patient:A", 9)], what="9 at b")
+        assert [e.offset for e in got_b.events] == [1, 2, 3, 9]  # 4..8 are only in the store
+        assert await b.history("patient:A", 5) is None  # not [] nor events from around the gap
+        assert await b.history("patient:A", 2) is None
+        assert [e.offset for e in await b.history("patient:A", 8) or []] == [9]
+    finally:
+        await r.aclose()
+        await a.close()
+        await b.close()
+
+
 async def test_history_from_an_earlier_store_is_started_over_but_a_resend_is_not(
     prefix: str,
 ) -> None:

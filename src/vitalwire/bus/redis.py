@@ -341,6 +341,8 @@ class RedisBus:
             ring = self._history.get(event.stream)
             if ring is None:
                 ring = self._history[event.stream] = deque(maxlen=self.history_size)
+            elif ring and ring[-1].offset + 1 != event.offset:
+                ring.clear()  # a gap nothing filled: the history answers by position, from here
             ring.append(event)
             fresh.append(event)
         if fresh and self._listener is not None:
