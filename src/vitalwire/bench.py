@@ -593,37 +593,75 @@ async def _metrics(url: str) -> dict[str, Any]:
         return dict(r.json())
 
 
+@dataclass(frozen=True)
+class GivenServer:
+    """A vitalwire server the bench did not start (``--url``), with the ward provisioned in its
+    store by ``vitalwire admin provision-ward`` (whose credentials file names the devices, their
+    secrets and patients, and the demo users)."""
+
+    url: str
+    creds: WardCredentials
+
+    def check(self, devices: int) -> None:
+        """Refuse a load the credentials cannot drive, naming what to do instead."""
+        have = len(self.creds.devices)
+        if have < devices:
+            raise ValueError(
+                f"the load needs {devices} devices, the credentials name {have}: provision "
+                f"them with `vitalwire admin provision-ward --patients {devices} --out FILE`"
+            )
+        if self.clinician() is None:
+            raise ValueError(
+                "the credentials name no clinician user: write them with "
+                "`vitalwire admin provision-ward` (it creates the demo users)"
+            )
+
+    def clinician(self) -> dict[str, str] | None:
+        return next((u for u in self.creds.users if u.get("role") == "clinician"), None)
+
+
 async def bench_load(
-    shape: Any, against: list[str], only: Collection[str] | None = None
+    shape: Any,
+    against: list[str],
+    only: Collection[str] | None = None,
+    server: GivenServer | None = None,
 ) -> list[dict[str, Any]]:
     """Run the load shape against vitalwire, then each reference; return one row per target.
 
     ``only``: the targets to run, by their row's name (``vitalwire``, ``naive``, ``mqtt qos0``,
     ``mqtt qos1``); all of them when None. Each row's ratio is its delivered/s over
-    vitalwire's in the same run (None when vitalwire did not run)."""
-    from vitalwire.bench_load import Target, run_load
+    vitalwire's in the same run (None when vitalwire did not run). ``server``: load that
+    server instead of starting one (its CPU and memory then come from its ``/metrics``)."""
+    from vitalwire.bench_load import MetricsProbe, Target, run_load
+    from vitalwire.sdk.monitor import login
 
     def wanted(name: str) -> bool:
         return only is None or name in only
 
+    async def vitalwire_row(url: str, creds: WardCredentials, probe: Any) -> dict[str, Any]:
+        user = next(u for u in creds.users if u.get("role") == "clinician")
+        token = await login(url, user["username"], user["password"])
+        devices = tuple(
+            (d["device_id"], d["secret"], d["patient_id"]) for d in creds.devices[: shape.devices]
+        )
+        target = Target("vitalwire", url, devices=devices, token=token)
+        before = await _metrics(url)
+        row = await asyncio.to_thread(run_load, target, shape, probe)
+        after = await _metrics(url)
+        row["store_rows_per_s"] = (after["rows_written"] - before["rows_written"]) / (
+            shape.duration_s
+        )
+        return row
+
     rows: list[dict[str, Any]] = []
-    if wanted("vitalwire"):
+    if wanted("vitalwire") and server is not None:
+        server.check(shape.devices)
+        row = await vitalwire_row(server.url, server.creds, MetricsProbe(server.url))
+        rows.append(row | {"server_url": server.url})
+    elif wanted("vitalwire"):
         with tempfile.TemporaryDirectory() as tmp:
             async with server_process(Path(tmp), shape.devices) as srv:
-                from vitalwire.sdk.monitor import login
-
-                token = await login(srv.url, "clinician", "vitalwire-clinician")
-                devices = tuple(
-                    (d["device_id"], d["secret"], d["patient_id"]) for d in srv.creds.devices
-                )
-                target = Target("vitalwire", srv.url, devices=devices, token=token)
-                before = await _metrics(srv.url)
-                row = await asyncio.to_thread(run_load, target, shape, srv.proc.pid)
-                after = await _metrics(srv.url)
-                row["store_rows_per_s"] = (after["rows_written"] - before["rows_written"]) / (
-                    shape.duration_s
-                )
-                rows.append(row)
+                rows.append(await vitalwire_row(srv.url, srv.creds, srv.proc.pid))
     for ref in against:
         if ref == "naive":
             if wanted("naive"):

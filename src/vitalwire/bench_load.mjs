@@ -698,9 +698,12 @@ let kept = 0;
 
 /** Per client and watched device: the highest seq seen and how many distinct arrived. */
 class Tracker {
-  constructor(client, devices, untimed) {
+  constructor(client, devices, warmupS) {
     this.client = client;
-    this.untimed = untimed; // each device's first readings (the warm-up): not in the latencies
+    // readings sent in the load's first warmupS seconds (by their device timestamp): not in the
+    // latencies. By time, not by seq: against a server the bench did not start, a device's seqs
+    // go on from an earlier run's.
+    this.warmupS = warmupS;
     this.devices = devices; // slot -> device index
     this.highest = new Float64Array(devices.length);
     this.count = new Float64Array(devices.length);
@@ -714,7 +717,7 @@ class Tracker {
     }
     this.highest[slot] = seq;
     this.count[slot] += 1;
-    if (seq <= this.untimed) return;
+    if (ts < START_AT + this.warmupS) return;
     const now = tsNow();
     const latency = (now - ts) * 1000;
     res.seen += 1;
@@ -895,8 +898,7 @@ async function worker(config) {
   WALL = clock.wall;
   MONO_NS = BigInt(Math.round(clock.mono * 1e9));
   const t0 = mono();
-  const untimed = Math.round((shape.warmup_s || 0) * shape.rate_hz);
-  const trackers = clients.map((c) => new Tracker(c, watched(shape, c), untimed));
+  const trackers = clients.map((c) => new Tracker(c, watched(shape, c), shape.warmup_s || 0));
   const conns = [];
   const opened = trackers.map((tracker) =>
     openClient(target, shape, tracker.client, tracker).then(

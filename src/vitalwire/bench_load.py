@@ -274,10 +274,13 @@ async def _send_loop(target: Target, shape: Shape, d: int, sender: Any, res: Wor
 
 
 class _Tracker:
-    def __init__(self, res: WorkerResult, client: int, untimed: int = 0) -> None:
+    def __init__(self, res: WorkerResult, client: int, warmup_s: float = 0.0) -> None:
         self.res = res
         self.client = client
-        self.untimed = untimed  # each device's first readings (the warm-up): not in the latencies
+        # readings sent in the load's first warmup_s seconds (by their device timestamp, on the
+        # same clock as the start): not in the latencies. By time, not by seq: against a server
+        # the bench did not start, a device's seqs go on from an earlier run's.
+        self.warmup_s = warmup_s
         self.highest: dict[int, int] = {}
         self.k = 0
 
@@ -289,7 +292,7 @@ class _Tracker:
         self.highest[d] = seq
         key = (self.client, d)
         res.received[key] = res.received.get(key, 0) + 1
-        if seq <= self.untimed:
+        if ts < res.start_at + self.warmup_s:
             return
         now = time.time()
         latency = (now - ts) * 1000
@@ -323,8 +326,7 @@ async def _client(
     stop: asyncio.Event,
 ) -> None:
     watched = shape.watched(c)
-    # a device numbers its readings from 1 when the load starts, so its warm-up is its first seqs
-    tracker = _Tracker(res, c, round(shape.warmup_s * shape.rate_hz))
+    tracker = _Tracker(res, c, shape.warmup_s)
     try:
         if target.kind == "mqtt":
             await _mqtt_client(target, watched, tracker, ready)
@@ -420,6 +422,51 @@ def proc_rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+class PidProbe:
+    """CPU seconds and resident memory of a local process, from ``/proc`` (a server the bench
+    started, the naive reference, Mosquitto)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.pid)
+
+    def rss_kb(self) -> int | None:
+        return proc_rss_kb(self.pid)
+
+
+class MetricsProbe:
+    """CPU seconds and resident memory of a vitalwire server the bench did not start
+    (``--url``), from its ``GET /metrics`` (``process_cpu_s``, ``process_rss_kb``): the server
+    may run on another machine. ``rss_kb`` is None where the server cannot tell (not Linux)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/") + "/metrics"
+
+    def _get(self) -> dict[str, Any]:
+        import httpx
+
+        r = httpx.get(self.url, timeout=30)
+        r.raise_for_status()
+        return dict(r.json())
+
+    def cpu_s(self) -> float:
+        return float(self._get()["process_cpu_s"])
+
+    def rss_kb(self) -> int | None:
+        rss = self._get().get("process_rss_kb")
+        return None if rss is None else int(rss)
+
+
+Probe = PidProbe | MetricsProbe
+
+
+def _per(rss: int | None, rss0: int | None, connections: int) -> float | None:
+    """KB of resident memory per connection over the figure before they opened (None unknown)."""
+    return None if rss is None or rss0 is None else (rss - rss0) / connections
 
 
 def node_path() -> str:
@@ -528,15 +575,17 @@ def connect_timeout(shape: Shape) -> float:
     return 120.0 + (shape.devices + shape.clients) / 20
 
 
-def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, Any]:
-    """Run one load against one target; return the figures."""
+def run_load(target: Target, shape: Shape, server: int | Probe | None) -> dict[str, Any]:
+    """Run one load against one target; return the figures. ``server``: the process id of the
+    target's server, or a probe of its CPU and memory (None: no CPU or memory figures)."""
+    probe = PidProbe(server) if isinstance(server, int) else server
     if shape.generator not in GENERATORS:
         raise ValueError(f"generator must be one of {GENERATORS}, got {shape.generator!r}")
     node = node_path() if shape.generator == "node" else ""
     workers = max(1, shape.workers)
     dev_parts = [list(range(shape.devices))[i::workers] for i in range(workers)]
     cli_parts = [list(range(shape.clients))[i::workers] for i in range(workers)]
-    rss0 = proc_rss_kb(server_pid) if server_pid else 0
+    rss0 = probe.rss_kb() if probe else None
     timeout = shape.duration_s + 300  # from the start of the load
     # The load starts once every worker has opened all its connections, however long that took:
     # the idle memory is read then, and the server's CPU counted from then on.
@@ -555,14 +604,14 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
             for p in nodes:
                 _node_connected(p, deadline)
             # every connection is open but no reading flows: idle memory
-            rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+            rss_idle = probe.rss_kb() if probe else None
             start_at = time.time() + START_MARGIN_S
             for p in nodes:
                 assert p.stdin is not None
                 p.stdin.write(json.dumps({"start_at": start_at}).encode() + b"\n")
                 p.stdin.flush()  # left open: communicate() closes it
             time.sleep(max(0.0, start_at - time.time()))
-            cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
+            cpu0, load_t0 = (probe.cpu_s() if probe else 0.0), time.monotonic()
             results = [_node_result(p, timeout) for p in nodes]
         finally:
             for path in configs:
@@ -588,12 +637,12 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
         try:
             _python_connected(procs, connected, time.monotonic() + connect_timeout(shape))
             # every connection is open but no reading flows yet: idle memory
-            rss_idle = proc_rss_kb(server_pid) if server_pid else 0
+            rss_idle = probe.rss_kb() if probe else None
             start_at = time.time() + START_MARGIN_S
             for go in gos:
                 go.put(start_at)
             time.sleep(max(0.0, start_at - time.time()))
-            cpu0, load_t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic()
+            cpu0, load_t0 = (probe.cpu_s() if probe else 0.0), time.monotonic()
             results = [out.get(timeout=timeout) for _ in procs]
             for p in procs:
                 p.join(30)
@@ -604,8 +653,8 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
                     p.join(5)
     # the server's CPU over the load alone (from just before the first reading to the workers'
     # report), not over the connect phase before it
-    cpu1, wall = (proc_cpu_s(server_pid) if server_pid else 0.0), time.monotonic() - load_t0
-    rss1 = proc_rss_kb(server_pid) if server_pid else 0
+    cpu1, wall = (probe.cpu_s() if probe else 0.0), time.monotonic() - load_t0
+    rss1 = probe.rss_kb() if probe else None
     sent: dict[int, int] = {}
     received: dict[tuple[int, int], int] = {}
     latencies: list[float] = []
@@ -656,10 +705,10 @@ def run_load(target: Target, shape: Shape, server_pid: int | None) -> dict[str, 
             for k in sorted(timeline.keys() | stalls.keys())
             if k >= 0
         ],
-        "server_cpu_pct": 100 * (cpu1 - cpu0) / wall if server_pid else None,
-        "server_rss_mb": rss1 / 1024 if server_pid else None,
-        "rss_per_connection_kb": (rss1 - rss0) / connections if server_pid else None,
-        "rss_per_idle_connection_kb": (rss_idle - rss0) / connections if server_pid else None,
+        "server_cpu_pct": 100 * (cpu1 - cpu0) / wall if probe else None,
+        "server_rss_mb": rss1 / 1024 if rss1 is not None else None,
+        "rss_per_connection_kb": _per(rss1, rss0, connections),
+        "rss_per_idle_connection_kb": _per(rss_idle, rss0, connections),
         "generator_cpu_s": sum(r["cpu_s"] for r in results),
         "connect_s": max(r["connect_s"] for r in results),
         "errors": errors[:10],

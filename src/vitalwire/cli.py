@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -466,10 +467,26 @@ def bench_main(
         float,
         typer.Option(
             min=0,
-            help="Seconds at the start of each device's load whose readings count for loss "
-            "and duplicates but not for latency (every device's first reading costs more).",
+            help="Seconds at the start of the load whose readings count for loss and "
+            "duplicates but not for latency (every device's first reading costs more).",
         ),
     ] = 0.0,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Load this running vitalwire server (http://host:port) instead of starting "
+            "one; needs --credentials. Its CPU and memory come from its /metrics.",
+            show_default=False,
+        ),
+    ] = None,
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --url: the JSON written by `vitalwire admin provision-ward --patients "
+            "N` on that server's store (N >= --devices).",
+            show_default=False,
+        ),
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Load vitalwire (and references) with devices x rate and clients x patients; print
@@ -502,14 +519,18 @@ def bench_main(
         raise typer.BadParameter(
             f"must be less than --duration ({duration:g} s), got {warmup:g}", param_hint="--warmup"
         )
+    server = _given_server(url, credentials, devices)
     shape = Shape(
         devices, rate, clients, patients_per_client, duration, workers, generator.value, warmup
     )
     refs = against or []
+    load = functools.partial(bench_load, server=server)
     rows = asyncio.run(
-        bench_saturate(shape, refs, refine=2 if refine is None else refine, repeat=repeat or 1)
+        bench_saturate(
+            shape, refs, refine=2 if refine is None else refine, repeat=repeat or 1, run=load
+        )
         if saturate
-        else bench_load(shape, refs)
+        else load(shape, refs)
     )
     title = (
         f"{devices} devices x {rate:g} Hz, {clients} clients x {patients_per_client} patients"
@@ -582,6 +603,35 @@ def bench_main(
             console.print(f"[yellow]{r['target']}: {err}[/yellow]")
     if json_path:
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _given_server(url: str | None, credentials: Path | None, devices: int) -> Any:
+    """--url and --credentials as the server to load (None: the bench starts one)."""
+    from vitalwire.bench import GivenServer
+    from vitalwire.provision import WardCredentials
+
+    if credentials is not None and url is None:
+        raise typer.BadParameter(
+            "names the devices of a --url server: give --url too", param_hint="--credentials"
+        )
+    if url is None:
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise typer.BadParameter(
+            f"must start with http:// or https://, got {url!r}", param_hint="--url"
+        )
+    if credentials is None:
+        raise typer.BadParameter(
+            "a server the bench did not start needs its devices' credentials: give "
+            "--credentials FILE (from `vitalwire admin provision-ward --out FILE`)",
+            param_hint="--url",
+        )
+    try:
+        server = GivenServer(url, WardCredentials.load(credentials))
+        server.check(devices)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--credentials") from None
+    return server
 
 
 def _slow_second(s: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -94,7 +95,23 @@ async def metrics(request: Request) -> dict[str, Any]:
         "device_connections": len(svc.ingest.sessions),
         "client_connections": len(svc.clients),
         "subscriptions": svc.streams.subscriber_count(),
+        # the process's CPU (every thread) and resident memory: what `vitalwire bench --url`
+        # reports for a server it did not start, which may run on another machine
+        "process_cpu_s": round(time.process_time(), 3),
+        "process_rss_kb": _rss_kb(),
     }
+
+
+def _rss_kb() -> int | None:
+    """This process's resident memory (KB), from /proc; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 @router.post("/auth/login", response_model=TokenResponse, responses={401: {}})
