@@ -34,18 +34,24 @@ from vitalwire.sdk import DeviceClient, MonitorClient, StreamEvent
 
 
 def store_rows(db_path: Path) -> tuple[dict[str, list[int]], dict[str, list[int]], list[Any]]:
-    """Read the store with plain sqlite3: seqs per device, offsets per stream, reading events."""
+    """Read the store with plain sqlite3: the seqs of each device's stored reading events (in
+    order; a reading stored twice shows twice), offsets per stream, reading events. Each
+    device's high seq (the deduplication key) must be its last stored seq."""
     db = sqlite3.connect(db_path)
     try:
-        seqs: dict[str, list[int]] = {}
-        for did, seq in db.execute("SELECT device_id, seq FROM readings ORDER BY device_id, seq"):
-            seqs.setdefault(did, []).append(seq)
         offsets: dict[str, list[int]] = {}
         for stream, off in db.execute('SELECT stream, "offset" FROM events ORDER BY 1, 2'):
             offsets.setdefault(stream, []).append(off)
         readings = [
             json.loads(d) for (d,) in db.execute("SELECT data FROM events WHERE kind='reading'")
         ]
+        seqs: dict[str, list[int]] = {}
+        for r in readings:
+            seqs.setdefault(r["device"], []).append(r["seq"])
+        for got in seqs.values():
+            got.sort()
+        high = dict(db.execute("SELECT device_id, high_seq FROM device_seqs"))
+        assert high == {did: got[-1] for did, got in seqs.items()}, high
         return seqs, offsets, readings
     finally:
         db.close()

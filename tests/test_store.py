@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,26 +12,58 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect
 
+from tests.conftest import REQUIRE_SERVICES
 from vitalwire.core.errors import Conflict
 from vitalwire.store import Batch, ReadingRow, Store, open_store
 from vitalwire.store.schema import metadata
 from vitalwire.wire import Event
 
+#: The local PostgreSQL (trust auth); each test gets a fresh database of its own on it.
+POSTGRES = os.environ.get("VITALWIRE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
-@pytest.fixture(params=["sqlite", "sqlite-engine"])
+
+@contextlib.asynccontextmanager
+async def fresh_postgres_db() -> AsyncIterator[str]:
+    """A new, empty database on the local PostgreSQL, dropped afterwards; skip (fail in CI)
+    when PostgreSQL is not reachable."""
+    import asyncpg
+
+    try:
+        admin = await asyncpg.connect(POSTGRES, timeout=5)
+    except Exception as exc:
+        reason = f"PostgreSQL is not reachable at {POSTGRES}: {exc!r}"
+        if REQUIRE_SERVICES:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    name = f"vwtest_{uuid.uuid4().hex[:12]}"
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+        finally:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "sqlite-engine", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """``sqlite``: batches through the dedicated writer thread; ``sqlite-engine``: through the
-    async engine, the path PostgreSQL takes."""
+    async engine, the path PostgreSQL takes; ``postgresql``: a fresh database on the local
+    PostgreSQL server, through asyncpg."""
     from vitalwire.store.sql import SqlStore
 
-    s: Store = SqlStore(
-        f"sqlite:///{tmp_path / 'store.db'}", dedicated_writer=request.param == "sqlite"
-    )
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "postgresql":
+            url = await stack.enter_async_context(fresh_postgres_db())
+        else:
+            url = f"sqlite:///{tmp_path / 'store.db'}"
+        s: Store = SqlStore(url, dedicated_writer=request.param == "sqlite")
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
 
 
 def _batch(device: str, stream: str, seqs: range, first_offset: int) -> Batch:
@@ -68,11 +102,67 @@ async def test_a_failing_batch_writes_nothing_and_the_next_one_commits(store: St
     assert await store.stream_heads() == {"patient:P1": 6}
 
 
-async def test_duplicate_reading_rows_are_ignored(store: Store) -> None:
+async def test_a_devices_high_seq_is_the_highest_ever_written_and_never_falls(
+    store: Store,
+) -> None:
+    """The deduplication key is one row per device: each batch raises it to the batch's highest
+    seq of the device, a batch with lower or repeated seqs (a retry) leaves it, and devices
+    interleaved in one batch, bound or not, each keep their own."""
     await store.write_batch(_batch("d1", "patient:P1", range(1, 4), 1))
-    dup = Batch(readings=[ReadingRow("d1", 2, "P1", 99, 1.0, 1.0)])
-    await store.write_batch(dup)
-    assert await store.device_last_seq("d1") == 3
+    cases = [
+        ([("d1", 2)], {"d1": 3}),
+        ([("d1", 3), ("d1", 1)], {"d1": 3}),
+        ([("d1", 7), ("d2", 5), ("d1", 4), ("d2", 9)], {"d1": 7, "d2": 9}),
+        ([("d2", 1), ("u1", 40), ("u1", 2)], {"d1": 7, "d2": 9, "u1": 40}),
+    ]
+    offset = 100
+    for rows, expected in cases:
+        batch = Batch()
+        for did, seq in rows:
+            if did.startswith("u"):  # an unbound device: the values stay in the readings row
+                batch.readings.append(ReadingRow(did, seq, None, None, 1.0, 1.0, '{"hr": 60}'))
+            else:
+                offset += 1
+                batch.readings.append(ReadingRow(did, seq, "P1", offset, 1.0, 1.0))
+        await store.write_batch(batch)
+        assert {d: await store.device_last_seq(d) for d in expected} == expected, rows
+
+
+async def test_migration_0005_carries_each_devices_high_seq_over(tmp_path: Path) -> None:
+    """A store written before revision 0005 kept one ``readings`` row per reading; opening it
+    migrates each device's highest seq into ``device_seqs`` (and keeps the old rows)."""
+    import sqlite3
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from vitalwire.store.sql import _MIGRATIONS, SqlStore
+
+    path = tmp_path / "old.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:  # the schema as revision 0004 left it
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    engine.dispose()
+    with sqlite3.connect(path) as db:
+        assert "device_seqs" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        db.executemany(
+            "INSERT INTO readings (device_id, seq, device_ts, received_ts) VALUES (?, ?, 1, 1)",
+            [("d1", 5), ("d1", 2**62 + 1), ("d2", 3), ("d2", 1)],
+        )
+    store = SqlStore(f"sqlite:///{path}")
+    await store.open()
+    try:
+        assert await store.device_last_seq("d1") == 2**62 + 1
+        assert await store.device_last_seq("d2") == 3
+        assert await store.device_last_seq("d3") == 0
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM readings").fetchone() == (4,)
 
 
 @pytest.mark.parametrize(
@@ -85,9 +175,10 @@ async def test_duplicate_reading_rows_are_ignored(store: Store) -> None:
     ],
 )
 async def test_rows_read_back_exactly_as_written(store: Store, text: str, number: float) -> None:
-    """The writer thread hands a batch's readings and events to SQLite as one JSON array:
-    text, NULL, integers past 2**53 and doubles must come back exactly as bound one by one.
-    (No text column holds a NUL character: ids are validated, data is JSON, which escapes it.)"""
+    """The writer thread hands a batch's readings, events and high seqs to SQLite as one JSON
+    array each: text, NULL, integers past 2**53 and doubles must come back exactly as bound one
+    by one. (No text column holds a NUL character: ids are validated, data is JSON, which
+    escapes it.) Only the unbound reading has a ``readings`` row; both devices' seqs are kept."""
     from sqlalchemy import select
 
     from vitalwire.store import schema
@@ -103,10 +194,9 @@ async def test_rows_read_back_exactly_as_written(store: Store, text: str, number
     await store.write_batch(Batch(readings=rows, events=[event]))
     async with store.engine.connect() as conn:
         got = (await conn.execute(select(schema.readings).order_by(schema.readings.c.seq))).all()
-    assert [tuple(r) for r in got] == [
-        (text or "d2", 3, "P1", 9, 1.0, number, None),
-        ("d1", seq, None, None, number, 1.5, text),
-    ]
+    assert [tuple(r) for r in got] == [("d1", seq, None, None, number, 1.5, text)]
+    assert await store.device_last_seq("d1") == seq
+    assert await store.device_last_seq(text or "d2") == 3
     (back,) = await store.events_after("patient:P1", 0, 10)
     assert (back.offset, back.kind, back.ts) == (9, "reading", number)
     assert back.data_json == event.data_json and back.data == {"text": text, "n": number}

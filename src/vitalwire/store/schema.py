@@ -66,8 +66,8 @@ users = Table(
     Column("created_at", Float, nullable=False),
 )
 
-# One row per accepted device reading: (device_id, seq) is the deduplication key. The values live
-# in the patient's stream event (stream, stream_offset); unbound readings keep their values here.
+# Readings of a device bound to no patient, with their values (a bound device's readings live in
+# its patient's stream as events). Until migration 0005 every accepted reading had a row here.
 readings = Table(
     "readings",
     metadata,
@@ -78,6 +78,15 @@ readings = Table(
     Column("device_ts", Float, nullable=False),
     Column("received_ts", Float, nullable=False),
     Column("unbound_data", Text, nullable=True),
+)
+
+# Each device's highest accepted seq: the deduplication key, read at a device's first hello.
+# One row per device, raised (never lowered) by every batch that holds the device's readings.
+device_seqs = Table(
+    "device_seqs",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("high_seq", BigInteger, nullable=False),
 )
 
 events = Table(

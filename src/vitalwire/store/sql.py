@@ -153,6 +153,26 @@ def _alert_upsert(dialect: Any) -> Any:
     )
 
 
+def _seq_upsert(dialect: Any) -> Any:
+    """A device's highest accepted seq, raised and never lowered (a batch may come in after a
+    later one only on a retry, but the store does not rely on the order)."""
+    stmt = dialect.insert(t.device_seqs)
+    larger = func.max if dialect is sqlite else func.greatest  # SQLite's max(a, b) is scalar
+    return stmt.on_conflict_do_update(
+        index_elements=["device_id"],
+        set_={"high_seq": larger(t.device_seqs.c.high_seq, stmt.excluded.high_seq)},
+    )
+
+
+def _high_seqs(readings: list[ReadingRow]) -> dict[str, int]:
+    """Each device's highest seq among a batch's readings."""
+    high: dict[str, int] = {}
+    for r in readings:
+        if r.seq > high.get(r.device_id, 0):
+            high[r.device_id] = r.seq
+    return high
+
+
 def _command_upsert(dialect: Any) -> Any:
     stmt = dialect.insert(t.commands)
     ex = stmt.excluded
@@ -219,6 +239,7 @@ class SqlStore:
                     self._insert_ignore(t.readings), _reading_row(_READING0)
                 ),
                 "events": compile_json_rows(insert(t.events), _event_row(_EVENT0)),
+                "seqs": compile_json_rows(_seq_upsert(sqlite), {"device_id": "d", "high_seq": 1}),
                 "alerts": compile_positional(_alert_upsert(sqlite), _alert_row(_ALERT0)),
                 "commands": compile_positional(_command_upsert(sqlite), _command_row(_COMMAND0)),
                 "audit": compile_positional(insert(t.audit), _audit_row(_AUDIT0)),
@@ -229,10 +250,12 @@ class SqlStore:
             ):
                 if self._fast_sql[name][1] != tuple(row):  # _fast_work builds these in this order
                     raise RuntimeError(f"{name}: parameter order {self._fast_sql[name][1]}")
-            # a batch's readings and events: one statement, so one call into SQLite
+            if self._fast_sql["seqs"][1] != ("device_id", "high_seq"):
+                raise RuntimeError(f"seqs: parameter order {self._fast_sql['seqs'][1]}")
+            # a batch's readings, events and high seqs: one statement, so one call into SQLite
             self._reading_batch, setup = batch_view(
                 "reading_batch",
-                {"readings": self._fast_sql["readings"][0], "events": self._fast_sql["events"][0]},
+                {name: self._fast_sql[name][0] for name in ("readings", "events", "seqs")},
             )
             self._fast = SqliteBatchWriter(database, synchronous=self._synchronous, setup=setup)
             await self._fast.open()
@@ -241,28 +264,31 @@ class SqlStore:
         """The batch as (SQL, parameter tuples) in write order, built on the caller's thread."""
         work: list[tuple[str, list[tuple[Any, ...]]]] = []
         sql = self._fast_sql
-        readings = events = None
-        if batch.readings:  # columns in ReadingRow's order (checked at compile)
-            readings = json_rows(
-                [
-                    (
-                        r.device_id,
-                        r.seq,
-                        r.patient_id,
-                        r.stream_offset,
-                        r.device_ts,
-                        r.received_ts,
-                        r.unbound_data,
-                    )
-                    for r in batch.readings
-                ]
-            )
+        readings = events = seqs = None
+        if batch.readings:
+            unbound = [r for r in batch.readings if r.unbound_data is not None]
+            if unbound:  # columns in ReadingRow's order (checked at compile)
+                readings = json_rows(
+                    [
+                        (
+                            r.device_id,
+                            r.seq,
+                            r.patient_id,
+                            r.stream_offset,
+                            r.device_ts,
+                            r.received_ts,
+                            r.unbound_data,
+                        )
+                        for r in unbound
+                    ]
+                )
+            seqs = json_rows(list(_high_seqs(batch.readings).items()))
         if batch.events:
             events = json_rows(
                 [(e.stream, e.offset, e.kind, e.ts, e.data_json.decode()) for e in batch.events]
             )
-        if readings is not None or events is not None:
-            work.append((self._reading_batch, [(readings, events)]))
+        if readings is not None or events is not None or seqs is not None:
+            work.append((self._reading_batch, [(readings, events, seqs)]))
         for name, rows, to_row in (
             ("alerts", batch.alerts, _alert_row),
             ("commands", batch.commands, _command_row),
@@ -292,8 +318,15 @@ class SqlStore:
         else:
             async with self.engine.begin() as conn:
                 if batch.readings:
+                    unbound = [
+                        _reading_row(r) for r in batch.readings if r.unbound_data is not None
+                    ]
+                    if unbound:
+                        await conn.execute(self._insert_ignore(t.readings), unbound)
+                    high = _high_seqs(batch.readings)
                     await conn.execute(
-                        self._insert_ignore(t.readings), [_reading_row(r) for r in batch.readings]
+                        _seq_upsert(self._dialect),
+                        [{"device_id": d, "high_seq": seq} for d, seq in sorted(high.items())],
                     )
                 if batch.events:
                     await conn.execute(insert(t.events), [_event_row(e) for e in batch.events])
@@ -524,7 +557,7 @@ class SqlStore:
     async def device_last_seq(self, device_id: str) -> int:
         async with self.engine.connect() as conn:
             value = await conn.scalar(
-                select(func.max(t.readings.c.seq)).where(t.readings.c.device_id == device_id)
+                select(t.device_seqs.c.high_seq).where(t.device_seqs.c.device_id == device_id)
             )
             return int(value or 0)
 
