@@ -499,6 +499,11 @@ def test_bench_url_and_credentials_errors_name_the_option(tmp_path: Path) -> Non
             }
         )
     )
+    a_list, no_secret = tmp_path / "list.json", tmp_path / "no-secret.json"
+    a_list.write_text("[]")
+    no_secret.write_text(
+        json.dumps({"devices": [{"device_id": "mon-001", "patient_id": "P001"}], "users": []})
+    )
     no_users = tmp_path / "no-users.json"
     no_users.write_text(json.dumps({"devices": json.loads(creds.read_text())["devices"]}))
     cases = [
@@ -519,6 +524,16 @@ def test_bench_url_and_credentials_errors_name_the_option(tmp_path: Path) -> Non
             ["--url", "http://127.0.0.1:1", "--credentials", str(tmp_path / "none.json")],
             "--credentials",
             "none.json",
+        ),
+        (
+            ["--url", "http://127.0.0.1:1", "--credentials", str(a_list), "--devices", "1"],
+            "--credentials",
+            "is not a credentials file",
+        ),
+        (
+            ["--url", "http://127.0.0.1:1", "--credentials", str(no_secret), "--devices", "1"],
+            "--credentials",
+            "devices[0] has no secret",
         ),
     ]
     for args, option, words in cases:

@@ -610,14 +610,20 @@ class GivenServer:
                 f"the load needs {devices} devices, the credentials name {have}: provision "
                 f"them with `vitalwire admin provision-ward --patients {devices} --out FILE`"
             )
-        if self.clinician() is None:
+        for i, d in enumerate(self.creds.devices[:devices]):
+            missing = [k for k in ("device_id", "secret", "patient_id") if not d.get(k)]
+            if missing:
+                raise ValueError(f"devices[{i}] has no {', '.join(missing)}")
+        if _clinician(self.creds) is None:
             raise ValueError(
                 "the credentials name no clinician user: write them with "
                 "`vitalwire admin provision-ward` (it creates the demo users)"
             )
 
-    def clinician(self) -> dict[str, str] | None:
-        return next((u for u in self.creds.users if u.get("role") == "clinician"), None)
+
+def _clinician(creds: WardCredentials) -> dict[str, str] | None:
+    """The first clinician among the credentials' users: the bench's clients log in as it."""
+    return next((u for u in creds.users if u.get("role") == "clinician"), None)
 
 
 async def bench_load(
@@ -639,7 +645,8 @@ async def bench_load(
         return only is None or name in only
 
     async def vitalwire_row(url: str, creds: WardCredentials, probe: Any) -> dict[str, Any]:
-        user = next(u for u in creds.users if u.get("role") == "clinician")
+        user = _clinician(creds)
+        assert user is not None, "provision_ward writes a clinician"
         token = await login(url, user["username"], user["password"])
         devices = tuple(
             (d["device_id"], d["secret"], d["patient_id"]) for d in creds.devices[: shape.devices]

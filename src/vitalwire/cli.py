@@ -631,6 +631,11 @@ def _given_server(url: str | None, credentials: Path | None, devices: int) -> An
         server.check(devices)
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--credentials") from None
+    except (AttributeError, TypeError):  # JSON, but not the object provision-ward writes
+        raise typer.BadParameter(
+            f"{credentials} is not a credentials file from `vitalwire admin provision-ward`",
+            param_hint="--credentials",
+        ) from None
     return server
 
 
