@@ -266,10 +266,13 @@ class SqlStore:
         sql = self._fast_sql
         readings = events = seqs = None
         if batch.readings:
-            unbound = [r for r in batch.readings if r.unbound_data is not None]
-            if unbound:  # columns in ReadingRow's order (checked at compile)
-                readings = json_rows(
-                    [
+            high: dict[str, int] = {}
+            unbound: list[tuple[Any, ...]] = []
+            for r in batch.readings:  # one pass: each device's high seq, the unbound rows
+                if r.seq > high.get(r.device_id, 0):
+                    high[r.device_id] = r.seq
+                if r.unbound_data is not None:  # columns in ReadingRow's order (checked)
+                    unbound.append(
                         (
                             r.device_id,
                             r.seq,
@@ -279,10 +282,10 @@ class SqlStore:
                             r.received_ts,
                             r.unbound_data,
                         )
-                        for r in unbound
-                    ]
-                )
-            seqs = json_rows(list(_high_seqs(batch.readings).items()))
+                    )
+            if unbound:
+                readings = json_rows(unbound)
+            seqs = json_rows(list(high.items()))
         if batch.events:
             events = json_rows(
                 [(e.stream, e.offset, e.kind, e.ts, e.data_json.decode()) for e in batch.events]
