@@ -170,12 +170,14 @@ async def test_the_load_starts_once_every_connection_is_open(generator: str) -> 
 @pytest.mark.parametrize("generator", ["python", "node"])
 async def test_a_warm_up_leaves_its_readings_out_of_the_latencies_only(generator: str) -> None:
     """``--warmup 1`` at 20 Hz: the readings sent in the load's first second still count as
-    delivered (and would count as lost), but only the later ones are timed: 20 per device
-    (19 when the device's 20th, due just before the second's end, left just after it)."""
+    delivered (and would count as lost), but only the later ones are timed: 20 per device, 19
+    or 21 at the second's edge (a reading due just before it sent just after, or the worker's
+    clock a millisecond off the parent's). Without a warm-up every reading is timed (the other
+    tests: ``latency_ms.n == delivered``), even one stamped a hair before the start."""
     row = await _naive_run(generator, duration_s=2.0, warmup_s=1.0)
     assert row["shape"]["warmup_s"] == 1.0
     assert row["lost"] == 0 and row["delivered"] == row["published"] >= 60
-    assert 2 * 19 <= row["delivered"] - row["latency_ms"]["n"] <= 2 * 20
+    assert 2 * 19 <= row["delivered"] - row["latency_ms"]["n"] <= 2 * 21
 
 
 @pytest.mark.parametrize("generator", ["python", "node"])

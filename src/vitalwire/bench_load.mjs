@@ -717,7 +717,7 @@ class Tracker {
     }
     this.highest[slot] = seq;
     this.count[slot] += 1;
-    if (ts < START_AT + this.warmupS) return;
+    if (this.warmupS > 0 && ts < START_AT + this.warmupS) return;
     const now = tsNow();
     const latency = (now - ts) * 1000;
     res.seen += 1;

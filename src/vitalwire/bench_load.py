@@ -292,7 +292,7 @@ class _Tracker:
         self.highest[d] = seq
         key = (self.client, d)
         res.received[key] = res.received.get(key, 0) + 1
-        if ts < res.start_at + self.warmup_s:
+        if self.warmup_s and ts < res.start_at + self.warmup_s:
             return
         now = time.time()
         latency = (now - ts) * 1000
