@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -204,6 +205,16 @@ async def test_a_process_started_later_reads_history_from_redis(prefix: str) -> 
         await c.close()
 
 
+async def _cut_channel(r: Any, bus: Any) -> None:
+    """Kill ``bus``'s channel connection on the Redis side (what a network blip does) and wait
+    until it notices; it subscribes again after ``RECONNECT_S``."""
+    clients = await r.client_list(_type="pubsub")
+    mine = [c for c in clients if c.get("name") == bus.client_name]
+    assert len(mine) == 1, clients
+    await r.client_kill_filter(_id=mine[0]["id"])
+    await wait_until(lambda: not bus.connected, what="the bus to notice the lost channel")
+
+
 async def test_a_process_that_lost_the_channel_gets_what_it_missed(prefix: str) -> None:
     import redis.asyncio as aioredis
 
@@ -213,12 +224,7 @@ async def test_a_process_that_lost_the_channel_gets_what_it_missed(prefix: str) 
     try:
         await a.publish(_events("patient:A", range(1, 4)))
         await wait_until(lambda: len(got_b.events) == 3, what="the first events at b")
-        # cut b's channel connection (what a network blip does); b reconnects after RECONNECT_S
-        clients = await r.client_list(_type="pubsub")
-        mine = [c for c in clients if c.get("name") == b.client_name]
-        assert len(mine) == 1, clients
-        await r.client_kill_filter(_id=mine[0]["id"])
-        await wait_until(lambda: not b.connected, what="b to notice the lost channel")
+        await _cut_channel(r, b)
         await a.publish(_events("patient:A", range(4, 7)))  # b misses these on the channel
         await wait_until(lambda: b.connected, what="b to subscribe again")
         await a.publish(_events("patient:A", range(7, 8)))
@@ -239,10 +245,7 @@ async def test_a_gap_no_history_fills_is_not_answered_from_around_it(prefix: str
     try:
         await a.publish(_events("patient:A", range(1, 4)))
         await wait_until(lambda: len(got_b.events) == 3, what="the first events at b")
-        clients = await r.client_list(_type="pubsub")
-        (mine,) = [c for c in clients if c.get("name") == b.client_name]
-        await r.client_kill_filter(_id=mine["id"])
-        await wait_until(lambda: not b.connected, what="b to notice the lost channel")
+        await _cut_channel(r, b)
         await a.publish(_events("patient:A", range(4, 9)))  # Redis keeps only 7 and 8
         await wait_until(lambda: b.connected, what="b to subscribe again")
         await a.publish(_events("patient:A", range(9, 10)))

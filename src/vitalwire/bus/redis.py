@@ -157,8 +157,9 @@ class RedisBus:
         except Exception as exc:
             await self._redis.aclose()
             self._redis = None
-            where = urlparse(self.url)._replace(netloc=urlparse(self.url).netloc.rpartition("@")[2])
-            raise ConnectionError(f"bus: cannot reach Redis at {urlunparse(where)}: {exc}") from exc
+            u = urlparse(self.url)  # named without its password
+            where = urlunparse(u._replace(netloc=u.netloc.rpartition("@")[2]))
+            raise ConnectionError(f"bus: cannot reach Redis at {where}: {exc}") from exc
         self._tasks = [
             asyncio.create_task(self._send_loop(), name="bus-redis-send"),
             asyncio.create_task(self._read_loop(), name="bus-redis-read"),
