@@ -1,4 +1,4 @@
-"""Issue 4 item 8 through the pure engine, with the real BIDMC recordings (../shared/data/vitals).
+"""Issue 4 item 8 through the pure engine, with the real BIDMC recordings (data/bidmc).
 
 The recordings are from the BIDMC PPG and Respiration Dataset v1.0.0 (PhysioNet, ODC-By 1.0);
 citations in vitalwire.simulator.
@@ -6,26 +6,19 @@ citations in vitalwire.simulator.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import need_data
 from vitalwire.alarms_report import burden, render_markdown, report
 from vitalwire.core.alerts import AlertChange, PatientAlerts
 from vitalwire.simulator import read_bidmc
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vitals"
-
 
 @pytest.fixture(scope="module")
 def data() -> Path:
-    if not DATA.is_dir():
-        reason = f"recorded vitals not found at {DATA}"
-        if os.environ.get("VITALWIRE_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return DATA
+    return need_data()
 
 
 def replay(data: Path, record: str) -> list[AlertChange]:

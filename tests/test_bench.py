@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import REQUIRE_SERVICES
-from vitalwire.bench import percentiles
+from vitalwire.bench.runner import percentiles
 from vitalwire.cli import app
 
 
@@ -89,7 +89,7 @@ async def test_catchup_counts_lost_and_duplicated_offsets() -> None:
     from websockets.asyncio.server import ServerConnection, serve
 
     from vitalwire import wire
-    from vitalwire.bench import _resume
+    from vitalwire.bench.runner import _resume
 
     def event(offset: int) -> str:
         return wire.Event.new("patient:P1", offset, "reading", 1.0, {"seq": offset}).frame
@@ -125,8 +125,8 @@ async def _naive_run(
     """A small load (2 devices at 20 Hz, one client watching both) through the naive server."""
     import asyncio
 
-    from vitalwire.bench import naive_process
-    from vitalwire.bench_load import Shape, Target, run_load
+    from vitalwire.bench.load import Shape, Target, run_load
+    from vitalwire.bench.runner import naive_process
 
     if generator == "node":
         _need_node()
@@ -186,7 +186,7 @@ async def test_the_timeline_places_the_slow_readings_in_their_second(generator: 
     so stalls): the timeline counts every timed reading once, in the second it arrived, finds
     at least one reading over 50 ms per stall, and its slowest is the run's slowest; every second
     of the load and its drain has the generator's longest stall beside it."""
-    from vitalwire.bench_naive import STALL_S
+    from vitalwire.bench.naive import STALL_S
 
     row = await _naive_run(generator, stall_every=15, duration_s=2.0)
     timeline = row["timeline"]
@@ -332,8 +332,8 @@ async def test_saturate_doubles_then_halves_each_targets_interval() -> None:
     one's step, then two refinements halve each interval between the last rate that held and
     the first that failed, running only the targets whose middle it is — together when they
     share it. A reading lost fails a rate as a p99 past the bound does."""
-    from vitalwire.bench import bench_saturate
-    from vitalwire.bench_load import Shape
+    from vitalwire.bench.load import Shape
+    from vitalwire.bench.runner import bench_saturate
 
     p99_limit = {"vitalwire": 100.0, "naive": 90.0, "mqtt qos0": 1000.0, "mqtt qos1": 1000.0}
     lossless_up_to = {"mqtt qos1": 60.0}
@@ -381,8 +381,8 @@ async def test_saturate_doubles_then_halves_each_targets_interval() -> None:
 async def test_saturate_repeat_takes_the_majority_of_each_steps_runs() -> None:
     """With ``repeat``, a step holds when most of its runs held (a tie fails) and reports the
     run of the median p99: one bad run in three does not end a ladder, two do."""
-    from vitalwire.bench import bench_saturate
-    from vitalwire.bench_load import Shape
+    from vitalwire.bench.load import Shape
+    from vitalwire.bench.runner import bench_saturate
 
     # the p99 of each run at each rate, in run order (vitalwire only: no references)
     p99s = {
@@ -426,8 +426,8 @@ async def test_saturate_repeat_takes_the_majority_of_each_steps_runs() -> None:
 async def test_a_load_runs_only_the_targets_named() -> None:
     """``bench_load(..., only=...)``, as the refinement calls it: the naive reference alone,
     for real, at a tiny size; no vitalwire row, so no ratio to it."""
-    from vitalwire.bench import bench_load
-    from vitalwire.bench_load import Shape
+    from vitalwire.bench.load import Shape
+    from vitalwire.bench.runner import bench_load
 
     shape = Shape(
         devices=2, rate_hz=10, clients=1, patients_per_client=2, duration_s=1.0, workers=1

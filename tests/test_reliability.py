@@ -29,8 +29,8 @@ from tests.conftest import (
 )
 from tests.netproxy import Proxy
 from tests.rawws import StalledClient
-from vitalwire.app import prune
 from vitalwire.sdk import DeviceClient, MonitorClient, StreamEvent
+from vitalwire.services.container import prune
 
 
 def store_rows(db_path: Path) -> tuple[dict[str, list[int]], dict[str, list[int]], list[Any]]:

@@ -344,7 +344,7 @@ async def test_snapshots_are_written_in_bounded_slices_and_only_for_changed_stre
 
 
 async def test_snapshot_shares_split_the_streams_and_a_round_saves_each_once() -> None:
-    """The server saves one share of the streams every half second (app.SNAPSHOT_PARTS), not
+    """The server saves one share of the streams every half second (container.SNAPSHOT_PARTS), not
     all of them at once: each share holds about 1/parts of the streams (by hash: no share as much
     as twice its part), and a whole round of shares saves every changed stream exactly once."""
     store = _SnapshotStore()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import need_data
 from vitalwire import simulator
 from vitalwire.core.metrics import METRIC_BY_NAME, validate_values
 from vitalwire.simulator import (
@@ -24,7 +25,6 @@ from vitalwire.simulator import (
 )
 
 START = 1_700_000_000.0
-VITALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vitals"
 BIDMC_FILES = ("bidmc_01", "bidmc_19", "bidmc_22", "bidmc_25", "bidmc_32")
 INTEGER_METRICS = ("spo2", "pulse", "hr", "rr", "sbp", "dbp", "battery")
 
@@ -39,9 +39,7 @@ def fraction(samples: list[dict[str, Any]], test: Any) -> float:
 
 
 def bidmc(name: str) -> Path:
-    if not VITALS.is_dir():
-        pytest.skip(f"BIDMC data folder {VITALS} is missing (shared/ is expected beside the clone)")
-    return VITALS / f"{name}_Numerics.csv"
+    return need_data() / f"{name}_Numerics.csv"
 
 
 # -- physiology -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ ground truth.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,16 @@ from typing import Any
 from vitalwire.core.alerts import PHYSIOLOGICAL, AlertChange, PatientAlerts
 from vitalwire.core.limits import DEFAULT_LIMITS, Limits
 from vitalwire.simulator import read_bidmc
+
+#: Names the folder of recordings when none is given (default: ``data/bidmc`` of the working
+#: directory, where a clone keeps the five BIDMC records it ships).
+VITALS_DIR_ENV = "VITALWIRE_VITALS_DIR"
+
+
+def default_recordings() -> Path:
+    """``$VITALWIRE_VITALS_DIR``, else ``data/bidmc`` (run from the repository's folder)."""
+    return Path(os.environ.get(VITALS_DIR_ENV) or Path("data") / "bidmc")
+
 
 #: Device id used for the replayed recording.
 REPLAY_DEVICE = "replay"
@@ -192,9 +203,9 @@ def render_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vitalwire.alarms_report [DIR]`` (default: ``../shared/data/vitals``)."""
+    """``python -m vitalwire.alarms_report [DIR]`` (default: :func:`default_recordings`)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    folder = Path(args[0]) if args else Path("..") / "shared" / "data" / "vitals"
+    folder = Path(args[0]) if args else default_recordings()
     print(render_markdown(report(folder)), end="")
     return 0
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import sys
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +15,7 @@ import typer
 from rich.console import Console
 
 from vitalwire import __version__
+from vitalwire.bench.cli import bench_app
 from vitalwire.settings import Settings
 
 app = typer.Typer(help="vitalwire: real-time vital-signs monitoring.", no_args_is_help=True)
@@ -24,7 +23,6 @@ admin_app = typer.Typer(
     help="Administer patients, devices, bindings and users.", no_args_is_help=True
 )
 app.add_typer(admin_app, name="admin")
-bench_app = typer.Typer(help="Measure the server beside a baseline from the same run.")
 app.add_typer(bench_app, name="bench")
 console = Console()
 
@@ -397,399 +395,20 @@ def command(
 
 @app.command("alarms-report")
 def alarms_report(
-    folder: Annotated[Path, typer.Argument(help="Folder of BIDMC *_Numerics.csv recordings.")],
+    folder: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Folder of BIDMC *_Numerics.csv recordings [default: $VITALWIRE_VITALS_DIR, "
+            "else data/bidmc, the five the repository ships].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Replay recordings through the alert engine: alerts raised with the default delays versus a
     naive alarm-on-every-reading rule (a Markdown table)."""
-    from vitalwire.alarms_report import render_markdown, report
+    from vitalwire.alarms_report import default_recordings, render_markdown, report
 
-    typer.echo(render_markdown(report(folder)))
-
-
-# -- bench ------------------------------------------------------------------------------------
-
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")]
-
-
-class LoadGenerator(StrEnum):
-    python = "python"
-    node = "node"
-
-
-@bench_app.callback(invoke_without_command=True)
-def bench_main(
-    ctx: typer.Context,
-    devices: Annotated[int, typer.Option(help="Device connections.")] = 100,
-    rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
-    clients: Annotated[int, typer.Option(help="Client connections.")] = 10,
-    patients_per_client: Annotated[int, typer.Option(help="Patients each client watches.")] = 10,
-    duration: Annotated[float, typer.Option(help="Seconds of load.")] = 10.0,
-    workers: Annotated[int, typer.Option(help="Load generator processes.")] = 2,
-    generator: Annotated[
-        LoadGenerator,
-        typer.Option(
-            help="Load generator workers: python (asyncio) or node (Node.js, no dependencies; "
-            "for rates at which the Python generator saturates first)."
-        ),
-    ] = LoadGenerator.python,
-    against: Annotated[
-        list[str] | None, typer.Option(help="naive, or mqtt://host:port (QoS 0 and 1).")
-    ] = None,
-    saturate: Annotated[
-        bool,
-        typer.Option(
-            help="Double the rate until p99 > 50 ms or a reading is lost, then narrow each "
-            "target's limit (--refine); report the last rate that held."
-        ),
-    ] = False,
-    refine: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            max=6,
-            help="With --saturate: times each target's interval between the last rate that "
-            "held and the first that failed is halved (default 2: to a quarter of the "
-            "doubling step).",
-            show_default=False,
-        ),
-    ] = None,
-    repeat: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            max=5,
-            help="With --saturate: runs of each step; a rate holds when a majority of its "
-            "runs held, and the run of the median p99 is reported (default 1).",
-            show_default=False,
-        ),
-    ] = None,
-    warmup: Annotated[
-        float,
-        typer.Option(
-            min=0,
-            help="Seconds at the start of the load whose readings count for loss and "
-            "duplicates but not for latency (every device's first reading costs more).",
-        ),
-    ] = 0.0,
-    url: Annotated[
-        str | None,
-        typer.Option(
-            help="Load this running vitalwire server (http://host:port) instead of starting "
-            "one; needs --credentials. Its CPU and memory come from its /metrics.",
-            show_default=False,
-        ),
-    ] = None,
-    credentials: Annotated[
-        Path | None,
-        typer.Option(
-            help="With --url: the JSON written by `vitalwire admin provision-ward --patients "
-            "N` on that server's store (N >= --devices).",
-            show_default=False,
-        ),
-    ] = None,
-    json_path: JsonOpt = None,
-) -> None:
-    """Load vitalwire (and references) with devices x rate and clients x patients; print
-    delivered/s, end-to-end latency, loss, duplicates, server CPU and memory side by side."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    from vitalwire.bench import bench_load, bench_saturate
-    from vitalwire.bench_load import Shape, node_path
-
-    if generator is LoadGenerator.node:
-        try:
-            node_path()
-        except RuntimeError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--generator") from None
-    if refine is not None and not saturate:
-        raise typer.BadParameter(
-            f"narrows a --saturate ladder: use it with --saturate (got {refine} without)",
-            param_hint="--refine",
-        )
-    if repeat is not None and not saturate:
-        raise typer.BadParameter(
-            f"repeats the steps of a --saturate ladder: use it with --saturate "
-            f"(got {repeat} without)",
-            param_hint="--repeat",
-        )
-    if warmup >= duration:
-        raise typer.BadParameter(
-            f"must be less than --duration ({duration:g} s), got {warmup:g}", param_hint="--warmup"
-        )
-    server = _given_server(url, credentials, devices)
-    shape = Shape(
-        devices, rate, clients, patients_per_client, duration, workers, generator.value, warmup
-    )
-    refs = against or []
-    load = functools.partial(bench_load, server=server)
-    rows = asyncio.run(
-        bench_saturate(
-            shape, refs, refine=2 if refine is None else refine, repeat=repeat or 1, run=load
-        )
-        if saturate
-        else load(shape, refs)
-    )
-    title = (
-        f"{devices} devices x {rate:g} Hz, {clients} clients x {patients_per_client} patients"
-        f" ({generator.value} load generator"
-        + (f"; latency after a {warmup:g} s warm-up)" if warmup else ")")
-    )
-    runs = f" in most of {repeat} runs" if repeat and repeat > 1 else ""
-    ladder = f"saturation: last rate with p99 <= 50 ms{runs}, " if saturate else ""
-    t = Table(title=ladder + title)
-    for col in (
-        "target",
-        "rate Hz",
-        "published/s",
-        "delivered/s",
-        "p50 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "max ms",
-        "lost",
-        "dup",
-        "server CPU %",
-        "RSS MB",
-        "KB/idle conn",
-        "connect s",
-        "gen CPU s",
-        "ratio",
-    ):
-        t.add_column(col, justify="left" if col == "target" else "right")
-    for r in rows:
-        lat = r["latency_ms"]
-
-        def num(x: Any, fmt: str = ",.0f") -> str:
-            return "-" if x is None else format(x, fmt)
-
-        t.add_row(
-            r["target"],
-            num(r.get("rate_hz", rate), "g"),
-            num(r["published_per_s"]),
-            num(r["delivered_per_s"]),
-            num(lat["p50"], ".2f"),
-            num(lat["p99"], ".2f"),
-            num(lat["p99.9"], ".2f"),
-            num(lat["max"], ".1f"),
-            str(r["lost"]),
-            str(r["duplicated"]),
-            num(r["server_cpu_pct"]),
-            num(r["server_rss_mb"], ".0f"),
-            num(r["rss_per_idle_connection_kb"], ".1f"),
-            num(r["connect_s"], ".1f"),
-            num(r["generator_cpu_s"], ".1f"),
-            num(r["ratio_delivered_vs_vitalwire"], ".2f"),
-        )
-    wide = Console(width=max(console.width, 170))
-    wide.print(t)
-    if saturate:
-        for r in rows:
-            above = r.get("failed_at_hz")
-            limit = f"failed at {above:g} Hz" if above is not None else "none failed"
-            console.print(f"{r['target']}: held {r['rate_hz']:g} Hz; {limit}")
-    for r in rows:
-        slow = [s for s in r.get("timeline", []) if s["over_50ms"]]
-        if slow:  # where the tail came from: the start's backlog, or stalls all along
-            seconds = ", ".join(_slow_second(s) for s in slow[:12])
-            more = f"(+{len(slow) - 12} more seconds)" if len(slow) > 12 else ""
-            console.print(f"{r['target']}: readings over 50 ms, by second of the load: {seconds}")
-            if more:
-                console.print(f"  {more.strip()}")
-    for r in rows:
-        for err in r["errors"]:
-            console.print(f"[yellow]{r['target']}: {err}[/yellow]")
-    if json_path:
-        json_path.write_text(json.dumps(rows, indent=2) + "\n")
-
-
-def _given_server(url: str | None, credentials: Path | None, devices: int) -> Any:
-    """--url and --credentials as the server to load (None: the bench starts one)."""
-    from vitalwire.bench import GivenServer
-    from vitalwire.provision import WardCredentials
-
-    if credentials is not None and url is None:
-        raise typer.BadParameter(
-            "names the devices of a --url server: give --url too", param_hint="--credentials"
-        )
-    if url is None:
-        return None
-    if not url.startswith(("http://", "https://")):
-        raise typer.BadParameter(
-            f"must start with http:// or https://, got {url!r}", param_hint="--url"
-        )
-    if credentials is None:
-        raise typer.BadParameter(
-            "a server the bench did not start needs its devices' credentials: give "
-            "--credentials FILE (from `vitalwire admin provision-ward --out FILE`)",
-            param_hint="--url",
-        )
-    try:
-        server = GivenServer(url, WardCredentials.load(credentials))
-        server.check(devices)
-    except (OSError, ValueError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--credentials") from None
-    except (AttributeError, TypeError):  # JSON, but not the object provision-ward writes
-        raise typer.BadParameter(
-            f"{credentials} is not a credentials file from `vitalwire admin provision-ward`",
-            param_hint="--credentials",
-        ) from None
-    return server
-
-
-def _slow_second(s: dict[str, Any]) -> str:
-    """``12s 1,208``, and the generator's own stall that second when it is large enough to
-    matter (its stall is inside the latencies it measured)."""
-    stall = s.get("generator_stall_ms", 0.0)
-    note = f" (generator stalled {stall:.0f} ms)" if stall >= 20 else ""
-    return f"{s['s']}s {s['over_50ms']:,}{note}"
-
-
-@bench_app.command("ingest")
-def bench_ingest_cmd(
-    devices: Annotated[int, typer.Option(help="Device connections.")] = 20,
-    readings: Annotated[int, typer.Option(help="Readings in all.")] = 20_000,
-    batch: Annotated[int, typer.Option(help="Readings per device frame.")] = 200,
-    json_path: JsonOpt = None,
-) -> None:
-    """Durable ingest (readings acknowledged per second) beside a direct store write."""
-    from rich.table import Table
-
-    from vitalwire.bench import bench_ingest, write_json
-
-    r = asyncio.run(bench_ingest(devices, readings, batch))
-    t = Table(title=f"ingest: {r['readings']} readings from {devices} devices")
-    t.add_column("")
-    t.add_column("readings/s", justify="right")
-    t.add_row(
-        "vitalwire (validated, deduplicated, durable, acked)",
-        f"{r['vitalwire_readings_per_s']:,.0f}",
-    )
-    t.add_row(
-        "baseline: same rows straight into SQLite",
-        f"{r['baseline_direct_store_readings_per_s']:,.0f}",
-    )
-    t.add_row("ratio", f"{r['ratio']:.2f}")
-    console.print(t)
-    if json_path:
-        write_json(json_path, r)
-
-
-@bench_app.command("commands")
-def bench_commands_cmd(
-    count: Annotated[int, typer.Option(help="Commands to send, one after another.")] = 200,
-    json_path: JsonOpt = None,
-) -> None:
-    """Command round trip (client -> server -> device -> server -> client) beside a ping."""
-    from rich.table import Table
-
-    from vitalwire.bench import bench_commands, write_json
-
-    r = asyncio.run(bench_commands(count))
-    t = Table(title=f"command round trip, {count} commands")
-    for col in ("", "p50 ms", "p99 ms", "max ms"):
-        t.add_column(col, justify="right" if col else "left")
-    for name, key in (
-        ("vitalwire command (4 durable states)", "vitalwire_command_round_trip_ms"),
-        ("baseline: ping -> pong, same socket", "baseline_ping_round_trip_ms"),
-    ):
-        p = r[key]
-        t.add_row(name, f"{p['p50']:.2f}", f"{p['p99']:.2f}", f"{p['max']:.2f}")
-    console.print(t)
-    if json_path:
-        write_json(json_path, r)
-
-
-@bench_app.command("catchup")
-def bench_catchup_cmd(
-    patients: Annotated[
-        int, typer.Option(min=1, help="Patients (one device each) the client watches.")
-    ] = 20,
-    minutes: Annotated[float, typer.Option(min=0.01, help="Minutes the client was away.")] = 10.0,
-    rate: Annotated[float, typer.Option(min=0.01, help="Readings per second per device.")] = 1.0,
-    rounds: Annotated[int, typer.Option(min=1, help="Resumes per mode, alternating.")] = 5,
-    bus_history: Annotated[
-        int | None,
-        typer.Option(min=1, help="Server's bus history per stream (1: replay from the store)."),
-    ] = None,
-    compression: Annotated[
-        bool, typer.Option(help="Client offers permessage-deflate (as the SDK and browsers do).")
-    ] = True,
-    json_path: JsonOpt = None,
-) -> None:
-    """A client resuming after minutes away: time from its subscribe (with since) to the last
-    missed event, each offset checked once, beside the same events read from the SQLite file."""
-    from rich.table import Table
-
-    from vitalwire.bench import bench_catchup, write_json
-
-    r = asyncio.run(bench_catchup(patients, minutes, rate, rounds, bus_history, compression))
-    t = Table(
-        title=(
-            f"catch-up: {r['events']:,} events after {minutes:g} min away from {patients} patients"
-            f" at {rate:g} Hz (replayed from {r['replay_from']}"
-            f"{'' if compression else ', no compression'}; target {r['target_ms']:g} ms)"
-        )
-    )
-    for col in (
-        "",
-        "round",
-        "events",
-        "catch-up ms",
-        "subscribed ms",
-        "events/s",
-        "lost",
-        "dup",
-        "recovered",
-        "frames",
-    ):
-        t.add_column(col, justify="left" if col == "" else "right")
-    for run in r["vitalwire"]:
-        t.add_row(
-            "vitalwire, " + ("events frames (batch)" if run["batch"] else "one frame per event"),
-            str(run["round"]),
-            f"{run['events']:,}",
-            f"{run['catch_up_ms']:.1f}",
-            "-" if run["subscribed_ms"] is None else f"{run['subscribed_ms']:.1f}",
-            f"{run['events_per_s']:,.0f}",
-            str(run["lost"]),
-            str(run["dup"]),
-            "yes" if run["recovered"] else "no",
-            f"{run['frames']:,}",
-        )
-    for name, key in (
-        ("baseline: store.events_after, pages of 5000", "baseline_store_events_after"),
-        ("baseline: sqlite3 SELECT, no decoding", "baseline_sqlite3_select"),
-    ):
-        b = r[key]
-        t.add_row(
-            name,
-            f"median of {len(b['ms'])}",
-            f"{r['events']:,}",
-            f"{b['median_ms']:.1f}",
-            "-",
-            f"{b['events_per_s']:,.0f}",
-            "-",
-            "-",
-            "-",
-            "-",
-        )
-    wide = Console(width=max(console.width, 150))
-    wide.print(t)
-    idle = r["cpu_idle_pct_before"]
-    first = r["vitalwire"][0]
-    med = r["vitalwire_median_ms"]
-    wide.print(
-        f"median catch-up: {med['batch']:.1f} ms with batch, {med['no_batch']:.1f} ms without."
-        f" {r['readings_fed']:,} readings fed at {r['feed_readings_per_s']:,.0f}/s (acknowledged);"
-        f" events by kind: {first['kinds']}; with batch: {first['frames']:,} frames, of which"
-        f" {first['events_frames']:,} events frames."
-        + ("" if idle is None else f" CPU idle before the run: {idle:.0f} %.")
-    )
-    if json_path:
-        write_json(json_path, r)
+    typer.echo(render_markdown(report(folder or default_recordings())))
 
 
 # -- admin ------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Streams:
         ``parts``, of the ``part``-th of ``parts`` shares of the streams (by the stream's hash).
 
         The server saves one share at a time, spread over the whole interval
-        (``app.SNAPSHOT_PARTS``): a hospital's 10,000 pictures (7.4 MB of JSON, built and
+        (``container.SNAPSHOT_PARTS``): a hospital's 10,000 pictures (7.4 MB of JSON, built and
         encoded here, then encoded again into the store's one-parameter insert) all came in the
         same second, and at hospital scale the event loop has only about a tenth of its time to
         spare, so that second's backlog put thousands of readings past 50 ms.

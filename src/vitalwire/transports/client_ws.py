@@ -31,7 +31,7 @@ from vitalwire.transports.errors import public_message, row_for
 from vitalwire.wire import Close
 
 if TYPE_CHECKING:
-    from vitalwire.app import Services
+    from vitalwire.services.container import Services
 
 log = logging.getLogger("vitalwire.client_ws")
 

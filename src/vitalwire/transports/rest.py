@@ -19,7 +19,7 @@ from vitalwire.services.auth import Principal
 from vitalwire.transports.errors import public_message, row_for
 
 if TYPE_CHECKING:
-    from vitalwire.app import Services
+    from vitalwire.services.container import Services
 
 log = logging.getLogger("vitalwire.rest")
 router = APIRouter()

@@ -9,7 +9,7 @@ end-to-end latency of each (sampled). Readings of one device arrive in order on 
 here, so a seq at or below the highest seen is a duplicate; lost = sent - distinct received, per
 client and watched device.
 
-``generator="node"`` runs the same workers in Node.js instead (``bench_load.mjs``, no dependencies:
+``generator="node"`` runs the same workers in Node.js instead (``load.mjs``, no dependencies:
 only Node's built-ins), for rates at which the Python generator saturates before the servers do.
 They get their share of devices and clients as JSON on stdin and write a ``WorkerResult`` as JSON
 on stdout; their timestamps come from the parent's wall clock, carried over as a (``time.time()``,
@@ -36,13 +36,13 @@ from typing import Any
 
 import msgspec
 
-from vitalwire.bench import percentiles
+from vitalwire.bench.runner import percentiles
 
 LATENCY_SAMPLES = 200_000  # per worker, reservoir
 #: the timeline's bound: a timed reading slower than this counts as slow in its second
 SLOW_MS = 50.0
 GENERATORS = ("python", "node")
-NODE_WORKER = Path(__file__).with_name("bench_load.mjs")
+NODE_WORKER = Path(__file__).with_name("load.mjs")
 
 
 @dataclass(frozen=True)

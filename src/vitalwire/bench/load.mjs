@@ -1,11 +1,11 @@
-// One load-generator worker of `vitalwire bench --generator node` (see bench_load.py).
+// One load-generator worker of `vitalwire bench --generator node` (see load.py).
 //
-// The same worker as bench_load.py's Python one, in Node.js with no dependencies (only built-ins),
+// The same worker as load.py's Python one, in Node.js with no dependencies (only built-ins),
 // because at high rates the Python generator saturates before the servers it measures. It reads its
 // JSON config from the file named by its argument: {target, shape, devices, clients, clock}. Once
 // every connection is open it writes the line `connected` on stdout and reads one line on stdin,
 // {"start_at": wall clock s}, the load's start, given when every worker is connected. At the end
-// it writes one JSON result on stdout with the fields of bench_load.WorkerResult.
+// it writes one JSON result on stdout with the fields of load.WorkerResult.
 //
 // One clock for every process: `clock` is {wall: time.time(), mono: time.monotonic()} taken in the
 // parent at one instant; Node's hrtime and Python's monotonic clock are both CLOCK_MONOTONIC on
@@ -677,7 +677,7 @@ const res = {
 const latencies = new Float64Array(LATENCY_SAMPLES); // the reservoir, filled up to `kept`
 /** Per second of the load (by arrival): [timed readings, slower than SLOW_MS, slowest ms]. */
 const timeline = new Map();
-const SLOW_MS = 50; // as bench_load.py
+const SLOW_MS = 50; // as load.py
 let START_AT = 0; // the load's start (wall clock, s)
 /** Per second of the load: this worker's longest event-loop stall (ms), which a latency measured
  * here includes — so a slow second can be told from a slow generator. */
@@ -942,6 +942,6 @@ try {
   const result = await worker(JSON.parse(fs.readFileSync(process.argv[2], "utf8")));
   process.stdout.write(JSON.stringify(result), () => process.exit(0));
 } catch (err) {
-  process.stderr.write(`bench_load.mjs: ${err && err.stack ? err.stack : err}\n`);
+  process.stderr.write(`load.mjs: ${err && err.stack ? err.stack : err}\n`);
   process.exit(1);
 }

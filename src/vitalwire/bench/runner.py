@@ -551,13 +551,13 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
 async def naive_process(
     drop_every: int = 0, stall_every: int = 0, device_open_delay_s: float = 0.0
 ) -> AsyncIterator[tuple[str, int]]:
-    """The naive reference server (vitalwire.bench_naive) in a child process; ``drop_every``,
+    """The naive reference server (vitalwire.bench.naive) in a child process; ``drop_every``,
     ``stall_every`` and ``device_open_delay_s`` make it misbehave for the bench's own tests."""
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "vitalwire.bench_naive",
+        "vitalwire.bench.naive",
         str(port),
         str(drop_every),
         str(stall_every),
@@ -638,7 +638,7 @@ async def bench_load(
     ``mqtt qos1``); all of them when None. Each row's ratio is its delivered/s over
     vitalwire's in the same run (None when vitalwire did not run). ``server``: load that
     server instead of starting one (its CPU and memory then come from its ``/metrics``)."""
-    from vitalwire.bench_load import MetricsProbe, Target, run_load
+    from vitalwire.bench.load import MetricsProbe, Target, run_load
     from vitalwire.sdk.monitor import login
 
     def wanted(name: str) -> bool:

@@ -1,0 +1,2 @@
+"""``vitalwire bench``: load generators, reference servers and reports (not needed to run
+the server)."""

@@ -1,0 +1,257 @@
+"""The services container: settings -> store, bus and every service, with their chores.
+
+Transports receive a :class:`Services` and call what it holds; ``app.py`` builds one per process in
+its lifespan (:func:`open_services`) and drains it on shutdown (:func:`drain`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from vitalwire.bus import Bus, open_bus
+from vitalwire.core import access as policy
+from vitalwire.core.alerts import AlertConfig
+from vitalwire.core.commands import CommandSpec
+from vitalwire.services.access import Access
+from vitalwire.services.alerts import AlertService
+from vitalwire.services.auth import Principal, TokenService
+from vitalwire.services.clients import ClientSession
+from vitalwire.services.commands import CommandService
+from vitalwire.services.ingest import Ingest
+from vitalwire.services.registry import Registry
+from vitalwire.services.streams import Streams
+from vitalwire.services.writer import BatchWriter
+from vitalwire.settings import Settings
+from vitalwire.store import Store, open_store
+from vitalwire.wire import Close
+
+log = logging.getLogger("vitalwire")
+
+#: How often each changed stream's live picture is saved (restart rebuilds from it).
+SNAPSHOT_EVERY_S = 30.0
+#: ...saved a share at a time: every SNAPSHOT_EVERY_S / SNAPSHOT_PARTS seconds (0.5 s), one share
+SNAPSHOT_PARTS = 60
+#: Collector thresholds: measured with `vitalwire bench` at 2,000 devices and 200 clients, the
+#: default (700, 10, 10) put p99 near 900 ms (long collections of the live state). With the
+#: start-up objects frozen, a young collection costs about 0.7-1 us per young object on a slow
+#: machine: 50,000 held the loop 32-61 ms at once (every device's first reading makes one), a
+#: young generation of 10,000 holds it 5-14 ms, five times as often, for the same total
+#: (docs/benchmarks.md, "The collector's young generation"). The middle generation is collected
+#: every 5 young collections, not 50: it holds what outlived a young collection (a commit's
+#: pending rows, connections being set up), and at 10,000 devices 50 young collections' worth took
+#: 52-193 ms to scan at once; 5 take 2-24 ms (docs/benchmarks.md, "The middle generation").
+GC_THRESHOLDS = (10_000, 5, 1000)
+#: Care teams edited outside this process (the admin CLI) apply within this many seconds.
+ACCESS_REFRESH_S = 5.0
+#: How long shutdown waits for the store before giving up (nothing unacked is lost: devices resend).
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Services:
+    """Everything a transport may call. Built and torn down by :func:`open_services`."""
+
+    settings: Settings
+    clock: Callable[[], float]
+    store: Store
+    bus: Bus
+    streams: Streams
+    writer: BatchWriter
+    registry: Registry
+    ingest: Ingest
+    tokens: TokenService
+    alerts: AlertService
+    commands: CommandService
+    access: Access
+    clients: set[ClientSession] = field(default_factory=set)
+
+
+@contextlib.asynccontextmanager
+async def open_services(
+    settings: Settings, clock: Callable[[], float] = time.time
+) -> AsyncIterator[Services]:
+    """Open the store and bus, start the writer; on exit flush every write and close."""
+    store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+    await store.open()
+    bus = open_bus(settings.bus, history_size=settings.bus_history)
+    streams = Streams(store, bus)
+    writer = BatchWriter(
+        store,
+        bus,
+        max_rows=settings.batch_max_rows,
+        max_wait_s=settings.batch_max_wait_ms / 1000,
+        min_interval_s=settings.batch_min_interval_ms / 1000,
+    )
+    try:
+        await streams.load()
+        await bus.open(streams.on_events)
+        restarted_at = clock()
+        secret = settings.jwt_secret or await store.get_meta("jwt_secret")
+        if not secret:
+            secret = secrets.token_urlsafe(48)
+            await store.set_meta("jwt_secret", secret)
+        registry = Registry(store, clock, streams, writer)
+        alert_config = AlertConfig(
+            escalation_high_s=settings.alert_escalation_high_s,
+            escalation_medium_s=settings.alert_escalation_medium_s,
+            news2_max_age_s=settings.news2_max_age_s,
+        )
+        access = Access(store, writer, clock, settings.break_glass_s)
+        await access.refresh()
+        alerts = AlertService(store, streams, writer, clock, alert_config, access)
+        await alerts.load()
+        ingest = Ingest(
+            store,
+            streams,
+            writer,
+            registry,
+            clock,
+            heartbeat_s=settings.heartbeat_s,
+            max_frame_bytes=settings.max_frame_bytes,
+            max_batch=settings.max_batch,
+            max_silence_s=settings.device_max_silence_s,
+            alerts=alerts,
+            ack_interval_s=settings.ack_min_interval_ms / 1000,
+        )
+        ingest.expect_back(streams.online_devices(), restarted_at)
+        commands = CommandService(
+            store, streams, writer, ingest, clock, authorize=_command_access(access)
+        )
+        svc = Services(
+            settings,
+            clock,
+            store,
+            bus,
+            streams,
+            writer,
+            registry,
+            ingest,
+            TokenService(secret, settings.token_ttl_s, settings.refresh_ttl_s),
+            alerts,
+            commands,
+            access,
+        )
+        writer.start()
+        await commands.load()
+        # what start-up built lives as long as the process: keep it out of every collection
+        # (the collector's pauses are the tail of the latency otherwise)
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        chores = [
+            asyncio.create_task(_every(1.0, lambda: _check_silence(svc)), name="silence"),
+            asyncio.create_task(_tick_alerts(svc), name="alerts"),
+            asyncio.create_task(_every(0.5, lambda: _tick_commands(svc)), name="commands"),
+            asyncio.create_task(
+                _every(ACCESS_REFRESH_S, access.refresh, delay_first=True), name="access"
+            ),
+            asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
+            asyncio.create_task(_save_snapshots(streams, clock), name="snapshots"),
+        ]
+        try:
+            yield svc
+        finally:
+            for chore in chores:
+                chore.cancel()
+            await asyncio.gather(*chores, return_exceptions=True)
+            try:
+                await asyncio.wait_for(writer.stop(), STOP_TIMEOUT_S)
+                await asyncio.wait_for(streams.save_snapshots(clock()), STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.error("shutdown: the store did not answer; uncommitted rows were not acked")
+    finally:
+        await bus.close()
+        await store.close()
+
+
+async def _every(
+    interval: float, job: Callable[[], Awaitable[object]], delay_first: bool = False
+) -> None:
+    if delay_first:
+        await asyncio.sleep(interval)
+    while True:
+        try:
+            await job()
+        except Exception:
+            log.exception("periodic job failed")
+        await asyncio.sleep(interval)
+
+
+async def _save_snapshots(
+    streams: Streams, clock: Callable[[], float], parts: int = SNAPSHOT_PARTS
+) -> None:
+    """Every stream's picture once per ``SNAPSHOT_EVERY_S``, one share of the streams at a time
+    spread evenly over it (see ``Streams.save_snapshots``)."""
+    part = 0
+    while True:
+        await asyncio.sleep(SNAPSHOT_EVERY_S / parts)
+        try:
+            await streams.save_snapshots(clock(), part, parts)
+        except Exception:
+            log.exception("snapshot save failed")
+        part = (part + 1) % parts
+
+
+async def _check_silence(svc: Services) -> None:
+    svc.ingest.check_silence()
+
+
+async def _tick_alerts(svc: Services, parts: int = 10) -> None:
+    """Every engine once a second, a tenth at a time: short holds of the event loop."""
+    part = 0
+    while True:
+        try:
+            svc.alerts.tick(part, parts)
+        except Exception:
+            log.exception("alert tick failed")
+        part = (part + 1) % parts
+        await asyncio.sleep(1.0 / parts)
+
+
+def _command_access(access: Access) -> Callable[[Principal, str, CommandSpec], None]:
+    def authorize(who: Principal, pid: str, spec: CommandSpec) -> None:
+        access.check(who, policy.COMMAND_CARE if spec.needs_care else policy.COMMAND, pid)
+
+    return authorize
+
+
+async def _tick_commands(svc: Services) -> None:
+    svc.commands.tick()
+
+
+async def prune(svc: Services) -> int:
+    """Delete stream events older than the retention period."""
+    cutoff = svc.clock() - svc.settings.retention_days * 86400
+    return await svc.store.delete_events_before(cutoff)
+
+
+async def drain(svc: Services, timeout: float = 10.0) -> None:
+    """Graceful shutdown: take no more readings, commit what was taken (so its acks go out),
+    then close every socket with going-away (1001). Idempotent."""
+    svc.ingest.stopping = True
+    try:
+        await asyncio.wait_for(svc.writer.flush(), timeout)
+    except TimeoutError:  # the store is down: nothing pending was acked, devices will resend
+        log.error("shutdown: %d rows could not be committed", svc.writer.pending_rows)
+    svc.ingest.flush_acks()
+    for session in list(svc.ingest.sessions.values()):
+        session.close(Close.GOING_AWAY, "server shutting down")
+    for client in list(svc.clients):
+        if client.shut is not None:
+            client.shut(Close.GOING_AWAY, "server shutting down")
+        else:
+            client.close()
+
+    async def _gone() -> None:
+        while svc.ingest.sessions or svc.clients:
+            await asyncio.sleep(0.01)
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_gone(), timeout)
