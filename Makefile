@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint serve watch clean bench bench-report
+.PHONY: install demo test lint serve watch clean bench bench-report web-vendor
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,5 +38,9 @@ bench-report: install
 		--json docs/bench/saturation.json
 	$(BIN)/python tools/bench_report.py docs/bench/saturation.json docs/bench/saturation.png
 
+# Swagger UI for /docs, vendored from npm at the version pinned in the script (needs npm)
+web-vendor:
+	$(PYTHON) tools/vendor_swagger_ui.py
+
 clean:
-	rm -rf $(VENV) vitalwire.db vitalwire.db-wal vitalwire.db-shm .pytest_cache
+	rm -rf $(VENV) vitalwire.db vitalwire.db-wal vitalwire.db-shm .pytest_cache vitalwire-sim-credentials.json

@@ -88,7 +88,10 @@ async def start_server(
         await task
     port = server.servers[0].sockets[0].getsockname()[1]
     svc: Services = app.state.services
-    creds = await provision_ward(svc.store, patients=patients, registry=svc.registry)
+    # a restart on the same store gives the ward's devices new secrets (audited), as the demo does
+    creds = await provision_ward(
+        svc.store, patients=patients, registry=svc.registry, rotate_secrets=True, actor="tests"
+    )
     await svc.access.refresh()
     await svc.writer.flush()
     url = f"http://127.0.0.1:{port}"

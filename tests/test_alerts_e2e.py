@@ -12,10 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from tests.conftest import RunningServer, need_data, start_server, stop_server, wait_until
 from vitalwire import wire
 from vitalwire.sdk import DeviceClient, MonitorClient
+from vitalwire.settings import Settings
 from vitalwire.simulator import read_bidmc
 
 START = 1_800_000_000.0
@@ -216,8 +218,16 @@ async def test_news2_observations_change_the_score(clocked: Any) -> None:
         bad = await nurse.request(wire.SetObservations(patient_id=pid, consciousness="sleepy"))
     finally:
         await nurse.close()
-    assert (first["total"], first["band"]) == (0, "low")
+    # every vital, but no oxygen or consciousness: a lower bound, never "low"
+    assert (first["total"], first["band"], first["complete"], first["display"]) == (
+        0,
+        "incomplete",
+        False,
+        "≥ 0, incomplete",
+    )
+    assert first["missing"] == ["on_oxygen", "consciousness"]
     assert second["total"] == 5 and second["band"] == "medium"  # oxygen 2 + new voice 3
+    assert (second["complete"], second["display"], second["missing"]) == (True, "5, medium", [])
     assert isinstance(bad, wire.Error) and bad.field == "consciousness"
 
 
@@ -302,3 +312,73 @@ async def test_acknowledging_a_resolved_alert_is_a_conflict(clocked: Any) -> Non
     finally:
         await nurse.close()
     assert isinstance(again, wire.Error) and again.code == "conflict", again
+
+
+async def _send_each_second(
+    srv: RunningServer, clock: ManualClock, values: dict[str, Any], seconds: int
+) -> list[dict[str, Any]]:
+    """Device 0 sends ``values`` once a second of patient time; return the patient's events."""
+    did, secret, pid = srv.device(0)
+    async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+        for t in range(seconds):
+            clock.now = START + t
+            srv.services.alerts.tick()
+            dev.send(values, ts=clock.now)
+            await dev.flush()
+    await srv.services.writer.flush()
+    events = await srv.services.store.events_after(f"patient:{pid}", 0, 100_000)
+    return [{"kind": e.kind, **e.data} for e in events]
+
+
+async def test_spo2_and_pulse_of_zero_raise_probe_off_not_a_desaturation(clocked: Any) -> None:
+    """A pulse oximeter's 0 is "no signal": the technical alert after its 10 s delay, no
+    physiological alarm, NEWS2 missing the two; the reading itself is stored as sent."""
+    srv, clock = clocked
+    events = await _send_each_second(srv, clock, {"spo2": 0, "pulse": 0, "rr": 16}, 12)
+    alerts = [e for e in events if e["kind"] == "alert"]
+    assert raised(alerts) == [("probe_off", "medium")]
+    assert alerts[0]["category"] == "technical" and alerts[0]["at"] == START + 10
+    news2 = [e for e in events if e["kind"] == "news2"]
+    assert {"spo2", "pulse"} <= set(news2[-1]["missing"]) and news2[-1]["complete"] is False
+    readings = [e for e in events if e["kind"] == "reading"]
+    assert (readings[0]["spo2"], readings[0]["pulse"]) == (0, 0)  # stored as the device sent it
+    pid = srv.device(0)[2]
+    snapshot = srv.services.streams.attach(f"patient:{pid}", _Nobody())[1]["news2"]
+    assert (snapshot["band"], snapshot["complete"], snapshot["display"]) == (
+        "incomplete",
+        False,
+        "≥ 0, incomplete",
+    )
+
+
+@pytest.mark.parametrize(("env", "expected"), [("30", 30.0), ("5", 5.0), ("60", 60.0)])
+def test_apnoea_delay_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, env: str, expected: float
+) -> None:
+    monkeypatch.setenv("VITALWIRE_APNOEA_DELAY_S", env)
+    assert Settings().apnoea_delay_s == expected
+
+
+@pytest.mark.parametrize("env", ["4", "61", "0"])
+def test_apnoea_delay_out_of_bounds_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, env: str
+) -> None:
+    monkeypatch.setenv("VITALWIRE_APNOEA_DELAY_S", env)
+    with pytest.raises(ValidationError, match="apnoea_delay_s"):
+        Settings()
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [(10, []), (11, [("apnoea", "high")])])
+async def test_apnoea_delay_is_a_setting(
+    tmp_path: Path, seconds: int, expected: list[tuple[str, str]]
+) -> None:
+    """VITALWIRE_APNOEA_DELAY_S reaches the engine: 10 s of RR 0 (t = 0 .. 9) raise nothing, an
+    eleventh second raises apnoea at high priority."""
+    clock = ManualClock()
+    srv, task = await start_server(tmp_path, patients=1, clock=clock, apnoea_delay_s=10.0)
+    try:
+        events = await _send_each_second(srv, clock, {"rr": 0}, seconds)
+    finally:
+        await stop_server(srv, task)
+    found = [r for r in raised([e for e in events if e["kind"] == "alert"]) if r[0] == "apnoea"]
+    assert found == expected

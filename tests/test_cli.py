@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import wait_until
+from vitalwire import wire
 from vitalwire.cli import app
 from vitalwire.sdk import MonitorClient
 
@@ -176,7 +177,12 @@ def test_demo_serves_a_live_ward_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, "COLUMNS": "200"},
+            env={  # the demo's login, as its banner says to export it
+                **os.environ,
+                "COLUMNS": "200",
+                "VITALWIRE_USER": "clinician",
+                "VITALWIRE_PASSWORD": "vitalwire-clinician",
+            },
         )
         assert watch.returncode == 0, watch.stderr
         assert len(re.findall(r"P0(0[1-9]|1[0-2])", watch.stdout)) == 12
@@ -245,6 +251,7 @@ async def test_limits_observe_and_command_through_a_running_server(server: Any) 
         code, out = await _cli("command", pid, "set_interval", "interval_s=0.5", *base)
         assert code == 0, out
         assert re.search(r"cmd-\w+ completed", out) and state.interval_s == 0.5
+        assert "offline" not in out and len(re.findall(r" queued", out)) == 1, out
         code, out = await _cli("command", pid, "silence", "duration_s=600", *base)
         assert code == 1 and "duration_s must be between 1 and 120, got 600" in out
         code, out = await _cli("command", pid, "reset", *base)
@@ -307,3 +314,150 @@ def test_watch_view_shows_vitals_news2_and_the_top_alert() -> None:
     console.print(view.table())
     text = console.export_text()
     assert "84" in text and "7 high" in text and "high: spo2_low (+1)" in text
+
+
+async def test_command_to_an_offline_device_says_it_waits_and_until_when(server: Any) -> None:
+    from vitalwire.sdk import DeviceClient
+
+    did, secret, pid = server.device(0)
+    base = ["--url", server.url, "--user", "clinician", "--password", "vitalwire-clinician"]
+    before = time.time()
+    code, out = await _cli("command", pid, "identify", "--ttl", "2", *base)
+    lines = out.strip().splitlines()
+    assert code == 2, out
+    cid = lines[0].split()[0]
+    assert lines[0] == f"{cid} queued"
+    m = re.fullmatch(
+        rf"{cid} waits: device {did} is offline; it is sent when the device reconnects, "
+        r"or expires at (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \S+ \(in ([12]) s\)",
+        lines[1],
+    )
+    assert m is not None, out
+    at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))  # local time, as printed
+    assert before + 1 <= at <= time.time() + 2
+    assert lines[2:] == [f"{cid} expired time to live passed before delivery"], out
+
+    code, out = await _cli("command", pid, "identify", "--no-wait", *base)
+    assert code == 0, out
+    cid = out.split()[0]
+    assert out.splitlines()[0] == f"{cid} queued"
+    assert f"device {did} is offline" in out.splitlines()[1] and "(in 300 s)" in out, out
+    got: asyncio.Queue[wire.Command] = asyncio.Queue()
+    dev = DeviceClient(server.url, did, secret)
+    dev.on_command("identify", lambda cmd: got.put_nowait(cmd) or {})
+    async with dev:  # it comes back: the command waited for it
+        assert (await asyncio.wait_for(got.get(), 10)).command_id == cid
+
+
+async def test_command_reply_says_whether_the_device_is_connected_and_when_it_expires(
+    server: Any,
+) -> None:
+    """What the CLI's offline note comes from: the server's ``device_connected``, ``expires_at``."""
+    from vitalwire.sdk import DeviceClient
+
+    did, secret, pid = server.device(0)
+    user, password = server.user()
+    async with MonitorClient(server.url, username=user, password=password) as mon:
+        msg = wire.SendCommand(patient_id=pid, name="identify", ttl_s=60)
+        offline = (await mon.request(msg)).data["command"]
+        assert offline["status"] == "queued" and offline["device_connected"] is False
+        assert offline["expires_at"] == offline["at"] + 60
+        async with DeviceClient(server.url, did, secret):
+            online = await mon.request(wire.SendCommand(patient_id=pid, name="report_now"))
+            assert online.data["command"]["device_connected"] is True
+            assert online.data["command"]["expires_at"] == online.data["command"]["at"] + 300
+
+
+async def test_serve_and_demo_help_show_every_default() -> None:
+    expected = {
+        "serve": {
+            "--host": "127.0.0.1",
+            "--port": "8000",
+            "--db": "sqlite:///./vitalwire.db",
+            "--bus": "memory://",
+            "--certfile": "none: plain http/ws",
+            "--keyfile": "none",
+            "--log-level": "info",
+        },
+        "demo": {
+            "--host": "127.0.0.1",
+            "--port": "8000",
+            "--db": "sqlite:///./vitalwire.db",
+            "--patients": "12",
+            "--rate": "1.0",
+        },
+    }
+    for name, defaults in expected.items():
+        code, out = await _cli(name, "--help")
+        assert code == 0, out
+        options = {
+            m.group(1): line for line in out.splitlines() if (m := re.search(r"(--[\w-]+)", line))
+        }
+        assert set(options) == {*defaults, "--help"}, out
+        for option, default in defaults.items():
+            assert re.search(rf"\[default: \(?{re.escape(default)}\)?\]", options[option]), (
+                f"{name} {option}: no default {default!r} in\n{out}"
+            )
+
+
+def _own_terminal() -> None:
+    """In the child: a new session whose controlling terminal is its stdin (a pty), so that the
+    password prompt reads from it and turns its echo off, as in a user's terminal."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+async def test_client_commands_ask_for_the_password_hidden_on_a_terminal(server: Any) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITALWIRE_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vitalwire.cli",
+        "limits",
+        "show",
+        "P001",
+        "--url",
+        server.url,
+        "--user",
+        "clinician",
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**env, "COLUMNS": "200"},
+        preexec_fn=_own_terminal,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes) -> bytes:
+        nonlocal seen
+        while marker not in seen:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        return seen
+
+    try:
+        # the space after the colon is written once echo is off (typing sooner would be lost)
+        prompt = await asyncio.wait_for(asyncio.to_thread(read_until, b"clinician: "), 60)
+        assert b"password for clinician: " in prompt, prompt
+        os.write(master, b"vitalwire-clinician\n")
+        out = await asyncio.wait_for(asyncio.to_thread(read_until, b"\x00never"), 60)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+    assert b'"spo2"' in out
+    assert b"vitalwire-clinician" not in out  # hidden input: never echoed

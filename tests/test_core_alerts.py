@@ -502,7 +502,9 @@ def test_news2_is_none_before_the_first_vital() -> None:
 
 def test_news2_change_when_the_band_changes() -> None:
     engine = PatientAlerts(P)
-    first = engine.on_reading(0.0, "d1", {"rr": 16.0})
+    engine.set_observations(0.0, on_oxygen=False, consciousness="alert")
+    normal = {"spo2": 97.0, "sbp": 120.0, "pulse": 70.0, "temp_c": 37.0}
+    first = engine.on_reading(0.0, "d1", {"rr": 16.0, **normal})
     same = engine.on_reading(1.0, "d1", {"rr": 18.0})
     worse = engine.on_reading(2.0, "d1", {"rr": 25.0})
     assert first == [
@@ -520,9 +522,11 @@ def test_news2_change_when_the_band_changes() -> None:
                 "consciousness": 0,
                 "temp_c": 0,
             },
-            missing=("spo2", "on_oxygen", "sbp", "pulse", "consciousness", "temp_c"),
+            missing=(),
             scale=1,
             at=0.0,
+            complete=True,
+            display="0, low",
         )
     ]
     assert same == []
@@ -552,8 +556,12 @@ def test_news2_high_supersedes_news2_medium() -> None:
         ("raised", "news2_high", "high", "active", 2.0),
         ("resolved", "news2_medium", "medium", "resolved", 2.0),
     ]
-    bands = [(c.previous_band, c.band) for c in out if isinstance(c, News2Change)]
-    assert bands == [(None, "low_medium"), ("low_medium", "medium"), ("medium", "high")]
+    bands = [(c.previous_band, c.band, c.display) for c in out if isinstance(c, News2Change)]
+    assert bands == [  # sbp, pulse and temperature missing: a lower bound until it is high
+        (None, "incomplete", "≥ 3, incomplete"),
+        ("incomplete", "incomplete", "≥ 6, incomplete"),  # at least medium now
+        ("incomplete", "high", "≥ 8, high, incomplete"),
+    ]
 
 
 def test_news2_high_falls_back_to_news2_medium() -> None:
@@ -572,7 +580,9 @@ def test_stale_vitals_drop_out_of_news2() -> None:
     engine = PatientAlerts(P, config=AlertConfig(news2_max_age_s=60.0))
     engine.on_reading(0.0, "d1", {"rr": 25.0})
     out = engine.tick(61.0)
-    assert [(c.band, c.missing[0]) for c in out if isinstance(c, News2Change)] == [("low", "rr")]
+    assert [(c.band, c.total, c.missing[0]) for c in out if isinstance(c, News2Change)] == [
+        ("incomplete", 0, "rr")
+    ]
 
 
 def test_set_observations_validates() -> None:
@@ -644,7 +654,9 @@ def test_snapshot_lists_active_alerts_highest_priority_first_then_oldest() -> No
         "resolved_at": None,
         "message": "SpO2 84 % below critical limit 85 %",
     }
-    assert snap["news2"]["band"] == "medium"  # spo2 3 + rr 3
+    # spo2 3 + rr 3 with five parameters missing: at least medium, but only a lower bound
+    assert (snap["news2"]["band"], snap["news2"]["display"]) == ("incomplete", "≥ 6, incomplete")
+    assert snap["news2"]["complete"] is False
 
 
 def test_alert_ids_are_deterministic() -> None:
@@ -692,3 +704,231 @@ def test_changes_are_json_ready() -> None:
     news = [c for c in out if isinstance(c, News2Change)][0]
     assert news.to_dict()["missing"] == ["rr", "on_oxygen", "sbp", "pulse", "consciousness",
                                          "temp_c"]  # fmt: skip
+
+
+# -- the delay boundary, exactly -----------------------------------------------------------------
+
+# (metric, violating value, delay_s, condition): at 1 Hz, `delay_s` readings in a row
+# (t = 0 .. delay_s - 1) have lasted delay_s - 1 seconds: no alarm; the next one, at t = delay_s,
+# has lasted the delay and raises.
+DELAY_EDGES = [
+    ("spo2", 88.0, 15, "spo2_low"),
+    ("pulse", 45.0, 10, "pulse_low"),
+    ("hr", 130.0, 10, "hr_high"),
+    ("rr", 5.0, 10, "rr_low"),
+]
+
+
+@pytest.mark.parametrize(("metric", "value", "delay_s", "condition"), DELAY_EDGES)
+def test_a_run_of_exactly_the_delay_does_not_alarm(
+    metric: str, value: float, delay_s: int, condition: str
+) -> None:
+    assert DEFAULT_LIMITS[metric].delay_s == delay_s
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, delay_s), {metric: value})  # delay_s samples
+    out += feed(engine, [delay_s], {metric: DEFAULT_LIMITS[metric].limit("low") + 10})
+    out += ticks(engine, range(delay_s + 1, delay_s + 30))
+    assert summary(out, condition) == []
+
+
+@pytest.mark.parametrize(("metric", "value", "delay_s", "condition"), DELAY_EDGES)
+def test_one_sample_more_than_the_delay_alarms(
+    metric: str, value: float, delay_s: int, condition: str
+) -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, delay_s + 1), {metric: value})  # delay_s + 1 samples
+    assert summary(out, condition) == [("raised", condition, "medium", "active", float(delay_s))]
+
+
+# -- a pulse oximeter's 0: no signal -------------------------------------------------------------
+
+# (reading repeated at 1 Hz for 30 s): each is the oximeter saying "no signal"
+NO_SIGNAL_READINGS = [
+    {"spo2": 0.0, "pulse": 0.0},
+    {"spo2": 0.0, "pulse": 0.0, "probe": True},  # a 0 is no signal whatever probe says
+    {"spo2": 0.0},
+    {"pulse": 0.0},
+    {"spo2": 0.0, "pulse": 0.0, "pi": 0.0},
+]
+
+
+@pytest.mark.parametrize("reading", NO_SIGNAL_READINGS)
+def test_spo2_or_pulse_of_zero_raises_probe_off_not_a_physiological_alarm(
+    reading: dict[str, float | bool],
+) -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 30), reading)
+    assert summary(out) == [("raised", "probe_off", "medium", "active", 10.0)]
+    (alert,) = engine.active()
+    assert (alert.category, alert.device) == ("technical", "d1")
+    assert "no signal" in alert.message
+    news = engine.news2()
+    assert news is not None
+    assert {"spo2", "pulse"} & set(reading) <= set(news.missing)
+    assert news.points["spo2"] == news.points["pulse"] == 0
+
+
+def test_zero_after_good_values_suspends_alarms_until_a_real_value() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 5), {"spo2": 97.0, "pulse": 72.0})
+    out += feed(engine, range(5, 20), {"spo2": 0.0, "pulse": 0.0})
+    news = engine.news2()
+    assert news is not None and {"spo2", "pulse"} <= set(news.missing)
+    out += feed(engine, range(20, 40), {"spo2": 97.0, "pulse": 72.0})
+    assert summary(out) == [
+        ("raised", "probe_off", "medium", "active", 15.0),
+        ("resolved", "probe_off", "medium", "resolved", 25.0),
+    ]
+    news = engine.news2()
+    assert news is not None and not {"spo2", "pulse"} & set(news.missing)
+
+
+def test_ecg_heart_rate_of_zero_is_still_an_alarm() -> None:
+    """Only the pulse oximeter's 0 means "no signal"; an ECG's 0 is asystole."""
+    engine = PatientAlerts(P)
+    assert summary(feed(engine, [0], {"hr": 0.0})) == [("raised", "hr_low", "high", "active", 0.0)]
+
+
+# -- apnoea --------------------------------------------------------------------------------------
+
+# (apnoea_delay_s, samples of RR 0 at 1 Hz before RR 12, apnoea raised at): both sides of the delay
+APNOEA_EDGES = [
+    (None, 20, None),  # the default 20 s: 20 samples (t = 0 .. 19) have lasted 19 s
+    (None, 21, 20.0),
+    (30.0, 30, None),
+    (30.0, 31, 30.0),
+    (10.0, 10, None),
+    (10.0, 11, 10.0),
+]
+
+
+@pytest.mark.parametrize(("delay_s", "samples", "raised_at"), APNOEA_EDGES)
+def test_apnoea_after_its_delay(
+    delay_s: float | None, samples: int, raised_at: float | None
+) -> None:
+    config = AlertConfig() if delay_s is None else AlertConfig(apnoea_delay_s=delay_s)
+    engine = PatientAlerts(P, config=config)
+    out = feed(engine, range(0, samples), {"rr": 0.0})
+    out += feed(engine, range(samples, samples + 10), {"rr": 12.0})
+    raised = summary(out, "apnoea")[:1]
+    assert raised == (
+        [] if raised_at is None else [("raised", "apnoea", "high", "active", raised_at)]
+    )
+
+
+def test_apnoea_is_high_priority_latches_and_says_so() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 25), {"rr": 0.0})
+    out += feed(engine, range(25, 40), {"rr": 14.0})
+    assert summary(out, "apnoea", "rr_low") == [
+        ("raised", "rr_low", "medium", "active", 10.0),
+        ("raised", "apnoea", "high", "active", 20.0),
+        ("resolved", "rr_low", "medium", "resolved", 30.0),
+    ]
+    (apnoea,) = [a for a in engine.active() if a.condition == "apnoea"]
+    assert apnoea.latched  # high priority physiological: stays until acknowledged
+    raised = [c for c in out if isinstance(c, AlertChange) and c.condition == "apnoea"][0]
+    assert (raised.category, raised.metric, raised.value, raised.limit) == (
+        "physiological",
+        "rr",
+        0.0,
+        0.0,
+    )
+    assert raised.message == "Apnoea: respiratory rate 0 /min for 20 s"
+
+
+@pytest.mark.parametrize("rr", [1.0, 3.0])
+def test_a_slow_breath_rate_is_not_apnoea(rr: float) -> None:
+    engine = PatientAlerts(P)
+    assert summary(feed(engine, range(0, 60), {"rr": rr}), "apnoea") == []
+
+
+def test_apnoea_is_held_while_the_device_is_offline() -> None:
+    engine = PatientAlerts(P)
+    out = feed(engine, range(0, 10), {"rr": 0.0})
+    out += engine.on_device_status(10.0, "d1", "offline")
+    out += ticks(engine, range(11, 60))
+    assert summary(out, "apnoea") == []
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 61.0])
+def test_apnoea_delay_is_bounded(bad: float) -> None:
+    with pytest.raises(ValueError, match="apnoea_delay_s must be above 0 and at most 60 s"):
+        AlertConfig(apnoea_delay_s=bad)
+
+
+# -- NEWS2 from a partial score --------------------------------------------------------------------
+
+# (observations, reading, condition, message): a lower bound past a threshold raises the alert,
+# and the message says the score is incomplete
+PARTIAL_NEWS2 = [
+    (
+        {},
+        {"rr": 25.0, "spo2": 97.0},
+        "news2_medium",
+        "NEWS2 ≥ 3, incomplete (at least low-medium risk): rr 3; "
+        "missing on_oxygen, sbp, pulse, consciousness, temp_c",
+    ),
+    (
+        {"consciousness": "voice"},
+        {"rr": 25.0, "spo2": 97.0},
+        "news2_medium",
+        "NEWS2 ≥ 6, incomplete (at least medium risk): rr 3, consciousness 3; "
+        "missing on_oxygen, sbp, pulse, temp_c",
+    ),
+    (
+        {"on_oxygen": True, "consciousness": "voice"},
+        {"rr": 25.0, "spo2": 97.0},
+        "news2_high",
+        "NEWS2 ≥ 8, high, incomplete: rr 3, on_oxygen 2, consciousness 3; "
+        "missing sbp, pulse, temp_c",
+    ),
+    (
+        {"on_oxygen": False, "consciousness": "alert"},
+        {"rr": 25.0, "spo2": 93.0, "pulse": 70.0, "sbp": 120.0, "temp_c": 37.0},
+        "news2_medium",
+        "NEWS2 5, medium risk: rr 3, spo2 2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("obs", "reading", "condition", "message"), PARTIAL_NEWS2)
+def test_news2_alert_from_a_partial_score_says_incomplete(
+    obs: dict[str, object], reading: dict[str, float], condition: str, message: str
+) -> None:
+    engine = PatientAlerts(P, config=AlertConfig(news2_delay_s=0.0))
+    if obs:
+        engine.set_observations(0.0, **obs)  # type: ignore[arg-type]
+    out = feed(engine, [0], reading)
+    (change,) = [c for c in out if isinstance(c, AlertChange) and c.condition == condition]
+    assert (change.action, change.message) == ("raised", message)
+
+
+def test_news2_change_when_a_missing_parameter_arrives() -> None:
+    """The band stays "incomplete" but the missing parameters change: an event, so that the
+    snapshot's `missing`, `complete` and `display` follow."""
+    engine = PatientAlerts(P)
+    first = engine.on_reading(0.0, "d1", {"rr": 16.0})
+    second = engine.on_reading(1.0, "d1", {"sbp": 120.0})
+    third = engine.on_reading(2.0, "d1", {"sbp": 121.0})
+    got = [
+        (c.band, c.previous_band, c.missing, c.complete, c.display)
+        for c in first + second + third
+        if isinstance(c, News2Change)
+    ]
+    assert got == [
+        (
+            "incomplete",
+            None,
+            ("spo2", "on_oxygen", "sbp", "pulse", "consciousness", "temp_c"),
+            False,
+            "≥ 0, incomplete",
+        ),
+        (
+            "incomplete",
+            "incomplete",
+            ("spo2", "on_oxygen", "pulse", "consciousness", "temp_c"),
+            False,
+            "≥ 0, incomplete",
+        ),
+    ]

@@ -20,12 +20,13 @@ from vitalwire.core.alerts import AlertConfig, PatientAlerts
 from vitalwire.core.errors import Conflict, NotFound
 from vitalwire.core.limits import DEFAULT_LIMITS, override_limits
 
-_value = {
-    "spo2": st.sampled_from([70.0, 84.0, 89.0, 91.0, 93.0, 95.0, 96.0, 97.0, 98.0]),
+_value = {  # 0 (no signal, apnoea) and fractions at a chart row's edge (91.4, 91.5, 8.4 ...)
+    "spo2": st.sampled_from([0.0, 70.0, 84.0, 89.0, 91.0, 91.4, 91.5, 93.0, 95.0, 96.0, 97.0]),
+    "pulse": st.sampled_from([0.0, 40.4, 72.0, 90.4, 90.5]),
     "hr": st.sampled_from([30.0, 45.0, 60.0, 72.0, 75.0, 115.0, 135.0, 160.0]),
-    "rr": st.sampled_from([5.0, 9.0, 16.0, 17.0, 22.0, 26.0, 35.0]),
+    "rr": st.sampled_from([0.0, 5.0, 8.4, 8.5, 9.0, 16.0, 17.0, 22.0, 26.0, 35.0]),
     "sbp": st.sampled_from([70.0, 95.0, 120.0, 125.0, 185.0, 230.0]),
-    "temp_c": st.sampled_from([34.5, 36.5, 36.9, 38.5, 39.5]),
+    "temp_c": st.sampled_from([34.5, 35.04, 35.05, 36.5, 36.9, 38.5, 39.5]),
 }
 
 _reading = st.fixed_dictionaries(

@@ -1,11 +1,12 @@
-"""NEWS2 (RCP 2017 chart 1): every band edge on both SpO2 scales, risk bands, missing values."""
+"""NEWS2 (RCP 2017 chart 1): every band edge on both SpO2 scales, risk bands, missing values,
+fractional values at the chart's resolution, and incomplete scores."""
 
 from __future__ import annotations
 
 import pytest
 
 from vitalwire.core.errors import InvalidMessage
-from vitalwire.core.news2 import PARAMETERS, News2, band_of, score
+from vitalwire.core.news2 import PARAMETERS, News2, band_of, chart_value, score
 
 NOW = 1_000.0
 ALL_OBS = {"on_oxygen": False, "consciousness": "alert"}
@@ -172,6 +173,8 @@ def test_whole_score_with_every_parameter() -> None:
         "scale": 1,
         "points": dict(news.points),
         "missing": [],
+        "complete": True,
+        "display": "8, high",
     }
 
 
@@ -179,7 +182,8 @@ def test_missing_parameters_count_zero_and_are_listed() -> None:
     news = score({"rr": (25.0, NOW)}, on_oxygen=None, consciousness=None, scale=1, now=NOW,
                  max_age_s=60)  # fmt: skip
     assert news.total == 3
-    assert news.band == "low_medium"
+    assert news.band == "incomplete"  # a lower bound: low-medium at least, maybe more
+    assert news.reached == "low_medium"
     assert news.missing == ("spo2", "on_oxygen", "sbp", "pulse", "consciousness", "temp_c")
     assert tuple(news.points) == PARAMETERS
 
@@ -212,11 +216,135 @@ def test_scale_2_with_oxygen_unknown_scores_as_air() -> None:
     assert news.missing == ("rr", "on_oxygen", "sbp", "pulse", "temp_c")
 
 
-def test_fractional_values_score_with_the_row_above() -> None:
-    news = score({"rr": (8.5, NOW), "temp_c": (35.05, NOW)}, **ALL_OBS, scale=1, now=NOW,
-                 max_age_s=60)  # fmt: skip
-    assert news.points["rr"] == 1
-    assert news.points["temp_c"] == 1
+# (parameter, value, value at the chart's resolution, points): rounded half up to whole numbers
+# (temperature to tenths), then scored on chart 1. Scoring the raw value against the row bounds
+# gave the low side the row above (91.4 -> 2, 8.4 -> 1, 40.4 -> 1, 90.4 -> 2, 35.04 -> 1) and
+# the high side the row above too (20.4 -> 2, 90.4 -> 1, 38.04 -> 1).
+FRACTIONAL = [
+    # the dangerous low side: each of these scored one row too low before
+    ("spo2", 91.4, 91, 3),
+    ("rr", 8.4, 8, 3),
+    ("pulse", 40.4, 40, 3),
+    ("sbp", 90.4, 90, 3),
+    ("temp_c", 35.04, 35.0, 3),
+    # half a step up rounds to the next row
+    ("spo2", 91.5, 92, 2),
+    ("rr", 8.5, 9, 1),
+    ("pulse", 40.5, 41, 1),
+    ("sbp", 90.5, 91, 2),
+    ("temp_c", 35.05, 35.1, 1),
+    # the high side, symmetric: below half a step stays in the row, half a step moves up
+    ("spo2", 95.4, 95, 1),
+    ("spo2", 95.5, 96, 0),
+    ("rr", 20.4, 20, 0),
+    ("rr", 20.5, 21, 2),
+    ("rr", 24.4, 24, 2),
+    ("rr", 24.5, 25, 3),
+    ("pulse", 90.4, 90, 0),
+    ("pulse", 90.5, 91, 1),
+    ("pulse", 130.4, 130, 2),
+    ("pulse", 130.5, 131, 3),
+    ("sbp", 219.4, 219, 0),
+    ("sbp", 219.5, 220, 3),
+    ("temp_c", 38.04, 38.0, 0),
+    ("temp_c", 38.05, 38.1, 1),
+    ("temp_c", 39.04, 39.0, 1),
+    ("temp_c", 39.05, 39.1, 2),
+]
+
+
+@pytest.mark.parametrize(("parameter", "value", "charted", "expected"), FRACTIONAL)
+def test_fractional_values_score_at_the_charts_resolution(
+    parameter: str, value: float, charted: float, expected: int
+) -> None:
+    assert chart_value(parameter, value) == charted
+    news = score({parameter: (value, NOW)}, **ALL_OBS, scale=1, now=NOW, max_age_s=60)
+    assert news.points[parameter] == expected
+
+
+# (vitals, on_oxygen, consciousness, total, band, complete, display)
+COMPLETENESS = [
+    # device-only: no oxygen, consciousness, BP or temperature; 0 points is not "low"
+    ({"rr": 16.0, "spo2": 97.0, "pulse": 70.0}, None, None, 0, "incomplete", False,
+     "≥ 0, incomplete"),
+    ({"rr": 22.0, "spo2": 97.0, "pulse": 70.0}, None, None, 2, "incomplete", False,
+     "≥ 2, incomplete"),
+    # a single 3 or a medium aggregate is still only a lower bound
+    ({"rr": 25.0, "spo2": 97.0, "pulse": 70.0}, None, None, 3, "incomplete", False,
+     "≥ 3, incomplete"),
+    ({"rr": 25.0, "spo2": 93.0, "pulse": 70.0}, None, None, 5, "incomplete", False,
+     "≥ 5, incomplete"),
+    # high cannot be lowered by missing parameters: it is said
+    ({"rr": 25.0, "spo2": 91.0, "pulse": 135.0}, None, None, 9, "high", False,
+     "≥ 9, high, incomplete"),
+    # complete: the band and the score itself
+    ({"rr": 16.0, "spo2": 97.0, "pulse": 70.0, "sbp": 120.0, "temp_c": 37.0}, False, "alert",
+     0, "low", True, "0, low"),
+    ({"rr": 25.0, "spo2": 97.0, "pulse": 70.0, "sbp": 120.0, "temp_c": 37.0}, False, "alert",
+     3, "low_medium", True, "3, low-medium"),
+    ({"rr": 25.0, "spo2": 93.0, "pulse": 70.0, "sbp": 120.0, "temp_c": 37.0}, False, "alert",
+     5, "medium", True, "5, medium"),
+    ({"rr": 25.0, "spo2": 93.0, "pulse": 70.0, "sbp": 120.0, "temp_c": 37.0}, True, "alert",
+     7, "high", True, "7, high"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("vitals", "on_oxygen", "consciousness", "total", "band", "complete", "display"),
+    COMPLETENESS,
+)
+def test_an_incomplete_score_says_so_and_is_never_low(
+    vitals: dict[str, float],
+    on_oxygen: bool | None,
+    consciousness: str | None,
+    total: int,
+    band: str,
+    complete: bool,
+    display: str,
+) -> None:
+    news = score(
+        {name: (value, NOW) for name, value in vitals.items()},
+        on_oxygen=on_oxygen,
+        consciousness=consciousness,
+        scale=1,
+        now=NOW,
+        max_age_s=60,
+    )
+    assert (news.total, news.band, news.complete, news.display) == (
+        total,
+        band,
+        complete,
+        display,
+    )
+    data = news.to_dict()
+    assert (data["band"], data["complete"], data["display"]) == (band, complete, display)
+    assert data["missing"] == list(news.missing) and bool(news.missing) is not complete
+
+
+# (vitals, points of spo2 and pulse, missing among spo2 and pulse): a pulse oximeter's 0 is
+# "no signal", not a measurement; the ECG's heart rate stands in for a pulse of 0.
+NO_SIGNAL = [
+    ({"spo2": 0.0, "pulse": 0.0}, (0, 0), ("spo2", "pulse")),
+    ({"spo2": 0.0, "pulse": 72.0}, (0, 0), ("spo2",)),
+    ({"spo2": 97.0, "pulse": 0.0}, (0, 0), ("pulse",)),
+    ({"spo2": 97.0, "pulse": 0.0, "hr": 135.0}, (0, 3), ()),
+    ({"spo2": 0.5, "pulse": 0.4}, (3, 3), ()),  # not 0: a value (the engine alarms on it)
+]
+
+
+@pytest.mark.parametrize(("vitals", "expected", "missing"), NO_SIGNAL)
+def test_spo2_or_pulse_of_zero_is_missing(
+    vitals: dict[str, float], expected: tuple[int, int], missing: tuple[str, ...]
+) -> None:
+    news = score(
+        {name: (value, NOW) for name, value in vitals.items()},
+        **ALL_OBS,
+        scale=1,
+        now=NOW,
+        max_age_s=60,
+    )
+    assert (news.points["spo2"], news.points["pulse"]) == expected
+    assert tuple(m for m in news.missing if m in ("spo2", "pulse")) == missing
 
 
 @pytest.mark.parametrize(

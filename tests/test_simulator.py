@@ -437,14 +437,45 @@ async def test_run_ward_rejects_unknown_scenario_before_starting(
     assert clients == []
 
 
-async def test_replay_file_sends_every_row_at_file_time(clients: list[FakeClient]) -> None:
+class QuarterClock:
+    """A device clock that moves a quarter of a second each time it is read."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        self.now += 0.25
+        return self.now
+
+
+async def test_replay_file_sends_every_row_stamped_when_sent(clients: list[FakeClient]) -> None:
     path = bidmc("bidmc_19")
-    client = fake(await replay_file("http://x", DEVICE, path, speed=0, start_ts=START))
+    client = fake(await replay_file("http://x", DEVICE, path, speed=0, clock=QuarterClock()))
     rows = read_bidmc(path)
     assert len(client.sent) == 481
-    assert [ts for ts, _ in client.sent] == [START + r["t"] for r in rows]
+    # one clock reading per row, at its send: not the file's t (1 s apart)
+    assert [ts for ts, _ in client.sent] == [START + 0.25 * (i + 1) for i in range(481)]
     assert [v for _, v in client.sent] == [{k: v for k, v in r.items() if k != "t"} for r in rows]
     assert client.events == ["start wait=False", "flush 30", "close"]
+
+
+async def test_replay_file_keeps_the_recordings_pacing_divided_by_speed(
+    clients: list[FakeClient], tmp_path: Path
+) -> None:
+    path = tmp_path / "short.csv"
+    rows = "".join(f"{t},80,80,16,97\n" for t in (0, 1, 2, 4, 5))
+    path.write_text("Time [s], HR, PULSE, RESP, SpO2\n" + rows)
+    loop = asyncio.get_running_loop()
+    client = fake(await replay_file("http://x", DEVICE, path, speed=50, clock=loop.time))
+    done = loop.time()
+    stamps = [ts for ts, _ in client.sent]
+    assert len(stamps) == 5 and all(ts is not None and ts <= done for ts in stamps)
+    since = [ts - stamps[0] for ts in stamps if ts is not None]
+    # row t goes t / 50 s after the first (the loop may wake a clock tick early), never bunched
+    for got, t in zip(since, (0, 1, 2, 4, 5), strict=True):
+        assert got >= t / 50 - 0.002, (got, t)
+    assert since == sorted(since)
+    assert since[-1] < 2.5  # stamped as sent: not the recording's 5 s
 
 
 async def test_replay_file_lets_a_flush_timeout_propagate(
@@ -454,9 +485,9 @@ async def test_replay_file_lets_a_flush_timeout_propagate(
     path = tmp_path / "short.csv"
     path.write_text("Time [s], HR, PULSE, RESP, SpO2\n0,80,80,16,97\n1,81,80,16,97\n")
     with pytest.raises(TimeoutError):
-        await replay_file("http://x", DEVICE, path, speed=float("inf"), clock=lambda: START)
+        await replay_file("http://x", DEVICE, path, speed=float("inf"), clock=QuarterClock())
     assert clients[0].events[-1] == "close"
-    assert [ts for ts, _ in clients[0].sent] == [START, START + 1]
+    assert [ts for ts, _ in clients[0].sent] == [START + 0.25, START + 0.5]
 
 
 async def test_replay_file_rejects_negative_speed(clients: list[FakeClient]) -> None:

@@ -229,6 +229,86 @@ async def test_bindings_follow_transfers(store: Store) -> None:
     assert await store.active_binding("d1") is None
 
 
+async def test_every_registry_change_is_logged_in_commit_order(store: Store) -> None:
+    """A running server follows these rows: each change of the registry logs one, in the
+    transaction that makes it, numbered in commit order, naming the writing store."""
+    assert await store.registry_change_head() == 0
+    assert await store.registry_changes(0) == []
+    await store.create_patient("P1", "A", "w", 1.0)
+    await store.create_patient("P2", "B", "w", 2.0, announced=True)
+    await store.create_device("d1", "h", "monitor", 3.0)  # a new device changes no session
+    await store.bind("d1", "P1", 4.0)
+    await store.bind("d1", "P2", 5.0, announced=True)
+    await store.unbind("d1", 6.0)
+    await store.unbind("d1", 7.0)  # nothing to end: still logged, with no previous patient
+    await store.set_device_disabled("d1", True, 8.0)
+    await store.set_device_disabled("d1", False, 9.0)
+    await store.set_device_secret("d1", "h2", 10.0)
+    changes = await store.registry_changes(0)
+    got = [
+        (c.at, c.kind, c.device_id, c.patient_id, c.previous_patient_id, c.announced)
+        for c in changes
+    ]
+    assert got == [
+        (1.0, "patient", None, "P1", None, False),
+        (2.0, "patient", None, "P2", None, True),
+        (4.0, "bind", "d1", "P1", None, False),
+        (5.0, "bind", "d1", "P2", "P1", True),
+        (6.0, "unbind", "d1", None, "P2", False),
+        (7.0, "unbind", "d1", None, None, False),
+        (8.0, "disable", "d1", None, None, False),
+        (9.0, "enable", "d1", None, None, False),
+        (10.0, "secret", "d1", None, None, False),
+    ]
+    ids = [c.id for c in changes]
+    assert ids == sorted(set(ids)) and {c.source for c in changes} == {store.source}
+    assert await store.registry_change_head() == ids[-1]
+    assert [c.kind for c in await store.registry_changes(ids[1], limit=2)] == ["bind", "bind"]
+    assert await store.registry_changes(ids[-1]) == []
+
+
+async def test_a_registry_change_by_another_store_is_read_with_its_source(store: Store) -> None:
+    """The admin CLI writes through a store of its own; a server's store reads its rows."""
+    from vitalwire.store.sql import SqlStore
+
+    assert isinstance(store, SqlStore)
+    head = await store.registry_change_head()
+    other = SqlStore(store.url)
+    await other.open()
+    try:
+        assert other.source != store.source
+        await other.create_patient("P9", "C", "w", 1.0)
+    finally:
+        await other.close()
+    [change] = await store.registry_changes(head)
+    assert (change.kind, change.patient_id, change.source) == ("patient", "P9", other.source)
+
+
+async def test_a_secret_rotation_and_its_audit_row_are_one_transaction(store: Store) -> None:
+    from vitalwire.core.errors import NotFound
+    from vitalwire.store import AuditRow
+
+    await store.create_device("d1", "h1", "monitor", 1.0)
+    row = AuditRow(2.0, "cli:nurse", "rotate_device_secret", None, '{"device_id": "d1"}', "cli")
+    await store.set_device_secret("d1", "h2", 2.0, audit=row)
+    device = await store.get_device("d1")
+    assert device is not None and device["secret_hash"] == "h2"
+    [logged] = await store.audit_log(10)
+    assert (logged["actor"], logged["action"], logged["detail"], logged["origin"]) == (
+        "cli:nurse",
+        "rotate_device_secret",
+        '{"device_id": "d1"}',
+        "cli",
+    )
+    head = await store.registry_change_head()
+    with pytest.raises(NotFound, match="device nobody does not exist"):
+        await store.set_device_secret("nobody", "h3", 3.0, audit=row)
+    with pytest.raises(NotFound, match="device nobody does not exist"):
+        await store.set_device_disabled("nobody", True, 3.0)
+    assert len(await store.audit_log(10)) == 1  # nothing of a refused change is written
+    assert await store.registry_change_head() == head
+
+
 async def test_duplicate_ids_conflict(store: Store) -> None:
     await store.create_patient("P1", "A", "w", 1.0)
     with pytest.raises(Conflict, match="patient P1 already exists"):

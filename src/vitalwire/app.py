@@ -7,9 +7,13 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from vitalwire import __version__
@@ -56,6 +60,29 @@ class VitalwireApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+#: Swagger UI, vendored from npm's swagger-ui-dist (tools/vendor_swagger_ui.py, `make web-vendor`):
+#: /docs works with no internet. Redoc is off.
+SWAGGER_UI_DIR = Path(__file__).parent / "static" / "swagger-ui"
+SWAGGER_UI_PATH = "/static/swagger-ui"
+
+
+def install_api_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI for ``/openapi.json``, its script, style and icon from the package."""
+    app.mount(SWAGGER_UI_PATH, StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url=f"{SWAGGER_UI_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_UI_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_UI_PATH}/favicon-32x32.png",
+            # no call to the public validator service: the spec stays on this server
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+
 def create_app(
     settings: Settings | None = None, clock: Callable[[], float] = time.time
 ) -> VitalwireApp:
@@ -75,7 +102,10 @@ def create_app(
             finally:
                 await drain(svc)
 
-    app = VitalwireApp(title="vitalwire", version=__version__, lifespan=lifespan)
+    app = VitalwireApp(
+        title="vitalwire", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    install_api_docs(app)
     app.include_router(rest.router)
     rest.install_error_handlers(app)
     return app

@@ -9,13 +9,24 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
 from vitalwire import __version__
 from vitalwire.bench.cli import bench_app
+from vitalwire.cli_common import (
+    DEFAULT_URL,
+    CacertOpt,
+    CliError,
+    PasswordOpt,
+    UrlOpt,
+    UserOpt,
+    client_setup,
+    one_line_errors,
+    use_cacert,
+)
 from vitalwire.settings import Settings
 
 app = typer.Typer(help="vitalwire: real-time vital-signs monitoring.", no_args_is_help=True)
@@ -47,41 +58,75 @@ def version() -> None:
     console.print(__version__)
 
 
+# The settings' defaults, for options that show them in --help (each option reads the same
+# VITALWIRE_* environment variable as its setting).
+_HOST: str = Settings.model_fields["host"].default
+_PORT: int = Settings.model_fields["port"].default
+_DB: str = Settings.model_fields["db"].default
+_BUS: str = Settings.model_fields["bus"].default
+
+
+HostOpt = Annotated[str, typer.Option(envvar="VITALWIRE_HOST", help="Interface to listen on.")]
+PortOpt = Annotated[int, typer.Option(envvar="VITALWIRE_PORT", help="Port (0 picks a free one).")]
+
+
 @app.command()
+@one_line_errors
 def serve(
-    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (0 picks a free one).")] = None,
-    db: DbOpt = None,
+    host: HostOpt = _HOST,
+    port: PortOpt = _PORT,
+    db: Annotated[
+        str,
+        typer.Option(
+            "--db", envvar="VITALWIRE_DB", help="Store URL (sqlite:///... or postgresql://...)."
+        ),
+    ] = _DB,
     bus: Annotated[
-        str | None,
-        typer.Option("--bus", help="Bus URL (memory:// or redis://host:port/db?prefix=NAME)."),
-    ] = None,
+        str,
+        typer.Option(
+            "--bus",
+            envvar="VITALWIRE_BUS",
+            help="Bus URL (memory:// or redis://host:port/db?prefix=NAME).",
+        ),
+    ] = _BUS,
     certfile: Annotated[
-        str | None, typer.Option(help="TLS certificate (PEM): serve https/wss.")
+        str | None,
+        typer.Option(
+            envvar="VITALWIRE_CERTFILE",
+            help="TLS certificate (PEM): serve https/wss; needs --keyfile.",
+            show_default="none: plain http/ws",
+        ),
     ] = None,
-    keyfile: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+    keyfile: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VITALWIRE_KEYFILE",
+            help="TLS private key (PEM) of --certfile.",
+            show_default="none",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the server. Every option may also come from VITALWIRE_* environment variables."""
     settings = _settings(host=host, port=port, db=db, bus=bus, certfile=certfile, keyfile=keyfile)
+    for name in ("certfile", "keyfile"):
+        path = getattr(settings, name)
+        if path is not None and not Path(path).is_file():
+            raise CliError(f"--{name} {path}: no such file")
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
         _uvicorn_server(settings, log_level).run()
 
 
 @app.command()
 def demo(
-    host: Annotated[str | None, typer.Option(help="Interface [default 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [default 8000].")] = None,
-    db: Annotated[
-        str | None, typer.Option("--db", help="Store URL [default ./vitalwire.db].")
-    ] = None,
+    host: HostOpt = _HOST,
+    port: PortOpt = _PORT,
+    db: Annotated[str, typer.Option("--db", envvar="VITALWIRE_DB", help="Store URL.")] = _DB,
     patients: Annotated[int, typer.Option(help="Simulated patients.")] = 12,
     rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
 ) -> None:
-    """Server + a simulated ward of 12 patients on SQLite and the in-memory bus. Ctrl-C stops.
-
-    Host, port and store also come from VITALWIRE_HOST, VITALWIRE_PORT, VITALWIRE_DB.
-    """
+    """Server + a simulated ward (12 patients by default) on SQLite and the in-memory bus.
+    Ctrl-C stops."""
     settings = _settings(host=host, port=port, db=db, bus="memory://")
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
         asyncio.run(_demo(settings, patients, rate))
@@ -101,7 +146,16 @@ async def _demo(settings: Settings, patients: int, rate: float) -> None:
             return
         await asyncio.sleep(0.05)
     svc = asgi.state.services
-    creds = await provision_ward(svc.store, patients=patients, registry=svc.registry)
+    # the demo's own monitors: after a restart their secrets are unknown (stored hashed), so
+    # they get new ones, audited as the demo's
+    creds = await provision_ward(
+        svc.store,
+        patients=patients,
+        registry=svc.registry,
+        rotate_secrets=True,
+        actor="cli:demo",
+        origin="cli",
+    )
     await svc.access.refresh()
     port = server.servers[0].sockets[0].getsockname()[1]
     base = f"http://{settings.host}:{port}"
@@ -120,28 +174,38 @@ async def _demo(settings: Settings, patients: int, rate: float) -> None:
 
 def _print_banner(base: str, users: list[dict[str, str]], patients: int, db: str) -> None:
     ws = base.replace("http://", "ws://")
-    console.rule("[bold green]vitalwire demo is running")
-    console.print(f"  Health        {base}/healthz")
-    console.print(f"  Login (REST)  POST {base}/auth/login")
-    console.print(f"  Clients (WS)  {ws}/ws")
-    console.print(f"  Devices (WS)  {ws}/ws/device")
-    console.print(f"  API docs      {base}/docs")
-    console.print(f"  Store         {db}   Bus memory://")
-    console.print(
-        f"  Simulated ward: {patients} patients (P001..), one monitor each, mixed scenarios"
-    )
-    console.print("  Demo users:")
+    out = Console(soft_wrap=True)  # a URL cut at the terminal's width is no URL
+    out.rule("[bold green]vitalwire demo is running")
+    out.print(f"  URL           {base}")
+    out.print(f"  Health        {base}/healthz")
+    out.print(f"  Login (REST)  POST {base}/auth/login")
+    out.print(f"  Clients (WS)  {ws}/ws")
+    out.print(f"  Devices (WS)  {ws}/ws/device")
+    out.print(f"  API docs      {base}/docs")
+    out.print(f"  Store         {db}   Bus memory://")
+    out.print(f"  Simulated ward: {patients} patients (P001..), one monitor each, mixed scenarios")
+    out.print("  Demo users (the demo's only: no other command has a default login):")
     for u in users:
-        console.print(f"    {u['role']:<10} {u['username']} / {u['password']}")
-    console.print(
-        f"  Watch live:   .venv/bin/vitalwire watch --url {base} "
-        "--user clinician --password vitalwire-clinician"
-    )
-    console.print("  Stop:         Ctrl-C")
-    console.rule()
+        out.print(f"    {u['role']:<10} {u['username']} / {u['password']}")
+    clinician = next((u for u in users if u["role"] == "clinician"), None)
+    if clinician is not None:
+        out.print("  Log the client commands in (once per terminal):")
+        out.print(
+            f"    export VITALWIRE_USER={clinician['username']} "
+            f"VITALWIRE_PASSWORD={clinician['password']}",
+            markup=False,
+        )
+    out.print(f"  Watch live:   .venv/bin/vitalwire watch --url {base}", markup=False)
+    out.print("  Stop:         Ctrl-C")
+    out.rule()
+
+
+#: Where ``simulate`` keeps the secrets of the devices it provisions (the working directory).
+SIM_CREDENTIALS = Path("vitalwire-sim-credentials.json")
 
 
 @app.command()
+@one_line_errors
 def simulate(
     url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
     devices: Annotated[int, typer.Option(help="Number of simulated devices.")] = 12,
@@ -159,19 +223,54 @@ def simulate(
     replay: Annotated[
         Path | None, typer.Option(help="Replay a BIDMC numerics CSV on one device.")
     ] = None,
-    speed: Annotated[float, typer.Option(help="Replay speed (1 = real time, 0 = flat out).")] = 1.0,
+    speed: Annotated[
+        float,
+        typer.Option(
+            help="Replay speed (1 = real time, 0 = flat out). Readings are stamped when sent and "
+            "alarm timers run on arrival time, so at 10 every alarm delay spans ten times as "
+            "much of the recording: an accelerated replay cannot check alarms (`vitalwire "
+            "alarms-report` replays recordings accelerated through the alert engine)."
+        ),
+    ] = 1.0,
     credentials: Annotated[
-        Path | None, typer.Option(help="JSON written by `admin provision-ward`.")
+        Path | None,
+        typer.Option(
+            help="Devices from this JSON (`admin provision-ward --out`, or a saved "
+            f"{SIM_CREDENTIALS}); the store is not touched."
+        ),
     ] = None,
     db: DbOpt = None,
-    prefix: Annotated[str, typer.Option(help="Id prefix when provisioning via --db.")] = "",
+    cacert: CacertOpt = None,
+    prefix: Annotated[
+        str, typer.Option(help="Id prefix of the devices and patients simulate provisions.")
+    ] = "sim-",
+    ward: Annotated[str, typer.Option(help="Ward of the patients simulate provisions.")] = "ward-a",
+    rotate_secrets: Annotated[
+        bool,
+        typer.Option(
+            "--rotate-secrets",
+            help="Give provisioned devices whose secrets are unknown new ones (audited; the old "
+            "secrets stop working).",
+        ),
+    ] = False,
 ) -> None:
     """Simulated devices streaming realistic physiology (or a recorded file) to a server.
 
-    Devices come from --credentials, or are provisioned in the store given by --db (default: the
-    server's default SQLite file).
+    Devices come from --credentials, or simulate provisions its own in the store given by --db
+    (default: the server's, ./vitalwire.db): patients sim-P001.. in ward-a (the demo's ward), one
+    monitor sim-mon-001.. each, their secrets kept in ./vitalwire-sim-credentials.json and reused
+    next time. Devices that exist but whose secrets it does not have are refused, unless
+    --rotate-secrets. A replay uses one device (the first).
     """
-    from vitalwire.simulator import SimDevice, replay_file, run_ward
+    from vitalwire.simulator import SimDevice, read_bidmc, replay_file, run_ward
+
+    use_cacert(cacert)
+
+    if replay is not None:  # a missing or malformed file is refused before anything is provisioned
+        try:
+            read_bidmc(replay)
+        except ValueError as exc:
+            _fail(str(exc))
 
     async def main() -> None:
         if credentials is not None:
@@ -179,17 +278,26 @@ def simulate(
 
             creds = WardCredentials.load(credentials)
         else:
-            creds = await _provision(db, devices, prefix)
+            creds = await _provision(
+                db, 1 if replay is not None else devices, prefix, ward, rotate_secrets
+            )
         devs = [SimDevice(d["device_id"], d["secret"], d.get("patient_id")) for d in creds.devices]
         if replay is not None:
-            client = await replay_file(url, devs[0], replay, speed=speed)
+            try:
+                client = await replay_file(url, devs[0], replay, speed=speed)
+            except ValueError as exc:
+                _fail(str(exc))
             console.print(
-                f"replayed {client.seq} readings from {replay}, {client.acked} acknowledged"
+                f"replayed {client.seq} readings from {replay} on {devs[0].device_id} "
+                f"(patient {devs[0].patient_id}), {client.acked} acknowledged"
             )
             return
-        clients = await run_ward(
-            url, devs[:devices], rate_hz=rate, scenario=scenario, duration_s=duration
-        )
+        try:
+            clients = await run_ward(
+                url, devs[:devices], rate_hz=rate, scenario=scenario, duration_s=duration
+            )
+        except ValueError as exc:
+            _fail(str(exc))
         sent = sum(c.seq for c in clients)
         acked = sum(c.acked for c in clients)
         console.print(f"{len(clients)} devices sent {sent} readings, {acked} acknowledged")
@@ -198,25 +306,72 @@ def simulate(
         asyncio.run(main())
 
 
-async def _provision(db: str | None, patients: int, prefix: str) -> Any:
-    from vitalwire.provision import provision_ward
+async def _provision(
+    db: str | None, patients: int, prefix: str, ward: str, rotate_secrets: bool
+) -> Any:
+    """simulate's own devices: provisioned in the store, their secrets kept in
+    :data:`SIM_CREDENTIALS` and reused; existing devices with unknown secrets are refused unless
+    ``rotate_secrets`` (then rotated, audited as ``cli:simulate``)."""
+    from vitalwire.core.errors import PeerError
+    from vitalwire.provision import SecretsUnknown, WardCredentials, id_span, provision_ward
     from vitalwire.store import open_store
 
+    saved = WardCredentials()
+    if SIM_CREDENTIALS.exists():
+        try:
+            saved = WardCredentials.load(SIM_CREDENTIALS)
+            saved.secrets()
+        except (ValueError, TypeError, KeyError, AttributeError):
+            _fail(f"{SIM_CREDENTIALS} is not a credentials file; move it away and run again")
     store = open_store(db or Settings().db)
     await store.open()
     try:
-        return await provision_ward(store, patients=patients, prefix=prefix, users=False)
+        creds = await provision_ward(
+            store,
+            patients=patients,
+            prefix=prefix,
+            ward=ward,
+            users=(),
+            known_secrets=saved.secrets(),
+            rotate_secrets=rotate_secrets,
+            actor="cli:simulate",
+            origin="cli",
+        )
+    except SecretsUnknown as exc:
+        _fail(
+            f"{exc.message} (not in {SIM_CREDENTIALS}): give --credentials FILE with their "
+            "secrets, another --prefix, or --rotate-secrets to replace them (audited; the old "
+            "secrets stop working)"
+        )
+    except PeerError as exc:
+        _fail(exc.message)
     finally:
         await store.close()
+    saved.merge(creds).save(SIM_CREDENTIALS)
+    dids = [d["device_id"] for d in creds.devices]
+    pids = [d["patient_id"] for d in creds.devices]
+    console.print(
+        f"devices {id_span(dids)} on patients {id_span(pids)} in {ward}; "
+        f"their secrets are kept in {SIM_CREDENTIALS}",
+        markup=False,
+        highlight=False,
+    )
+    return creds
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 1."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
+@one_line_errors
 def watch(
-    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
-    user: Annotated[str, typer.Option(help="Username.")] = "clinician",
-    password: Annotated[
-        str, typer.Option(help="Password.", envvar="VITALWIRE_PASSWORD")
-    ] = "vitalwire-clinician",
+    url: UrlOpt = DEFAULT_URL,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    cacert: CacertOpt = None,
     patients: Annotated[
         str | None, typer.Option(help="Comma-separated patient ids (default all).")
     ] = None,
@@ -227,6 +382,7 @@ def watch(
     """A live terminal view of patients' vitals and device status."""
     from vitalwire.watch import run_watch
 
+    user, password = client_setup(user, password, cacert)
     ids = [p.strip() for p in patients.split(",")] if patients else None
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_watch(url, user, password, ids, once=once, console=console))
@@ -234,82 +390,98 @@ def watch(
 
 # -- clinical requests through a running server (the client WebSocket) -------------------------
 
-UrlOpt = Annotated[str, typer.Option(help="Server base URL.")]
-UserOpt = Annotated[str, typer.Option("--user", help="Username.")]
-PasswordOpt = Annotated[
-    str, typer.Option("--password", help="Password.", envvar="VITALWIRE_PASSWORD")
-]
 limits_app = typer.Typer(help="Show or override a patient's alarm limits.", no_args_is_help=True)
 app.add_typer(limits_app, name="limits")
 
 
 def _request(url: str, user: str, password: str, msg: Any) -> Any:
+    """Send one request over the client WebSocket; return the result's data (a refusal raises
+    :class:`~vitalwire.sdk.RequestError`, printed as one line by :func:`one_line_errors`)."""
     from vitalwire import wire
-    from vitalwire.sdk import MonitorClient
+    from vitalwire.sdk import MonitorClient, RequestError
 
     async def main() -> Any:
         async with MonitorClient(url, username=user, password=password, reconnect=False) as mon:
             return await mon.request(msg)
 
-    try:
-        reply = asyncio.run(main())
-    except PermissionError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    reply = asyncio.run(main())
     if isinstance(reply, wire.Error):
-        console.print(f"[red]error:[/red] {reply.message} ({reply.code})")
-        raise typer.Exit(1)
+        raise RequestError(reply.code, reply.message, reply.field)
     return reply.data
 
 
 def _parse_assignments(items: list[str]) -> dict[str, dict[str, float | None]]:
+    """``METRIC.FIELD=VALUE`` items as ``{metric: {field: number}}`` (``default``: None). A value
+    that is not a finite number is refused with the field's bound: JSON has no NaN or infinity
+    (they would travel as null, which restores the default)."""
+    import math
+
+    from vitalwire.core.limits import MAX_CLEAR_S, MAX_DELAY_S
+    from vitalwire.core.metrics import METRIC_BY_NAME
+
     out: dict[str, dict[str, float | None]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         metric, dot, field = key.partition(".")
         if not sep or not dot:
-            raise typer.BadParameter(f"expected METRIC.FIELD=VALUE, got {item!r}")
+            raise CliError(f"expected METRIC.FIELD=VALUE, got {item!r}")
         try:
             number = None if value == "default" else float(value)
         except ValueError:
-            raise typer.BadParameter(
-                f"{key} must be a number or 'default', got {value!r}"
-            ) from None
+            number = math.nan
+        if number is not None and not math.isfinite(number):
+            m = METRIC_BY_NAME.get(metric)
+            bound = {"delay_s": f"0 to {MAX_DELAY_S:g} s", "clear_s": f"0 to {MAX_CLEAR_S:g} s"}
+            if m is not None:
+                bound.update(
+                    dict.fromkeys(
+                        ("low", "high", "critical_low", "critical_high"), f"{m.low:g} to {m.high:g}"
+                    )
+                )
+            within = f" ({bound[field]})" if field in bound else ""
+            raise CliError(f"{key} must be a number{within} or 'default', got {value!r}")
         out.setdefault(metric, {})[field] = number
     return out
 
 
 @limits_app.command("show")
+@one_line_errors
 def limits_show(
     patient_id: str,
-    url: UrlOpt = "http://127.0.0.1:8000",
-    user: UserOpt = "clinician",
-    password: PasswordOpt = "vitalwire-clinician",
+    url: UrlOpt = DEFAULT_URL,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    cacert: CacertOpt = None,
 ) -> None:
     """Print the limits in force for a patient (defaults with overrides applied)."""
     from vitalwire import wire
 
+    user, password = client_setup(user, password, cacert)
     data = _request(url, user, password, wire.GetLimits(patient_id=patient_id))
-    console.print(json.dumps(data["limits"], indent=2))
+    typer.echo(json.dumps(data["limits"], indent=2))
 
 
 @limits_app.command("set")
+@one_line_errors
 def limits_set(
     patient_id: str,
     assignments: Annotated[list[str], typer.Argument(help="METRIC.FIELD=VALUE, e.g. spo2.low=88")],
-    url: UrlOpt = "http://127.0.0.1:8000",
-    user: UserOpt = "clinician",
-    password: PasswordOpt = "vitalwire-clinician",
+    url: UrlOpt = DEFAULT_URL,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    cacert: CacertOpt = None,
 ) -> None:
     """Override limits (``default`` restores a field); the change is audited."""
     from vitalwire import wire
 
-    msg = wire.SetLimits(patient_id=patient_id, limits=_parse_assignments(assignments))
-    data = _request(url, user, password, msg)
-    console.print(json.dumps(data["limits"], indent=2))
+    limits = _parse_assignments(assignments)
+    user, password = client_setup(user, password, cacert)
+    data = _request(url, user, password, wire.SetLimits(patient_id=patient_id, limits=limits))
+    typer.echo(json.dumps(data["limits"], indent=2))
 
 
 @app.command()
+@one_line_errors
 def observe(
     patient_id: str,
     on_oxygen: Annotated[
@@ -319,20 +491,23 @@ def observe(
         str | None, typer.Option(help="alert, confusion, voice, pain or unresponsive.")
     ] = None,
     scale: Annotated[int | None, typer.Option(help="NEWS2 SpO2 scale: 1 or 2.")] = None,
-    url: UrlOpt = "http://127.0.0.1:8000",
-    user: UserOpt = "clinician",
-    password: PasswordOpt = "vitalwire-clinician",
+    url: UrlOpt = DEFAULT_URL,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    cacert: CacertOpt = None,
 ) -> None:
     """Record NEWS2 observations no device measures (oxygen, consciousness, SpO2 scale)."""
     from vitalwire import wire
 
+    user, password = client_setup(user, password, cacert)
     msg = wire.SetObservations(
         patient_id=patient_id, on_oxygen=on_oxygen, consciousness=consciousness, scale=scale
     )
-    console.print(json.dumps(_request(url, user, password, msg)["observations"]))
+    typer.echo(json.dumps(_request(url, user, password, msg)["observations"]))
 
 
 @app.command()
+@one_line_errors
 def command(
     patient_id: str,
     name: Annotated[
@@ -343,15 +518,22 @@ def command(
     device: Annotated[str | None, typer.Option(help="Device, if the patient has several.")] = None,
     ttl: Annotated[float | None, typer.Option(help="Seconds to wait for delivery.")] = None,
     key: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
-    url: UrlOpt = "http://127.0.0.1:8000",
-    user: UserOpt = "clinician",
-    password: PasswordOpt = "vitalwire-clinician",
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Print the command id and its status, and exit.")
+    ] = False,
+    url: UrlOpt = DEFAULT_URL,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    cacert: CacertOpt = None,
 ) -> None:
-    """Send a command to a patient's device and follow it until it finishes."""
+    """Send a command to a patient's device and follow it until it finishes (exit 0 completed,
+    2 failed, expired or timed out, 1 refused). A device that is offline gets it when it comes
+    back, unless the command expires first; the CLI says so and waits (or --no-wait)."""
     from vitalwire import wire
     from vitalwire.core.commands import TERMINAL
-    from vitalwire.sdk import MonitorClient
+    from vitalwire.sdk import MonitorClient, RequestError
 
+    user, password = client_setup(user, password, cacert)
     parsed: dict[str, Any] = {}
     for item in args or []:
         k, _, v = item.partition("=")
@@ -372,28 +554,49 @@ def command(
         async with MonitorClient(url, username=user, password=password, reconnect=False) as mon:
             reply = await mon.request(msg)
             if isinstance(reply, wire.Error):
-                console.print(f"[red]error:[/red] {reply.message} ({reply.code})")
-                return 1
+                raise RequestError(reply.code, reply.message, reply.field)
             cmd = reply.data["command"]
-            console.print(f"{cmd['command_id']} {cmd['status']}")
-            status = cmd["status"]
-            deadline = (ttl or 300.0) + 660.0  # longest TTL plus the longest answer timeout
+            cid, status = cmd["command_id"], cmd["status"]
+            typer.echo(f"{cid} {status}")
+            if status == "queued" and cmd.get("device_connected") is False:
+                typer.echo(_offline_note(cmd))
+            if no_wait:
+                return 0
+            # the longest wait between two steps: the time to live, then the answer timeout
+            deadline = (ttl or 300.0) + 660.0
             while status not in TERMINAL:
                 e = await mon.next_event(timeout=deadline)
                 if (
                     e.kind == "command"
-                    and e.data["command_id"] == cmd["command_id"]
+                    and e.data["command_id"] == cid
                     and e.data["status"] != status
                 ):
                     status = e.data["status"]
                     extra = e.data.get("message") or e.data.get("result") or ""
-                    console.print(f"{cmd['command_id']} {status} {extra}")
+                    typer.echo(f"{cid} {status} {extra}".rstrip())
             return 0 if status == "completed" else 2
 
     raise typer.Exit(asyncio.run(main()))
 
 
+def _offline_note(cmd: dict[str, Any]) -> str:
+    """What a queued command for a device that is not connected will do."""
+    import datetime
+
+    expires = cmd.get("expires_at")
+    when = ""
+    if isinstance(expires, int | float):
+        at = datetime.datetime.fromtimestamp(expires).astimezone()
+        left = max(0, round(expires - time.time()))
+        when = f" at {at:%Y-%m-%d %H:%M:%S %Z} (in {left} s)"
+    return (
+        f"{cmd['command_id']} waits: device {cmd['device']} is offline; it is sent when the "
+        f"device reconnects, or expires{when}"
+    )
+
+
 @app.command("alarms-report")
+@one_line_errors
 def alarms_report(
     folder: Annotated[
         Path | None,
@@ -408,7 +611,12 @@ def alarms_report(
     naive alarm-on-every-reading rule (a Markdown table)."""
     from vitalwire.alarms_report import default_recordings, render_markdown, report
 
-    typer.echo(render_markdown(report(folder or default_recordings())))
+    where = folder or default_recordings()
+    if not where.is_dir():
+        raise CliError(f"{where}: no such folder of recordings")
+    if not any(where.glob("*.csv")):
+        raise CliError(f"{where}: no BIDMC *_Numerics.csv recordings in this folder")
+    typer.echo(render_markdown(report(where)))
 
 
 # -- admin ------------------------------------------------------------------------------------
@@ -461,7 +669,7 @@ def create_patient(
     ward: Annotated[str, typer.Option(help="Ward id.")] = "ward-a",
     db: DbOpt = None,
 ) -> None:
-    """Create a patient."""
+    """Create a patient (a running server shows it to the ward's care team within a second)."""
     out = _run_admin(
         db,
         lambda reg, _s: reg.create_patient(patient_id, name, ward),
@@ -490,19 +698,22 @@ def create_device(
 
 @admin_app.command("rotate-device-secret")
 def rotate_device_secret(device_id: str, db: DbOpt = None) -> None:
-    """Give a device a new secret (printed once); the old one stops working."""
+    """Give a device a new secret (printed once); the old one stops working, and a running
+    server ends the device's session within a second."""
+    import getpass
+
+    actor = f"cli:{getpass.getuser()}"
+    # audited by the registry, in the transaction that stores the new secret
     cred = _run_admin(
-        db,
-        lambda reg, _s: reg.rotate_device_secret(device_id),
-        "rotate_device_secret",
-        {"device_id": device_id},
+        db, lambda reg, _s: reg.rotate_device_secret(device_id, actor=actor, origin="cli")
     )
     console.print(json.dumps({"device_id": cred.device_id, "secret": cred.secret}))
 
 
 @admin_app.command("bind")
 def bind(device_id: str, patient_id: str, db: DbOpt = None) -> None:
-    """Bind a device to a patient (ends its previous binding: a transfer)."""
+    """Bind a device to a patient (ends its previous binding: a transfer). A running server
+    sends the device's next readings to the new patient within a second."""
     _run_admin(
         db,
         lambda reg, _s: reg.bind(device_id, patient_id),
@@ -515,7 +726,8 @@ def bind(device_id: str, patient_id: str, db: DbOpt = None) -> None:
 
 @admin_app.command("unbind")
 def unbind(device_id: str, db: DbOpt = None) -> None:
-    """End a device's binding."""
+    """End a device's binding (a running server stops filing its readings under the patient
+    within a second)."""
     _run_admin(db, lambda reg, _s: reg.unbind(device_id), "unbind", {"device_id": device_id})
     console.print(f"{device_id} unbound")
 
@@ -573,10 +785,11 @@ def assign(username: str, patient_id: str, db: DbOpt = None) -> None:
 
 @admin_app.command("disable-device")
 def disable_device(device_id: str, db: DbOpt = None) -> None:
-    """Refuse a device's connections (lost, stolen, retired); it can be enabled again."""
+    """Refuse a device's connections (lost, stolen, retired); it can be enabled again. A
+    running server ends the device's session within a second."""
     _run_admin(
         db,
-        lambda _r, store: store.set_device_disabled(device_id, True),
+        lambda reg, _s: reg.set_device_disabled(device_id, True),
         "disable_device",
         {"device_id": device_id},
     )
@@ -588,7 +801,7 @@ def enable_device(device_id: str, db: DbOpt = None) -> None:
     """Accept a disabled device's connections again."""
     _run_admin(
         db,
-        lambda _r, store: store.set_device_disabled(device_id, False),
+        lambda reg, _s: reg.set_device_disabled(device_id, False),
         "enable_device",
         {"device_id": device_id},
     )
@@ -631,20 +844,84 @@ def audit(
 @admin_app.command("provision-ward")
 def provision_ward_cmd(
     patients: Annotated[int, typer.Option(help="Patients, one monitor each.")] = 12,
-    out: Annotated[Path, typer.Option(help="Where to write device credentials (JSON).")] = Path(
-        "vitalwire-credentials.json"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Where to write device secrets and user passwords (JSON).")
+    ] = Path("vitalwire-credentials.json"),
     prefix: Annotated[str, typer.Option(help="Id prefix.")] = "",
+    ward: Annotated[str, typer.Option(help="Ward of the patients.")] = "ward-a",
+    users: Annotated[
+        bool, typer.Option(help="Also create users admin, clinician and viewer.")
+    ] = True,
+    rotate_secrets: Annotated[
+        bool,
+        typer.Option(
+            "--rotate-secrets",
+            help="Give existing devices whose secrets --out does not hold new ones (audited; "
+            "the old secrets stop working).",
+        ),
+    ] = False,
     db: DbOpt = None,
 ) -> None:
-    """Create patients P001.., monitors mon-001.. bound to them, demo users; write credentials."""
-    from vitalwire.provision import provision_ward
+    """Create patients P001.. in a ward, monitors mon-001.. bound to them, and users admin,
+    clinician and viewer (the clinician and the viewer care for the ward); write every device
+    secret and user password to --out (readable by its owner only).
 
-    creds = _run_admin(
-        db, lambda _r, store: provision_ward(store, patients=patients, prefix=prefix)
-    )
-    creds.save(out)
+    New users get a generated password, printed once and kept in --out; a user that exists keeps
+    theirs. Run again with the same --out, it reuses the devices and secrets that --out holds;
+    devices that exist with secrets --out does not hold are refused, unless --rotate-secrets.
+    """
+    import secrets as _secrets
+
+    from vitalwire.core.errors import Conflict
+    from vitalwire.provision import SecretsUnknown, WardCredentials, provision_ward
+
+    previous = WardCredentials()
+    if out.exists():
+        try:
+            previous = WardCredentials.load(out)
+            previous.secrets(), previous.passwords()
+        except (ValueError, TypeError, KeyError, AttributeError):
+            _fail(f"--out {out} exists and is not a credentials file; name another file")
+    known, passwords = previous.secrets(), previous.passwords()
+    wanted = [
+        (name, passwords.get(name) or _secrets.token_urlsafe(12), name)
+        for name in (("admin", "clinician", "viewer") if users else ())
+    ]
+
+    async def provision(reg: Any, store: Any) -> Any:
+        try:
+            return await provision_ward(
+                store,
+                patients=patients,
+                ward=ward,
+                prefix=prefix,
+                users=wanted,
+                known_secrets=known,
+                rotate_secrets=rotate_secrets,
+                actor="cli:provision-ward",
+                origin="cli",
+                registry=reg,
+            )
+        except SecretsUnknown as exc:
+            raise Conflict(
+                f"{exc.message} (not in {out}): give --out the file that holds them, another "
+                "--prefix, or --rotate-secrets to replace them (audited; the old secrets stop "
+                "working)",
+                field="device_id",
+            ) from None
+
+    creds = _run_admin(db, provision)
+    previous.merge(creds).save(out)
     console.print(f"{len(creds.devices)} devices provisioned; credentials in {out}")
+    got = {u["username"] for u in creds.users}
+    for name, password, role in wanted:
+        if name not in got:
+            console.print(f"  user {name} exists already: its password is unchanged (not in {out})")
+        elif name not in passwords:
+            console.print(
+                f"  {role:<10} {name} / {password}   (new: shown once, kept in {out})",
+                markup=False,
+            )
 
 
 def main() -> None:

@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     #: Server ping interval; a peer silent for 3 intervals is closed.
     heartbeat_s: float = Field(15.0, gt=0)
     #: Accept permessage-deflate on WebSockets. Off by default: frames of vital signs are a few
-    #: hundred bytes, and compressing each one costs more CPU than sending it (docs/benchmarks.md).
+    #: hundred bytes, and compressing each one costs more CPU than sending it
+    #: (docs/benchmarks-history.md).
     ws_compression: bool = False
     #: Past this many queued live events, a client's readings coalesce (latest per patient and
     #: set of metrics); alert, command and status events are never coalesced.
@@ -67,6 +68,9 @@ class Settings(BaseSettings):
     alert_escalation_medium_s: float = Field(180.0, gt=0)
     #: Vitals older than this do not count in NEWS2.
     news2_max_age_s: float = Field(3600.0, gt=0)
+    #: A respiration rate of 0 for this long raises a high-priority ``apnoea`` alert (20 s: the
+    #: AAP definition of apnoea and bedside monitors' default; see docs/alerts.md).
+    apnoea_delay_s: float = Field(20.0, ge=5, le=60)
     #: How long a break-glass access to a patient outside one's care lasts.
     break_glass_s: float = Field(3600.0, gt=0, le=8 * 3600)
     #: Browser origins allowed on the WebSockets besides the server's own (same host and port).
@@ -91,6 +95,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _frame_limits(self) -> Settings:
+        if (self.certfile is None) != (self.keyfile is None):
+            given, missing = (
+                ("certfile", "keyfile") if self.keyfile is None else ("keyfile", "certfile")
+            )
+            raise ValueError(
+                f"{given} needs {missing}: TLS takes a certificate and its private key "
+                f"(--certfile and --keyfile, or VITALWIRE_CERTFILE and VITALWIRE_KEYFILE)"
+            )
         if self.hard_frame_bytes < self.max_frame_bytes:
             raise ValueError(
                 f"hard_frame_bytes ({self.hard_frame_bytes}) must be at least "

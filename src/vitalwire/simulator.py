@@ -834,21 +834,22 @@ async def replay_file(
     path: str | os.PathLike[str],
     *,
     speed: float = 1.0,
-    start_ts: float | None = None,
     clock: Callable[[], float] = time.time,
 ) -> DeviceClient:
     """Replay a BIDMC numerics file (see :func:`read_bidmc`) through a device.
 
-    Each row is sent with device time ``start_ts + t`` at ``t / speed`` seconds after the replay
-    started; ``speed`` 0 or infinite sends as fast as possible.
+    Row ``t`` is sent ``t / speed`` seconds after the replay started (``speed`` 0 or infinite:
+    as fast as possible) and stamped with the device clock when it is sent, as a live device
+    stamps its readings: never in the future, whatever the speed. The recording's relative times
+    are kept in the pacing; at a speed above 1 they shrink in the stamps, so every alarm delay
+    (the server times it on arrival) spans ``speed`` times as much of the recording.
 
     Args:
         url: the server's base URL or device WebSocket URL.
         device: the provisioned device to act as.
         path: the CSV file.
         speed: replay speed (2.0 = twice real time).
-        start_ts: device time of the file's t = 0 (default: ``clock()`` now).
-        clock: device clock (epoch seconds).
+        clock: device clock (epoch seconds) that stamps each reading.
 
     Returns:
         The closed client.
@@ -860,7 +861,6 @@ async def replay_file(
     if math.isnan(speed) or speed < 0:
         raise ValueError(f"speed must be 0 (as fast as possible) or positive, got {speed}")
     rows = read_bidmc(path)
-    base_ts = clock() if start_ts is None else start_ts
     realtime = 0 < speed < math.inf
     client = DeviceClient(url, device.device_id, device.secret, clock=clock)
     loop = asyncio.get_running_loop()
@@ -868,11 +868,10 @@ async def replay_file(
     try:
         start = loop.time()
         for row in rows:
-            t = float(row["t"])
             if realtime:
-                await _sleep_until(start + t / speed, None)
+                await _sleep_until(start + float(row["t"]) / speed, None)
             values = {k: v for k, v in row.items() if k != "t"}
-            client.send(values, ts=base_ts + t)
+            client.send(values, ts=clock())
         await client.flush(timeout=30)
     finally:
         await client.close()

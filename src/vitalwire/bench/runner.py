@@ -597,7 +597,7 @@ async def _metrics(url: str) -> dict[str, Any]:
 class GivenServer:
     """A vitalwire server the bench did not start (``--url``), with the ward provisioned in its
     store by ``vitalwire admin provision-ward`` (whose credentials file names the devices, their
-    secrets and patients, and the demo users)."""
+    secrets and patients, and the users it created)."""
 
     url: str
     creds: WardCredentials
@@ -617,7 +617,7 @@ class GivenServer:
         if _clinician(self.creds) is None:
             raise ValueError(
                 "the credentials name no clinician user: write them with "
-                "`vitalwire admin provision-ward` (it creates the demo users)"
+                "`vitalwire admin provision-ward` (it creates a clinician)"
             )
 
 

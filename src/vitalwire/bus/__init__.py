@@ -20,7 +20,7 @@ def open_bus(url: str, *, history_size: int = 1000) -> Bus:
             import redis  # noqa: F401
         except ImportError:
             raise ValueError(
-                "a redis:// bus needs the redis package: pip install 'vitalwire[redis]'"
+                "a redis:// bus needs the redis extra: pip install -e '.[redis]' in the clone"
             ) from None
         from vitalwire.bus.redis import RedisBus
 

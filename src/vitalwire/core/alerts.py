@@ -24,6 +24,17 @@ whether the value is *clear* (back inside the limit by the deadband):
 - the value cannot be trusted (SpO2 and pulse while the probe is off or perfusion is poor, any
   value from an offline device): pending and clear timers reset, an alert already raised stays as
   it is, and the technical alert (``probe_off``, ``poor_signal``, ``device_offline``) says why.
+  An SpO2 or pulse of 0 is a pulse oximeter's "no signal" reading, not a measurement: it counts
+  as the probe off (``probe_off`` after its delay, no physiological alarm) and NEWS2 lists the
+  parameter as missing.
+
+The delay is measured on arrival times: a condition first seen at ``t0`` is raised by the first
+reading or tick at ``t >= t0 + delay``. At 1 Hz and a 15 s delay, 15 violating readings
+(``t0`` .. ``t0 + 14``) followed by a good one raise nothing; a 16th at ``t0 + 15`` raises.
+
+Apnoea (:data:`CESSATIONS`): a respiration rate of 0 (no breath detected) for
+:attr:`AlertConfig.apnoea_delay_s` (20 s) raises ``apnoea`` at high priority, besides the medium
+``rr_low`` of the limit table.
 
 Lifecycle (IEC 60601-1-8:2006+A1:2012: latching and non-latching alarm signals, the
 "acknowledged" alarm signal inactivation state): ``active`` -> ``acknowledged`` -> ``resolved``.
@@ -36,10 +47,13 @@ escalate every :meth:`AlertConfig.escalation_s` of their priority (60 s high, 18
 never).
 
 NEWS2 (Royal College of Physicians 2017, chart 1; see :mod:`vitalwire.core.news2`) is recomputed
-on every call from the latest vitals. A band change is a :class:`News2Change`; the low-medium and
-medium bands raise ``news2_medium`` (medium priority), the high band ``news2_high`` (high
-priority), each once the band has held for :attr:`AlertConfig.news2_delay_s`; a band dropping
-resolves them after the clear time. ``news2_high`` supersedes (resolves) ``news2_medium``.
+on every call from the latest vitals. A change of band (of the band an incomplete score reaches,
+too) or of the missing parameters is a :class:`News2Change`. The band the score reaches
+(:attr:`News2.reached`, a lower bound when parameters are missing: a partial score past a
+threshold is past it) drives the alerts: low-medium and medium raise ``news2_medium`` (medium
+priority), high ``news2_high`` (high priority), each once the band has held for
+:attr:`AlertConfig.news2_delay_s`; a band dropping resolves them after the clear time.
+``news2_high`` supersedes (resolves) ``news2_medium``.
 """
 
 from __future__ import annotations
@@ -56,7 +70,14 @@ import msgspec
 from vitalwire.core.errors import Conflict, InvalidMessage, NotFound
 from vitalwire.core.limits import DEFAULT_LIMITS, Limits, MetricLimits
 from vitalwire.core.metrics import METRIC_BY_NAME, VITAL_NAMES
-from vitalwire.core.news2 import News2, check_observations, metric_points, score
+from vitalwire.core.news2 import (
+    INCOMPLETE,
+    NO_SIGNAL_ZERO,
+    News2,
+    check_observations,
+    metric_points,
+    score,
+)
 
 # -- priorities, categories, states ------------------------------------------------------------
 
@@ -151,6 +172,7 @@ POOR_SIGNAL: Final = "poor_signal"
 LOW_BATTERY: Final = "low_battery"
 NEWS2_MEDIUM: Final = "news2_medium"
 NEWS2_HIGH: Final = "news2_high"
+APNOEA: Final = "apnoea"
 #: Technical conditions (one alert per device).
 TECHNICAL_CONDITIONS: tuple[str, ...] = (DEVICE_OFFLINE, PROBE_OFF, POOR_SIGNAL, LOW_BATTERY)
 #: Physiological conditions that never latch: NEWS2 is an aggregate whose band changes are
@@ -160,6 +182,36 @@ NON_LATCHING: frozenset[str] = frozenset({NEWS2_MEDIUM, NEWS2_HIGH})
 SIGNAL_METRICS: frozenset[str] = frozenset({"spo2", "pulse"})
 #: Device statuses :meth:`PatientAlerts.on_device_status` accepts.
 DEVICE_STATUSES: tuple[str, ...] = ("online", "offline", "unbound")
+
+
+@dataclass(frozen=True, slots=True)
+class Cessation:
+    """An alarm on a vital sign that has stopped: ``metric`` at or below ``at_most`` for the
+    delay named by ``delay_setting`` (an :class:`AlertConfig` attribute) raises ``condition``
+    at ``priority``; it ends when the value has been above ``at_most`` for ``clear_s``."""
+
+    condition: str
+    metric: str
+    at_most: float
+    priority: str
+    delay_setting: str
+    clear_s: float = 5.0
+
+
+#: Cessation alarms. Apnoea: a respiration rate of 0 /min (no breath detected) for
+#: ``apnoea_delay_s`` (20 s), high priority. 20 s is the American Academy of Pediatrics'
+#: definition of apnoea ("cessation of breathing for 20 seconds or longer"; Am Fam Physician
+#: 2005;71(12):2301, table 1) and the default apnoea delay of bedside monitors (GE CARESCAPE
+#: modular monitors, impedance respiration: default 20 s, 3-30 s; Philips Efficia CM: 20-60 s),
+#: which sound it as a high-priority alarm (Edan M8 manual: "a high priority red alarm"). Like a
+#: limit alarm, it is held while the device is offline.
+CESSATIONS: tuple[Cessation, ...] = (Cessation(APNOEA, "rr", 0.0, HIGH, "apnoea_delay_s"),)
+_CESSATIONS_BY_METRIC: Final = {
+    metric: tuple(c for c in CESSATIONS if c.metric == metric)
+    for metric in {c.metric for c in CESSATIONS}
+}
+#: Largest apnoea delay (s): monitors offer 10-60 s; longer hides a respiratory arrest.
+MAX_APNOEA_DELAY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +240,8 @@ class AlertConfig:
             every artefact, so the alert needs a minute of it (the band change event is
             published at once).
         news2_clear_s: how long the band must be lower before a NEWS2 alert ends.
+        apnoea_delay_s: how long the respiration rate must be 0 before ``apnoea`` is raised
+            (20 s: see :data:`CESSATIONS`; at most :data:`MAX_APNOEA_DELAY_S`).
         resolved_memory: how many resolved alert ids are remembered, so that acknowledging one
             is a Conflict rather than NotFound.
     """
@@ -205,6 +259,7 @@ class AlertConfig:
     news2_max_age_s: float = 3600.0
     news2_delay_s: float = 60.0
     news2_clear_s: float = 5.0
+    apnoea_delay_s: float = 20.0
     resolved_memory: int = 1000
 
     def __post_init__(self) -> None:
@@ -214,6 +269,11 @@ class AlertConfig:
                 raise ValueError(f"{name} must be positive or None, got {value!r}")
         if not 0 < self.battery_critical_pct < self.battery_low_pct:
             raise ValueError("battery_critical_pct must be positive and below battery_low_pct")
+        if not 0 < self.apnoea_delay_s <= MAX_APNOEA_DELAY_S:
+            raise ValueError(
+                f"apnoea_delay_s must be above 0 and at most {MAX_APNOEA_DELAY_S:g} s, "
+                f"got {self.apnoea_delay_s!r}"
+            )
 
     def escalation_s(self, priority: str) -> float | None:
         """The escalation interval of a priority, ``None`` when it never escalates."""
@@ -328,7 +388,11 @@ class AlertChange:
 
 @dataclass(frozen=True, slots=True)
 class News2Change:
-    """The patient's NEWS2 risk band changed (``previous_band`` is None for the first score)."""
+    """The patient's NEWS2 risk band (or the band an incomplete score reaches), or the set of its
+    missing parameters, changed (``previous_band`` is None for the first score). ``band``,
+    ``complete`` and ``display`` are those of :class:`~vitalwire.core.news2.News2`: ``band`` is
+    ``"incomplete"`` (display ``"≥ 2, incomplete"``) when parameters are missing and the partial
+    score is not high."""
 
     patient_id: str
     total: int
@@ -338,6 +402,8 @@ class News2Change:
     missing: tuple[str, ...]
     scale: int
     at: float
+    complete: bool
+    display: str
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -348,6 +414,8 @@ class News2Change:
             "previous_band": self.previous_band,
             "parameters": dict(self.parameters),
             "missing": list(self.missing),
+            "complete": self.complete,
+            "display": self.display,
             "scale": self.scale,
             "at": self.at,
         }
@@ -396,7 +464,7 @@ def _battery_class(cfg: AlertConfig, battery: float) -> tuple[str | None, bool]:
 # reference cycle, and they are kept out of the garbage collector (msgspec's ``gc=False``: the
 # object, and a dict holding only such objects, is not tracked). Tracked, a hospital's 10,000
 # engines were about 80,000 of the 125,000 objects that the collector's first middle-generation
-# collection under load scanned, for 70-150 ms (docs/benchmarks.md).
+# collection under load scanned, for 70-150 ms (docs/benchmarks-history.md).
 class _Track(msgspec.Struct, gc=False):
     pending_since: float | None = None
     clear_since: float | None = None
@@ -418,6 +486,23 @@ class _Value(msgspec.Struct, gc=False):
     def __iter__(self) -> Iterator[float]:
         yield self.value
         yield self.at
+
+
+def _store(news2_vitals: dict[str, _Value], name: str, value: float, now: float) -> None:
+    stored = news2_vitals.get(name)
+    if stored is None:
+        news2_vitals[name] = _Value(value, now)
+    else:  # in place: no new object per reading for the collector to scan
+        stored.value, stored.at = value, now
+
+
+def _no_signal(values: Mapping[str, float | bool]) -> bool:
+    """Whether a reading carries a pulse oximeter's "no signal" 0 (SpO2 or pulse)."""
+    for name in NO_SIGNAL_ZERO:
+        value = values.get(name)
+        if value is not None and not isinstance(value, bool) and value == 0:
+            return True
+    return False
 
 
 class _Device(msgspec.Struct, gc=False):
@@ -514,13 +599,27 @@ def _battery_info(device: str, battery: float | None, limit: float | None) -> _I
 
 
 def _news2_info(news: News2) -> _Info:
+    """What a NEWS2 alert says: the score as displayed (``"≥ 5, incomplete"`` with the band the
+    partial score reaches), the points and the missing parameters."""
     scored = ", ".join(f"{name} {pts}" for name, pts in news.points.items() if pts)
-    text = f"NEWS2 {news.total} ({news.band.replace('_', '-')} risk)"
+    text = f"NEWS2 {news.display}"
+    if news.band == INCOMPLETE:
+        text += f" (at least {news.reached.replace('_', '-')} risk)"
+    elif news.complete:
+        text += " risk"
     if scored:
         text += f": {scored}"
     if news.missing:
         text += f"; missing {', '.join(news.missing)}"
     return _Info(PHYSIOLOGICAL, "news2", float(news.total), None, None, text)
+
+
+def _cessation_info(cessation: Cessation, value: float, delay_s: float, ended: bool) -> _Info:
+    name = cessation.condition.capitalize()
+    label = METRIC_BY_NAME[cessation.metric].label.lower()
+    qty = _qty(cessation.metric, value)
+    text = f"{name} over: {label} {qty}" if ended else f"{name}: {label} {qty} for {delay_s:g} s"
+    return _Info(PHYSIOLOGICAL, cessation.metric, value, cessation.at_most, None, text)
 
 
 class PatientAlerts:
@@ -587,7 +686,9 @@ class PatientAlerts:
                 ``spo2`` and no ``probe`` means the probe is on. Missing metrics keep their last
                 value (devices may report by exception). SpO2 and pulse that arrive while the
                 probe is off or perfusion is below :attr:`AlertConfig.perfusion_min_pct` are
-                ignored.
+                ignored. An SpO2 or pulse of 0 is the oximeter's "no signal": the probe counts
+                as off (whatever ``probe`` says), no alarm is evaluated on it, and NEWS2 lists
+                the parameter as missing until a real value arrives.
 
         Returns:
             The alert and NEWS2 changes, in order.
@@ -602,7 +703,9 @@ class PatientAlerts:
         dev = self._devices.setdefault(device, _Device())
         dev.online = True
         probe = values.get("probe")
-        if isinstance(probe, bool):
+        if _no_signal(values):
+            dev.probe = False  # the oximeter's 0: no signal, whatever ``probe`` says
+        elif isinstance(probe, bool):
             dev.probe = probe
         elif "spo2" in values:
             dev.probe = True
@@ -611,30 +714,30 @@ class PatientAlerts:
         if "battery" in values:
             dev.battery = float(values["battery"])
         suppressed = self._suppressed(dev)
+        news2_vitals = self._news2_vitals
         for name in VITAL_NAMES:
             value = values.get(name)
             if value is None or isinstance(value, bool):
                 continue
             if name in SIGNAL_METRICS and suppressed:
+                if value == 0 and name in NO_SIGNAL_ZERO:  # NEWS2: missing while it lasts
+                    _store(news2_vitals, name, 0.0, now)
                 continue
             vital = self._vitals.get(name)
             if vital is None:
                 self._vitals[name] = _Vital(float(value), now, device)
             else:  # in place: no new object per reading for the collector to scan
                 vital.value, vital.at, vital.device = float(value), now, device
-            stored = self._news2_vitals.get(name)
-            if stored is None:
-                self._news2_vitals[name] = _Value(float(value), now)
-            else:  # in place too
-                stored.value, stored.at = float(value), now
+            _store(news2_vitals, name, float(value), now)
         return self._step(now)
 
     def on_device_status(self, now: float, device: str, status: str) -> list[Change]:
         """A device went ``"online"``, ``"offline"`` or was ``"unbound"`` from the patient.
 
-        Offline raises ``device_offline`` at once (the server has already waited for silence
-        before calling a device offline) and suspends the evaluation of the values it sent;
-        online resolves it. Unbound resolves the device's technical alerts and forgets it.
+        Offline raises ``device_offline`` at once (the service has already waited: for silence,
+        or ``offline_grace_s`` after a closed connection, before calling a device offline) and
+        suspends the evaluation of the values it sent; online resolves it. Unbound resolves the
+        device's technical alerts and forgets it.
 
         Raises:
             InvalidMessage: an unknown status (field ``status``).
@@ -842,6 +945,8 @@ class PatientAlerts:
         """
         if self._dirty or now >= self._next_due or not dev.online or dev.probe is False:
             return False
+        if _no_signal(values):
+            return False  # the probe state changes: the full path handles that
         probe = values.get("probe")
         if isinstance(probe, bool):
             if probe is not dev.probe:
@@ -897,6 +1002,8 @@ class PatientAlerts:
             for direction in ("low", "high"):
                 out.append(row.violation(value, direction))
                 out.append(row.is_clear(value, direction))
+        for cessation in _CESSATIONS_BY_METRIC.get(name, ()):
+            out.append(value <= cessation.at_most)
         out.append(metric_points(name, value, scale=self._scale, on_oxygen=self._on_oxygen))
         return tuple(out)
 
@@ -912,6 +1019,7 @@ class PatientAlerts:
     def _step(self, now: float) -> list[Change]:
         changes: list[Change] = []
         changes += self._evaluate_vitals(now)
+        changes += self._evaluate_cessations(now)
         changes += self._evaluate_devices(now)
         changes += self._evaluate_news2(now)
         changes += self._escalate(now)
@@ -957,6 +1065,28 @@ class PatientAlerts:
                     immediate=demand == HIGH,
                     info=partial(_vital_info, row, direction, vital.value, demand, limit),
                 )
+        return changes
+
+    def _evaluate_cessations(self, now: float) -> list[Change]:
+        changes: list[Change] = []
+        for cessation in CESSATIONS:
+            key = (cessation.condition, "")
+            vital = self._vitals.get(cessation.metric)
+            if vital is None or not self._usable(vital):
+                self._hold(key)
+                continue
+            stopped = vital.value <= cessation.at_most
+            delay_s = float(getattr(self._config, cessation.delay_setting))
+            changes += self._drive(
+                now,
+                key,
+                demand=cessation.priority if stopped else None,
+                clear=not stopped,
+                delay_s=delay_s,
+                clear_s=cessation.clear_s,
+                immediate=False,
+                info=partial(_cessation_info, cessation, vital.value, delay_s, not stopped),
+            )
         return changes
 
     def _evaluate_devices(self, now: float) -> list[Change]:
@@ -1037,7 +1167,9 @@ class PatientAlerts:
             news = previous  # unchanged: keep the object the collector has already seen
         self._news2 = news
         changes: list[Change] = []
-        if previous is None or previous.band != news.band:
+        if (
+            previous is None or previous.reached != news.reached or previous.missing != news.missing
+        ):  # the band, the band an incomplete score reaches, or the missing parameters moved
             changes.append(
                 News2Change(
                     patient_id=self.patient_id,
@@ -1048,10 +1180,13 @@ class PatientAlerts:
                     missing=news.missing,
                     scale=news.scale,
                     at=now,
+                    complete=news.complete,
+                    display=news.display,
                 )
             )
         info = partial(_news2_info, news)
-        high = news.band == "high"
+        reached = news.reached  # a lower bound when parameters are missing: past it is past it
+        high = reached == "high"
         changes += self._drive(
             now,
             (NEWS2_HIGH, ""),
@@ -1075,12 +1210,12 @@ class PatientAlerts:
                     "superseded by news2_high",
                 )
             )
-        medium = news.band in ("low_medium", "medium")
+        medium = reached in ("low_medium", "medium")
         changes += self._drive(
             now,
             (NEWS2_MEDIUM, ""),
             demand=MEDIUM if medium else None,
-            clear=news.band == "low",
+            clear=reached == "low",
             delay_s=cfg.news2_delay_s,
             clear_s=cfg.news2_clear_s,
             immediate=False,

@@ -124,7 +124,8 @@ DEFAULT_ROWS: tuple[MetricLimits, ...] = (
     MetricLimits(
         "hr", low=50, high=120, critical_low=40, critical_high=140, delay_s=10, deadband=2
     ),
-    # Respiratory rate 8-30 /min medium, 10 s, 1 /min: [I4]. Apnoea is a device alarm, not a limit.
+    # Respiratory rate 8-30 /min medium, 10 s, 1 /min: [I4]. A rate of 0 also raises apnoea (high)
+    # after AlertConfig.apnoea_delay_s: core.alerts.CESSATIONS, not a limit of this table.
     MetricLimits("rr", low=8, high=30, delay_s=10, deadband=1),
     # Temperature 35.0-39.0 Cel medium: [I4] ([RCP] <= 35.0 scores 3); 0 s spot value; 0.2 Cel
     # deadband = two display steps of 0.1 Cel.

@@ -7,11 +7,28 @@ used only when a clinician has decided so for the patient) and the "clinical ris
 aggregate 0-4 low, a score of 3 in any single parameter low-medium, 5-6 medium, 7 or more high.
 
 Every band table is data: ``(upper bound inclusive, points)`` rows in rising order, the last row
-open-ended. The chart's rows are inclusive whole numbers (temperature in 0.1 Cel steps); a value
-between two rows (a device averaging to 8.5 /min) scores with the row above it.
+open-ended.
 
-Parameters without a value, or whose value is older than ``max_age_s``, score 0 and are listed
-in :attr:`News2.missing`: a score from partial data is a lower bound of the full score.
+Resolution. Chart 1 is written in whole numbers (respiration rate, SpO2, systolic pressure and
+pulse) and in tenths of a degree (temperature): its rows meet edge to edge at that resolution
+(``<= 8``, ``9-11``; ``<= 35.0``, ``35.1-36.0``) and leave nothing in between. A device averaging
+to 8.4 /min or 91.4 % reports a value the chart has no row for, so each value is first taken to
+the chart's resolution (:data:`RESOLUTION`), rounding half up, as a nurse charting it would write
+it down: SpO2 91.4 -> 91 (3 points), RR 8.4 -> 8 (3), pulse 40.4 -> 40 (3), systolic 90.4 -> 90
+(3), temperature 35.04 -> 35.0 (3); and on the other side 8.5 -> 9 (1), 91.5 -> 92 (2). Scoring
+the raw value against the row bounds instead would put 8.4 /min in the 9-11 row: one point for a
+respiration rate the chart scores 3, under-scoring exactly the dangerous low side. Half up (the
+school rule for the nearest charted value), not Python's half-to-even, which would chart 8.5 as 8
+but 9.5 as 10: the same half step must land the same way on every row.
+
+Missing parameters. Parameters without a value, or whose value is older than ``max_age_s``,
+score 0 and are listed in :attr:`News2.missing`; a pulse oximeter's SpO2 or pulse of 0 is its
+"no signal" reading, not a measurement, and counts as missing too. A score from partial data is a
+lower bound of the full score, so it never names a band the full score could exceed:
+:attr:`News2.band` is ``"incomplete"`` unless the partial score already reaches ``"high"``
+(missing parameters can only add points), and :attr:`News2.display` reads ``"≥ 2, incomplete"``.
+:attr:`News2.reached` is the band the partial score reaches, which the alert engine uses: a
+lower bound past a threshold is past it.
 """
 
 from __future__ import annotations
@@ -70,6 +87,20 @@ PARAMETERS: tuple[str, ...] = (
 )
 #: Risk bands, lowest first.
 BANDS: tuple[str, ...] = ("low", "low_medium", "medium", "high")
+#: The ``band`` of a score with missing parameters that does not already reach ``"high"``.
+INCOMPLETE = "incomplete"
+#: The chart's resolution per vital sign (RCP 2017 chart 1: whole numbers, temperature in
+#: tenths); a value is rounded half up to it before it is scored (see the module docstring).
+RESOLUTION: Mapping[str, float] = {
+    "rr": 1,
+    "spo2": 1,
+    "sbp": 1,
+    "pulse": 1,
+    "hr": 1,
+    "temp_c": 0.1,
+}
+#: A pulse oximeter reports 0 for these when it has no signal: 0 counts as missing.
+NO_SIGNAL_ZERO: frozenset[str] = frozenset({"spo2", "pulse"})
 #: SpO2 scales.
 SCALES: tuple[int, ...] = (1, 2)
 
@@ -79,11 +110,13 @@ class News2:
     """One NEWS2 result.
 
     Attributes:
-        total: aggregate score (0-20).
-        band: clinical risk, one of :data:`BANDS`.
+        total: aggregate score (0-20); with missing parameters, a lower bound of the full score.
+        band: clinical risk, one of :data:`BANDS` when the score is complete; with missing
+            parameters :data:`INCOMPLETE`, or ``"high"`` when the partial score reaches it.
         scale: SpO2 scale used (1 or 2).
         points: points per parameter of :data:`PARAMETERS` (0 for a missing one).
-        missing: parameters with no value or a value older than ``max_age_s``.
+        missing: parameters with no value, a value older than ``max_age_s``, or a pulse
+            oximeter's 0 (no signal).
     """
 
     total: int
@@ -91,6 +124,27 @@ class News2:
     scale: int
     points: dict[str, int]
     missing: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        """Every parameter has a value: ``total`` is the score, not a lower bound."""
+        return not self.missing
+
+    @property
+    def reached(self) -> str:
+        """The band of :data:`BANDS` the score reaches as it stands (a lower bound of the full
+        score's band when parameters are missing)."""
+        return band_of(self.total, self.points)
+
+    @property
+    def display(self) -> str:
+        """The score for people: ``"5, medium"``; ``"≥ 2, incomplete"`` with missing parameters
+        (``"≥ 8, high, incomplete"`` when the partial score already reaches high)."""
+        if self.complete:
+            return f"{self.total}, {self.band.replace('_', '-')}"
+        if self.band == INCOMPLETE:
+            return f"≥ {self.total}, {INCOMPLETE}"
+        return f"≥ {self.total}, {self.band.replace('_', '-')}, {INCOMPLETE}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -100,11 +154,27 @@ class News2:
             "scale": self.scale,
             "points": dict(self.points),
             "missing": list(self.missing),
+            "complete": self.complete,
+            "display": self.display,
         }
 
 
+def chart_value(name: str, value: float) -> float:
+    """``value`` at the chart's resolution for vital ``name`` (:data:`RESOLUTION`), rounded half
+    up: 91.4 -> 91, 91.5 -> 92, temperature 35.04 -> 35.0, 35.05 -> 35.1 (RCP 2017 chart 1 is
+    written in whole numbers, temperature in tenths). A name without a resolution is returned
+    as it is."""
+    step = RESOLUTION.get(name)
+    if step is None:
+        return value
+    per_unit = round(1 / step)  # 1, or 10 for tenths
+    scaled = round(value * per_unit, 6)  # 35.05 * 10 is 350.49999999999994: drop the float noise
+    return math.floor(scaled + 0.5) / per_unit
+
+
 def points(bands: Bands, value: float) -> int:
-    """Points of ``value`` in a band table: the first row whose upper bound is >= ``value``."""
+    """Points of ``value`` in a band table: the first row whose upper bound is >= ``value``.
+    ``value`` is at the chart's resolution already (:func:`chart_value`)."""
     for upper, pts in bands:
         if value <= upper:
             return pts
@@ -124,14 +194,26 @@ _METRIC_BANDS: dict[str, Bands] = {
 
 def metric_points(name: str, value: float, *, scale: int, on_oxygen: bool | None) -> int | None:
     """The points one vital scores on its own (RCP 2017 chart 1, chart 2 for SpO2 on scale 2),
-    as :func:`score` counts it; None for a metric NEWS2 does not use. Two values with the same
-    points leave the score unchanged."""
+    at the chart's resolution, as :func:`score` counts it; None for a metric NEWS2 does not use,
+    and for a pulse oximeter's 0 (no signal: missing). Two values with the same points leave the
+    score unchanged."""
+    if value == 0 and name in NO_SIGNAL_ZERO:
+        return None
+    value = chart_value(name, value)
     if name == "spo2":
         if scale == 1:
             return points(SPO2_SCALE1_BANDS, value)
         return points(SPO2_SCALE2_OXYGEN_BANDS if on_oxygen else SPO2_SCALE2_AIR_BANDS, value)
     bands = _METRIC_BANDS.get(name)
     return None if bands is None else points(bands, value)
+
+
+def reported_band(total: int, parameter_points: Mapping[str, int], complete: bool) -> str:
+    """The ``band`` a score reports: :func:`band_of` when it is complete; with missing
+    parameters :data:`INCOMPLETE`, unless the partial score already reaches ``"high"``, which
+    missing parameters (they can only add points) cannot lower."""
+    band = band_of(total, parameter_points)
+    return band if complete or band == "high" else INCOMPLETE
 
 
 def band_of(total: int, parameter_points: Mapping[str, int]) -> str:
@@ -182,6 +264,9 @@ def score(
 ) -> News2:
     """Compute NEWS2 (RCP 2017, chart 1) from the latest vitals and patient observations.
 
+    Each value is scored at the chart's resolution (:func:`chart_value`); an SpO2 or pulse of 0
+    (a pulse oximeter's "no signal") is missing.
+
     Args:
         vitals: metric name -> ``(value, ts)``; uses ``rr``, ``spo2``, ``sbp``, ``temp_c`` and
             ``pulse``, or ``hr`` for the pulse parameter when ``pulse`` is missing or stale.
@@ -206,7 +291,9 @@ def score(
         if entry is None:
             return None
         value, ts = entry
-        return value if now - ts <= max_age_s else None
+        if now - ts > max_age_s or (value == 0 and name in NO_SIGNAL_ZERO):
+            return None
+        return chart_value(name, value)
 
     pts: dict[str, int] = {}
     missing: list[str] = []
@@ -244,7 +331,7 @@ def score(
     total = sum(ordered.values())
     return News2(
         total=total,
-        band=band_of(total, ordered),
+        band=reported_band(total, ordered, complete=not missing),
         scale=scale,
         points=ordered,
         missing=tuple(name for name in PARAMETERS if name in missing),

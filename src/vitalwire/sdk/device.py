@@ -51,6 +51,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from vitalwire import wire
+from vitalwire.sdk import tls
+from vitalwire.sdk.errors import ConnectFailed, connect_reason
 
 log = logging.getLogger("vitalwire.sdk.device")
 
@@ -141,8 +143,16 @@ class DeviceClient:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.max_batch = max_batch
-        #: TLS context for wss:// (certificates are verified; pass one trusting your CA)
+        #: TLS context for wss://: certificates are always verified, by default against
+        #: :func:`vitalwire.sdk.tls.client_context` (system store, SSL_CERT_FILE, --cacert)
         self.ssl = ssl
+        if ssl is None and self.url.startswith("wss://"):
+            self.ssl = tls.client_context()
+        #: Why the last connection attempt failed (``None`` once one succeeds).
+        self.last_error: str | None = None
+        #: Set when the client gave up: the server's TLS certificate is not trusted (retrying
+        #: cannot help); :meth:`wait_connected` and :meth:`flush` raise it.
+        self.failure: ConnectFailed | None = None
         self.max_frame_bytes = 65536  # until the server's welcome says otherwise
         # False until a welcome confirms our numbering continues the server's; a device that
         # restarted without its spool must renumber readings the server has already seen
@@ -239,7 +249,31 @@ class DeviceClient:
             await self.wait_connected(timeout)
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout)
+        """Wait for a session (a ``welcome``).
+
+        Raises:
+            ConnectFailed: the client gave up (:attr:`failure`), or it has never connected and
+                ``timeout`` passed (naming the last attempt's error).
+            TimeoutError: ``timeout`` passed otherwise.
+        """
+        connected = asyncio.ensure_future(self._connected.wait())
+        waits: set[asyncio.Future[Any]] = {connected}
+        if self._task is not None:
+            waits.add(self._task)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+        if self._connected.is_set():
+            return
+        self._raise_if_unreachable()
+        raise TimeoutError(f"device {self.device_id}: no session within {timeout} s")
+
+    def _raise_if_unreachable(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self.connections == 0 and self.last_error is not None:
+            raise ConnectFailed(self.url, self.last_error)
 
     @property
     def connected(self) -> bool:
@@ -451,14 +485,28 @@ class DeviceClient:
         return len(self._buffer)
 
     async def flush(self, timeout: float = 10.0) -> None:
-        """Wait until every reading sent so far is acknowledged (durable on the server)."""
+        """Wait until every reading sent so far is acknowledged (durable on the server).
+
+        Raises:
+            ConnectFailed: the client gave up (:attr:`failure`), or it never connected within
+                ``timeout`` (naming why).
+            TimeoutError: not everything was acknowledged within ``timeout``.
+        """
         target = self.seq
 
         async def _wait() -> None:
             async with self._acked_cond:
-                await self._acked_cond.wait_for(lambda: self.acked >= target or not self._buffer)
+                await self._acked_cond.wait_for(
+                    lambda: self.acked >= target or not self._buffer or self.failure is not None
+                )
 
-        await asyncio.wait_for(_wait(), timeout)
+        try:
+            await asyncio.wait_for(_wait(), timeout)
+        except TimeoutError:
+            self._raise_if_unreachable()
+            raise
+        if self.failure is not None:
+            raise self.failure
 
     async def send_raw(self, frame: str) -> None:
         """Send a frame as-is (tests of the server's validation)."""
@@ -484,8 +532,16 @@ class DeviceClient:
                     delay = self.backoff_initial_s
             except asyncio.CancelledError:
                 raise
+            except ssl_module.SSLCertVerificationError as exc:  # configuration, not the network
+                self.failure = ConnectFailed(self.url, connect_reason(exc))
+                log.info("device %s: %s", self.device_id, self.failure)
+                async with self._acked_cond:
+                    self._acked_cond.notify_all()
+                return
             except Exception as exc:  # network errors, server restarts: retry with backoff
                 log.debug("device %s connection ended: %r", self.device_id, exc)
+                if not self._connected.is_set():  # refused before a welcome: say why
+                    self.last_error = connect_reason(exc)
             finally:
                 self._ws = None
                 self._connected.clear()
@@ -526,6 +582,7 @@ class DeviceClient:
         self.max_batch = min(self.max_batch, welcome.max_batch)
         await self._send_pending_results(ws)
         self.connections += 1
+        self.last_error = None
         self._connected.set()
         sender = asyncio.create_task(self._sender(ws))
         try:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import random
 import ssl as ssl_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from vitalwire import wire
+from vitalwire.sdk import tls
+from vitalwire.sdk.errors import ConnectFailed, LoginRefused, RequestError, connect_reason
 
 log = logging.getLogger("vitalwire.sdk.monitor")
 
@@ -47,15 +49,29 @@ def _base(url: str) -> str:
 async def login(
     url: str, username: str, password: str, ssl: ssl_module.SSLContext | None = None
 ) -> str:
-    """``POST /auth/login``; return the access token."""
+    """``POST /auth/login``; return the access token.
+
+    Without ``ssl``, an ``https`` URL is verified with :func:`vitalwire.sdk.tls.client_context`.
+
+    Raises:
+        ConnectFailed: the server cannot be reached, or its TLS certificate is not trusted.
+        LoginRefused: wrong username or password (or another refusal, named).
+    """
     http = _base(url).replace("ws://", "http://").replace("wss://", "https://")
-    verify: ssl_module.SSLContext | bool = ssl if ssl is not None else True
-    async with httpx.AsyncClient(base_url=http, timeout=10, verify=verify) as client:
-        r = await client.post("/auth/login", json={"username": username, "password": password})
-        if r.status_code != 200:
-            raise PermissionError(f"login failed: {r.status_code} {r.text}")
-        token: str = r.json()["access_token"]
-        return token
+    verify = ssl if ssl is not None else tls.client_context()
+    try:
+        async with httpx.AsyncClient(base_url=http, timeout=10, verify=verify) as client:
+            r = await client.post("/auth/login", json={"username": username, "password": password})
+    except httpx.TransportError as exc:
+        raise ConnectFailed(http, connect_reason(exc)) from exc
+    if r.status_code != 200:
+        try:
+            why = str(r.json().get("message") or r.reason_phrase)
+        except ValueError:
+            why = r.reason_phrase
+        raise LoginRefused(f"login refused for user {username!r} at {http}: {why}")
+    token: str = r.json()["access_token"]
+    return token
 
 
 class MonitorClient:
@@ -77,10 +93,16 @@ class MonitorClient:
         base = _base(url)
         #: Ask the server to send queued events several to a frame (cheaper on both sides).
         self.batch = batch
-        #: TLS context for https/wss (certificates are verified; pass one trusting your CA)
-        self.ssl = ssl
         self.http_url = base.replace("ws://", "http://").replace("wss://", "https://")
         self.ws_url = base.replace("http://", "ws://").replace("https://", "wss://") + "/ws"
+        #: TLS context for https/wss: certificates are always verified, by default against
+        #: :func:`vitalwire.sdk.tls.client_context` (system store, SSL_CERT_FILE, --cacert)
+        self.ssl = ssl
+        if ssl is None and self.ws_url.startswith("wss://"):
+            self.ssl = tls.client_context()
+        #: Why the last connection attempt failed (``None`` after a success).
+        self.last_error: str | None = None
+        self._failure: BaseException | None = None
         self.token = token
         self.username = username
         self.password = password
@@ -99,6 +121,10 @@ class MonitorClient:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._closing = False
+        #: True while a session is open; False from the moment it drops until a reconnect.
+        self.connected = False
+        #: Called with True on every (re)connection and False as soon as one drops.
+        self.on_connection: Callable[[bool], None] | None = None
 
     async def __aenter__(self) -> MonitorClient:
         await self.connect()
@@ -108,12 +134,34 @@ class MonitorClient:
         await self.close()
 
     async def connect(self, timeout: float = 10.0) -> None:
+        """Log in (unless given a token), open the WebSocket and authenticate.
+
+        Raises:
+            ConnectFailed: the server cannot be reached, or its TLS certificate is not trusted
+                (at once; an unreachable server only after ``timeout`` when ``reconnect``).
+            PermissionError: wrong credentials (:class:`LoginRefused`) or a refused token.
+            TimeoutError: no session within ``timeout`` and no error to name.
+        """
         if self.token is None:
             if self.username is None or self.password is None:
                 raise ValueError("MonitorClient needs a token or a username and password")
             self.token = await login(self.http_url, self.username, self.password, self.ssl)
-        self._task = asyncio.create_task(self._run())
-        await asyncio.wait_for(self._ready.wait(), timeout)
+        task = self._task = asyncio.create_task(self._run())
+        ready = asyncio.ensure_future(self._ready.wait())
+        try:
+            await asyncio.wait({ready, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if self._ready.is_set():
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if self._failure is not None:
+            raise self._failure
+        if self.last_error is not None:
+            raise ConnectFailed(self.ws_url, self.last_error)
+        raise TimeoutError(f"no session with {self.ws_url} within {timeout} s")
 
     async def close(self) -> None:
         self._closing = True
@@ -141,9 +189,22 @@ class MonitorClient:
             wire.Subscribe(streams=streams, since=since, batch=self.batch), timeout
         )
         if isinstance(reply, wire.Error):
-            raise ValueError(f"{reply.code}: {reply.message}")
+            raise RequestError(reply.code, reply.message, reply.field)
         assert isinstance(reply, wire.Subscribed)
         return self._started(reply)
+
+    async def unsubscribe(self, streams: list[str], timeout: float = 10.0) -> None:
+        """Stop following ``streams``: a resume no longer asks for them, and the server (when
+        connected) stops sending them. Events of theirs already received may still be yielded."""
+        for s in streams:
+            if s in self._streams:
+                self._streams.remove(s)
+            self.offsets.pop(s, None)
+            self.starts.pop(s, None)
+        if self._ws is not None:
+            reply = await self.request(wire.Unsubscribe(streams=streams), timeout)
+            if isinstance(reply, wire.Error):
+                raise ValueError(f"{reply.code}: {reply.message}")
 
     def _started(self, reply: wire.Subscribed) -> dict[str, wire.StreamStart]:
         out = {}
@@ -196,8 +257,9 @@ class MonitorClient:
                     await ws.send(wire.encode_text(wire.Auth(token=self.token or "", id=0)))
                     reply = wire.decode_from_server_to_client(await ws.recv())
                     if isinstance(reply, wire.Error):
-                        raise PermissionError(f"{reply.code}: {reply.message}")
+                        raise PermissionError(f"{self.ws_url} refused the token: {reply.message}")
                     self._ws = ws
+                    self.last_error = None
                     if self._streams:  # resume where we were
                         since = {s: self.offsets[s] for s in self._streams if s in self.offsets}
                         resume = wire.Subscribe(self._streams, since or None, self.batch, id=-1)
@@ -206,23 +268,39 @@ class MonitorClient:
                         self.reconnects += 1
                     first = False
                     self._ready.set()
+                    self._connection(True)
                     delay = self.backoff_initial_s
                     await self._receive(ws)
             except asyncio.CancelledError:
                 raise
             except PermissionError as exc:
+                self._failure = exc
                 self._events.put_nowait(exc)
                 return
             except Exception as exc:
                 log.debug("monitor connection ended: %r", exc)
+                if self._ws is None:  # the attempt failed before a session opened
+                    self.last_error = connect_reason(exc)
+                    fatal = isinstance(exc, ssl_module.SSLCertVerificationError)
+                    if first and (fatal or not self.reconnect):
+                        self._failure = ConnectFailed(self.ws_url, self.last_error)
+                        self._events.put_nowait(self._failure)
+                        return
             finally:
                 self._ws = None
                 self._ready.clear()
+                self._connection(False)
             if self._closing or not self.reconnect:
                 self._events.put_nowait(ConnectionError("connection closed"))
                 return
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.backoff_max_s)
+
+    def _connection(self, up: bool) -> None:
+        if up != self.connected:
+            self.connected = up
+            if self.on_connection is not None:
+                self.on_connection(up)
 
     def _event(self, msg: wire.EventFrame) -> None:
         last = self.offsets.get(msg.stream, 0)

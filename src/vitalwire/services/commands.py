@@ -191,7 +191,7 @@ class CommandService:
             if existing is not None:
                 if watcher is not None and watcher not in existing.watchers:
                     existing.watchers.append(watcher)
-                return existing.data()
+                return self._reply(existing)
         device_id = await self._device_for(req.patient_id, req.device_id)
         st = CommandState(
             "cmd-" + secrets.token_hex(8),
@@ -216,10 +216,16 @@ class CommandService:
         detail = {"command_id": st.command_id, "name": st.name, "args": args, "device": device_id}
         audit = AuditRow(now, who.name, "command", st.patient_id, json.dumps(detail), origin)
         await self.writer.commit([event], commands=[st.row()], audit=[audit])
-        queued = st.data()  # the reply says queued; sent and later come as status events
+        queued = self._reply(st)  # the reply says queued; sent and later come as status events
         self._notify(st, [event])
         self.deliver(device_id)
         return queued
+
+    def _reply(self, st: CommandState) -> dict[str, Any]:
+        """The command for the requester: its state, whether its device is connected here (if
+        not, a queued command waits for it) and when it expires if never delivered."""
+        connected = st.device_id in self.ingest.sessions
+        return {**st.data(), "device_connected": connected, "expires_at": st.created_at + st.ttl_s}
 
     def _by_key(self, requester: str, key: str, now: float) -> CommandState | None:
         """The command sent with this key by this requester within its TTL — finished or not."""

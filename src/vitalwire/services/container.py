@@ -43,13 +43,18 @@ SNAPSHOT_PARTS = 60
 #: start-up objects frozen, a young collection costs about 0.7-1 us per young object on a slow
 #: machine: 50,000 held the loop 32-61 ms at once (every device's first reading makes one), a
 #: young generation of 10,000 holds it 5-14 ms, five times as often, for the same total
-#: (docs/benchmarks.md, "The collector's young generation"). The middle generation is collected
-#: every 5 young collections, not 50: it holds what outlived a young collection (a commit's
-#: pending rows, connections being set up), and at 10,000 devices 50 young collections' worth took
-#: 52-193 ms to scan at once; 5 take 2-24 ms (docs/benchmarks.md, "The middle generation").
+#: (docs/benchmarks-history.md, "The collector's young generation"). The middle generation is
+#: collected every 5 young collections, not 50: it holds what outlived a young collection (a
+#: commit's pending rows, connections being set up), and at 10,000 devices 50 young collections'
+#: worth took 52-193 ms to scan at once; 5 take 2-24 ms (docs/benchmarks-history.md, "The middle
+#: generation").
 GC_THRESHOLDS = (10_000, 5, 1000)
 #: Care teams edited outside this process (the admin CLI) apply within this many seconds.
 ACCESS_REFRESH_S = 5.0
+#: Registry changes made outside this process (``vitalwire admin bind``, ``unbind``,
+#: ``disable-device``, ``rotate-device-secret``, ``create-patient``) are read this often (one
+#: query on an indexed table when nothing changed) and applied at once (services/registry.py).
+REGISTRY_REFRESH_S = 0.5
 #: How long shutdown waits for the store before giving up (nothing unacked is lost: devices resend).
 STOP_TIMEOUT_S = 10.0
 
@@ -102,6 +107,7 @@ async def open_services(
             escalation_high_s=settings.alert_escalation_high_s,
             escalation_medium_s=settings.alert_escalation_medium_s,
             news2_max_age_s=settings.news2_max_age_s,
+            apnoea_delay_s=settings.apnoea_delay_s,
         )
         access = Access(store, writer, clock, settings.break_glass_s)
         await access.refresh()
@@ -121,6 +127,8 @@ async def open_services(
             ack_interval_s=settings.ack_min_interval_ms / 1000,
         )
         ingest.expect_back(streams.online_devices(), restarted_at)
+        registry.on_new_patients = access.refresh
+        await registry.start_following()
         commands = CommandService(
             store, streams, writer, ingest, clock, authorize=_command_access(access)
         )
@@ -151,6 +159,10 @@ async def open_services(
             asyncio.create_task(_every(0.5, lambda: _tick_commands(svc)), name="commands"),
             asyncio.create_task(
                 _every(ACCESS_REFRESH_S, access.refresh, delay_first=True), name="access"
+            ),
+            asyncio.create_task(
+                _every(REGISTRY_REFRESH_S, registry.follow_changes, delay_first=True),
+                name="registry",
             ),
             asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
             asyncio.create_task(_save_snapshots(streams, clock), name="snapshots"),

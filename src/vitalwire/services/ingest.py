@@ -59,6 +59,8 @@ class DeviceSession:
     send: Callable[[str], None]
     close: Callable[[int, str], None]
     firmware: str | None = None
+    #: the stored hash of the secret it authenticated with (a rotation ends the session)
+    secret_hash: str = ""
     silence_s: float = 45.0
     last_data: float = 0.0
     silent: bool = False
@@ -114,7 +116,11 @@ class Ingest:
         # devices shown online when the server (re)started: offline unless they come back
         self._expected: dict[str, str] = {}
         self._expected_since = 0.0
+        #: registry changes applied per device (bindings, revocations): a hello that read the
+        #: device's row or binding before one was applied reads them again
+        self._changes: dict[str, int] = {}
         registry.on_binding_change = self._on_binding_change
+        registry.on_revoked = self.revoke
 
     async def hello(
         self, msg: Hello, send: Callable[[str], None], close: Callable[[int, str], None]
@@ -133,19 +139,24 @@ class Ingest:
                 f"max_silence_s must be between 1 and 3600, got {msg.max_silence_s:g}",
                 field="max_silence_s",
             )
-        await self.registry.authenticate_device(msg.device_id, msg.secret)
         did = msg.device_id
-        if did not in self._high:
-            last = await self.store.device_last_seq(did)
-            self._high.setdefault(did, last)
-            self._durable.setdefault(did, last)
-        binding = await self.store.active_binding(did)
+        while True:
+            changes = self._changes.get(did, 0)
+            row = await self.registry.authenticate_device(did, msg.secret)
+            if did not in self._high:
+                last = await self.store.device_last_seq(did)
+                self._high.setdefault(did, last)
+                self._durable.setdefault(did, last)
+            binding = await self.store.active_binding(did)
+            if self._changes.get(did, 0) == changes:
+                break  # else a registry change of this device was applied meanwhile: read again
         old = self.sessions.get(did)
         if old is not None:
             self._go_offline(old, "replaced")
             old.close(Close.REPLACED, "replaced by a new connection of the same device")
         session = DeviceSession(did, binding.patient_id if binding else None, send, close)
         session.firmware = msg.firmware
+        session.secret_hash = row["secret_hash"]
         session.silence_s = SILENCE_FACTOR * (msg.max_silence_s or self.max_silence_s)
         session.last_data = self.clock()
         session.acked = self._durable[did]
@@ -380,7 +391,21 @@ class Ingest:
             events.extend(more)
         self.writer.submit([], events, alerts=alert_rows)
 
+    async def revoke(self, did: str, why: str) -> None:
+        """The device was disabled or its secret rotated: end its session (close 4001, ``why``)
+        unless the session authenticated with the device's current secret after the change."""
+        self._changes[did] = self._changes.get(did, 0) + 1
+        session = self.sessions.get(did)
+        if session is None:
+            return
+        row = await self.store.get_device(did)
+        if self.sessions.get(did) is not session:
+            return  # replaced meanwhile by a session that authenticated after the change
+        if row is None or row["disabled"] or row["secret_hash"] != session.secret_hash:
+            session.close(Close.UNAUTHENTICATED, why)
+
     def _on_binding_change(self, did: str, pid: str | None, old: str | None = None) -> None:
+        self._changes[did] = self._changes.get(did, 0) + 1
         if old is not None and old != pid and self.alerts is not None:
             # the device's technical alerts stay with the patient it left: end them there
             events, rows = self.alerts.on_device_status(old, did, "unbound", self.clock())

@@ -1,8 +1,21 @@
-"""Patients, devices, bindings and users: creation, device and user authentication."""
+"""Patients, devices, bindings and users: creation, device and user authentication.
+
+How a change reaches a running server: every change of a binding, of a device's secret or
+disabled flag, and every new patient is logged by the store in the transaction that makes it (a
+:class:`~vitalwire.store.base.RegistryChange`). A server's own changes apply at once, through the
+hooks below. A change made by another process (``vitalwire admin`` on the store) is read by the
+server's :meth:`Registry.follow_changes` every ``REGISTRY_REFRESH_S`` (0.5 s, services/container):
+a binding moves a connected device's session before the next reading is taken (the streams get
+the ``binding`` events the server would have written itself), a disabled device or a rotated
+secret ends the device's session, a new patient reaches the access cache.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +24,14 @@ from vitalwire.core.errors import InvalidMessage, NotFound, Unauthenticated
 from vitalwire.services import auth
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
-from vitalwire.store import Binding, Store
+from vitalwire.store import AuditRow, Binding, Store
+from vitalwire.store.base import RegistryChange
+
+log = logging.getLogger("vitalwire.registry")
+
+#: The offline reason and close reason of a device session ended by a registry change.
+DISABLED = "device disabled"
+ROTATED = "device secret rotated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,15 +54,29 @@ class Registry:
         self.clock = clock
         self.streams = streams
         self.writer = writer
-        #: (device, new patient or None, previous patient or None)
+        #: (device, new patient or None, previous patient or None); never awaits, so the next
+        #: reading the server takes goes to the new patient
         self.on_binding_change: Callable[[str, str | None, str | None], None] | None = None
+        #: (device, reason): the device was disabled or its secret rotated; end its session
+        self.on_revoked: Callable[[str, str], Awaitable[None]] | None = None
+        #: patients were created (by any process): the access cache loads them
+        self.on_new_patients: Callable[[], Awaitable[None]] | None = None
+        self._seen: int | None = None  # the last registry change followed
+        self._following = asyncio.Lock()  # one reader at a time: each change applies once
+
+    @property
+    def live(self) -> bool:
+        """In a running server (with its streams): changes are applied here as they are made.
+        Without (``vitalwire admin`` on the store), a running server applies them when it reads
+        them (:meth:`follow_changes`)."""
+        return self.streams is not None and self.writer is not None
 
     async def create_patient(self, pid: str, name: str, ward: str) -> dict[str, Any]:
         ev.check_id("patient_id", pid)
         ev.check_id("ward", ward)
         if not name.strip() or len(name) > 200:
             raise InvalidMessage("name must be 1 to 200 characters", field="name")
-        await self.store.create_patient(pid, name, ward, self.clock())
+        await self.store.create_patient(pid, name, ward, self.clock(), announced=self.live)
         return {"id": pid, "name": name, "ward": ward}
 
     async def create_device(self, did: str, kind: str = "monitor") -> DeviceCredential:
@@ -53,13 +87,39 @@ class Registry:
         await self.store.create_device(did, auth.hash_device_secret(secret), kind, self.clock())
         return DeviceCredential(did, secret)
 
-    async def rotate_device_secret(self, did: str) -> DeviceCredential:
-        """Give a device a new secret (shown once); the old one stops working."""
-        if await self.store.get_device(did) is None:
-            raise NotFound(f"device {did} does not exist", field="device_id")
+    async def rotate_device_secret(
+        self, did: str, *, actor: str = "system", origin: str | None = None
+    ) -> DeviceCredential:
+        """Give a device a new secret (shown once); the old one stops working, and a session
+        the device has open on a running server ends (close 4001, ``device secret rotated``).
+
+        The audit log gets ``rotate_device_secret`` by ``actor`` from ``origin`` (detail: the
+        device id) in the same transaction as the new secret.
+
+        Raises:
+            NotFound: no such device.
+        """
         secret = auth.new_device_secret()
-        await self.store.set_device_secret(did, auth.hash_device_secret(secret))
+        now = self.clock()
+        detail = json.dumps({"device_id": did})
+        row = AuditRow(now, actor, "rotate_device_secret", None, detail, origin)
+        await self.store.set_device_secret(
+            did, auth.hash_device_secret(secret), now, audit=row, announced=self.live
+        )
+        if self.live and self.on_revoked is not None:
+            await self.on_revoked(did, ROTATED)
         return DeviceCredential(did, secret)
+
+    async def set_device_disabled(self, did: str, disabled: bool) -> None:
+        """Refuse (or accept again) a device's connections; disabling ends a session it has
+        open on a running server (close 4001, ``device disabled``).
+
+        Raises:
+            NotFound: no such device.
+        """
+        await self.store.set_device_disabled(did, disabled, self.clock(), announced=self.live)
+        if disabled and self.live and self.on_revoked is not None:
+            await self.on_revoked(did, DISABLED)
 
     async def create_user(self, username: str, password: str, role: str) -> dict[str, str]:
         ev.check_id("username", username)
@@ -74,7 +134,7 @@ class Registry:
         if await self.store.get_patient(pid) is None:
             raise NotFound(f"patient {pid} does not exist", field="patient_id")
         now = self.clock()
-        previous = await self.store.bind(did, pid, now)
+        previous = await self.store.bind(did, pid, now, announced=self.live)
         if previous is not None and previous.patient_id != pid:
             self._binding_event(previous.patient_id, did, "unbind", now)
         self._binding_event(pid, did, "bind", now)
@@ -84,12 +144,67 @@ class Registry:
 
     async def unbind(self, did: str) -> Binding | None:
         now = self.clock()
-        previous = await self.store.unbind(did, now)
+        previous = await self.store.unbind(did, now, announced=self.live)
         if previous is not None:
             self._binding_event(previous.patient_id, did, "unbind", now)
         if self.on_binding_change is not None:
             self.on_binding_change(did, None, previous.patient_id if previous else None)
         return previous
+
+    async def start_following(self) -> None:
+        """Follow registry changes from now on (the server's state already holds the older)."""
+        self._seen = await self.store.registry_change_head()
+
+    async def follow_changes(self) -> list[RegistryChange]:
+        """Apply the registry changes made since the last call by anyone but this server
+        (which applied its own as it made them); return every change read.
+
+        One query when nothing changed. The bindings are applied in the store's commit order
+        with no await between reading them and applying the last, so a reading taken after this
+        call read a change never goes to the patient the change took the device from.
+        """
+        async with self._following:
+            return await self._follow()
+
+    async def _follow(self) -> list[RegistryChange]:
+        if self._seen is None:
+            await self.start_following()
+        assert self._seen is not None
+        changes = await self.store.registry_changes(self._seen)
+        if not changes:
+            return changes
+        self._seen = changes[-1].id
+        now = self.clock()
+        revoked: list[tuple[str, str]] = []
+        for c in changes:
+            if c.kind == "patient" or c.device_id is None:
+                continue
+            if c.announced and c.source == self.store.source:
+                continue  # this server's own change: applied when it was made
+            did, pid, old = c.device_id, c.patient_id, c.previous_patient_id
+            if c.kind == "bind" and pid is not None:
+                if not c.announced:  # made offline: the events are for this server to write
+                    if old is not None and old != pid:
+                        self._binding_event(old, did, "unbind", now)
+                    self._binding_event(pid, did, "bind", now)
+                if self.on_binding_change is not None:
+                    self.on_binding_change(did, pid, old)
+            elif c.kind == "unbind":
+                if not c.announced and old is not None:
+                    self._binding_event(old, did, "unbind", now)
+                if self.on_binding_change is not None:
+                    self.on_binding_change(did, None, old)
+            elif c.kind in ("disable", "secret"):
+                revoked.append((did, DISABLED if c.kind == "disable" else ROTATED))
+        for did, why in revoked:
+            if self.on_revoked is not None:
+                try:
+                    await self.on_revoked(did, why)
+                except Exception:  # the others still apply
+                    log.exception("ending the session of device %s failed", did)
+        if self.on_new_patients is not None and any(c.kind == "patient" for c in changes):
+            await self.on_new_patients()
+        return changes
 
     def _binding_event(self, pid: str, did: str, action: str, now: float) -> None:
         if self.streams is None or self.writer is None:

@@ -91,6 +91,31 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryChange:
+    """One change of the registry, as the store logged it in the transaction that made it.
+
+    ``kind`` is one of :data:`CHANGE_KINDS`: ``bind`` (``patient_id`` is the new patient,
+    ``previous_patient_id`` the one the device left, if any), ``unbind`` (``previous_patient_id``:
+    the patient it left, if any), ``disable``, ``enable``, ``secret`` (a new device secret), or
+    ``patient`` (``patient_id`` was created). ``id`` grows in commit order. ``source`` is the
+    writing store's :attr:`Store.source`; ``announced``: the writer was a running server that put
+    the change's events in the streams and applied it to its sessions itself.
+    """
+
+    id: int
+    at: float
+    kind: str
+    device_id: str | None
+    patient_id: str | None
+    previous_patient_id: str | None
+    source: str
+    announced: bool
+
+
+CHANGE_KINDS = ("bind", "unbind", "disable", "enable", "secret", "patient")
+
+
+@dataclass(frozen=True, slots=True)
 class Binding:
     device_id: str
     patient_id: str
@@ -103,6 +128,8 @@ class Store(Protocol):
 
     backend: str
     transactions: int  # committed write transactions, for tests and metrics
+    #: this store object's random id, logged with every registry change it writes
+    source: str
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -117,14 +144,28 @@ class Store(Protocol):
     async def device_last_seq(self, device_id: str) -> int: ...
 
     # registry
-    async def create_patient(self, pid: str, name: str, ward: str, now: float) -> None: ...
+    # Registry changes (create_patient, set_device_secret, bind, unbind, set_device_disabled)
+    # log a RegistryChange in their own transaction; ``announced`` goes into it.
+    async def create_patient(
+        self, pid: str, name: str, ward: str, now: float, *, announced: bool = False
+    ) -> None: ...
     async def list_patients(self) -> list[dict[str, Any]]: ...
     async def get_patient(self, pid: str) -> dict[str, Any] | None: ...
     async def create_device(self, did: str, secret_hash: str, kind: str, now: float) -> None: ...
-    async def set_device_secret(self, did: str, secret_hash: str) -> None: ...
+    async def set_device_secret(
+        self,
+        did: str,
+        secret_hash: str,
+        now: float,
+        *,
+        audit: AuditRow | None = None,
+        announced: bool = False,
+    ) -> None: ...
     async def get_device(self, did: str) -> dict[str, Any] | None: ...
-    async def bind(self, did: str, pid: str, now: float) -> Binding | None: ...
-    async def unbind(self, did: str, now: float) -> Binding | None: ...
+    async def bind(
+        self, did: str, pid: str, now: float, *, announced: bool = False
+    ) -> Binding | None: ...
+    async def unbind(self, did: str, now: float, *, announced: bool = False) -> Binding | None: ...
     async def active_binding(self, did: str) -> Binding | None: ...
     async def create_user(
         self, username: str, password_hash: str, role: str, now: float
@@ -147,7 +188,11 @@ class Store(Protocol):
     async def add_grant(
         self, username: str, pid: str, reason: str, now: float, expires_at: float
     ) -> None: ...
-    async def set_device_disabled(self, did: str, disabled: bool) -> None: ...
+    async def set_device_disabled(
+        self, did: str, disabled: bool, now: float | None = None, *, announced: bool = False
+    ) -> None: ...
+    async def registry_changes(self, after: int, limit: int = 1000) -> list[RegistryChange]: ...
+    async def registry_change_head(self) -> int: ...
     async def patient_settings(self) -> dict[str, dict[str, Any]]: ...
     async def set_patient_settings(
         self, pid: str, limits: str | None, observations: str | None, now: float, by: str

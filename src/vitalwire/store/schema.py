@@ -204,3 +204,24 @@ grants = Table(
     Column("expires_at", Float, nullable=False),
     Index("ix_grants_user", "username", "expires_at"),
 )
+
+# Every change of the registry (bindings, a device's secret or disabled flag, a new patient), one
+# row each, written in the transaction that makes the change. A running server reads the rows
+# after the last one it saw every 0.5 s and applies them to its live sessions
+# (services/registry.py), so a change made by another process (the admin CLI) takes effect at
+# once. ``id`` grows in commit order (PostgreSQL writers take a lock on the table first).
+# ``source`` is the writing store's random id; ``announced``: the writer was a running server
+# that applied the change itself.
+registry_changes = Table(
+    "registry_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("device_id", String(64), nullable=True),
+    Column("patient_id", String(64), nullable=True),
+    Column("previous_patient_id", String(64), nullable=True),
+    Column("source", String(32), nullable=False),
+    Column("announced", Boolean, nullable=False),
+    sqlite_autoincrement=True,
+)

@@ -8,21 +8,30 @@ an fsync per commit (docs/reliability.md).
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, bindparam, event, func, insert, select, update
+from sqlalchemy import Connection, bindparam, event, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
-from vitalwire.core.errors import Conflict
+from vitalwire.core.errors import Conflict, NotFound
 from vitalwire.store import schema as t
-from vitalwire.store.base import AlertRow, AuditRow, Batch, Binding, CommandRow, ReadingRow
+from vitalwire.store.base import (
+    AlertRow,
+    AuditRow,
+    Batch,
+    Binding,
+    CommandRow,
+    ReadingRow,
+    RegistryChange,
+)
 from vitalwire.store.sqlite_writer import (
     SqliteBatchWriter,
     batch_view,
@@ -197,6 +206,7 @@ class SqlStore:
             raise ValueError(f"sqlite synchronous must be one of {SYNCHRONOUS_MODES}, got {sync}")
         self._synchronous = sync
         self.transactions = 0
+        self.source = secrets.token_hex(8)
         self._engine: AsyncEngine | None = None
         self._dialect: Any = sqlite if self.backend == "sqlite" else postgresql
         #: SQLite files: batches go through one dedicated connection on its own thread
@@ -476,15 +486,77 @@ class SqlStore:
             await conn.execute(insert(t.grants), [row])
             await self._access_changed(conn)
 
-    async def set_device_disabled(self, did: str, disabled: bool) -> None:
+    async def set_device_disabled(
+        self, did: str, disabled: bool, now: float | None = None, *, announced: bool = False
+    ) -> None:
         async with self.engine.begin() as conn:
+            await self._lock_changes(conn)
             result = await conn.execute(
                 update(t.devices).where(t.devices.c.id == did).values(disabled=disabled)
             )
-        if not result.rowcount:
-            from vitalwire.core.errors import NotFound
+            if not result.rowcount:  # raised inside: nothing is written
+                raise NotFound(f"device {did} does not exist", field="device_id")
+            kind = "disable" if disabled else "enable"
+            at = time.time() if now is None else now
+            await self._log_change(conn, kind, at, device=did, announced=announced)
 
-            raise NotFound(f"device {did} does not exist", field="device_id")
+    # -- registry changes -----------------------------------------------------------------------
+
+    async def _lock_changes(self, conn: Any) -> None:
+        """First thing in a transaction that changes the registry: on PostgreSQL, writers of
+        registry changes take turns until they commit, so ``registry_changes.id`` (handed out at
+        insert) grows in commit order and a reader never passes an id still to be committed.
+        SQLite has one writer at a time anyway."""
+        if self.backend == "postgresql":
+            await conn.execute(text("LOCK TABLE registry_changes IN SHARE ROW EXCLUSIVE MODE"))
+
+    async def _log_change(
+        self,
+        conn: Any,
+        kind: str,
+        now: float,
+        *,
+        device: str | None = None,
+        patient: str | None = None,
+        previous: str | None = None,
+        announced: bool = False,
+    ) -> None:
+        row = {
+            "at": now,
+            "kind": kind,
+            "device_id": device,
+            "patient_id": patient,
+            "previous_patient_id": previous,
+            "source": self.source,
+            "announced": announced,
+        }
+        await conn.execute(insert(t.registry_changes), [row])
+
+    async def registry_changes(self, after: int, limit: int = 1000) -> list[RegistryChange]:
+        """The registry changes after the one numbered ``after``, oldest first."""
+        c = t.registry_changes.c
+        q = select(t.registry_changes).where(c.id > after).order_by(c.id).limit(limit)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(q)
+            return [
+                RegistryChange(
+                    int(r.id),
+                    r.at,
+                    r.kind,
+                    r.device_id,
+                    r.patient_id,
+                    r.previous_patient_id,
+                    r.source,
+                    bool(r.announced),
+                )
+                for r in rows
+            ]
+
+    async def registry_change_head(self) -> int:
+        """The number of the last registry change (0 when there is none)."""
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(select(func.max(t.registry_changes.c.id)))
+            return int(value or 0)
 
     async def patient_settings(self) -> dict[str, dict[str, Any]]:
         async with self.engine.connect() as conn:
@@ -566,20 +638,25 @@ class SqlStore:
 
     # -- registry ----------------------------------------------------------------------------
 
-    async def _insert_new(
-        self, table: Any, what: str, row: dict[str, Any], access: bool = False
-    ) -> None:
+    async def _insert_new(self, table: Any, what: str, row: dict[str, Any]) -> None:
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(insert(table), [row])
-                if access:  # a patient's ward decides who may see them
-                    await self._access_changed(conn)
         except IntegrityError:
             raise Conflict(f"{what} already exists", field="id") from None
 
-    async def create_patient(self, pid: str, name: str, ward: str, now: float) -> None:
+    async def create_patient(
+        self, pid: str, name: str, ward: str, now: float, *, announced: bool = False
+    ) -> None:
         row = {"id": pid, "name": name, "ward": ward, "created_at": now}
-        await self._insert_new(t.patients, f"patient {pid}", row, access=True)
+        try:
+            async with self.engine.begin() as conn:
+                await self._lock_changes(conn)
+                await conn.execute(insert(t.patients), [row])
+                await self._access_changed(conn)  # a patient's ward decides who may see them
+                await self._log_change(conn, "patient", now, patient=pid, announced=announced)
+        except IntegrityError:
+            raise Conflict(f"patient {pid} already exists", field="id") from None
 
     async def list_patients(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
@@ -607,11 +684,26 @@ class SqlStore:
         }
         await self._insert_new(t.devices, f"device {did}", row)
 
-    async def set_device_secret(self, did: str, secret_hash: str) -> None:
+    async def set_device_secret(
+        self,
+        did: str,
+        secret_hash: str,
+        now: float,
+        *,
+        audit: AuditRow | None = None,
+        announced: bool = False,
+    ) -> None:
+        """A device's new secret hash, with ``audit`` (its record) in the same transaction."""
         async with self.engine.begin() as conn:
-            await conn.execute(
+            await self._lock_changes(conn)
+            result = await conn.execute(
                 update(t.devices).where(t.devices.c.id == did).values(secret_hash=secret_hash)
             )
+            if not result.rowcount:  # raised inside: nothing is written
+                raise NotFound(f"device {did} does not exist", field="device_id")
+            if audit is not None:
+                await conn.execute(insert(t.audit), [_audit_row(audit)])
+            await self._log_change(conn, "secret", now, device=did, announced=announced)
 
     async def get_patient(self, pid: str) -> dict[str, Any] | None:
         """One patient as :meth:`list_patients` gives it (with its bound devices), or None."""
@@ -631,18 +723,31 @@ class SqlStore:
             row = (await conn.execute(select(t.devices).where(t.devices.c.id == did))).first()
             return None if row is None else dict(row._mapping)
 
-    async def bind(self, did: str, pid: str, now: float) -> Binding | None:
+    async def bind(
+        self, did: str, pid: str, now: float, *, announced: bool = False
+    ) -> Binding | None:
         async with self.engine.begin() as conn:
+            await self._lock_changes(conn)
             previous = await self._end_binding(conn, did, now)
             await conn.execute(
                 insert(t.bindings),
                 [{"device_id": did, "patient_id": pid, "start_ts": now, "end_ts": None}],
             )
+            before = previous.patient_id if previous else None
+            await self._log_change(
+                conn, "bind", now, device=did, patient=pid, previous=before, announced=announced
+            )
         return previous
 
-    async def unbind(self, did: str, now: float) -> Binding | None:
+    async def unbind(self, did: str, now: float, *, announced: bool = False) -> Binding | None:
         async with self.engine.begin() as conn:
-            return await self._end_binding(conn, did, now)
+            await self._lock_changes(conn)
+            previous = await self._end_binding(conn, did, now)
+            before = previous.patient_id if previous else None
+            await self._log_change(
+                conn, "unbind", now, device=did, previous=before, announced=announced
+            )
+            return previous
 
     async def _end_binding(self, conn: Any, did: str, now: float) -> Binding | None:
         row = (
