@@ -10,6 +10,7 @@ from vitalwire.store.base import (
     CommandRow,
     ReadingRow,
     Store,
+    UserState,
 )
 
 
@@ -28,5 +29,6 @@ __all__ = [
     "CommandRow",
     "ReadingRow",
     "Store",
+    "UserState",
     "open_store",
 ]

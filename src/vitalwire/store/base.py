@@ -116,6 +116,16 @@ CHANGE_KINDS = ("bind", "unbind", "disable", "enable", "secret", "patient")
 
 
 @dataclass(frozen=True, slots=True)
+class UserState:
+    """What access control needs of a user, read from the store (never from a token)."""
+
+    role: str
+    disabled: bool
+    #: tokens issued under another generation are refused (a password reset raises it)
+    token_gen: int
+
+
+@dataclass(frozen=True, slots=True)
 class Binding:
     device_id: str
     patient_id: str
@@ -171,6 +181,23 @@ class Store(Protocol):
         self, username: str, password_hash: str, role: str, now: float
     ) -> None: ...
     async def get_user(self, username: str) -> dict[str, Any] | None: ...
+    async def list_users(self) -> list[dict[str, Any]]: ...
+    # user changes write ``audit`` in their transaction and change the access version
+    async def update_user(
+        self,
+        username: str,
+        *,
+        role: str | None = None,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        revoke_tokens: bool = False,
+        audit: AuditRow | None = None,
+    ) -> dict[str, Any]: ...
+    async def delete_user(self, username: str, *, audit: AuditRow | None = None) -> None: ...
+    async def remove_ward_member(
+        self, username: str, ward: str, *, audit: AuditRow | None = None
+    ) -> bool: ...
+    async def unassign(self, username: str, pid: str, *, audit: AuditRow | None = None) -> bool: ...
     async def get_meta(self, key: str) -> str | None: ...
     async def alerts_for(self, pid: str, limit: int) -> list[dict[str, Any]]: ...
     async def open_alerts(self) -> list[dict[str, Any]]: ...

@@ -13,6 +13,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -64,6 +65,10 @@ users = Table(
     Column("password_hash", Text, nullable=False),
     Column("role", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
+    # a disabled user may not log in; their tokens and open sessions stop working (migration 0007)
+    Column("disabled", Boolean, nullable=False, server_default=false()),
+    # a token carries the generation it was issued under; a password reset or a disable raises it
+    Column("token_gen", Integer, nullable=False, server_default="0"),
 )
 
 # Readings of a device bound to no patient, with their values (a bound device's readings live in

@@ -14,7 +14,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, bindparam, event, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +41,7 @@ from vitalwire.store.base import (
     CommandRow,
     ReadingRow,
     RegistryChange,
+    UserState,
 )
 from vitalwire.store.sqlite_writer import (
     SqliteBatchWriter,
@@ -426,7 +437,8 @@ class SqlStore:
             return {r.stream: (int(r.offset), r.state) for r in rows}
 
     async def care_teams(self, now: float) -> dict[str, Any]:
-        """Wards per user, patients assigned per user, active grants, ward of each patient."""
+        """Wards per user, patients assigned per user, active grants, ward of each patient, and
+        each user's :class:`UserState` (role, disabled, token generation)."""
         async with self.engine.connect() as conn:
             wards: dict[str, set[str]] = {}
             for user, ward in await conn.execute(select(t.ward_members)):
@@ -444,7 +456,20 @@ class SqlStore:
                 pid: ward
                 for pid, ward in await conn.execute(select(t.patients.c.id, t.patients.c.ward))
             }
-        return {"wards": wards, "assigned": assigned, "grants": grants, "ward_of": ward_of}
+            u = t.users.c
+            users = {
+                name: UserState(role, bool(disabled), int(gen))
+                for name, role, disabled, gen in await conn.execute(
+                    select(u.username, u.role, u.disabled, u.token_gen)
+                )
+            }
+        return {
+            "wards": wards,
+            "assigned": assigned,
+            "grants": grants,
+            "ward_of": ward_of,
+            "users": users,
+        }
 
     async def access_version(self) -> str | None:
         return await self.get_meta(ACCESS_VERSION_KEY)
@@ -779,8 +804,120 @@ class SqlStore:
             "password_hash": password_hash,
             "role": role,
             "created_at": now,
+            "disabled": False,
+            "token_gen": 0,
         }
-        await self._insert_new(t.users, f"user {username}", row)
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(t.users), [row])
+                await self._access_changed(conn)  # every server learns the user at once
+        except IntegrityError:
+            raise Conflict(f"user {username} already exists", field="id") from None
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        """Every user (no password hash) with their wards and assigned patients."""
+        c = t.users.c
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(c.username, c.role, c.disabled, c.created_at).order_by(c.username)
+            )
+            users = [dict(r._mapping) | {"wards": [], "patients": []} for r in rows]
+            by_name = {u["username"]: u for u in users}
+            for user, ward in await conn.execute(select(t.ward_members)):
+                if user in by_name:
+                    by_name[user]["wards"].append(ward)
+            for user, pid in await conn.execute(select(t.assignments)):
+                if user in by_name:
+                    by_name[user]["patients"].append(pid)
+        for u in users:
+            u["disabled"] = bool(u["disabled"])
+            u["wards"].sort()
+            u["patients"].sort()
+        return users
+
+    async def update_user(
+        self,
+        username: str,
+        *,
+        role: str | None = None,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        revoke_tokens: bool = False,
+        audit: AuditRow | None = None,
+    ) -> dict[str, Any]:
+        """Change a user's role, disabled flag or password; ``revoke_tokens`` raises the token
+        generation (every token issued before stops working). ``audit`` is written in the same
+        transaction; the access version changes with it, so every server applies it at once.
+        Returns the user as it was before the change. Raises NotFound."""
+        c = t.users.c
+        values: dict[str, Any] = {}
+        if role is not None:
+            values["role"] = role
+        if disabled is not None:
+            values["disabled"] = disabled
+        if password_hash is not None:
+            values["password_hash"] = password_hash
+        if revoke_tokens:
+            values["token_gen"] = c.token_gen + 1
+        async with self.engine.begin() as conn:
+            before = (
+                await conn.execute(
+                    select(c.username, c.role, c.disabled, c.token_gen).where(
+                        c.username == username
+                    )
+                )
+            ).first()
+            if before is None:  # raised inside: nothing is written
+                raise NotFound(f"user {username} does not exist", field="username")
+            if values:
+                await conn.execute(update(t.users).where(c.username == username).values(**values))
+            if audit is not None:
+                await conn.execute(insert(t.audit), [_audit_row(audit)])
+            await self._access_changed(conn)
+        return dict(before._mapping) | {"disabled": bool(before.disabled)}
+
+    async def delete_user(self, username: str, *, audit: AuditRow | None = None) -> None:
+        """Delete a user with their ward memberships, assignments and break-glass grants (the
+        audit log keeps their name). Raises NotFound."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(t.users).where(t.users.c.username == username))
+            if not result.rowcount:
+                raise NotFound(f"user {username} does not exist", field="username")
+            for table in (t.ward_members, t.assignments, t.grants):
+                await conn.execute(delete(table).where(table.c.username == username))
+            if audit is not None:
+                await conn.execute(insert(t.audit), [_audit_row(audit)])
+            await self._access_changed(conn)
+
+    async def remove_ward_member(
+        self, username: str, ward: str, *, audit: AuditRow | None = None
+    ) -> bool:
+        """Take a user out of a ward's care team; False when they were not in it."""
+        m = t.ward_members.c
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(t.ward_members).where(m.username == username, m.ward == ward)
+            )
+            if not result.rowcount:
+                return False
+            if audit is not None:
+                await conn.execute(insert(t.audit), [_audit_row(audit)])
+            await self._access_changed(conn)
+            return True
+
+    async def unassign(self, username: str, pid: str, *, audit: AuditRow | None = None) -> bool:
+        """End a patient's individual assignment to a user; False when there was none."""
+        a = t.assignments.c
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(t.assignments).where(a.username == username, a.patient_id == pid)
+            )
+            if not result.rowcount:
+                return False
+            if audit is not None:
+                await conn.execute(insert(t.audit), [_audit_row(audit)])
+            await self._access_changed(conn)
+            return True
 
     async def get_user(self, username: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
