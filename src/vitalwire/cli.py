@@ -657,9 +657,33 @@ def _run_admin(
 
     try:
         return asyncio.run(main())
-    except PeerError as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(1) from None
+    except PeerError as exc:  # one line on stderr; a name given may hold anything
+        from vitalwire.cli_common import fail
+        from vitalwire.core.text import escape_control
+
+        fail(escape_control(exc.message))
+
+
+def _run_users(db: str | None, fn: Any) -> Any:
+    """Run ``fn(users, actor)`` with the store's :class:`~vitalwire.services.users.Users`,
+    which checks the change and audits it (actor ``cli:<system user>``, origin ``cli``) in the
+    transaction that makes it. A running server on the store applies it at once: it follows
+    the store's access version."""
+    import getpass
+
+    from vitalwire.services.users import Users
+
+    actor = f"cli:{getpass.getuser()}"
+    return _run_admin(db, lambda _r, store: fn(Users(store, time.time), actor))
+
+
+def _new_password(password: str | None, what: str) -> str:
+    """``--password``, else asked for twice with hidden input on a terminal."""
+    if password is not None:
+        return password
+    if not sys.stdin.isatty():
+        _fail(f"no password: give --password (stdin is not a terminal to ask for {what} on)")
+    return str(typer.prompt(what, hide_input=True, confirmation_prompt=True))
 
 
 @admin_app.command("create-patient")
@@ -739,15 +763,103 @@ def create_user(
     password: Annotated[str | None, typer.Option(help="Password (prompted if absent).")] = None,
     db: DbOpt = None,
 ) -> None:
-    """Create a user (password hashed with argon2)."""
-    pw = password or typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    out = _run_admin(
-        db,
-        lambda reg, _s: reg.create_user(username, pw, role),
-        "create_user",
-        {"username": username, "role": role},
+    """Create a user; a running server accepts their login at once.
+
+    The password is hashed with argon2; audited as ``user_create``."""
+    pw = _new_password(password, "password")
+    out = _run_users(
+        db, lambda users, actor: users.create(username, pw, role, actor=actor, origin="cli")
     )
     console.print(json.dumps(out))
+
+
+@admin_app.command("list-users")
+def list_users(db: DbOpt = None) -> None:
+    """List users: role, enabled or disabled, wards, assigned patients."""
+    from vitalwire.core.text import escape_control
+
+    for u in _run_users(db, lambda users, _actor: users.list()):
+        state = "disabled" if u["disabled"] else "enabled"
+        wards = ",".join(u["wards"]) or "-"
+        patients = ",".join(u["patients"]) or "-"
+        typer.echo(
+            escape_control(
+                f"{u['username']:<16} {u['role']:<10} {state:<9} wards={wards} patients={patients}"
+            )
+        )
+
+
+@admin_app.command("set-role")
+def set_role(username: str, role: str, db: DbOpt = None) -> None:
+    """Change a user's role (admin, clinician, viewer), at once on a running server.
+
+    It applies to the user's next request and to their open sessions. The last enabled admin
+    keeps theirs."""
+    out = _run_users(
+        db, lambda users, actor: users.set_role(username, role, actor=actor, origin="cli")
+    )
+    if out["changed"]:
+        typer.echo(f"{username}: {out['before']} -> {role}")
+    else:
+        typer.echo(f"{username} is {role} already")
+
+
+@admin_app.command("disable-user")
+def disable_user(username: str, db: DbOpt = None) -> None:
+    """Disable a user, at once on a running server.
+
+    They cannot log in, every token issued to them is refused and their open sessions end. The
+    last enabled admin cannot be disabled."""
+    out = _run_users(db, lambda users, actor: users.disable(username, actor=actor, origin="cli"))
+    typer.echo(f"{username} disabled" if out["changed"] else f"{username} is disabled already")
+
+
+@admin_app.command("enable-user")
+def enable_user(username: str, db: DbOpt = None) -> None:
+    """Let a disabled user log in again, at once (tokens issued before stay refused)."""
+    out = _run_users(db, lambda users, actor: users.enable(username, actor=actor, origin="cli"))
+    typer.echo(f"{username} enabled" if out["changed"] else f"{username} is enabled already")
+
+
+@admin_app.command("delete-user")
+def delete_user(
+    username: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Delete a user, at once on a running server (asks first, unless --yes).
+
+    Their ward memberships, assignments and break-glass grants go with them, their tokens are
+    refused and their open sessions end; the audit log keeps their name. The last enabled admin
+    cannot be deleted."""
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail(f"delete-user {username} asks for confirmation: give --yes")
+        typer.confirm(f"delete user {username}?", abort=True)
+    out = _run_users(db, lambda users, actor: users.delete(username, actor=actor, origin="cli"))
+    typer.echo(
+        f"{username} deleted (wards: {','.join(out['wards']) or '-'}; "
+        f"patients: {','.join(out['patients']) or '-'})"
+    )
+
+
+@admin_app.command("reset-password")
+def reset_password(
+    username: str,
+    password: Annotated[
+        str | None, typer.Option(help="The new password (asked for, hidden, if absent).")
+    ] = None,
+    db: DbOpt = None,
+) -> None:
+    """Give a user a new password; at once, every token issued to them before is refused.
+
+    They log in again with the new one. Prints nothing secret."""
+    pw = _new_password(password, f"new password for {username}")
+    _run_users(
+        db,
+        lambda users, actor: users.reset_password(username, pw, actor=actor, origin="cli"),
+    )
+    typer.echo(f"password of {username} reset; tokens issued before are refused")
 
 
 @admin_app.command("list-patients")
@@ -760,27 +872,48 @@ def list_patients(db: DbOpt = None) -> None:
 
 @admin_app.command("add-to-ward")
 def add_to_ward(username: str, ward: str, db: DbOpt = None) -> None:
-    """Make a user a member of a ward's care team (they see its patients)."""
-    _run_admin(
-        db,
-        lambda _r, store: store.add_ward_member(username, ward),
-        "add_to_ward",
-        {"username": username, "ward": ward},
+    """Put a user in a ward's care team; at once, they see its patients on a running server.
+
+    The ward may have no patients yet."""
+    out = _run_users(
+        db, lambda users, actor: users.add_to_ward(username, ward, actor=actor, origin="cli")
     )
-    console.print(f"{username} cares for ward {ward}")
+    verb = "cares" if out["changed"] else "cares already"
+    typer.echo(f"{username} {verb} for ward {ward}")
+
+
+@admin_app.command("remove-from-ward")
+def remove_from_ward(username: str, ward: str, db: DbOpt = None) -> None:
+    """Take a user out of a ward's care team, at once on a running server.
+
+    Their subscriptions to its patients end (unless the patient is assigned to them)."""
+    _run_users(
+        db,
+        lambda users, actor: users.remove_from_ward(username, ward, actor=actor, origin="cli"),
+    )
+    typer.echo(f"{username} no longer cares for ward {ward}")
 
 
 @admin_app.command("assign")
 def assign(username: str, patient_id: str, db: DbOpt = None) -> None:
-    """Assign one patient to a user's care."""
-    _run_admin(
-        db,
-        lambda _r, store: store.assign(username, patient_id),
-        "assign",
-        {"username": username},
-        patient_id,
+    """Assign one patient to a user's care: at once, they see the patient on a running server."""
+    out = _run_users(
+        db, lambda users, actor: users.assign(username, patient_id, actor=actor, origin="cli")
     )
-    console.print(f"{patient_id} assigned to {username}")
+    verb = "assigned" if out["changed"] else "assigned already"
+    typer.echo(f"{patient_id} {verb} to {username}")
+
+
+@admin_app.command("unassign")
+def unassign(username: str, patient_id: str, db: DbOpt = None) -> None:
+    """End a patient's assignment to a user, at once on a running server.
+
+    Their subscription to the patient ends (unless the patient's ward is theirs)."""
+    _run_users(
+        db,
+        lambda users, actor: users.unassign(username, patient_id, actor=actor, origin="cli"),
+    )
+    typer.echo(f"{patient_id} no longer assigned to {username}")
 
 
 @admin_app.command("disable-device")
@@ -829,15 +962,19 @@ def audit(
     patient: Annotated[str | None, typer.Option(help="Only this patient.")] = None,
     db: DbOpt = None,
 ) -> None:
-    """Print the audit log (newest first)."""
+    """Print the audit log (newest first), one line per entry.
+
+    Every control, line-breaking and bidi character in it is shown escaped (\\n, \\x1b),
+    never sent raw to the terminal: anyone can put text in the log (a failed login records the
+    name tried)."""
+    from vitalwire.core.text import escape_control as esc
+
     rows = _run_admin(db, lambda _r, store: store.audit_log(limit, patient))
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["at"]))
-        console.print(
-            f"{when}Z {r['actor']:<12} {r['action']:<16} {r['patient_id'] or '-':<8} "
-            f"{r['origin'] or '-':<22} {r['detail']}",
-            markup=False,
-            highlight=False,
+        typer.echo(
+            f"{when}Z {esc(r['actor']):<12} {esc(r['action']):<16} "
+            f"{esc(r['patient_id'] or '-'):<8} {esc(r['origin'] or '-'):<22} {esc(r['detail'])}"
         )
 
 

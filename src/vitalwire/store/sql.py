@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from vitalwire.core.errors import Conflict, NotFound
+from vitalwire.core.text import clip, clip_json
 from vitalwire.store import schema as t
 from vitalwire.store.base import (
     AlertRow,
@@ -134,14 +135,25 @@ def _command_row(c: CommandRow) -> dict[str, Any]:
     }
 
 
+#: The most characters of an audit entry's ``detail`` kept (docs/security.md, "Audit log").
+AUDIT_DETAIL_MAX = 4096
+_AUDIT_COLUMNS = {
+    name: t.audit.c[name].type.length for name in ("actor", "action", "patient_id", "origin")
+}
+
+
 def _audit_row(a: AuditRow) -> dict[str, Any]:
+    """An audit entry as stored, bounded: anyone can put text in it (a failed login records
+    the name tried), so each text is cut to its column (marked with an ellipsis) and the
+    detail to :data:`AUDIT_DETAIL_MAX` (still JSON, marked ``truncated``)."""
+    size = _AUDIT_COLUMNS
     return {
         "at": a.at,
-        "actor": a.actor,
-        "action": a.action,
-        "patient_id": a.patient_id,
-        "origin": a.origin,
-        "detail": a.detail,
+        "actor": clip(a.actor, size["actor"]),
+        "action": clip(a.action, size["action"]),
+        "patient_id": None if a.patient_id is None else clip(a.patient_id, size["patient_id"]),
+        "origin": None if a.origin is None else clip(a.origin, size["origin"]),
+        "detail": clip_json(a.detail, AUDIT_DETAIL_MAX),
     }
 
 
@@ -483,19 +495,33 @@ class SqlStore:
             update(t.meta).where(t.meta.c.key == ACCESS_VERSION_KEY).values(value=token)
         )
 
-    async def add_ward_member(self, username: str, ward: str) -> None:
+    async def add_ward_member(
+        self, username: str, ward: str, *, audit: AuditRow | None = None
+    ) -> bool:
+        """Put a user in a ward's care team; False (nothing written) when they were in it."""
         async with self.engine.begin() as conn:
-            await conn.execute(
+            result = await conn.execute(
                 self._insert_ignore(t.ward_members).values(username=username, ward=ward)
             )
+            if not result.rowcount:
+                return False
+            if audit is not None:
+                await conn.execute(insert(t.audit), [_audit_row(audit)])
             await self._access_changed(conn)
+            return True
 
-    async def assign(self, username: str, pid: str) -> None:
+    async def assign(self, username: str, pid: str, *, audit: AuditRow | None = None) -> bool:
+        """Assign a patient to a user; False (nothing written) when they were assigned."""
         async with self.engine.begin() as conn:
-            await conn.execute(
+            result = await conn.execute(
                 self._insert_ignore(t.assignments).values(username=username, patient_id=pid)
             )
+            if not result.rowcount:
+                return False
+            if audit is not None:
+                await conn.execute(insert(t.audit), [_audit_row(audit)])
             await self._access_changed(conn)
+            return True
 
     async def add_grant(
         self, username: str, pid: str, reason: str, now: float, expires_at: float
@@ -798,7 +824,15 @@ class SqlStore:
             ).first()
         return None if row is None else Binding(did, row.patient_id, row.start_ts, None)
 
-    async def create_user(self, username: str, password_hash: str, role: str, now: float) -> None:
+    async def create_user(
+        self,
+        username: str,
+        password_hash: str,
+        role: str,
+        now: float,
+        *,
+        audit: AuditRow | None = None,
+    ) -> None:
         row = {
             "username": username,
             "password_hash": password_hash,
@@ -810,6 +844,8 @@ class SqlStore:
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(insert(t.users), [row])
+                if audit is not None:
+                    await conn.execute(insert(t.audit), [_audit_row(audit)])
                 await self._access_changed(conn)  # every server learns the user at once
         except IntegrityError:
             raise Conflict(f"user {username} already exists", field="id") from None
@@ -844,10 +880,12 @@ class SqlStore:
         password_hash: str | None = None,
         revoke_tokens: bool = False,
         audit: AuditRow | None = None,
+        keep_admin: bool = False,
     ) -> dict[str, Any]:
         """Change a user's role, disabled flag or password; ``revoke_tokens`` raises the token
         generation (every token issued before stops working). ``audit`` is written in the same
         transaction; the access version changes with it, so every server applies it at once.
+        ``keep_admin``: refuse (Conflict, nothing written) when no enabled admin would be left.
         Returns the user as it was before the change. Raises NotFound."""
         c = t.users.c
         values: dict[str, Any] = {}
@@ -860,6 +898,8 @@ class SqlStore:
         if revoke_tokens:
             values["token_gen"] = c.token_gen + 1
         async with self.engine.begin() as conn:
+            if keep_admin:
+                await self._lock_admins(conn)
             before = (
                 await conn.execute(
                     select(c.username, c.role, c.disabled, c.token_gen).where(
@@ -871,18 +911,45 @@ class SqlStore:
                 raise NotFound(f"user {username} does not exist", field="username")
             if values:
                 await conn.execute(update(t.users).where(c.username == username).values(**values))
+            if keep_admin:
+                await self._check_an_admin_left(conn, username)
             if audit is not None:
                 await conn.execute(insert(t.audit), [_audit_row(audit)])
             await self._access_changed(conn)
         return dict(before._mapping) | {"disabled": bool(before.disabled)}
 
-    async def delete_user(self, username: str, *, audit: AuditRow | None = None) -> None:
+    async def _lock_admins(self, conn: Any) -> None:
+        """First in a transaction that may demote, disable or delete an admin: on PostgreSQL,
+        lock the admins' rows, so two such changes made at once take turns and the second one
+        counts what the first left (SQLite has one writer at a time anyway)."""
+        if self.backend == "postgresql":
+            await conn.execute(
+                select(t.users.c.username).where(t.users.c.role == "admin").with_for_update()
+            )
+
+    async def _check_an_admin_left(self, conn: Any, username: str) -> None:
+        """Raise Conflict (rolling the transaction back) when no enabled admin is left."""
+        c = t.users.c
+        q = select(c.username).where(c.role == "admin", c.disabled.is_(False)).limit(1)
+        if (await conn.execute(q)).first() is None:
+            raise Conflict(
+                f"user {username} is the last enabled admin: make another admin first",
+                field="username",
+            )
+
+    async def delete_user(
+        self, username: str, *, audit: AuditRow | None = None, keep_admin: bool = False
+    ) -> None:
         """Delete a user with their ward memberships, assignments and break-glass grants (the
-        audit log keeps their name). Raises NotFound."""
+        audit log keeps their name). ``keep_admin`` as in :meth:`update_user`. Raises NotFound."""
         async with self.engine.begin() as conn:
+            if keep_admin:
+                await self._lock_admins(conn)
             result = await conn.execute(delete(t.users).where(t.users.c.username == username))
             if not result.rowcount:
                 raise NotFound(f"user {username} does not exist", field="username")
+            if keep_admin:
+                await self._check_an_admin_left(conn, username)
             for table in (t.ward_members, t.assignments, t.grants):
                 await conn.execute(delete(table).where(table.c.username == username))
             if audit is not None:
