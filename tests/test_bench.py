@@ -543,3 +543,37 @@ def test_bench_url_and_credentials_errors_name_the_option(tmp_path: Path) -> Non
         assert r.exit_code == 2, (args, r.output)
         flat = " ".join(r.output.replace("│", " ").split())
         assert option in flat and words in flat, (args, flat)
+
+
+def test_bench_login_flood_measures_each_phase_beside_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle, right-password and wrong-password phases on one server: the readings arrive in
+    each, the logins are counted by status, and the wrong passwords meet the throttle."""
+    # the server the bench starts inherits this: each address is held after 2 failures
+    monkeypatch.setenv("VITALWIRE_LOGIN_ADDRESS_FREE", "2")
+    out = tmp_path / "login-flood.json"
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "login-flood",
+            *("--loops", "2", "--duration", "4", "--devices", "2", "--clients", "1"),
+            *("--json", str(out)),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    idle, right, wrong = result["phases"]
+    assert [p["phase"] for p in (idle, right, wrong)] == [
+        "idle",
+        "right password",
+        "wrong password",
+    ]
+    for p in (idle, right, wrong):
+        assert p["lost"] == 0 and p["latency_ms"]["n"] > 0 and p["ping_ms"]["n"] > 0, p
+        assert p["logins_other"] == 0, p
+    assert idle["logins_answered_per_s"] == 0 and idle["p99_vs_idle"] == 1.0
+    assert right["logins_ok"] > 0 and right["logins_refused_401"] == 0
+    assert wrong["logins_ok"] == 0 and wrong["logins_refused_401"] > 0
+    assert wrong["logins_throttled_429"] > 0

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import REQUIRE_SERVICES, RunningServer, start_server, stop_server, wait_until
 from vitalwire.bus import Bus, open_bus
+from vitalwire.bus.base import event_cost
 from vitalwire.bus.redis import RedisBus, parse_url
 from vitalwire.wire import Event
 
@@ -327,3 +328,23 @@ async def test_server_on_the_redis_bus_serves_its_clients_and_other_processes(
     finally:
         await stop_server(srv, task)
         await other.close()
+
+
+async def test_the_redis_bus_bounds_its_own_history_in_bytes_and_reads_the_rest_from_redis(
+    prefix: str,
+) -> None:
+    cost = event_cost(_events("patient:A", range(1, 2))[0])  # the same for offsets 1 to 9
+    b = RedisBus(f"{REDIS}?prefix={prefix}", history_size=5, history_bytes=cost * 3)
+    await b.open(Received())
+    try:
+        await b.publish(_events("patient:A", range(1, 5)))
+        await b.publish(_events("patient:B", range(1, 3)))
+        # in memory: the three latest of all; the oldest went first, whatever their stream
+        assert b.recent.bytes == cost * 3
+        held = [(e.stream, e.offset) for s in "AB" for e in b.recent.ring(f"patient:{s}") or ()]
+        assert held == [("patient:A", 4), ("patient:B", 1), ("patient:B", 2)]
+        await wait_until(lambda: not b._pending, what="the events in Redis")
+        # what memory let go of, Redis still has (it keeps history_size per stream)
+        assert [e.offset for e in await b.history("patient:A", 1) or []] == [2, 3, 4]
+    finally:
+        await b.close()

@@ -293,3 +293,40 @@ async def test_idempotency_key_still_answers_after_the_command_finished(
     finally:
         await mon.close()
     assert again["command_id"] == first["command_id"] and again["status"] == "completed"
+
+
+async def test_an_answer_whose_event_cannot_be_built_leaves_the_command_as_it_was(
+    server: RunningServer,
+) -> None:
+    """Past the decode-time bounds (a server's own mistake): the command keeps its state and
+    its stream keeps its offsets; the device's next valid answer settles it."""
+    did, _, pid = server.device(0)
+    stream = f"patient:{pid}"
+    svc = server.services
+    mon = await monitor(server)
+    try:
+        async with device(server) as dev:
+            cmd = (await send(mon, pid, "set_interval", args={"interval_s": 5})).data["command"]
+            cid = (await next_command(dev))["command_id"]
+            await svc.writer.flush()
+            head = svc.streams.head(stream)
+            broken = wire.CommandResult(cid, "completed")
+            inner = broken.data = {}
+            for _ in range(5000):  # set after construction: what no decoder would let through
+                inner["a"] = inner = {}
+            with pytest.raises(RecursionError):
+                svc.commands.on_result(svc.ingest.sessions[did], broken)
+            await svc.writer.flush()
+            assert svc.streams.head(stream) == head
+            row = await svc.store.get_command(cid)
+            assert row is not None and (row["status"], row["result"]) == ("sent", None)
+            await answer(dev, cid, "completed", data={"interval_s": 5.0})
+            assert await statuses(mon, cmd["command_id"], "completed") == [
+                "queued",
+                "sent",
+                "completed",
+            ]
+    finally:
+        await mon.close()
+    events = await svc.store.events_after(stream, 0, 1000)
+    assert [e.offset for e in events] == list(range(1, len(events) + 1))

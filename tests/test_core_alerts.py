@@ -16,8 +16,13 @@ from vitalwire.core.alerts import (
     CONDITION_ENDED,
     CONDITION_ENDED_LATCHING,
     CONDITION_RETURNED,
+    CURRENT,
+    DEVICE_CLOCK_BEHIND,
+    DEVICE_IDENTITY_CONFLICT,
     ESCALATE,
     EVENTS,
+    FUTURE,
+    LATE,
     RAISE_PRIORITY,
     RESOLVED,
     STATES,
@@ -27,6 +32,7 @@ from vitalwire.core.alerts import (
     IllegalTransition,
     News2Change,
     PatientAlerts,
+    Timeliness,
     transition,
 )
 from vitalwire.core.errors import Conflict, InvalidMessage, NotFound
@@ -931,4 +937,74 @@ def test_news2_change_when_a_missing_parameter_arrives() -> None:
             False,
             "≥ 0, incomplete",
         ),
+    ]
+
+
+# -- identity conflict and the time of a reading ---------------------------------------------------
+
+
+def test_identity_conflict_is_a_medium_technical_alert_while_it_lasts() -> None:
+    """Raised at once, once; a later conflict extends it; it ends on its own when the time runs
+    out with no new conflict (a tick), and unbinding the device ends it too."""
+    engine = PatientAlerts(P, config=AlertConfig(escalation_medium_s=None))
+    raised = engine.on_identity_conflict(0.0, "d1", until=300.0)
+    assert summary(raised) == [("raised", DEVICE_IDENTITY_CONFLICT, "medium", ACTIVE, 0.0)]
+    assert raised[0].category == "technical" and raised[0].device == "d1"  # type: ignore[union-attr]
+    assert "identity in use twice" in raised[0].message  # type: ignore[union-attr]
+    assert engine.on_identity_conflict(100.0, "d1", until=400.0) == []  # no second alert
+    assert engine.tick(399.0) == []
+    assert summary(engine.tick(400.0)) == [
+        ("resolved", DEVICE_IDENTITY_CONFLICT, "medium", RESOLVED, 400.0)
+    ]
+    engine.on_identity_conflict(500.0, "d1", until=800.0)
+    assert summary(engine.on_device_status(510.0, "d1", "unbound"), DEVICE_IDENTITY_CONFLICT) == [
+        ("resolved", DEVICE_IDENTITY_CONFLICT, "medium", RESOLVED, 510.0)
+    ]
+
+
+def test_identity_conflict_stays_while_the_device_is_offline() -> None:
+    engine = PatientAlerts(P)
+    engine.on_identity_conflict(0.0, "d1", until=300.0)
+    changes = engine.on_device_status(1.0, "d1", "offline")
+    assert summary(changes, DEVICE_IDENTITY_CONFLICT) == []
+    assert {a.condition for a in engine.active()} == {DEVICE_IDENTITY_CONFLICT, "device_offline"}
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        (1000.0, CURRENT),
+        (1005.0, CURRENT),  # at the skew bound
+        (1005.001, FUTURE),
+        (4600.0, FUTURE),  # an hour ahead
+        (940.0, CURRENT),  # at the late bound
+        (939.999, LATE),
+        (400.0, LATE),  # a spool replayed ten minutes after an outage
+    ],
+)
+def test_a_reading_is_current_late_or_future_by_its_device_time(ts: float, expected: str) -> None:
+    assert Timeliness(late_s=60.0, ahead_s=5.0).of(ts, now=1000.0) == expected
+
+
+def test_timeliness_bounds_are_checked() -> None:
+    with pytest.raises(ValueError, match="late_s must be positive"):
+        Timeliness(late_s=0.0)
+    with pytest.raises(ValueError, match="ahead_s not negative"):
+        Timeliness(ahead_s=-1.0)
+
+
+def test_late_readings_raise_nothing_but_a_device_sending_only_late_ones_is_flagged() -> None:
+    """A replayed spool (late readings, then current ones) raises nothing; a device whose every
+    reading stays late for late_only_delay_s (its clock is behind: none of its values would ever
+    alarm) raises device_clock_behind, which its next current reading ends."""
+    engine = PatientAlerts(P, config=AlertConfig(escalation_medium_s=None))
+    changes = [c for t in range(30) for c in engine.on_late_reading(float(t), "d1")]
+    changes += feed(engine, [30.0], {"spo2": 97, "hr": 70})
+    assert summary(changes) == []
+    changes = [c for t in range(31, 91) for c in engine.on_late_reading(float(t), "d1")]
+    changes += engine.tick(90.0)
+    assert summary(changes) == []
+    assert summary(engine.tick(91.0)) == [("raised", DEVICE_CLOCK_BEHIND, "medium", ACTIVE, 91.0)]
+    assert summary(engine.on_reading(92.0, "d1", {"spo2": 97}), DEVICE_CLOCK_BEHIND) == [
+        ("resolved", DEVICE_CLOCK_BEHIND, "medium", RESOLVED, 92.0)
     ]

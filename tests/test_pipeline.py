@@ -217,18 +217,37 @@ async def test_too_many_readings_in_one_frame(server: RunningServer) -> None:
 
 
 async def test_duplicate_seq_is_dropped_and_acked(server: RunningServer) -> None:
+    """A true resend (same seq, same reading) is acked; another reading under a used seq is
+    refused with ``conflicting_seq`` naming the seq and the high seq, not acked, counted."""
+    sent = {seq: reading(seq, hr=70 + seq) for seq in (1, 2, 3)}
     async with raw_device(server) as ws:
-        for seq in (1, 2, 3):
-            await ws.send(reading(seq, hr=70 + seq))
+        for frame in sent.values():
+            await ws.send(frame)
         acks = [await recv_json(ws)]
         while acks[-1]["seq"] < 3:  # cumulative, and at most one per ack_min_interval_ms
             acks.append(await recv_json(ws))
         assert acks[-1] == {"type": "ack", "seq": 3} and all(a["type"] == "ack" for a in acks)
-        await ws.send(reading(2, hr=99))
+        await ws.send(sent[2])
         assert await recv_json(ws) == {"type": "ack", "seq": 3}
+        await ws.send(reading(2, hr=99))
+        err = await recv_json(ws)
+        assert (err["type"], err["code"], err["field"], err["seq"]) == (
+            "error",
+            "conflicting_seq",
+            "seq",
+            2,
+        )
+        assert "seq 2 is at or below this device's high seq 3" in err["message"]
+        assert "number new readings after 3" in err["message"]
+        await ws.send(reading(4, hr=74))
+        assert await recv_json(ws) == {"type": "ack", "seq": 4}  # nothing else came between
+    assert server.services.ingest.conflicting_seqs == 1
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        metrics = (await http.get("/metrics")).json()
+    assert metrics["conflicting_seqs"] == 1
     rows = await server.services.store.events_after(f"patient:{server.device(0)[2]}", 0, 100)
     readings = [e.data for e in rows if e.kind == "reading"]
-    assert [(r["seq"], r["hr"]) for r in readings] == [(1, 71.0), (2, 72.0), (3, 73.0)]
+    assert [(r["seq"], r["hr"]) for r in readings] == [(1, 71.0), (2, 72.0), (3, 73.0), (4, 74.0)]
 
 
 async def test_many_readings_are_written_in_few_transactions(server: RunningServer) -> None:

@@ -29,8 +29,13 @@ from tests.conftest import (
 )
 from tests.netproxy import Proxy
 from tests.rawws import StalledClient
+from vitalwire.bus import open_bus
 from vitalwire.sdk import DeviceClient, MonitorClient, StreamEvent
 from vitalwire.services.container import prune
+from vitalwire.services.streams import Streams
+from vitalwire.services.writer import BatchWriter
+from vitalwire.store import ReadingRow, open_store
+from vitalwire.wire import Event
 
 
 def store_rows(db_path: Path) -> tuple[dict[str, list[int]], dict[str, list[int]], list[Any]]:
@@ -498,3 +503,98 @@ async def test_restart_rebuilds_the_snapshot_beyond_recent_events(tmp_path: Path
 class _Nobody:
     def push(self, event: object) -> None:
         pass
+
+
+def _unencodable() -> dict[str, Any]:
+    """An event body msgspec cannot encode: nested past the interpreter's recursion limit (what a
+    device's ``command_result.data`` did before it was bounded at decode time)."""
+    body: dict[str, Any] = {}
+    inner = body
+    for _ in range(5000):
+        inner["a"] = inner = {}
+    return body
+
+
+async def _stream_past_an_unencodable_event(tmp_path: Path) -> tuple[str, list[int]]:
+    """Start a server on the store in ``tmp_path``; 10 readings with an event that cannot be
+    encoded built in their middle; return the device and the offsets a subscriber saw."""
+    srv, task = await start_server(tmp_path, patients=1)
+    did, secret, pid = srv.device(0)
+    stream = f"patient:{pid}"
+    user, pw = srv.user()
+    mon = MonitorClient(srv.url, username=user, password=pw)
+    received: list[StreamEvent] = []
+    try:
+        await mon.connect()
+        await mon.subscribe([stream], since={stream: 0})
+        reader = asyncio.create_task(collect(mon, received))
+        async with DeviceClient(srv.url, did, secret) as dev:
+            for i in range(10):
+                if i == 5:
+                    with pytest.raises(RecursionError):
+                        srv.services.streams.new_event(
+                            stream, "command", srv.services.clock(), _unencodable()
+                        )
+                dev.send(hr=60 + i)
+                await dev.flush()
+        head = srv.services.streams.head(stream)
+        await wait_until(lambda: received and received[-1].offset >= head, 10, "the stream")
+        reader.cancel()
+    finally:
+        await mon.close()
+        await stop_server(srv, task)
+    return did, [e.offset for e in received]
+
+
+async def test_an_event_that_cannot_be_encoded_leaves_no_gap_in_its_stream(tmp_path: Path) -> None:
+    for run in range(2):  # the second is a restart on the same store
+        did, seen = await _stream_past_an_unencodable_event(tmp_path)
+        assert seen == list(range(1, len(seen) + 1)), f"run {run}: a client saw a gap"
+        seqs, offsets, _ = store_rows(tmp_path / "vitalwire.db")
+        assert_contiguous(offsets)
+        assert len(seqs[did]) == 10 * (run + 1)
+
+
+async def _build_and_abandon(db: str) -> list[int]:
+    """Open the store; submit units of a reading and an alert change as ingest builds them, and
+    build two more that are never submitted; return the offsets of the middle unit."""
+    stream, alerts = "patient:P001", "alerts"
+    store = open_store(db)
+    await store.open()
+    bus = open_bus("memory://")
+    streams = Streams(store, bus)
+    await streams.load()
+    await bus.open(streams.on_events)
+    writer = BatchWriter(store, bus, settle=streams.settle)
+    writer.start()
+
+    def unit(hr: float) -> tuple[list[ReadingRow], list[Event]]:
+        data = {"device": "d", "seq": int(hr), "hr": hr}
+        e = streams.new_event(stream, "reading", 1.0, data)
+        a = streams.new_event(alerts, "alert", 1.0, {"alert_id": f"A{hr:g}", "state": "resolved"})
+        return [ReadingRow("d", int(hr), "P001", e.offset, 1.0, 1.0)], [e, a]
+
+    try:
+        writer.submit(*unit(1))
+        unit(2)  # built, then abandoned: an exception before it reached the writer
+        rows, events = unit(3)
+        unit(4)  # abandoned after another unit was built
+        writer.submit(rows, events)
+        assert rows[0].stream_offset == events[0].offset  # the reading's row follows it
+        writer.submit(*unit(5))
+        await writer.flush()
+    finally:
+        await writer.stop()
+        await bus.close()
+        await store.close()
+    return [e.offset for e in events]
+
+
+async def test_events_built_but_never_submitted_leave_no_gap(tmp_path: Path) -> None:
+    """Whatever fails between building a unit's events and submitting them (here: nothing
+    submits them), the offsets they took go to the next events submitted."""
+    db = f"sqlite:///{tmp_path / 'gap.db'}"
+    assert await _build_and_abandon(db) == [2, 2]
+    assert await _build_and_abandon(db) == [5, 5]  # a restart: on from the store's heads
+    _, offsets, _ = store_rows(tmp_path / "gap.db")
+    assert offsets == {"patient:P001": [1, 2, 3, 4, 5, 6], "alerts": [1, 2, 3, 4, 5, 6]}

@@ -92,6 +92,43 @@ class Settings(BaseSettings):
     max_streams_per_connection: int = Field(200, ge=1)
     #: Most events one subscribe may replay; beyond it the reply says recovered: false.
     max_replay: int = Field(50_000, ge=1)
+    #: Threads that check login passwords, off the event loop (one argon2id check already runs
+    #: its 4 lanes on up to 4 threads: about 1.6 cores for 100 ms).
+    login_workers: int = Field(1, ge=1, le=64)
+    #: Password checks that may wait for a thread; one more login is answered 429 at once.
+    login_queue: int = Field(16, ge=0, le=10_000)
+    #: Failed logins from one address before it waits: 1 s, doubling to login_address_max_delay_s.
+    login_address_free: int = Field(10, ge=1, le=1000)
+    #: The longest wait of an address after failed logins (seconds).
+    login_address_max_delay_s: float = Field(300.0, ge=1, le=86_400)
+    #: Failed logins for one account before it waits: 1 s, doubling to login_account_max_delay_s.
+    login_account_free: int = Field(5, ge=1, le=100)
+    #: The longest wait of an account (seconds); an address it logged in from is not held.
+    login_account_max_delay_s: float = Field(60.0, ge=1, le=3600)
+    #: An address or account with no failed login for this long starts again from zero.
+    login_forget_s: float = Field(900.0, gt=0, le=86_400)
+    #: Addresses (and accounts) the login throttle remembers at most, each (least recent go first).
+    login_throttle_keys: int = Field(10_000, ge=1, le=10_000_000)
+    #: Largest frame read before a WebSocket authenticated (its hello/auth): past it, close 1009.
+    pre_auth_frame_bytes: int = Field(8192, ge=1024, le=1_048_576)
+    #: Unauthenticated WebSockets per client address / in total; past either, HTTP 429 / 503.
+    pre_auth_per_address: int = Field(64, ge=1)
+    pre_auth_total: int = Field(500, ge=1)
+    #: The URL browsers use to reach this server behind a proxy (its origin may open WebSockets).
+    public_url: str | None = None
+    #: Largest HTTP request body: past it, 413 without reading the rest.
+    max_body_bytes: int = Field(65_536, ge=1024, le=64 * 1_048_576)
+    #: Bytes of events the bus keeps in memory over all streams (oldest evicted first).
+    bus_history_bytes: int = Field(256 * 1_048_576, ge=1_048_576)
+    #: A reading stamped longer ago than this is stored and shown (marked late) but raises no
+    #: live alarm (docs/alerts.md); one stamped more than reading_max_ahead_s ahead is refused.
+    reading_late_s: float = Field(60.0, ge=5, le=86_400)
+    reading_max_ahead_s: float = Field(5.0, ge=0, le=3600)
+    #: This many identity conflicts (two live units, one device id) within the window refuse new
+    #: sessions of the identity for identity_cooldown_s (close 4010); the alert lasts the window.
+    identity_conflict_max: int = Field(3, ge=1, le=100)
+    identity_conflict_window_s: float = Field(300.0, ge=10, le=86_400)
+    identity_cooldown_s: float = Field(60.0, ge=1, le=86_400)
 
     @model_validator(mode="after")
     def _frame_limits(self) -> Settings:

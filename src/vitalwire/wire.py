@@ -6,12 +6,18 @@ docs/protocol.md is the reference for each message; this module is its implement
 Decoding checks shape and types only (and rejects unknown fields, so a misspelt metric is an error,
 not silently dropped). Physical bounds live in :mod:`vitalwire.core.metrics` so a bad value in a
 batch rejects that reading alone.
+
+What a peer may send freely is bounded here, at decode time, so nothing downstream (the event's
+encoding, the store, a restart) meets a value it cannot handle: free-form JSON (``command_result``
+``data``, a command's ``args``) by depth and size, integers to 64 bits, strings the server keeps or
+forwards by length. Readings carry no free-form field: their decoding costs nothing more.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+import sys
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -28,16 +34,63 @@ class Close:
     MESSAGE_TOO_BIG = 1009  # past the hard frame limit: the server cannot even read it
     INTERNAL_ERROR = 1011  # unexpected server failure
     TRY_AGAIN_LATER = 1013  # the server is shutting down and takes no new sessions
-    UNAUTHENTICATED = 4001  # missing/wrong credential, or first message not auth/hello
+    UNAUTHENTICATED = 4001  # missing/wrong credential, first message not auth/hello, or revoked
     AUTH_TIMEOUT = 4002  # no auth/hello within the auth timeout
     FORBIDDEN = 4003  # reserved for access control
     HEARTBEAT_TIMEOUT = 4004  # nothing received for 3 heartbeat intervals
     SLOW_CONSUMER = 4008  # send queue full: reconnect and resume from the last offset
     REPLACED = 4009  # the same device connected again; this connection is superseded
+    IDENTITY_CONFLICT = 4010  # two live units use one device identity: new sessions refused
     RATE_LIMITED = 4029  # reserved for rate limits
 
 
 _opts: dict[str, Any] = {"tag_field": "type", "forbid_unknown_fields": True, "omit_defaults": True}
+
+#: Free-form JSON from a peer (``command_result.data``, a command's ``args``) nests at most this
+#: many levels (the field's own object is level 1) ...
+MAX_DEPTH: Final = 16
+#: ... and holds at most this many values in all (members and elements, nested ones included).
+MAX_ITEMS: Final = 1000
+#: Integers from a peer (ids, offsets, free-form values): 64-bit signed, as the store keeps them.
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**63 - 1
+Int64 = Annotated[int, msgspec.Meta(ge=INT_MIN, le=INT_MAX)]
+#: A device's ``command_result.message`` (a note for people) is cut to this many characters.
+MAX_NOTE: Final = 500
+#: Strings the server keeps or forwards, bounded in characters (checked at decode time).
+Str64 = Annotated[str, msgspec.Meta(max_length=64)]
+Str256 = Annotated[str, msgspec.Meta(max_length=256)]
+Str4096 = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+def check_free_form(field: str, value: dict[str, Any] | list[Any]) -> None:
+    """Raise :class:`InvalidMessage` naming ``field`` and the bound unless decoded JSON ``value``
+    nests at most ``MAX_DEPTH`` levels, holds at most ``MAX_ITEMS`` values and its integers fit
+    in 64 bits.
+
+    A loop, not recursion: the check must not itself fail on what it guards against."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(value, 1)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if type(node) is dict else node
+        items += len(children)
+        if items > MAX_ITEMS:
+            raise InvalidMessage(
+                f"{field} must hold at most {MAX_ITEMS} values (nested ones included)", field=field
+            )
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                if depth >= MAX_DEPTH:
+                    raise InvalidMessage(
+                        f"{field} must nest at most {MAX_DEPTH} levels deep", field=field
+                    )
+                stack.append((child, depth + 1))
+            elif kind is int and not INT_MIN <= child <= INT_MAX:
+                raise InvalidMessage(
+                    f"{field} must hold integers between {INT_MIN} and {INT_MAX}", field=field
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,12 +130,13 @@ class ReadingBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
 
 class Hello(msgspec.Struct, tag="hello", **_opts):
     device_id: str
-    secret: str
-    firmware: str | None = None
-    last_seq: int | None = None
+    secret: Str256
+    #: Copied into every ``device_status`` ``online`` event.
+    firmware: Str64 | None = None
+    last_seq: Int64 | None = None
     #: The longest the device may stay silent (report by exception); past it (x1.5) it is "silent".
     max_silence_s: float | None = None
-    protocol: int = PROTOCOL_VERSION
+    protocol: Int64 = PROTOCOL_VERSION
 
 
 class Reading(ReadingBody, tag="reading", **_opts):
@@ -94,23 +148,32 @@ class Readings(msgspec.Struct, tag="readings", **_opts):
 
 
 class Ping(msgspec.Struct, tag="ping", **_opts):
-    id: int | None = None
+    id: Int64 | None = None
     ts: float | None = None
 
 
 class Pong(msgspec.Struct, tag="pong", **_opts):
-    id: int | None = None
+    id: Int64 | None = None
     ts: float | None = None
 
 
 class CommandResult(msgspec.Struct, tag="command_result", **_opts):
     """A device's answer to a command: ``acknowledged`` (working on it), then ``completed`` or
-    ``failed`` (with a ``message``); ``data`` carries any result."""
+    ``failed`` (with a ``message``); ``data`` carries any result, within ``MAX_DEPTH`` and
+    ``MAX_ITEMS`` (checked here, so a device SDK learns it before sending, as the server does
+    when decoding). A longer ``message`` is cut: it is a note for people, and refusing a final
+    answer for its length would leave the command unsettled."""
 
     command_id: str
     status: str
     message: str | None = None
     data: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.data is not None:
+            check_free_form("data", self.data)
+        if self.message is not None and len(self.message) > MAX_NOTE:
+            self.message = self.message[: MAX_NOTE - 1] + "…"
 
 
 class Waveform(msgspec.Struct, tag="waveform", **_opts):
@@ -120,7 +183,8 @@ class Waveform(msgspec.Struct, tag="waveform", **_opts):
     rate_hz: float
     samples: list[float]
     kind: str = "pleth"
-    command_id: str | None = None
+    #: Not checked, but kept in the ``waveform`` event.
+    command_id: Str64 | None = None
 
 
 DeviceMessage = Hello | Reading | Readings | CommandResult | Waveform | Ping | Pong
@@ -169,26 +233,26 @@ class Error(msgspec.Struct, tag="error", **_opts):
 
 
 class Auth(msgspec.Struct, tag="auth", **_opts):
-    token: str
-    id: int | None = None
+    token: Str4096
+    id: Int64 | None = None
 
 
 class Subscribe(msgspec.Struct, tag="subscribe", **_opts):
     streams: list[str]
-    since: dict[str, int] | None = None
+    since: dict[str, Int64] | None = None
     #: Send several queued events in one ``events`` frame (for this whole connection).
     batch: bool = False
-    id: int | None = None
+    id: Int64 | None = None
 
 
 class Unsubscribe(msgspec.Struct, tag="unsubscribe", **_opts):
     streams: list[str]
-    id: int | None = None
+    id: Int64 | None = None
 
 
 class AckAlert(msgspec.Struct, tag="ack_alert", **_opts):
     alert_id: str
-    id: int | None = None
+    id: Int64 | None = None
 
 
 class SetLimits(msgspec.Struct, tag="set_limits", **_opts):
@@ -196,12 +260,12 @@ class SetLimits(msgspec.Struct, tag="set_limits", **_opts):
 
     patient_id: str
     limits: dict[str, dict[str, float | None]]
-    id: int | None = None
+    id: Int64 | None = None
 
 
 class GetLimits(msgspec.Struct, tag="get_limits", **_opts):
     patient_id: str
-    id: int | None = None
+    id: Int64 | None = None
 
 
 class SetObservations(msgspec.Struct, tag="set_observations", **_opts):
@@ -210,8 +274,8 @@ class SetObservations(msgspec.Struct, tag="set_observations", **_opts):
     patient_id: str
     on_oxygen: bool | None = None
     consciousness: str | None = None
-    scale: int | None = None
-    id: int | None = None
+    scale: Int64 | None = None
+    id: Int64 | None = None
 
 
 class SendCommand(msgspec.Struct, tag="command", **_opts):
@@ -224,7 +288,11 @@ class SendCommand(msgspec.Struct, tag="command", **_opts):
     idempotency_key: str | None = None
     ttl_s: float | None = None
     timeout_s: float | None = None
-    id: int | None = None
+    id: Int64 | None = None
+
+    def __post_init__(self) -> None:
+        if self.args:
+            check_free_form("args", self.args)
 
 
 class BreakGlass(msgspec.Struct, tag="break_glass", **_opts):
@@ -232,7 +300,7 @@ class BreakGlass(msgspec.Struct, tag="break_glass", **_opts):
 
     patient_id: str
     reason: str
-    id: int | None = None
+    id: Int64 | None = None
 
 
 ClientMessage = (
@@ -285,7 +353,17 @@ class Events(msgspec.Struct, tag="events", tag_field="type"):
     items: list[EventFrame]
 
 
-ServerToClient = Result | Subscribed | EventFrame | Events | Error | Ping | Pong
+class Unsubscribed(msgspec.Struct, tag="unsubscribed", **_opts):
+    """Server -> client: the server ended these subscriptions because the right to watch them
+    ended (break-glass expired, taken off the care team, a role change); nothing more of them
+    follows. ``code`` is an error code (``forbidden``), ``reason`` says why, for people."""
+
+    streams: list[str]
+    code: str
+    reason: str
+
+
+ServerToClient = Result | Subscribed | EventFrame | Events | Unsubscribed | Error | Ping | Pong
 ServerToDevice = Welcome | Ack | Command | Error | Ping | Pong
 
 
@@ -359,7 +437,7 @@ _client_decoder = msgspec.json.Decoder(ClientMessage)
 _server_to_client = msgspec.json.Decoder(ServerToClient)
 _server_to_device = msgspec.json.Decoder(ServerToDevice)
 
-_PATH_RE = re.compile(r" - at `\$(?:\.([A-Za-z_][\w]*))?((?:\[\d+\]|\.\w+)*)`$")
+_PATH_RE = re.compile(r" - at `\$(?:\.([A-Za-z_][\w]*))?((?:\[\d+\]|\[\.\.\.\]|\.\w+)*)`$")
 _NAMED_RE = re.compile(r"(?:unknown|required) field `(\w+)`")
 _TYPE_HINT = {
     DeviceMessage: "hello, reading, readings, command_result, waveform, ping, pong",
@@ -379,16 +457,51 @@ def encode_text(msg: Any) -> str:
     return _encoder.encode(msg).decode()
 
 
+#: A JSON string (with its key's colon, if it is one) or a bracket: enough to follow nesting.
+_TOKEN_RE = re.compile(rb'"([^"\\]*(?:\\.[^"\\]*)*)"\s*(:)?|[\[{]|[\]}]')
+_OUT_OF_RANGE = f"numbers must be finite, at most {sys.float_info.max:.4g} in magnitude"
+
+
+def _too_deep(data: bytes | str) -> str | None:
+    """The top-level field whose value nests past ``MAX_DEPTH``, from the raw frame.
+
+    Only for a frame the decoder gave up on (it nests about a thousand levels): a frame this deep
+    is bad whatever it is, and naming its field must not recurse either."""
+    raw = data.encode() if isinstance(data, str) else data
+    depth = 0
+    key = None
+    for m in _TOKEN_RE.finditer(raw):
+        token = m.group()
+        if token in b"[{":
+            depth += 1
+            if depth > MAX_DEPTH + 1:  # the message's own object is depth 1
+                return key
+        elif token in b"]}":
+            depth -= 1
+        elif depth == 1 and m.group(2):
+            key = m.group(1).decode(errors="replace")
+    return None
+
+
 def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, kinds: str) -> Any:
     try:
         return decoder.decode(data)
+    except RecursionError:
+        field = _too_deep(data)
+        what = field or "a message"
+        raise InvalidMessage(
+            f"{what} must nest at most {MAX_DEPTH} levels deep", field=field
+        ) from None
     except msgspec.ValidationError as exc:
         text = str(exc)
         m = _PATH_RE.search(text)
         field = None
         if m:
-            field = (m.group(1) or "") + (m.group(2) or "") or None
+            path = (m.group(1) or "") + (m.group(2) or "").replace("[...]", "")
+            field = path or None
             text = text[: m.start()]
+        if text == "Number out of range":
+            text = _OUT_OF_RANGE
         named = _NAMED_RE.search(text)
         if named:
             inner = named.group(1)

@@ -398,3 +398,72 @@ def bench_catchup_cmd(
     )
     if json_path:
         write_json(json_path, r)
+
+
+@bench_app.command("login-flood")
+def bench_login_flood_cmd(
+    loops: Annotated[int, typer.Option(min=1, max=200, help="Parallel login loops.")] = 8,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of load per phase.")] = 20.0,
+    devices: Annotated[int, typer.Option(min=1, help="Device connections.")] = 20,
+    rate: Annotated[float, typer.Option(min=0.1, help="Readings per second per device.")] = 5.0,
+    clients: Annotated[int, typer.Option(min=1, help="Clients, each watching every device.")] = 4,
+    json_path: JsonOpt = None,
+) -> None:
+    """The alarm path (reading -> client) idle, then under parallel right-password and
+    wrong-password login loops, on one server: p99 beside idle, logins/s, 429s, ping."""
+    from rich.table import Table
+
+    from vitalwire.bench.login_flood import bench_login_flood
+    from vitalwire.bench.runner import write_json
+
+    r = asyncio.run(bench_login_flood(loops, duration, devices, rate, clients))
+    t = Table(
+        title=(
+            f"login flood: {loops} login loops; {devices} devices x {rate:g} Hz, {clients} "
+            f"clients; {duration:g} s per phase (target: flood p99 within 2x of idle)"
+        )
+    )
+    for col in (
+        "phase",
+        "p50 ms",
+        "p99 ms",
+        "p99 / idle",
+        "max ms",
+        "lost",
+        "ping p99 ms",
+        "ping max ms",
+        "logins/s",
+        "200",
+        "401",
+        "429",
+        "server CPU %",
+    ):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    for p in r["phases"]:
+        lat, ping = p["latency_ms"], p["ping_ms"]
+        t.add_row(
+            p["phase"],
+            f"{lat['p50']:.2f}",
+            f"{lat['p99']:.2f}",
+            "-" if p["p99_vs_idle"] is None else f"{p['p99_vs_idle']:.2f}",
+            f"{lat['max']:.1f}",
+            str(p["lost"]),
+            f"{ping['p99']:.2f}",
+            f"{ping['max']:.1f}",
+            f"{p['logins_answered_per_s']:,.1f}",
+            str(p["logins_ok"]),
+            str(p["logins_refused_401"]),
+            str(p["logins_throttled_429"]),
+            "-" if p["server_cpu_pct"] is None else f"{p['server_cpu_pct']:.0f}",
+        )
+    Console(width=max(console.width, 150)).print(t)
+    for p in r["phases"]:
+        slow = [s for s in p["timeline"] if s["over_50ms"]]
+        if slow:
+            seconds = ", ".join(f"{s['s']}s {s['over_50ms']:,}" for s in slow[:12])
+            console.print(f"{p['phase']}: readings over 50 ms, by second of the phase: {seconds}")
+    for p in r["phases"]:
+        for err in p["errors"]:
+            console.print(f"[yellow]{p['phase']}: {err}[/yellow]")
+    if json_path:
+        write_json(json_path, r)

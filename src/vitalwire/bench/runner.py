@@ -98,6 +98,9 @@ async def server_process(
         "VITALWIRE_MAX_CONNECTIONS_PER_USER": "100000",
         "VITALWIRE_CLIENT_MSGS_PER_S": "1000000",
         "VITALWIRE_CLIENT_MSGS_BURST": "1000000",
+        # every device and client connects from this one address, all at once
+        "VITALWIRE_PRE_AUTH_PER_ADDRESS": "100000",
+        "VITALWIRE_PRE_AUTH_TOTAL": "100000",
         **os.environ,
         **(env or {}),
     }

@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, urlparse, urlunparse
 
 import msgspec
 
-from vitalwire.bus.base import Listener
+from vitalwire.bus.base import HISTORY_BYTES, History, Listener
 from vitalwire.wire import Event
 
 log = logging.getLogger("vitalwire.bus")
@@ -117,7 +117,9 @@ class RedisBus:
 
     backend = "redis"
 
-    def __init__(self, url: str, history_size: int = 1000) -> None:
+    def __init__(
+        self, url: str, history_size: int = 1000, history_bytes: int = HISTORY_BYTES
+    ) -> None:
         if history_size < 1:
             raise ValueError(f"bus history size must be at least 1, got {history_size}")
         self.url, self.prefix = parse_url(url)
@@ -129,7 +131,9 @@ class RedisBus:
         self.client_name = f"{self.prefix}-{self.origin[:12]}"
         #: subscribed to the channel now
         self.connected = False
-        self._history: dict[str, deque[Event]] = {}
+        #: this process's own recent history (bus/base.py): ``history_size`` events per stream,
+        #: ``history_bytes`` in all; Redis keeps ``history_size`` per stream for every process
+        self.recent = History(history_size, history_bytes)
         self._seen: dict[str, int] = {}  # highest offset delivered per stream
         self._listener: Listener | None = None
         self._redis: Any = None
@@ -334,17 +338,17 @@ class RedisBus:
         """Remember ``events`` (offsets this process has not delivered yet) and hand them on."""
         fresh: list[Event] = []
         seen = self._seen
+        recent = self.recent
         for event in events:
             last = seen.get(event.stream)
             if last is not None and event.offset <= last:
                 continue
             seen[event.stream] = event.offset
-            ring = self._history.get(event.stream)
-            if ring is None:
-                ring = self._history[event.stream] = deque(maxlen=self.history_size)
-            elif ring and ring[-1].offset + 1 != event.offset:
-                ring.clear()  # a gap nothing filled: the history answers by position, from here
-            ring.append(event)
+            ring = recent.ring(event.stream)
+            if ring and ring[-1].offset + 1 != event.offset:
+                # a gap nothing filled: the history answers by position, from here
+                recent.clear(event.stream)
+            recent.add(event)
             fresh.append(event)
         if fresh and self._listener is not None:
             self._listener(fresh)
@@ -352,9 +356,9 @@ class RedisBus:
     # -- history ---------------------------------------------------------------------------------
 
     async def history(self, stream: str, after: int) -> list[Event] | None:
-        ring = self._history.get(stream)
-        if ring and ring[0].offset <= after + 1:
-            return list(islice(ring, max(0, after + 1 - ring[0].offset), None))
+        events = self.recent.after(stream, after)
+        if events is not None:
+            return events
         return await self._from_redis(stream, after, None)
 
     async def _from_redis(self, stream: str, after: int, upto: int | None) -> list[Event] | None:

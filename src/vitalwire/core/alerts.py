@@ -173,8 +173,27 @@ LOW_BATTERY: Final = "low_battery"
 NEWS2_MEDIUM: Final = "news2_medium"
 NEWS2_HIGH: Final = "news2_high"
 APNOEA: Final = "apnoea"
+#: Two live units authenticated as one device (a cloned device, a replaced unit still running
+#: with the old credentials): the readings in the patient's stream may not all be this
+#: patient's. IEC 60601-1-8:2006+A1:2012 calls an alarm condition arising from an
+#: equipment-related variable a *technical alarm condition* and leaves its priority to the risk
+#: analysis (6.1.2, table 1): medium, as ``device_offline``, since in both the patient's data
+#: cannot be relied on and the harm is reversible if someone checks the device promptly.
+DEVICE_IDENTITY_CONFLICT: Final = "device_identity_conflict"
+#: Every reading of a device has been late (:class:`Timeliness`) for
+#: :attr:`AlertConfig.late_only_delay_s`: its clock is behind, or it replays history and sends
+#: nothing current, so none of its values is alarmed. Medium, as ``device_offline``: the
+#: patient is no more monitored for alarms than if the device were gone.
+DEVICE_CLOCK_BEHIND: Final = "device_clock_behind"
 #: Technical conditions (one alert per device).
-TECHNICAL_CONDITIONS: tuple[str, ...] = (DEVICE_OFFLINE, PROBE_OFF, POOR_SIGNAL, LOW_BATTERY)
+TECHNICAL_CONDITIONS: tuple[str, ...] = (
+    DEVICE_OFFLINE,
+    PROBE_OFF,
+    POOR_SIGNAL,
+    LOW_BATTERY,
+    DEVICE_IDENTITY_CONFLICT,
+    DEVICE_CLOCK_BEHIND,
+)
 #: Physiological conditions that never latch: NEWS2 is an aggregate whose band changes are
 #: themselves events, and the vitals behind it have their own (latching) alerts.
 NON_LATCHING: frozenset[str] = frozenset({NEWS2_MEDIUM, NEWS2_HIGH})
@@ -213,6 +232,46 @@ _CESSATIONS_BY_METRIC: Final = {
 #: Largest apnoea delay (s): monitors offer 10-60 s; longer hides a respiratory arrest.
 MAX_APNOEA_DELAY_S = 60.0
 
+# -- the time of a reading -------------------------------------------------------------------
+
+CURRENT: Final = "current"
+LATE: Final = "late"
+FUTURE: Final = "future"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeliness:
+    """Which readings alarms treat as the patient's present state, by device time ``ts``.
+
+    IEC 60601-1-8 defines the alarm condition delay, latching and escalation on the *current*
+    value of a monitored variable: an alarm says "act now". A reading stamped more than
+    ``late_s`` before the server's clock (a spool replayed after an outage, a device's stored
+    history) describes the past: it is stored and shown in the trend, marked ``late``, but feeds
+    no alarm and no NEWS2 (RCP NEWS2 2017 scores the latest observations, and a value from an
+    hour ago replayed now would stand in for the present one). ``late_s`` is 60 s by default:
+    longer than the default alarm condition delays (10-20 s), so a reading that late could only
+    start a delay that should have run out already. A reading stamped more than ``ahead_s``
+    after the server's clock cannot have been measured yet: it is refused (``invalid_reading``
+    naming the bound), never alarmed as current; 5 s covers network delay and the drift of an
+    NTP-synchronised clock.
+    """
+
+    late_s: float = 60.0
+    ahead_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.late_s > 0 or not self.ahead_s >= 0:
+            raise ValueError(
+                f"late_s must be positive and ahead_s not negative, got {self.late_s!r}, "
+                f"{self.ahead_s!r}"
+            )
+
+    def of(self, ts: float, now: float) -> str:
+        """:data:`CURRENT`, :data:`LATE` or :data:`FUTURE` for a reading stamped ``ts``."""
+        if ts > now + self.ahead_s:
+            return FUTURE
+        return LATE if ts < now - self.late_s else CURRENT
+
 
 @dataclass(frozen=True, slots=True)
 class AlertConfig:
@@ -242,6 +301,9 @@ class AlertConfig:
         news2_clear_s: how long the band must be lower before a NEWS2 alert ends.
         apnoea_delay_s: how long the respiration rate must be 0 before ``apnoea`` is raised
             (20 s: see :data:`CESSATIONS`; at most :data:`MAX_APNOEA_DELAY_S`).
+        late_only_delay_s: how long a device may send only late readings before
+            ``device_clock_behind`` is raised (a spool replayed after an outage takes seconds
+            and is followed by current readings; a clock that is behind never is).
         resolved_memory: how many resolved alert ids are remembered, so that acknowledging one
             is a Conflict rather than NotFound.
     """
@@ -260,6 +322,7 @@ class AlertConfig:
     news2_delay_s: float = 60.0
     news2_clear_s: float = 5.0
     apnoea_delay_s: float = 20.0
+    late_only_delay_s: float = 60.0
     resolved_memory: int = 1000
 
     def __post_init__(self) -> None:
@@ -510,6 +573,10 @@ class _Device(msgspec.Struct, gc=False):
     probe: bool | None = None
     pi: float | None = None
     battery: float | None = None
+    #: a second unit with this identity was seen: ``device_identity_conflict`` until then
+    conflict_until: float = -math.inf
+    #: since when every reading of the device has been late (None: its last one was current)
+    late_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,6 +634,26 @@ def _vital_info(
 
 def _offline_info(device: str, online: bool) -> _Info:
     text = f"Device {device} back online" if online else f"Device {device} offline"
+    return _Info(TECHNICAL, device=device, message=text)
+
+
+def _conflict_info(device: str, conflict: bool) -> _Info:
+    text = (
+        f"Device {device} identity in use twice: another unit connects with its credentials; "
+        "readings may not be this patient's"
+        if conflict
+        else f"Device {device} identity no longer in use twice"
+    )
+    return _Info(TECHNICAL, device=device, message=text)
+
+
+def _clock_info(device: str, late: bool, delay_s: float) -> _Info:
+    text = (
+        f"Device {device} sent only late readings for {_num(delay_s)} s (clock behind?): "
+        "its values raise no alarm"
+        if late
+        else f"Device {device} sends current readings again"
+    )
     return _Info(TECHNICAL, device=device, message=text)
 
 
@@ -702,6 +789,7 @@ class PatientAlerts:
             return []
         dev = self._devices.setdefault(device, _Device())
         dev.online = True
+        dev.late_since = None
         probe = values.get("probe")
         if _no_signal(values):
             dev.probe = False  # the oximeter's 0: no signal, whatever ``probe`` says
@@ -763,6 +851,23 @@ class PatientAlerts:
         else:
             self._devices.setdefault(device, _Device()).online = status == "online"
         return changes + self._step(now)
+
+    def on_late_reading(self, now: float, device: str) -> list[Change]:
+        """``device`` sent a late reading (:class:`Timeliness`): its values are history and are
+        not taken; only ``device_clock_behind`` is driven, should nothing current follow for
+        :attr:`AlertConfig.late_only_delay_s`. Cheap once the device is known to be late."""
+        dev = self._devices.setdefault(device, _Device())
+        if dev.late_since is not None:
+            return []
+        dev.late_since = now
+        return self._step(now)
+
+    def on_identity_conflict(self, now: float, device: str, until: float) -> list[Change]:
+        """Two live units use ``device``'s identity: ``device_identity_conflict`` (technical,
+        medium) is raised at once and stays until ``until`` (a later call extends it)."""
+        dev = self._devices.setdefault(device, _Device())
+        dev.conflict_until = max(dev.conflict_until, until)
+        return self._step(now)
 
     def tick(self, now: float) -> list[Change]:
         """Let time pass: delays expire, clear timers end conditions, alerts escalate.
@@ -943,7 +1048,13 @@ class PatientAlerts:
         earlier than needed only brings the next full evaluation forward.
         (``tests/test_core_alerts_ticks.py`` checks this against ``always_full`` engines.)
         """
-        if self._dirty or now >= self._next_due or not dev.online or dev.probe is False:
+        if (
+            self._dirty
+            or now >= self._next_due
+            or not dev.online
+            or dev.probe is False
+            or dev.late_since is not None
+        ):
             return False
         if _no_signal(values):
             return False  # the probe state changes: the full path handles that
@@ -1033,6 +1144,9 @@ class PatientAlerts:
             if track.pending_since is not None or track.clear_since is not None:
                 return now  # a delay or clear timer runs
         due = min(self._next_escalation.values(), default=math.inf)
+        for dev in self._devices.values():
+            if now < dev.conflict_until < due:  # the identity conflict ends then
+                due = dev.conflict_until
         max_age = self._config.news2_max_age_s
         for stored in self._news2_vitals.values():
             ts = stored.at
@@ -1103,6 +1217,28 @@ class PatientAlerts:
                 clear_s=0.0,
                 immediate=True,
                 info=partial(_offline_info, device, dev.online),
+            )
+            conflict = now < dev.conflict_until
+            changes += self._drive(
+                now,
+                (DEVICE_IDENTITY_CONFLICT, device),
+                demand=MEDIUM if conflict else None,
+                clear=not conflict,
+                delay_s=0.0,
+                clear_s=0.0,
+                immediate=True,
+                info=partial(_conflict_info, device, conflict),
+            )
+            late = dev.late_since is not None
+            changes += self._drive(
+                now,
+                (DEVICE_CLOCK_BEHIND, device),
+                demand=MEDIUM if late else None,
+                clear=not late,
+                delay_s=cfg.late_only_delay_s,
+                clear_s=0.0,
+                immediate=False,
+                info=partial(_clock_info, device, late, cfg.late_only_delay_s),
             )
             if not dev.online:
                 for condition in (PROBE_OFF, POOR_SIGNAL, LOW_BATTERY):

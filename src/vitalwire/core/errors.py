@@ -20,18 +20,41 @@
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
+#: An error quotes at most this many characters of any one word (a run without spaces: an id, a
+#: field name, a value) ...
+MAX_QUOTE: Final = 64
+#: ... and says at most this many in all: a peer's 60 KB id is never echoed back, nor logged.
+MAX_MESSAGE: Final = 500
+
+_LONG_WORD: Final = re.compile(rf"\S{{{MAX_QUOTE + 1},}}")
+
+
+def bounded(text: str) -> str:
+    """``text`` with every word longer than ``MAX_QUOTE`` cut to it and ``…``, the whole cut to
+    ``MAX_MESSAGE``. Messages quote what a peer sent; this keeps what they quote small."""
+    if len(text) <= MAX_QUOTE:
+        return text
+    text = _LONG_WORD.sub(lambda m: m.group()[:MAX_QUOTE] + "…", text)
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
 
 class VitalwireError(Exception):
     """Base of every vitalwire error."""
 
 
 class PeerError(VitalwireError):
-    """The peer sent something wrong. ``field`` names the offending field when there is one."""
+    """The peer sent something wrong. ``field`` names the offending field when there is one.
+
+    Both are :func:`bounded` here, once for every error, wherever the message was built."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
-        self.field = field
+        self.field = None if field is None else bounded(field)
 
 
 class InvalidMessage(PeerError):
@@ -59,7 +82,16 @@ class Forbidden(PeerError):
 
 
 class RateLimited(PeerError):
-    """More messages per second, or more connections, than the documented limits."""
+    """More messages per second, or more connections, than the documented limits.
+
+    ``retry_after``: whole seconds after which a retry may succeed, when known (REST sends it as
+    the ``Retry-After`` header)."""
+
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class NotFound(PeerError):

@@ -28,13 +28,14 @@ KINDS: Final = frozenset(
 ALERTS_STREAM: Final = "alerts"
 PATIENT_PREFIX: Final = "patient:"
 
-#: Patient and device ids: letters, digits, ``_ . -``; 1 to 64 characters.
-ID_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: Patient and device ids: letters, digits, ``_ . -``; 1 to 64 characters. Always matched with
+#: ``fullmatch``: a ``$``-anchored ``match`` lets a trailing newline through.
+ID_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def check_id(field: str, value: str) -> str:
     """Return ``value`` when it is a valid patient/device/user id, else raise naming ``field``."""
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise InvalidMessage(
             f"{field} must be 1 to 64 letters, digits, '_', '.' or '-', got {value!r:.80}",
             field=field,

@@ -22,7 +22,8 @@ from vitalwire.core.errors import InvalidReading
 
 #: Earliest device timestamp accepted (2000-01-01T00:00:00Z): anything older is a clock fault.
 MIN_TS = 946_684_800.0
-#: How far ahead of the server clock a device timestamp may be (seconds).
+#: How far ahead of the server clock a device timestamp may be at most (seconds); ingest holds
+#: readings to a much smaller skew (:class:`vitalwire.core.alerts.Timeliness`).
 MAX_CLOCK_AHEAD_S = 3600.0
 #: Largest ``seq`` a device may use (signed 64-bit, what every store column holds).
 MAX_SEQ = 2**63 - 1
@@ -95,14 +96,15 @@ def validate_values(values: Mapping[str, float | None]) -> dict[str, float]:
     return out
 
 
-def validate_header(seq: int, ts: float, now: float) -> None:
-    """Check a reading's ``seq`` and device timestamp ``ts`` (epoch seconds) against ``now``."""
+def validate_header(seq: int, ts: float, now: float, ahead_s: float = MAX_CLOCK_AHEAD_S) -> None:
+    """Check a reading's ``seq`` and device timestamp ``ts`` (epoch seconds) against ``now``:
+    at most ``ahead_s`` after it (ingest passes :attr:`core.alerts.Timeliness.ahead_s`)."""
     if not 1 <= seq <= MAX_SEQ:
         raise InvalidReading(f"seq must be between 1 and {MAX_SEQ}, got {seq}", field="seq")
-    if math.isnan(ts) or not MIN_TS <= ts <= now + MAX_CLOCK_AHEAD_S:
+    if math.isnan(ts) or not MIN_TS <= ts <= now + ahead_s:
         raise InvalidReading(
-            f"ts must be between {_fmt(MIN_TS)} and {_fmt(now + MAX_CLOCK_AHEAD_S)} "
-            f"(server time + {_fmt(MAX_CLOCK_AHEAD_S)} s), got {_fmt(ts)}",
+            f"ts must be between {_fmt(MIN_TS)} and {_fmt(now + ahead_s)} "
+            f"(server time + {_fmt(ahead_s)} s), got {_fmt(ts)}",
             field="ts",
         )
 

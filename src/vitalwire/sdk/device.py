@@ -11,6 +11,16 @@ survive a device restart; the next run loads them and resends. A device that res
 a spool learns from ``welcome.high_seq`` where the server's numbering stands and renumbers its
 unsent readings after it, so they are not mistaken for duplicates.
 
+One identity, one unit: when the server closes the connection with 4009 (``REPLACED``: another
+connection of this device id took over while this one was alive), another unit is using this
+identity (a cloned device, a replaced unit still running). The client does not fight for it: it
+stops, keeps its unacknowledged readings (buffer and spool) for whoever sorts it out, logs a
+warning and sets :attr:`DeviceClient.failure` to :class:`IdentityConflict`, which
+:meth:`DeviceClient.wait_connected` and :meth:`DeviceClient.flush` raise. A reading answered with
+``conflicting_seq`` (its seq was already used by another reading) is not resent: it moves from the
+buffer to :attr:`DeviceClient.conflicted` and is reported like any error (:attr:`errors`,
+``on_error``, a warning in the log).
+
 Report by exception (push on change): with a :class:`ReportByException` policy, a measurement is
 sent only when a metric moved past its deadband since the last one sent, or when ``max_silence_s``
 has passed, so a stable patient costs little bandwidth and silence never looks like a dead device.
@@ -63,6 +73,14 @@ CommandHandler = Callable[[wire.Command], Awaitable[dict[str, Any] | None] | dic
 REMEMBERED_COMMANDS = 1000
 #: Final command results kept while disconnected, sent after the next welcome.
 PENDING_RESULTS = 256
+#: Readings refused with ``conflicting_seq`` kept in :attr:`DeviceClient.conflicted`.
+CONFLICTED_KEPT = 1000
+
+
+class IdentityConflict(ConnectFailed):
+    """The server replaced this connection with another of the same device id (close 4009):
+    another unit uses this identity, and this client stopped."""
+
 
 #: The (client, command id) whose handler is running in this task, for :meth:`reconnect_now`.
 _HANDLING: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar(
@@ -168,6 +186,8 @@ class DeviceClient:
         self.on_error: Callable[[wire.Error], None] | None = None
         self.on_message: Callable[[Any], Awaitable[None] | None] | None = None
         self.results_dropped = 0  # final command results lost: the pending queue overflowed
+        #: readings the server refused as ``conflicting_seq`` (the last CONFLICTED_KEPT)
+        self.conflicted: deque[wire.ReadingBody] = deque(maxlen=CONFLICTED_KEPT)
         self._handlers: dict[str, CommandHandler] = {}
         self._handled: OrderedDict[str, wire.CommandResult | None] = OrderedDict()
         self._command_tasks: dict[str, asyncio.Task[None]] = {}
@@ -530,6 +550,9 @@ class DeviceClient:
                     self._ws = ws
                     await self._session(ws)
                     delay = self.backoff_initial_s
+                if ws.close_code == wire.Close.REPLACED and not self._closing:
+                    await self._stop_replaced()
+                    return
             except asyncio.CancelledError:
                 raise
             except ssl_module.SSLCertVerificationError as exc:  # configuration, not the network
@@ -553,6 +576,21 @@ class DeviceClient:
                 continue
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.backoff_max_s)
+
+    async def _stop_replaced(self) -> None:
+        """Another unit took this identity over while we were connected: stop, keep what is
+        unacknowledged, and say so (a displaced device that reconnected would displace the
+        other in turn, and both units' readings would interleave in one patient's stream)."""
+        kept = "in its spool" if self._spool is not None else "in its buffer"
+        self.failure = IdentityConflict(
+            self.url,
+            f"device {self.device_id} was replaced by another connection with its identity "
+            f"(close 4009): another unit uses it; this one stopped, and its {self.unacked} "
+            f"unacknowledged readings stay {kept}",
+        )
+        log.warning("device %s: %s", self.device_id, self.failure)
+        async with self._acked_cond:
+            self._acked_cond.notify_all()
 
     async def _session(self, ws: ClientConnection) -> None:
         hello = wire.Hello(
@@ -657,6 +695,9 @@ class DeviceClient:
     def _on_server_error(self, err: wire.Error) -> None:
         self.errors.append(err)
         if err.seq is not None:  # this reading was rejected for good: never resend it
+            if err.code == "conflicting_seq":
+                self.conflicted.extend(b for b in self._buffer if b.seq == err.seq)
+                log.warning("device %s: %s", self.device_id, err.message)
             self._buffer = deque(b for b in self._buffer if b.seq != err.seq)
             self._spool_remove(err.seq)
         if self.on_error is not None:

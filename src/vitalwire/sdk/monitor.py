@@ -3,6 +3,12 @@
 It remembers the last offset of every stream it has seen. When the connection drops (network,
 server restart, slow-consumer close) it reconnects, authenticates again and subscribes with
 ``since`` = those offsets, so the caller's iteration continues with no gap and no duplicate.
+
+Access can be taken back. A stream the server ends (``unsubscribed``: break-glass expired, taken
+off the care team) is dropped, never resumed, and reported (:attr:`MonitorClient.ended`,
+:attr:`MonitorClient.on_unsubscribed`); so is one that became forbidden while disconnected (the
+resume then asks for the others only). A session the server closes with 4001 (the user was
+disabled or deleted, or their tokens revoked) is not reconnected: :class:`AccessRevoked` says why.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ class StreamEvent:
     kind: str
     ts: float
     data: dict[str, Any]
+
+
+class AccessRevoked(PermissionError):
+    """The server ended the session because the user may no longer use it (close 4001)."""
 
 
 def _base(url: str) -> str:
@@ -125,6 +135,12 @@ class MonitorClient:
         self.connected = False
         #: Called with True on every (re)connection and False as soon as one drops.
         self.on_connection: Callable[[bool], None] | None = None
+        #: Streams the server ended (or refused to resume) because access to them ended, with
+        #: why; they are never asked for again unless subscribed to anew.
+        self.ended: dict[str, str] = {}
+        #: Called with the streams and the reason each time the server ends some.
+        self.on_unsubscribed: Callable[[list[str], str], None] | None = None
+        self._resuming: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> MonitorClient:
         await self.connect()
@@ -165,6 +181,8 @@ class MonitorClient:
 
     async def close(self) -> None:
         self._closing = True
+        if self._resuming is not None:
+            self._resuming.cancel()
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
@@ -183,6 +201,7 @@ class MonitorClient:
     ) -> dict[str, wire.StreamStart]:
         """Subscribe; return where each stream starts (snapshot, offset, recovered)."""
         for s in streams:
+            self.ended.pop(s, None)
             if s not in self._streams:
                 self._streams.append(s)
         reply = await self.request(
@@ -271,6 +290,9 @@ class MonitorClient:
                     self._connection(True)
                     delay = self.backoff_initial_s
                     await self._receive(ws)
+                    if ws.close_code == wire.Close.UNAUTHENTICATED:  # revoked: do not come back
+                        why = ws.close_reason or "credential refused"
+                        raise AccessRevoked(f"{self.ws_url} ended the session: {why}")
             except asyncio.CancelledError:
                 raise
             except PermissionError as exc:
@@ -302,6 +324,50 @@ class MonitorClient:
             if self.on_connection is not None:
                 self.on_connection(up)
 
+    def _end(self, streams: list[str], reason: str) -> None:
+        """The server ended these streams: forget them (a resume no longer asks) and say so."""
+        for s in streams:
+            if s in self._streams:
+                self._streams.remove(s)
+            self.offsets.pop(s, None)
+            self.starts.pop(s, None)
+            self.ended[s] = reason
+        if self.on_unsubscribed is not None:
+            self.on_unsubscribed(list(streams), reason)
+
+    async def _resume_allowed(self, ws: ClientConnection, refusal: wire.Error) -> None:
+        """The resume was refused (a stream became forbidden, or its patient went away, while
+        disconnected: a subscribe is all or nothing). Ask the server which patients this user
+        may watch now, report the streams of the others, and resume the rest."""
+        try:
+            watchable = await self._watchable()
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            self.last_error = f"resume refused ({refusal.message}); patient list failed: {exc!r}"
+            log.warning("monitor: %s", self.last_error)
+            return
+        gone = [s for s in self._streams if s != "alerts" and s not in watchable]
+        if not gone:  # refused for another reason: nothing to drop, do not loop
+            self.last_error = f"resume refused: {refusal.code}: {refusal.message}"
+            log.warning("monitor: %s", self.last_error)
+            return
+        self._end(gone, f"no longer allowed (resume refused: {refusal.code})")
+        if self._streams:
+            since = {s: self.offsets[s] for s in self._streams if s in self.offsets}
+            resume = wire.Subscribe(self._streams, since or None, self.batch, id=-1)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.send(wire.encode_text(resume))
+
+    async def _watchable(self) -> set[str]:
+        """``GET /patients``: the patient streams this user may watch now."""
+        verify: Any = True
+        if self.http_url.startswith("https://"):
+            verify = self.ssl if self.ssl is not None else tls.client_context()
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with httpx.AsyncClient(base_url=self.http_url, timeout=10, verify=verify) as http:
+            r = await http.get("/patients", headers=headers)
+        r.raise_for_status()
+        return {f"patient:{p['id']}" for p in r.json()}
+
     def _event(self, msg: wire.EventFrame) -> None:
         last = self.offsets.get(msg.stream, 0)
         if msg.offset <= last:
@@ -321,6 +387,10 @@ class MonitorClient:
                         self._event(item)
                 elif isinstance(msg, wire.Ping):
                     await ws.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
+                elif isinstance(msg, wire.Unsubscribed):
+                    self._end(msg.streams, msg.reason)
+                elif isinstance(msg, wire.Error) and msg.id == -1:  # the resume was refused
+                    self._resuming = asyncio.create_task(self._resume_allowed(ws, msg))
                 elif isinstance(msg, wire.Subscribed) and msg.id == -1:
                     for start in msg.streams:
                         if not start.recovered:  # the gap cannot be replayed: say so

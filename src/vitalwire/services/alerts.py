@@ -106,6 +106,18 @@ class AlertService:
                 return [], []  # back within the grace: nothing was raised, nothing to resolve
         return self._to_events(pid, self.engine(pid).on_device_status(now, device, status), now)
 
+    def on_late_reading(
+        self, pid: str, device: str, now: float
+    ) -> tuple[list[Event], list[AlertRow]]:
+        """A late reading (history): no alarm from its values (core.alerts.Timeliness)."""
+        return self._to_events(pid, self.engine(pid).on_late_reading(now, device), now)
+
+    def on_identity_conflict(
+        self, pid: str, device: str, now: float, until: float
+    ) -> tuple[list[Event], list[AlertRow]]:
+        """Two live units use ``device``'s identity: ``device_identity_conflict`` till ``until``."""
+        return self._to_events(pid, self.engine(pid).on_identity_conflict(now, device, until), now)
+
     def tick(self, part: int = 0, parts: int = 1) -> int:
         """Advance the timers of one ``part`` of ``parts`` of the engines (the server ticks a
         tenth every 100 ms, so no single call holds the event loop for long); submit what

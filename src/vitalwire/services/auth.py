@@ -27,10 +27,16 @@ _DUMMY_HASH = _hasher.hash("vitalwire-no-such-user")
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is on the other end: a user (with a role) or a device."""
+    """Who is on the other end: a user (with a role) or a device.
+
+    For a user from a token, ``role`` is what the token claimed and ``gen`` the token
+    generation it was issued under; access control replaces the role with the user's current
+    one (:meth:`vitalwire.services.access.Access.current`) and refuses a ``gen`` that is no
+    longer the user's (a password reset raises it)."""
 
     name: str
     role: str  # admin | clinician | viewer | device
+    gen: int = 0
 
 
 def check_role(role: str) -> str:
@@ -95,6 +101,7 @@ class TokenService:
             "iat": int(now),
             "exp": int(now + ttl),
             "typ": typ,
+            "gen": principal.gen,
         }
         return jwt.encode(claims, self._secret, algorithm=self.ALGORITHM)
 
@@ -118,4 +125,7 @@ class TokenService:
             raise Unauthenticated(f"token is not an {typ} token", field="token")
         if float(claims["exp"]) <= now:
             raise Unauthenticated("token has expired", field="token")
-        return Principal(str(claims["sub"]), str(claims["role"]))
+        gen = claims.get("gen", 0)  # tokens from before generations existed: generation 0
+        if not isinstance(gen, int) or isinstance(gen, bool):
+            raise Unauthenticated("token is invalid", field="token")
+        return Principal(str(claims["sub"]), str(claims["role"]), gen)

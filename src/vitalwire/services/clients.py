@@ -17,6 +17,13 @@ Resume is race-free: on subscribe the session first registers for live events (w
 then replays from the bus history or the store up to the offset it registered at, then releases
 the held events, dropping any at or below the last offset sent. Nothing is missed at the seam and
 nothing is sent twice.
+
+Access can end while the session is open (services/access.py re-checks every session when it
+changes): :meth:`ClientSession.end_streams` stops subscriptions whose right ended and drops what of
+them is still queued, :meth:`ClientSession.revoke` ends the session. The live queue holds encoded
+frames without their stream; an event frame starts with its stream (the codec writes ``type`` then
+``stream``), so those rare purges find a stream's frames by that prefix and the fan-out does no
+extra work per event.
 """
 
 from __future__ import annotations
@@ -27,11 +34,28 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import msgspec
+
 from vitalwire.core import events as ev
-from vitalwire.core.errors import InvalidMessage
+from vitalwire.core.errors import InvalidMessage, PeerError
 from vitalwire.services.auth import Principal
 from vitalwire.services.streams import Streams
-from vitalwire.wire import Close, Event, StreamStart, Subscribed, encode_text
+from vitalwire.wire import (
+    Close,
+    Event,
+    EventFrame,
+    StreamStart,
+    Subscribed,
+    Unsubscribed,
+    encode_text,
+)
+
+
+def frame_prefix(stream: str) -> str:
+    """How every encoded event frame of ``stream`` starts (the codec's own output, cut before
+    the offset): ``{"type":"event","stream":"patient:P001",``."""
+    frame = encode_text(EventFrame(stream, 0, "", 0.0, msgspec.Raw(b"0")))
+    return frame[: frame.index('"offset":')]
 
 
 class ClientSession:
@@ -62,6 +86,7 @@ class ClientSession:
         "batch_events",
         "notify",
         "shut",
+        "on_revoked",
         "origin",
     )
 
@@ -109,6 +134,9 @@ class ClientSession:
         self.notify: Callable[[], None] | None = None
         #: Set by the transport: send what is queued, then close the connection with a code.
         self.shut: Callable[[int, str], None] | None = None
+        #: Set by the transport: the user may no longer use this connection (why): tell the
+        #: client and close.
+        self.on_revoked: Callable[[PeerError], None] | None = None
         #: Where the client connects from (for the audit log).
         self.origin: str | None = None
 
@@ -163,6 +191,10 @@ class ClientSession:
         client watches the stream the event arrives there; otherwise it comes as a reply."""
         if event.stream in self._last or event.stream in self._holding:
             return
+        try:
+            self.authorize(event.stream)
+        except PeerError:
+            return  # the right to watch the patient ended since the command was sent
         self.send(event.frame)
 
     def send(self, frame: str) -> None:
@@ -240,8 +272,7 @@ class ClientSession:
         for s in since:
             if s not in names:
                 raise InvalidMessage(f"since names {s!r}, which is not in streams", field="since")
-        for s in names:
-            self.authorize(s)
+        self._authorize_all(names)
         new = [s for s in names if s not in self._last]
         if len(self._last) + len(new) > self.max_streams:
             raise InvalidMessage(
@@ -265,6 +296,7 @@ class ClientSession:
                     replays[s] = None
                 else:
                     replays[s] = await self.streams.replay(s, after, offset)
+            self._authorize_all(names)  # access may have changed while the replay was read
         except BaseException:
             for s, _, _ in starts:
                 self._holding.pop(s, None)
@@ -300,6 +332,10 @@ class ClientSession:
             for e in self._holding.pop(s):
                 self.push(e)
 
+    def _authorize_all(self, streams: list[str]) -> None:
+        for s in streams:
+            self.authorize(s)
+
     def unsubscribe(self, streams: list[str]) -> list[str]:
         gone = []
         for s in streams:
@@ -318,16 +354,81 @@ class ClientSession:
         if self.audit is not None:
             self.audit("subscribe", pid, {"stream": stream})
 
-    def _unwatched(self, stream: str) -> None:
+    def _unwatched(self, stream: str, reason: str | None = None) -> None:
         since = self._watch_since.pop(stream, None)
         pid = ev.stream_patient(stream)
         if since is None or pid is None or self.clock is None or self.audit is None:
             return
-        self.audit(
-            "unsubscribe",
-            pid,
-            {"stream": stream, "since": since, "watched_s": round(self.clock() - since, 3)},
-        )
+        detail: dict[str, Any] = {
+            "stream": stream,
+            "since": since,
+            "watched_s": round(self.clock() - since, 3),
+        }
+        if reason is not None:
+            detail["reason"] = reason
+        self.audit("unsubscribe", pid, detail)
+
+    # -- access taken back ----------------------------------------------------------------------
+
+    def reauthorize(
+        self,
+        principal: Principal,
+        authorize: Callable[[str], None],
+        patient_filter: Callable[[str], bool] | None,
+    ) -> None:
+        """The user as they are now (a new role, a renewed token): every later check uses it."""
+        self.principal = principal
+        self.authorize = authorize
+        self.patient_filter = patient_filter
+
+    def end_streams(self, lost: dict[str, str]) -> None:
+        """The right to watch these streams ended (stream -> why): stop them now, drop every
+        frame of theirs still queued (live events, replays, command statuses), and tell the
+        client with one ``unsubscribed`` per reason. Nothing of them is sent after this call."""
+        for stream, reason in lost.items():
+            if self._last.pop(stream, None) is not None:
+                self.streams.detach(stream, self)
+                self._unwatched(stream, reason)
+        prefixes = tuple(frame_prefix(stream) for stream in lost)
+        self._drop(lambda frame: frame.startswith(prefixes))
+        by_reason: dict[str, list[str]] = {}
+        for stream, reason in lost.items():
+            by_reason.setdefault(reason, []).append(stream)
+        for reason, streams in by_reason.items():
+            self.send(encode_text(Unsubscribed(streams, "forbidden", reason)))
+
+    def purge_alerts(self) -> None:
+        """Drop queued ``alerts`` events of patients this client may no longer see (the stream
+        is filtered when an event is queued; this covers those queued before the change)."""
+        allowed = self.patient_filter
+        if allowed is None or ev.ALERTS_STREAM not in self._last:
+            return
+        prefix = frame_prefix(ev.ALERTS_STREAM)
+
+        def forbidden(frame: str) -> bool:
+            if not frame.startswith(prefix):
+                return False
+            data = msgspec.json.decode(frame).get("data") or {}
+            return not allowed(data.get("patient_id", ""))
+
+        self._drop(forbidden)
+
+    def revoke(self, exc: PeerError) -> None:
+        """The user may no longer use this connection (disabled, deleted, tokens revoked): drop
+        everything queued, then the transport sends why and closes."""
+        self._live.clear()
+        self._control.clear()
+        if self.on_revoked is not None:
+            self.on_revoked(exc)
+        else:
+            self.close()
+
+    def _drop(self, unwanted: Callable[[str], bool]) -> None:
+        live = self._live
+        for key in [k for k, frame in live.items() if unwanted(frame)]:
+            del live[key]
+        if any(unwanted(frame) for frame in self._control):
+            self._control = deque(f for f in self._control if not unwanted(f))
 
     @property
     def subscriptions(self) -> list[str]:

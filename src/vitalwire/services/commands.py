@@ -10,6 +10,10 @@ lifecycle table; a sent command with no final answer within its timeout is ``tim
 change is an event in the patient's stream and is also pushed to the requester's connection, even
 when it is not subscribed to that patient. After a restart, commands sent but never answered are
 re-queued if idempotent, else ``timed_out`` — never shown as delivered when they were not.
+
+A command changes state only together with its event: the new state's event and row are built
+first, and if that fails (a value that cannot be encoded) the command stays as it was and takes no
+offset; a device's answer is bounded when decoded (wire.py), so its ``data`` cannot cause that.
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ class CommandService:
                 self._keyed[(st.requested_by, st.idempotency_key)] = st
             if st.status in (cc.SENT, cc.ACKNOWLEDGED):
                 if cc.CATALOGUE[st.name].idempotent and st.status == cc.SENT:
-                    self._move(
+                    self._try_move(
                         st,
                         "requeue",
                         now,
@@ -154,7 +158,7 @@ class CommandService:
                         rows,
                     )
                 else:
-                    self._move(
+                    self._try_move(
                         st,
                         "timeout",
                         now,
@@ -207,15 +211,16 @@ class CommandService:
             timeout,
             updated_at=now,
         )
+        row = st.row()  # first: a command whose row or event cannot be built is not taken
+        event = self._event(st)
         if watcher is not None:
             st.watchers.append(watcher)
         self._open[st.command_id] = st
         if st.idempotency_key:
             self._keyed[(who.name, st.idempotency_key)] = st
-        event = self._event(st)
         detail = {"command_id": st.command_id, "name": st.name, "args": args, "device": device_id}
         audit = AuditRow(now, who.name, "command", st.patient_id, json.dumps(detail), origin)
-        await self.writer.commit([event], commands=[st.row()], audit=[audit])
+        await self.writer.commit([event], commands=[row], audit=[audit])
         queued = self._reply(st)  # the reply says queued; sent and later come as status events
         self._notify(st, [event])
         self.deliver(device_id)
@@ -268,13 +273,16 @@ class CommandService:
         )
         for st in queued:
             if now > st.created_at + st.ttl_s:
-                self._move(st, "expire", now, "time to live passed before delivery", events, rows)
+                ok = self._try_move(
+                    st, "expire", now, "time to live passed before delivery", events, rows
+                )
             else:
-                frame = Command(st.command_id, st.name, st.args, st.timeout_s)
-                session.send(encode_text(frame))
-                st.sent_at = now
-                self._move(st, "deliver", now, None, events, rows)
-            moved.append((st, events[-1]))
+                frame = encode_text(Command(st.command_id, st.name, st.args, st.timeout_s))
+                ok = self._try_move(st, "deliver", now, None, events, rows)
+                if ok:
+                    session.send(frame)
+            if ok:
+                moved.append((st, events[-1]))
         self._submit(events, rows, moved)
 
     def on_result(self, session: DeviceSession, msg: CommandResult) -> None:
@@ -295,11 +303,9 @@ class CommandService:
         except cc.IllegalTransition:
             log.info("ignoring %s for command %s in state %s", msg.status, st.command_id, st.status)
             return
-        if msg.data is not None:
-            st.result = msg.data
         events: list[Event] = []
         rows: list[CommandRow] = []
-        self._move(st, step, self.clock(), msg.message, events, rows)
+        self._move(st, step, self.clock(), msg.message, events, rows, result=msg.data)
         self._submit(events, rows, [(st, events[-1])])
 
     def tick(self) -> int:
@@ -310,16 +316,17 @@ class CommandService:
         moved: list[tuple[CommandState, Event]] = []
         for st in list(self._open.values()):
             if st.status == cc.QUEUED and now > st.created_at + st.ttl_s:
-                self._move(st, "expire", now, "time to live passed before delivery", events, rows)
+                step, why = "expire", "time to live passed before delivery"
             elif (
                 st.status in (cc.SENT, cc.ACKNOWLEDGED)
                 and st.sent_at is not None
                 and now > st.sent_at + st.timeout_s
             ):
-                self._move(st, "timeout", now, f"no answer within {st.timeout_s:g} s", events, rows)
+                step, why = "timeout", f"no answer within {st.timeout_s:g} s"
             else:
                 continue
-            moved.append((st, events[-1]))
+            if self._try_move(st, step, now, why, events, rows):
+                moved.append((st, events[-1]))
         self._submit(events, rows, moved)
         return len(moved)
 
@@ -333,16 +340,53 @@ class CommandService:
         message: str | None,
         events: list[Event],
         rows: list[CommandRow],
+        *,
+        result: dict[str, Any] | None = None,
     ) -> None:
+        """Move ``st`` on by ``step``, appending its event and row; ``result``: the device's data.
+
+        All or nothing: the event (which takes the stream's next offset) and the row are built
+        from the new state before it is kept; if either fails, ``st`` is left as it was."""
+        before = (st.status, st.updated_at, st.message, st.sent_at, st.result)
         st.status = cc.transition(st.status, step)
         st.updated_at = now
         st.message = message
-        if step == "requeue":
+        if step == "deliver":
+            st.sent_at = now
+        elif step == "requeue":
             st.sent_at = None
-        events.append(self._event(st))
-        rows.append(st.row())
+        if result is not None:
+            st.result = result
+        try:
+            row = st.row()
+            event = self._event(st)  # last: it takes the offset only if it is built
+        except BaseException:
+            st.status, st.updated_at, st.message, st.sent_at, st.result = before
+            raise
+        events.append(event)
+        rows.append(row)
         if st.status in cc.TERMINAL:
             self._open.pop(st.command_id, None)
+
+    def _try_move(
+        self,
+        st: CommandState,
+        step: str,
+        now: float,
+        message: str | None,
+        events: list[Event],
+        rows: list[CommandRow],
+    ) -> bool:
+        """:meth:`_move` for one of several commands moved together: one that fails is logged
+        and left as it was, and the others still move."""
+        try:
+            self._move(st, step, now, message, events, rows)
+        except Exception:
+            log.exception(
+                "command %s could not move on (%s); left %s", st.command_id, step, st.status
+            )
+            return False
+        return True
 
     def _event(self, st: CommandState) -> Event:
         return self.streams.new_event(

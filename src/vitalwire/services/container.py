@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from vitalwire.bus import Bus, open_bus
 from vitalwire.core import access as policy
-from vitalwire.core.alerts import AlertConfig
+from vitalwire.core.alerts import AlertConfig, Timeliness
 from vitalwire.core.commands import CommandSpec
 from vitalwire.services.access import Access
 from vitalwire.services.alerts import AlertService
@@ -25,6 +25,7 @@ from vitalwire.services.auth import Principal, TokenService
 from vitalwire.services.clients import ClientSession
 from vitalwire.services.commands import CommandService
 from vitalwire.services.ingest import Ingest
+from vitalwire.services.login import LoginService
 from vitalwire.services.registry import Registry
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
@@ -49,8 +50,10 @@ SNAPSHOT_PARTS = 60
 #: worth took 52-193 ms to scan at once; 5 take 2-24 ms (docs/benchmarks-history.md, "The middle
 #: generation").
 GC_THRESHOLDS = (10_000, 5, 1000)
-#: Care teams edited outside this process (the admin CLI) apply within this many seconds.
-ACCESS_REFRESH_S = 5.0
+#: Care teams and users edited outside this process (the admin CLI) apply within this many
+#: seconds: one read of the store's access version (an indexed meta row) when nothing changed.
+#: Changes made through this process apply at once (Access.refresh right after them).
+ACCESS_REFRESH_S = 0.5
 #: Registry changes made outside this process (``vitalwire admin bind``, ``unbind``,
 #: ``disable-device``, ``rotate-device-secret``, ``create-patient``) are read this often (one
 #: query on an indexed table when nothing changed) and applied at once (services/registry.py).
@@ -75,6 +78,7 @@ class Services:
     alerts: AlertService
     commands: CommandService
     access: Access
+    login: LoginService
     clients: set[ClientSession] = field(default_factory=set)
 
 
@@ -85,7 +89,11 @@ async def open_services(
     """Open the store and bus, start the writer; on exit flush every write and close."""
     store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
     await store.open()
-    bus = open_bus(settings.bus, history_size=settings.bus_history)
+    bus = open_bus(
+        settings.bus,
+        history_size=settings.bus_history,
+        history_bytes=settings.bus_history_bytes,
+    )
     streams = Streams(store, bus)
     writer = BatchWriter(
         store,
@@ -93,6 +101,7 @@ async def open_services(
         max_rows=settings.batch_max_rows,
         max_wait_s=settings.batch_max_wait_ms / 1000,
         min_interval_s=settings.batch_min_interval_ms / 1000,
+        settle=streams.settle,
     )
     try:
         await streams.load()
@@ -125,6 +134,10 @@ async def open_services(
             max_silence_s=settings.device_max_silence_s,
             alerts=alerts,
             ack_interval_s=settings.ack_min_interval_ms / 1000,
+            timeliness=Timeliness(settings.reading_late_s, settings.reading_max_ahead_s),
+            identity_conflict_max=settings.identity_conflict_max,
+            identity_conflict_window_s=settings.identity_conflict_window_s,
+            identity_cooldown_s=settings.identity_cooldown_s,
         )
         ingest.expect_back(streams.online_devices(), restarted_at)
         registry.on_new_patients = access.refresh
@@ -145,7 +158,10 @@ async def open_services(
             alerts,
             commands,
             access,
+            LoginService.from_settings(settings, registry, access, clock),
         )
+        # access taken back ends what depended on it in every open session, at once
+        access.on_change = lambda: access.recheck(svc.clients)
         writer.start()
         await commands.load()
         # what start-up built lives as long as the process: keep it out of every collection
@@ -170,9 +186,11 @@ async def open_services(
         try:
             yield svc
         finally:
+            access.stop()
             for chore in chores:
                 chore.cancel()
             await asyncio.gather(*chores, return_exceptions=True)
+            svc.login.close()  # its pool's thread would outlive the server otherwise
             try:
                 await asyncio.wait_for(writer.stop(), STOP_TIMEOUT_S)
                 await asyncio.wait_for(streams.save_snapshots(clock()), STOP_TIMEOUT_S)

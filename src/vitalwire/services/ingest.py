@@ -1,9 +1,24 @@
 """Device ingest: authenticate, validate, deduplicate by (device, seq), assign offsets, acknowledge.
 
-A device numbers its readings (``seq``, only grows). Anything at or below the highest seq already
-received from that device is a duplicate (a resend after reconnect) and is dropped; the cumulative
-``ack`` tells the device it can forget it. An ``ack`` is sent only after the commit that made the
-reading durable (services/writer.py), so an acknowledged reading survives a crash.
+A device numbers its readings (``seq``, only grows). A reading at or below the highest seq already
+received from that device is a resend after reconnect when it is the same reading (same time and
+values as the one taken under that seq): it is dropped and the cumulative ``ack`` tells the device
+it can forget it. A different reading under a seq already used (a device that restarted its
+numbering, an out-of-order batch, a second unit with the same identity) is answered with a
+``conflicting_seq`` error and never acknowledged: the server keeps a fingerprint of each device's
+last :data:`RECENT_READINGS` readings to tell the two apart, and a seq older than those cannot be
+confirmed as a resend. An ``ack`` is sent only after the commit that made the reading durable
+(services/writer.py), so an acknowledged reading survives a crash.
+
+One identity, one unit: a ``hello`` replaces the device's open session (close 4009). A displaced
+connection whose peer answers that close was alive: two units use the identity, which raises the
+technical alert ``device_identity_conflict`` on the patient and is audited; after
+``identity_conflict_max`` of them within ``identity_conflict_window_s`` new sessions of the
+identity are refused (close 4010) for ``identity_cooldown_s``, so two units cannot take turns.
+
+Readings stamped more than ``Timeliness.late_s`` in the past are stored and shown (marked ``late``)
+but feed no alarm; those stamped more than ``Timeliness.ahead_s`` in the future are refused
+(core/alerts.py).
 """
 
 from __future__ import annotations
@@ -12,17 +27,22 @@ import asyncio
 import json
 import logging
 import math
+from array import array
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from vitalwire.core import events as ev
-from vitalwire.core.errors import InvalidMessage, InvalidReading, PeerError
+from vitalwire.core.alerts import Timeliness
+from vitalwire.core.errors import Conflict, InvalidMessage, InvalidReading, PeerError
 from vitalwire.core.metrics import MAX_SEQ, validate_header, validate_values
 from vitalwire.services.alerts import AlertService
 from vitalwire.services.registry import Registry
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
-from vitalwire.store import AlertRow, ReadingRow, Store
+from vitalwire.store import AlertRow, AuditRow, ReadingRow, Store
 from vitalwire.wire import (
     PROTOCOL_VERSION,
     Ack,
@@ -44,10 +64,37 @@ SILENCE_FACTOR = 1.5
 MAX_WAVEFORM_HZ = 1000
 MAX_WAVEFORM_SAMPLES = 2000
 WAVEFORM_KINDS = ("pleth", "ecg", "resp")
+#: Readings per device whose fingerprint is kept to tell a resend from a conflicting reading
+#: (a power of two; 16 bytes each, allocated at the device's first hello).
+RECENT_READINGS = 256
+_SLOT = RECENT_READINGS - 1
+_astuple = msgspec.structs.astuple
 
 
 class Unavailable(PeerError):
     """The server is shutting down; the device keeps its readings and resends them elsewhere."""
+
+
+class IdentityInUse(Conflict):
+    """Two units use this device identity: new sessions are refused for a cool-down."""
+
+
+class _Recent:
+    """A device's last :data:`RECENT_READINGS` readings: seq and payload fingerprint, by seq."""
+
+    __slots__ = ("seqs", "prints")
+
+    def __init__(self) -> None:
+        self.seqs = array("q", bytes(8 * RECENT_READINGS))  # 0: no reading in the slot
+        self.prints = array("q", bytes(8 * RECENT_READINGS))
+
+    def resend(self, body: ReadingBody) -> bool | None:
+        """True: the reading taken under ``body.seq`` had this payload; False: another one;
+        None: it is no longer (or never was) remembered."""
+        slot = body.seq & _SLOT
+        if self.seqs[slot] != body.seq:
+            return None
+        return self.prints[slot] == hash(_astuple(body))
 
 
 @dataclass(slots=True, eq=False)
@@ -71,6 +118,12 @@ class DeviceSession:
     #: loop time of the last ack sent, and the timer of a deferred one (see Ingest._durable_to)
     acked_at: float = -math.inf
     ack_timer: asyncio.TimerHandle | None = None
+    #: readings up to this seq were in flight from an earlier session at hello: no ack reaches
+    #: this session until it has sent this seq (or later) itself (0: nothing held)
+    hold_upto: int = 0
+    conflicts: int = 0
+    #: ``host:port`` of the peer (audit of an identity conflict)
+    peer: str | None = None
 
     @property
     def stream(self) -> str | None:
@@ -94,6 +147,10 @@ class Ingest:
         max_silence_s: float = 30.0,
         alerts: AlertService | None = None,
         ack_interval_s: float = 0.0,
+        timeliness: Timeliness | None = None,
+        identity_conflict_max: int = 3,
+        identity_conflict_window_s: float = 300.0,
+        identity_cooldown_s: float = 60.0,
     ) -> None:
         self.store = store
         self.streams = streams
@@ -107,6 +164,19 @@ class Ingest:
         self.alerts = alerts
         #: at most one ack per device per this many seconds (the last one deferred, not dropped)
         self.ack_interval_s = ack_interval_s
+        #: which readings alarms take as current (core/alerts.py)
+        self.timeliness = timeliness or Timeliness()
+        #: this many identity conflicts within the window start a cool-down of that long; the
+        #: alert lasts the window after the last one
+        self.identity_conflict_max = identity_conflict_max
+        self.identity_conflict_window_s = identity_conflict_window_s
+        self.identity_cooldown_s = identity_cooldown_s
+        #: readings refused because their seq was already used by another reading (/metrics)
+        self.conflicting_seqs = 0
+        self.identity_conflicts = 0
+        self._conflict_times: dict[str, deque[float]] = {}
+        self._cooldown_until: dict[str, float] = {}
+        self._recent: dict[str, _Recent] = {}
         self.stopping = False
         # the loop the sessions live on, kept: each ``get_running_loop()`` makes a system call
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,6 +220,8 @@ class Ingest:
             binding = await self.store.active_binding(did)
             if self._changes.get(did, 0) == changes:
                 break  # else a registry change of this device was applied meanwhile: read again
+        self._refuse_in_cooldown(did, binding.patient_id if binding else None)
+        self._recent.setdefault(did, _Recent())
         old = self.sessions.get(did)
         if old is not None:
             self._go_offline(old, "replaced")
@@ -160,6 +232,10 @@ class Ingest:
         session.silence_s = SILENCE_FACTOR * (msg.max_silence_s or self.max_silence_s)
         session.last_data = self.clock()
         session.acked = self._durable[did]
+        if self._high[did] > session.acked:
+            # the rest is in flight from an earlier session: its ack is not this session's
+            # unless this session resends those readings (a second unit's would conflict)
+            session.hold_upto = self._high[did]
         self.sessions[did] = session
         self._expected.pop(did, None)
         self._status(session, "online")
@@ -199,7 +275,11 @@ class Ingest:
             session.silent = False
             self._status(session, "online", "resumed")
         high = self._high[did]
+        recent = self._recent[did]
+        seqs, prints = recent.seqs, recent.prints
         stream = session.stream
+        ahead_s = self.timeliness.ahead_s
+        current_from = now - self.timeliness.late_s  # older readings raise no live alarm
         rows: list[ReadingRow] = []
         events: list[WireEvent] = []
         alert_rows: list[AlertRow] = []
@@ -208,25 +288,33 @@ class Ingest:
         for body in bodies:
             seq = body.seq
             try:
-                validate_header(seq, body.ts, now)
+                validate_header(seq, body.ts, now, ahead_s)
                 if seq <= high:
-                    dup_max = max(dup_max, seq)
-                    session.duplicates += 1
+                    if recent.resend(body):
+                        dup_max = max(dup_max, seq)
+                        session.duplicates += 1
+                    else:
+                        errors.append(self._conflicting(session, body, high))
                     continue
                 values = validate_values(body.values())
             except InvalidReading as exc:
                 if high < seq <= MAX_SEQ:
                     high = seq
+                    seqs[seq & _SLOT], prints[seq & _SLOT] = seq, hash(_astuple(body))
                 session.rejected += 1
                 errors.append(
                     Error(code="invalid_reading", message=exc.message, field=exc.field, seq=seq)
                 )
                 continue
             high = seq
+            seqs[seq & _SLOT], prints[seq & _SLOT] = seq, hash(_astuple(body))
             data: dict[str, object] = {"device": did, "seq": seq, "ts": body.ts}
             data.update(values)
             if body.probe is not None:
                 data["probe"] = body.probe
+            late = body.ts < current_from
+            if late:
+                data["late"] = True
             if stream is None:
                 rows.append(ReadingRow(did, seq, None, None, body.ts, now, json.dumps(data)))
             else:
@@ -234,19 +322,104 @@ class Ingest:
                 events.append(event)
                 rows.append(ReadingRow(did, seq, session.patient_id, event.offset, body.ts, now))
                 if self.alerts is not None and session.patient_id is not None:
-                    if body.probe is not None:
-                        values["probe"] = body.probe
-                    more, changed = self.alerts.on_reading(session.patient_id, did, values, now)
+                    if late:  # history: stored and shown, never alarmed as current
+                        more, changed = self.alerts.on_late_reading(session.patient_id, did, now)
+                    else:
+                        if body.probe is not None:
+                            values["probe"] = body.probe
+                        more, changed = self.alerts.on_reading(session.patient_id, did, values, now)
                     events.extend(more)
                     alert_rows.extend(changed)
+        if session.hold_upto and max(dup_max, high if high > self._high[did] else 0) >= (
+            session.hold_upto
+        ):
+            session.hold_upto = 0  # it sent its own (errors for conflicts went out before)
         self._high[did] = high
         if rows:
             session.accepted += len(rows)
             top = rows[-1].seq
             self.writer.submit(rows, events, lambda: self._durable_to(did, top), alerts=alert_rows)
-        elif dup_max and self._durable[did] >= dup_max:
+        elif dup_max and self._durable[did] >= dup_max and not session.hold_upto:
             session.send(encode_text(Ack(self._durable[did])))
         return errors
+
+    def _conflicting(self, session: DeviceSession, body: ReadingBody, high: int) -> Error:
+        """A reading under a seq already used by another reading (or one too old to compare):
+        refused, counted, never acknowledged."""
+        self.conflicting_seqs += 1
+        session.conflicts += 1
+        why = (
+            "is not a resend of the reading taken under it"
+            if body.seq > high - RECENT_READINGS
+            else f"is older than the last {RECENT_READINGS} readings and cannot be confirmed "
+            "as a resend"
+        )
+        return Error(
+            code="conflicting_seq",
+            message=f"seq {body.seq} is at or below this device's high seq {high} and {why}: "
+            f"this reading is not stored; number new readings after {high}",
+            field="seq",
+            seq=body.seq,
+        )
+
+    def _refuse_in_cooldown(self, did: str, pid: str | None) -> None:
+        """Refuse a hello of an identity in its cool-down; the alert lasts on meanwhile."""
+        until = self._cooldown_until.get(did)
+        if until is None:
+            return
+        now = self.clock()
+        if now >= until:
+            del self._cooldown_until[did]
+            return
+        if pid is not None and self.alerts is not None:
+            events, rows = self.alerts.on_identity_conflict(
+                pid, did, now, now + self.identity_conflict_window_s
+            )
+            if events:
+                self.writer.submit([], events, alerts=rows)
+        raise IdentityInUse(
+            f"device {did} is used by two units: new sessions are refused for "
+            f"{until - now:.0f} s more (identity_cooldown_s {self.identity_cooldown_s:g})",
+            field="device_id",
+        )
+
+    def identity_conflict(self, displaced: DeviceSession) -> None:
+        """The peer of a session replaced by a newer one answered the close: it was alive, so
+        two units use this identity. Raise ``device_identity_conflict`` on the patient (once;
+        it lasts ``identity_conflict_window_s`` after the last conflict), audit it (both peers),
+        and past ``identity_conflict_max`` conflicts in the window refuse new sessions of the
+        identity for ``identity_cooldown_s``."""
+        did = displaced.device_id
+        now = self.clock()
+        self.identity_conflicts += 1
+        current = self.sessions.get(did)
+        times = self._conflict_times.setdefault(did, deque())
+        times.append(now)
+        while times[0] < now - self.identity_conflict_window_s:
+            times.popleft()
+        cooldown = len(times) >= self.identity_conflict_max
+        if cooldown:
+            self._cooldown_until[did] = now + self.identity_cooldown_s
+            times.clear()
+        peers = [displaced.peer, current.peer if current is not None else None]
+        log.warning(
+            "device %s: identity in use twice (displaced %s, now %s)%s",
+            did,
+            *peers,
+            f"; new sessions refused for {self.identity_cooldown_s:g} s" if cooldown else "",
+        )
+        pid = current.patient_id if current is not None else displaced.patient_id
+        events: list[WireEvent] = []
+        rows: list[AlertRow] = []
+        if pid is not None and self.alerts is not None:
+            until = now + self.identity_conflict_window_s
+            events, rows = self.alerts.on_identity_conflict(pid, did, now, until)
+        detail: dict[str, object] = {"displaced": peers[0], "current": peers[1]}
+        if cooldown:
+            detail["cooldown_s"] = self.identity_cooldown_s
+        origin = ", ".join(p or "?" for p in peers)
+        audit = AuditRow(now, did, "device_identity_conflict", pid, json.dumps(detail), origin)
+        self.writer.submit([], events, alerts=rows, audit=[audit])
 
     def waveform(self, session: DeviceSession, msg: Waveform) -> None:
         """A chunk of waveform samples (``request_data``): an event in the patient's stream.
@@ -254,7 +427,7 @@ class Ingest:
         Best effort: waveform chunks carry no ``seq`` and are not acknowledged.
         """
         now = self.clock()
-        validate_header(1, msg.ts, now)
+        validate_header(1, msg.ts, now, self.timeliness.ahead_s)
         if not 1 <= msg.rate_hz <= MAX_WAVEFORM_HZ:
             raise InvalidMessage(
                 f"rate_hz must be between 1 and {MAX_WAVEFORM_HZ}, got {msg.rate_hz:g}",
@@ -297,7 +470,12 @@ class Ingest:
         if seq > self._durable[did]:
             self._durable[did] = seq
         session = self.sessions.get(did)
-        if session is None or self._durable[did] <= session.acked or session.ack_timer is not None:
+        if (
+            session is None
+            or self._durable[did] <= session.acked
+            or session.ack_timer is not None
+            or session.hold_upto
+        ):
             return
         if self.ack_interval_s <= 0:
             self._ack(session)

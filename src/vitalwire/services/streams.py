@@ -1,5 +1,12 @@
 """Patient streams: offsets, the live picture per stream, fan-out and race-free replay.
 
+How offsets stay dense: :meth:`Streams.new_event` hands out the next offset once the event is
+encoded, and the writer calls :meth:`Streams.settle` with every unit it is given: an event must
+follow the last one submitted in its stream. When something failed between building a unit's
+events and submitting them, the offsets those events took were never used; the next unit's
+events then take them instead (renumbered, the unit's reading rows with them), so no failure in
+one event, or one unit, leaves a gap in a stream.
+
 How fan-out works: the bus delivers every committed event to :meth:`Streams.on_events` (one reader
 per process). It folds the event into the stream's :class:`PatientState` and pushes the *same*
 event object (whose frame is encoded once) to every local subscriber of that stream. ``push`` never
@@ -18,7 +25,7 @@ import msgspec
 from vitalwire.bus import Bus
 from vitalwire.core import events as ev
 from vitalwire.core.state import PatientState
-from vitalwire.store import Store
+from vitalwire.store import ReadingRow, Store
 from vitalwire.wire import Event
 
 log = logging.getLogger("vitalwire.streams")
@@ -45,6 +52,7 @@ class Streams:
         self.store = store
         self.bus = bus
         self._assigned: dict[str, int] = {}  # last offset handed out (may be uncommitted)
+        self._submitted: dict[str, int] = {}  # last offset handed to the writer
         self._states: dict[str, PatientState] = {}  # as of the last published event
         self._subs: dict[str, set[Subscriber]] = {}
         self._saved: dict[str, int] = {}  # offset of each stream's saved snapshot
@@ -53,6 +61,7 @@ class Streams:
         """Read each stream's head; rebuild its live picture from the saved snapshot and the
         events after it (without a snapshot, from its last ``STATE_WARMUP`` events)."""
         self._assigned = await self.store.stream_heads()
+        self._submitted = dict(self._assigned)
         saved = await self.store.load_snapshots()
         for stream, head in self._assigned.items():
             snap = saved.get(stream)
@@ -106,10 +115,52 @@ class Streams:
         return len(rows)
 
     def new_event(self, stream: str, kind: str, ts: float, data: dict[str, Any]) -> Event:
-        """Create the next event of ``stream``; it must go to the writer, which commits in order."""
+        """Create the next event of ``stream``; it must go to the writer, which commits in order.
+
+        The event is encoded before its offset is taken: one that cannot be encoded raises here
+        and leaves the stream's offsets as they were, so it can never leave a gap."""
         offset = self._assigned.get(stream, 0) + 1
+        event = Event.new(stream, offset, kind, ts, data)
         self._assigned[stream] = offset
-        return Event.new(stream, offset, kind, ts, data)
+        return event
+
+    def settle(self, events: list[Event], readings: list[ReadingRow]) -> None:
+        """Called by the writer for each unit it is given, in order: make each event the one
+        after the last submitted in its stream.
+
+        Almost always a comparison per event. An event built but never submitted (an exception
+        between building a unit and submitting it) leaves its offset unused: the events after it
+        are renumbered into the gap, with the offsets of this unit's reading rows, and the
+        stream's counter follows them. Safe because nothing has seen these offsets yet: events
+        are published only after their commit."""
+        done = self._submitted
+        moved: dict[tuple[str, int], int] | None = None
+        for e in events:
+            want = done.get(e.stream, 0) + 1
+            if e.offset != want:
+                if moved is None:
+                    moved = {}
+                moved[(e.stream, e.offset)] = want
+                e.offset = want
+                e._frame = None  # encoded, if ever, with the old offset
+            done[e.stream] = want
+        if moved is not None:
+            self._moved(moved, readings)
+
+    def _moved(self, moved: dict[tuple[str, int], int], readings: list[ReadingRow]) -> None:
+        for row in readings:
+            if row.patient_id is not None and row.stream_offset is not None:
+                new = moved.get((ev.patient_stream(row.patient_id), row.stream_offset))
+                if new is not None:
+                    row.stream_offset = new
+        for stream in {s for s, _ in moved}:
+            self._assigned[stream] = self._submitted[stream]
+            log.error(
+                "stream %s: offsets were taken by events that were never submitted; the next "
+                "events took them (now at %d)",
+                stream,
+                self._submitted[stream],
+            )
 
     def online_devices(self) -> list[tuple[str, str]]:
         """(patient id, device id) of every device whose last status says online."""

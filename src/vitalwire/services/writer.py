@@ -69,9 +69,13 @@ class BatchWriter:
         max_rows: int = 500,
         max_wait_s: float = 0.005,
         min_interval_s: float = 0.0,
+        settle: Callable[[list[Event], list[ReadingRow]], None] | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
+        #: Sees every unit's events and reading rows as they are submitted, in order, and keeps
+        #: each stream's offsets dense (``Streams.settle``).
+        self.settle = settle
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.min_interval_s = min_interval_s
@@ -106,6 +110,8 @@ class BatchWriter:
         commands: list[CommandRow] | None = None,
     ) -> None:
         """Queue rows for the next batch; ``on_durable`` runs after their commit."""
+        if events and self.settle is not None:
+            self.settle(events, readings)
         unit = _Unit(
             readings, events, on_durable, alerts or _NONE, audit or _NONE, commands or _NONE
         )

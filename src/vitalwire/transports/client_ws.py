@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from vitalwire import wire
 from vitalwire.core import access as policy
+from vitalwire.core import events as ev
 from vitalwire.core.errors import (
     AuthTimeout,
+    Forbidden,
     InvalidMessage,
     PeerError,
     RateLimited,
@@ -60,12 +62,12 @@ async def _authenticate(ws: Socket, svc: Services) -> tuple[Principal, int | Non
     msg = wire.decode_client(raw)
     if not isinstance(msg, wire.Auth):
         raise Unauthenticated("first message must be auth", field="type")
-    return svc.tokens.verify(msg.token, svc.clock()), msg.id
+    return await svc.access.current(svc.tokens.verify(msg.token, svc.clock())), msg.id
 
 
 async def client_endpoint(ws: Socket, svc: Services) -> None:
     s = svc.settings
-    if not origin_allowed(ws, s.allowed_origins):
+    if not origin_allowed(ws, s.allowed_origins, s.public_url):
         await ws.close(Close.FORBIDDEN)  # before accept: the handshake gets HTTP 403
         return
     await ws.accept()
@@ -88,7 +90,7 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
         code = Close.RATE_LIMITED if isinstance(exc, RateLimited) else Close.UNAUTHENTICATED
         await close_quietly(ws, code, public_message(exc))
         return
-
+    ws.authenticated()  # the pre-authentication bounds (transports/wsserver.py) are lifted
     closing: list[tuple[int, str]] = []
     closers: set[asyncio.Task[None]] = set()
 
@@ -116,7 +118,14 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
     origin = ws.peer
 
     def audit(action: str, pid: str | None, detail: dict[str, Any]) -> None:
+        if pid is not None and svc.access.via_break_glass(session.principal, pid):
+            detail = {**detail, "flag": "break_glass"}
         svc.access.audit(session.principal.name, action, pid, detail, origin)
+
+    def revoked(exc: PeerError) -> None:
+        """The user may no longer use this connection: say why, then close (4001)."""
+        session.send(_error(exc))
+        shut(Close.UNAUTHENTICATED, public_message(exc))
 
     session = ClientSession(
         principal,
@@ -132,6 +141,7 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
         on_overflow=on_overflow,
     )
     session.shut = shut
+    session.on_revoked = revoked
     session.origin = origin
     sender = Sender(ws, session.take_now)
     session.notify = sender.kick
@@ -176,6 +186,7 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
                 continue
             refused = 0
             req_id: int | None = None
+            msg: object = None
             try:
                 msg = wire.decode_client(raw)
                 req_id = getattr(msg, "id", None)
@@ -183,6 +194,9 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
             except Unauthenticated as exc:  # a failed re-auth ends the session
                 session.send(_error(exc, req_id))
                 shut(Close.UNAUTHENTICATED, public_message(exc))
+            except Forbidden as exc:
+                _audit_refusal(svc, session, msg, exc)
+                session.send(_error(exc, req_id))
             except PeerError as exc:
                 session.send(_error(exc, req_id))
             except Exception as exc:  # never leak internals; keep serving
@@ -203,6 +217,48 @@ async def _send_quietly(ws: Socket, frame: str) -> None:
         await ws.send_all([frame])
     except Disconnected:
         pass
+
+
+def _audit_refusal(svc: Services, session: ClientSession, msg: object, exc: Forbidden) -> None:
+    """Audit a refused request: who, what, which patient, why (bounded per connection)."""
+    config = getattr(type(msg), "__struct_config__", None)
+    kind = str(getattr(config, "tag", None) or type(msg).__name__)
+    extra: dict[str, Any] = {}
+    pid = getattr(msg, "patient_id", None)
+    if isinstance(msg, wire.AckAlert):
+        pid = msg.alert_id.partition(":")[0]  # alert ids start with their patient
+    elif isinstance(msg, wire.Subscribe):
+        pid = next(
+            (
+                p
+                for s in msg.streams
+                if (p := _stream_patient(s)) is not None
+                and not svc.access.allowed(session.principal, policy.VIEW, p)
+            ),
+            None,
+        )
+    elif isinstance(msg, wire.SendCommand):
+        extra["name"] = msg.name
+    if pid is not None and not _is_id(pid):
+        pid = None  # the audit log keeps only well-formed ids from a peer
+    svc.access.refused(
+        session.principal.name, kind, pid, public_message(exc), session.origin, **extra
+    )
+
+
+def _stream_patient(stream: str) -> str | None:
+    try:
+        return ev.stream_patient(ev.check_stream(stream))
+    except InvalidMessage:
+        return None
+
+
+def _is_id(value: str) -> bool:
+    try:
+        ev.check_id("patient_id", value)
+    except InvalidMessage:
+        return False
+    return True
 
 
 async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
@@ -233,6 +289,8 @@ async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
         await svc.alerts.require_patient(msg.patient_id)
         svc.access.check(session.principal, policy.VIEW, msg.patient_id)
         data = {"patient_id": msg.patient_id, "limits": svc.alerts.limits(msg.patient_id)}
+        if session.audit is not None:
+            session.audit("get_limits", msg.patient_id, {})
         session.send(wire.encode_text(wire.Result(id=msg.id, data=data)))
     elif isinstance(msg, wire.SetObservations):
         obs = {"on_oxygen": msg.on_oxygen, "consciousness": msg.consciousness, "scale": msg.scale}
@@ -245,10 +303,10 @@ async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
         command = await svc.commands.send(session.principal, msg, session, session.origin)
         session.send(wire.encode_text(wire.Result(id=msg.id, data={"command": command})))
     elif isinstance(msg, wire.Auth):
-        who = svc.tokens.verify(msg.token, svc.clock())
+        who = await svc.access.current(svc.tokens.verify(msg.token, svc.clock()))
         if who.name != session.principal.name:
             raise Unauthenticated("a connection cannot change user; reconnect", field="token")
-        session.principal = who
+        session.reauthorize(who, svc.access.stream_check(who), svc.access.patient_filter(who))
         session.send(
             wire.encode_text(wire.Result(id=msg.id, data={"user": session.principal.name}))
         )

@@ -10,8 +10,12 @@ timer instead of a task (:class:`Heartbeat`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
+import ipaddress
 import math
+import socket
+import struct
 import weakref
 from collections.abc import Callable
 from typing import Protocol
@@ -121,17 +125,53 @@ class Socket:
             return
         self.closed = True
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        # the lean protocol cuts a peer that never answers it (transports/wsserver.py)
+        after = getattr(getattr(self._send, "__self__", None), "cut_unanswered_close", None)
+        if after is not None:
+            after()
 
     def abort(self) -> bool:
-        """Drop the TCP connection; False when the server does not expose its transport.
+        """Drop the TCP connection (:func:`cut`); False when the server does not expose its
+        transport.
 
         uvicorn's ``send`` is a method of its protocol, which holds the transport.
         """
         transport = getattr(getattr(self._send, "__self__", None), "transport", None)
         if transport is None or not hasattr(transport, "abort"):
             return False
-        transport.abort()
+        cut(transport)
         return True
+
+    def authenticated(self) -> None:
+        """The peer proved who it is: lift the pre-authentication bounds (transports/wsserver.py)
+        from this connection. Each endpoint calls it once, right after authentication."""
+        lift = getattr(getattr(self._send, "__self__", None), "authenticated", None)
+        if lift is not None:
+            lift()
+
+    def close_answered(self, code: int) -> bool:
+        """Whether the peer answered our close frame with ``code``: a live peer echoes it (RFC
+        6455 5.5.1); a dead connection (its device already back over another after a network
+        blip or a reset) never does. uvicorn's protocol holds the websockets state machine."""
+        protocol = getattr(self._send, "__self__", None)
+        received = getattr(getattr(protocol, "conn", None), "close_rcvd", None)
+        return received is not None and getattr(received, "code", None) == code
+
+
+#: SO_LINGER on, with a timeout of 0: ``close`` resets the connection and discards what the
+#: kernel still holds to send.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def cut(transport: asyncio.BaseTransport) -> None:
+    """Drop a connection now, freeing what waits to be sent: the transport's buffer and the
+    kernel's (a plain close of a socket whose peer does not read keeps its send buffer, megabytes,
+    until TCP gives up)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()  # type: ignore[attr-defined]
 
 
 def check_size(data: str | bytes, max_bytes: int) -> None:
@@ -158,16 +198,40 @@ async def close_quietly(ws: Socket, code: int, reason: str = "", timeout: float 
         ws.abort()
 
 
-def origin_allowed(ws: Socket, allowed: list[str]) -> bool:
-    """Browsers send Origin; allow the server's own (same host) and the configured list. A
+def origin_allowed(ws: Socket, allowed: list[str], public_url: str | None = None) -> bool:
+    """Browsers send Origin: allow the server's own origins (:func:`own_origins`), the origin of
+    ``public_url`` and the ``allowed`` list, compared scheme, host and port. Never the Host
+    header: a DNS-rebinding page (its name now resolving to this server) sends its own. A
     request without Origin is not from a browser (devices, SDK, CLI) and is allowed."""
     origin = ws.header(b"origin")
     if origin is None:
         return True
-    if origin in allowed:
+    origin = origin.strip().rstrip("/").lower()
+    if origin in own_origins(ws.scope):
         return True
-    host = ws.header(b"host") or ""
-    return origin.split("://", 1)[-1].rstrip("/") == host
+    return any(origin == a.strip().rstrip("/").lower() for a in (*allowed, public_url or ""))
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def own_origins(scope: Scope) -> set[str]:
+    """The origins a browser shows for this server: the scheme it serves (https with TLS), the
+    address and port the connection arrived at, and, on a loopback address, ``localhost``,
+    ``127.0.0.1`` and ``[::1]`` with that port (what ``vitalwire demo`` prints works)."""
+    server = scope.get("server")
+    if not server or server[1] is None:
+        return set()
+    scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
+    host, port = str(server[0]), int(server[1])
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    hosts = {"localhost", "127.0.0.1", "[::1]"} if loopback else set()
+    hosts.add(f"[{host}]" if ":" in host else host)
+    suffix = "" if _DEFAULT_PORTS[scheme] == port else f":{port}"
+    return {f"{scheme}://{h.lower()}{suffix}" for h in hosts}
 
 
 class Sender:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from vitalwire import wire
 from vitalwire.core.errors import AuthTimeout, InvalidMessage, PeerError, RateLimited
 from vitalwire.core.ratelimit import TokenBucket
-from vitalwire.services.ingest import DeviceSession, Unavailable
+from vitalwire.services.ingest import DeviceSession, IdentityInUse, Unavailable
 from vitalwire.transports.common import (
     Disconnected,
     Heartbeat,
@@ -43,7 +43,7 @@ PING = wire.encode_text(wire.Ping())
 
 async def device_endpoint(ws: Socket, svc: Services) -> None:
     s = svc.settings
-    if not origin_allowed(ws, s.allowed_origins):
+    if not origin_allowed(ws, s.allowed_origins, s.public_url):
         await ws.close(Close.FORBIDDEN)  # before accept: the handshake gets HTTP 403
         return
     await ws.accept()
@@ -51,6 +51,7 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
     session: DeviceSession | None = None
     closers: set[asyncio.Task[None]] = set()
     reason = "closed"
+    replaced = False
     try:
         try:
             async with asyncio.timeout(s.auth_timeout_s):
@@ -72,8 +73,9 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
         def close(code: int, why: str, status: str | None = None) -> None:
             """Send what is queued (acks), then close with ``code`` and ``why``; ``status`` is
             the device's offline reason when it is not ``why``."""
-            nonlocal reason
+            nonlocal reason, replaced
             reason = status or (why if code != Close.GOING_AWAY else "server shutting down")
+            replaced = code == Close.REPLACED
             outbox.close()
 
             async def _close() -> None:
@@ -88,9 +90,10 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
         except PeerError as exc:
             outbox.put(_error(exc))
             await _finish(outbox)
-            code = Close.TRY_AGAIN_LATER if isinstance(exc, Unavailable) else Close.UNAUTHENTICATED
-            await close_quietly(ws, code, public_message(exc))
+            await close_quietly(ws, _refusal_code(exc), public_message(exc))
             return
+        session.peer = ws.peer
+        ws.authenticated()  # the pre-authentication bounds (transports/wsserver.py) are lifted
         outbox.put(wire.encode_text(welcome))
         svc.commands.deliver(session.device_id)  # commands queued while it was away, in order
 
@@ -116,6 +119,17 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
         if closers:
             await asyncio.wait(closers, timeout=5)
         await outbox.sender.sent(0)
+        if session is not None and replaced and ws.close_answered(Close.REPLACED):
+            # a replaced session whose peer answered the close is a second unit, not a blip
+            svc.ingest.identity_conflict(session)
+
+
+def _refusal_code(exc: PeerError) -> int:
+    if isinstance(exc, Unavailable):
+        return Close.TRY_AGAIN_LATER
+    if isinstance(exc, IdentityInUse):
+        return Close.IDENTITY_CONFLICT
+    return Close.UNAUTHENTICATED
 
 
 async def _finish(outbox: Outbox) -> None:

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vitalwire import __version__
 from vitalwire.core import access as policy
-from vitalwire.core.errors import PeerError, Unauthenticated
+from vitalwire.core import events as ev
+from vitalwire.core.errors import Forbidden, PeerError, Unauthenticated
 from vitalwire.services.auth import Principal
 from vitalwire.transports.errors import public_message, row_for
 
@@ -24,9 +25,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("vitalwire.rest")
 router = APIRouter()
 
+#: The ``list_patients`` audit row names the patients listed up to this many (always the count).
+AUDIT_LISTED_IDS = 100
+
 
 class LoginRequest(BaseModel):
-    username: str = Field(min_length=1, max_length=64)
+    # a username is an id (core/events.py ID_RE): anything else cannot be one, and is refused
+    # before it reaches the throttle, the store or the audit log
+    username: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     password: str = Field(min_length=1, max_length=1024)
 
 
@@ -62,12 +68,31 @@ def services(request: Request) -> Services:
 
 
 async def principal(
-    request: Request, authorization: Annotated[str | None, Header()] = None
+    request: Request, response: Response, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
+    """The user behind the bearer token as they are now (current role; a deleted or disabled
+    user, or a revoked token, is a 401). Every route behind it answers with patient data or the
+    audit log: none of it may be kept by a cache."""
     svc = services(request)
+    response.headers["Cache-Control"] = "no-store"
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthenticated("Authorization: Bearer <token> is required", field="authorization")
-    return svc.tokens.verify(authorization[7:].strip(), svc.clock())
+    return await svc.access.current(svc.tokens.verify(authorization[7:].strip(), svc.clock()))
+
+
+def _origin(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _check(
+    svc: Services, request: Request, who: Principal, action: str, attempted: str, pid: str | None
+) -> None:
+    """``access.check``, with a refusal audited (who, what, which patient, why)."""
+    try:
+        svc.access.check(who, action, pid)
+    except Forbidden as exc:
+        svc.access.refused(who.name, attempted, pid, exc.message, _origin(request))
+        raise
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
@@ -93,6 +118,7 @@ async def metrics(request: Request) -> dict[str, Any]:
         "transactions": svc.store.transactions,
         "pending_rows": svc.writer.pending_rows,
         "device_connections": len(svc.ingest.sessions),
+        "conflicting_seqs": svc.ingest.conflicting_seqs,
         "client_connections": len(svc.clients),
         "subscriptions": svc.streams.subscriber_count(),
         # the process's CPU (every thread) and resident memory: what `vitalwire bench --url`
@@ -114,17 +140,12 @@ def _rss_kb() -> int | None:
     return None
 
 
-@router.post("/auth/login", response_model=TokenResponse, responses={401: {}})
+@router.post("/auth/login", response_model=TokenResponse, responses={401: {}, 429: {}})
 async def login(body: LoginRequest, request: Request) -> TokenResponse:
+    """Tokens for a username and password. The password check runs off the event loop, behind
+    the login throttle: 429 with ``Retry-After`` (services/login.py, docs/security.md)."""
     svc = services(request)
-    origin = request.client.host if request.client else None
-    try:
-        who = await svc.registry.authenticate_user(body.username, body.password)
-    except Unauthenticated:
-        svc.access.audit(body.username, "login_failed", None, {}, origin)
-        raise
-    svc.access.audit(who.name, "login", None, {"role": who.role}, origin)
-    return _tokens(svc, who)
+    return _tokens(svc, await svc.login.login(body.username, body.password, _origin(request)))
 
 
 def _tokens(svc: Services, who: Principal) -> TokenResponse:
@@ -140,13 +161,10 @@ def _tokens(svc: Services, who: Principal) -> TokenResponse:
 @router.post("/auth/refresh", response_model=TokenResponse, responses={401: {}})
 async def refresh(body: RefreshRequest, request: Request) -> TokenResponse:
     """A new access token (and refresh token) for a valid refresh token; the user's current role
-    applies, and a deleted user gets none."""
+    applies, and a deleted or disabled user, or a revoked token generation, gets none."""
     svc = services(request)
     claimed = svc.tokens.verify(body.refresh_token, svc.clock(), "refresh")
-    row = await svc.store.get_user(claimed.name)
-    if row is None:
-        raise Unauthenticated("user no longer exists", field="refresh_token")
-    return _tokens(svc, Principal(row["username"], row["role"]))
+    return _tokens(svc, await svc.access.current(claimed))
 
 
 @router.get("/patients", response_model=list[Patient], responses={401: {}})
@@ -154,9 +172,14 @@ async def list_patients(
     request: Request, who: Annotated[Principal, Depends(principal)]
 ) -> list[dict[str, Any]]:
     svc = services(request)
-    return [
+    listed = [
         p for p in await svc.store.list_patients() if svc.access.allowed(who, policy.VIEW, p["id"])
     ]
+    detail: dict[str, Any] = {"count": len(listed)}
+    if len(listed) <= AUDIT_LISTED_IDS:
+        detail["patients"] = [p["id"] for p in listed]
+    svc.access.audit(who.name, "list_patients", None, detail, _origin(request))
+    return listed
 
 
 @router.get("/patients/{patient_id}/alerts", responses={401: {}, 404: {}})
@@ -169,10 +192,14 @@ async def patient_alerts(
     """Alert history of a patient, newest first: each alert's latest state."""
     svc = services(request)
     await svc.alerts.require_patient(patient_id)
-    svc.access.check(who, policy.VIEW, patient_id)
+    _check(svc, request, who, policy.VIEW, "alert_history", patient_id)
     rows = await svc.store.alerts_for(patient_id, limit)
     for r in rows:
         r.pop("last", None)
+    detail: dict[str, Any] = {"count": len(rows)}
+    if svc.access.via_break_glass(who, patient_id):
+        detail["flag"] = "break_glass"
+    svc.access.audit(who.name, "alert_history", patient_id, detail, _origin(request))
     return rows
 
 
@@ -185,8 +212,11 @@ async def audit_log(
 ) -> list[dict[str, Any]]:
     """The audit log, newest first (admins only)."""
     svc = services(request)
-    svc.access.check(who, policy.READ_AUDIT)
-    return await svc.store.audit_log(limit, patient_id)
+    _check(svc, request, who, policy.READ_AUDIT, "read_audit", None)
+    rows = await svc.store.audit_log(limit, patient_id)
+    about = patient_id if patient_id is not None and ev.ID_RE.fullmatch(patient_id) else None
+    svc.access.audit(who.name, "read_audit", about, {"count": len(rows)}, _origin(request))
+    return rows
 
 
 async def peer_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -195,6 +225,9 @@ async def peer_error_handler(request: Request, exc: Exception) -> JSONResponse:
     if row.code == "internal":
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     headers = {"WWW-Authenticate": "Bearer"} if row.http == 401 else None
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers = {"Retry-After": str(retry_after)}
     body = {"code": row.code, "message": public_message(exc), "field": getattr(exc, "field", None)}
     return JSONResponse(body, status_code=row.http, headers=headers)
 

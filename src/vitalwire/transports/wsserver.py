@@ -20,7 +20,7 @@ It adds three fast paths, for the frames nearly all traffic is made of:
 - :meth:`LeanWebSocketProtocol.data_received`: complete, final, masked text, binary, ping and pong
   frames from the client are read here (RFC 6455 5.2) and handed on exactly as uvicorn does.
   At the first frame that is anything else (a close, a fragment, reserved bits, a frame past
-  the size limit, invalid UTF-8, a missing mask) the rest of the stream goes to websockets'
+  the size limit, a missing mask) the rest of the stream goes to websockets'
   parser, which is still at a frame boundary then, for the rest of the connection: every error
   and close is websockets' and uvicorn's own.
 - :attr:`LeanWebSocketProtocol.on_frame`: an app may hand the protocol a function that takes a
@@ -33,11 +33,27 @@ It adds three fast paths, for the frames nearly all traffic is made of:
 
 About 7 KB less per connection (measured with 2,200 idle connections; architecture.md).
 :func:`protocol_class` falls back to uvicorn's own class if uvicorn no longer looks as expected.
+
+It also holds the edge that must act before the app sees anything (docs/security.md):
+
+- pre-authentication bounds (:class:`PreAuth`): until the app calls :meth:`authenticated`, a
+  frame is limited to a few KiB (refused with 1009 as soon as its header announces more, so an
+  unauthenticated peer cannot make the server hold a large incomplete frame), and handshakes
+  past the per-address or total count of unauthenticated connections are refused with HTTP
+  429 or 503 before the app runs;
+- invalid UTF-8 in a text frame closes 1007 without a traceback in the log (uvicorn logs one);
+- a peer that stops reading is cut: a keepalive ping unanswered within the timeout, or a close
+  frame the peer never answers (:meth:`LeanWebSocketProtocol.cut_unanswered_close`), ends in
+  :func:`common.cut` (the transport aborted, the kernel's send buffer discarded) rather than in
+  a close that waits forever for the buffer to drain; while the transport is paused, the peer's
+  pings get no pongs (RFC 6455 5.5.3 allows answering only the latest), so a peer that pings
+  and never reads cannot grow the write buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 from collections.abc import Callable
@@ -47,7 +63,9 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame, Opcode, apply_mask
 from websockets.protocol import State
 
-from vitalwire.transports.common import ticker
+from vitalwire.transports.common import cut, ticker
+
+log = logging.getLogger("vitalwire.wsserver")
 
 
 class Inbox:
@@ -167,6 +185,49 @@ _ATTRIBUTES = (
 )
 
 
+class PreAuth:
+    """The bounds on connections that have not authenticated yet, and their count (one per
+    server: every connection of the server shares it).
+
+    A connection is counted from its handshake until the app calls :meth:`LeanWebSocketProtocol.
+    authenticated` or the connection ends; a handshake past either count is refused before the
+    app runs (HTTP 429 past ``per_address``, 503 past ``total``, both with ``Retry-After``).
+    """
+
+    __slots__ = ("frame_bytes", "per_address", "total", "_by_address", "count")
+
+    def __init__(self, frame_bytes: int, per_address: int, total: int) -> None:
+        #: Largest frame read before authentication (the ``hello`` / ``auth`` message).
+        self.frame_bytes = frame_bytes
+        self.per_address = per_address
+        self.total = total
+        self._by_address: dict[str, int] = {}
+        #: Unauthenticated connections now.
+        self.count = 0
+
+    def admit(self, address: str) -> int | None:
+        """Count a new connection from ``address``; the HTTP status to refuse it with, if any."""
+        if self.count >= self.total:
+            return 503
+        held = self._by_address.get(address, 0)
+        if held >= self.per_address:
+            return 429
+        self._by_address[address] = held + 1
+        self.count += 1
+        return None
+
+    def release(self, address: str) -> None:
+        """One connection from ``address`` authenticated or ended."""
+        self.count -= 1
+        held = self._by_address.pop(address) - 1
+        if held:
+            self._by_address[address] = held
+
+
+#: Seconds a refused handshake tells the peer to wait (``Retry-After``).
+RETRY_AFTER_S = 5
+
+
 #: Opcodes read by the fast path: text, binary, ping, pong (RFC 6455 5.2).
 _FAST_OPCODES = frozenset((1, 2, 9, 10))
 
@@ -193,10 +254,30 @@ def text_frames(texts: list[str]) -> bytes:
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol holding less per connection (see the module)."""
 
-    __slots__ = (*_ATTRIBUTES, "_fast", "_rbuf", "on_frame", "_ticker", "_ka_key", "_ka_pong")
+    __slots__ = (
+        *_ATTRIBUTES,
+        "_fast",
+        "_rbuf",
+        "on_frame",
+        "_ticker",
+        "_ka_key",
+        "_ka_pong",
+        "_max_size",
+        "_counted",
+    )
+
+    #: The server's pre-authentication bounds (:func:`protocol_class`); None: none.
+    pre_auth: PreAuth | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: The largest frame read now: the pre-authentication bound until :meth:`authenticated`.
+        self._max_size: int | None = self.config.ws_max_size
+        self._counted: str | None = None  # the address counted in ``pre_auth``, until released
+        if self.pre_auth is not None:
+            bound = self.pre_auth.frame_bytes
+            if self._max_size is None or bound < self._max_size:
+                self._max_size = self.conn.max_message_size = bound
         self.queue = Inbox(self.loop)  # type: ignore[assignment]
         gate = Gate(self.loop)
         gate.set()
@@ -212,10 +293,44 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         self._ka_pong = False  # the entry filed is the pong deadline (else the next ping)
 
     def handle_connect(self, event: Any) -> None:
+        pre_auth = self.pre_auth
+        if pre_auth is not None and self.client is not None:
+            status = pre_auth.admit(self.client[0])
+            if status is not None:
+                self._refuse(status)
+                return
+            self._counted = self.client[0]
         super().handle_connect(event)
         # the scope holds its own copy of the headers; the parser keeps the request
         self.request = None  # type: ignore[assignment]
         event.headers.clear()
+
+    def _refuse(self, status: int) -> None:
+        """Answer the handshake with ``status`` and close, without running the app."""
+        why = "too many unauthenticated connections"
+        response = self.conn.reject(status, f"{why}; retry later\n")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+        log.debug("%s: WebSocket handshake refused with %d (%s)", self.client, status, why)
+
+    def authenticated(self) -> None:
+        """The peer proved who it is: the normal frame limit applies, and it no longer counts
+        against the pre-authentication bounds."""
+        self._max_size = self.config.ws_max_size
+        self.conn.max_message_size = self._max_size
+        self._release()
+
+    def _release(self) -> None:
+        if self._counted is not None and self.pre_auth is not None:
+            self.pre_auth.release(self._counted)
+            self._counted = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         fast = self._fast
@@ -234,7 +349,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         buf = self._rbuf + data if self._rbuf else data
         end = len(buf)
         pos = 0
-        max_size = self.config.ws_max_size
+        max_size = self._max_size
         while end - pos >= 2:
             b0 = buf[pos]
             b1 = buf[pos + 1]
@@ -268,14 +383,16 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
                 try:
                     text = payload.decode()
                 except UnicodeDecodeError:
-                    self._hand_over(buf, pos)
+                    self._fast = False
+                    self._rbuf = b""
+                    self._invalid_utf8()
                     return
                 self._deliver("text", text)
             elif opcode == 2:
                 self._deliver("bytes", payload)
             elif opcode == 9:
                 self.conn.send_pong(payload)
-                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.handle_ping()
             else:
                 self.handle_pong(Frame(Opcode.PONG, payload))
             pos = stop
@@ -286,6 +403,33 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         self._fast = False
         self._rbuf = b""
         super().data_received(buf[pos:])
+
+    def handle_ping(self) -> None:
+        # websockets queued the pong; a paused transport (the peer does not read) gets none:
+        # a peer sending pings it never reads would otherwise grow the write buffer without end
+        output = b"".join(self.conn.data_to_send())
+        if self.writable.is_set():
+            self.transport.write(output)
+
+    def send_receive_event_to_app(self) -> None:
+        """uvicorn's, through :meth:`_deliver`; invalid UTF-8 closes 1007 without a traceback."""
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.curr_msg_data_type != "text":
+            self._deliver("bytes", data)
+            return
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            self._invalid_utf8()
+            return
+        self._deliver("text", text)
+
+    def _invalid_utf8(self) -> None:
+        """Close 1007 (RFC 6455 8.1): the peer's fault, worth a line at most, not a traceback."""
+        log.info("%s: invalid UTF-8 in a text frame; closing 1007", self.client)
+        self.conn.fail(1007, "invalid UTF-8")
+        self.handle_parser_exception()
 
     def _deliver(self, kind: str, data: str | bytes) -> None:
         """What uvicorn's ``send_receive_event_to_app`` does with one whole message, or hand it
@@ -329,6 +473,14 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         transport.write(text_frames(texts))
         return True
 
+    def cut_unanswered_close(self) -> None:
+        """After the app sent a close: uvicorn closes the transport if the peer does not answer
+        within ``close_timeout``, and a close waits for the write buffer to drain, which a peer
+        that does not read never lets happen; cut the connection then instead."""
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout, cut, self.transport)
+
     def start_keepalive(self) -> None:
         # called once, right after the handshake response was sent: it is not needed any more
         self.response = None  # type: ignore[assignment]
@@ -369,6 +521,22 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         else:
             self.schedule_ping()
 
+    def keepalive_timeout(self) -> None:
+        """A ping unanswered within the timeout: close 1011 if the transport can take the close
+        frame, and cut the connection if the peer does not answer it within one ping interval;
+        cut at once when the transport is paused (the peer is not reading)."""
+        self.pending_ping_payload = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.close_sent = True
+        if not self.writable.is_set():
+            cut(self.transport)
+            return
+        self.conn.fail(1011, "keepalive ping timeout")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        grace = self.ping_interval or self.close_timeout
+        self.close_timer = self.loop.call_later(grace, cut, self.transport)
+
     def handle_pong(self, event: Frame) -> None:
         if self.pending_ping_payload is None or bytes(event.data) != self.pending_ping_payload:
             return
@@ -388,8 +556,9 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         self._ka_pong = False
 
 
-def protocol_class() -> type[asyncio.Protocol]:
-    """:class:`LeanWebSocketProtocol`, or uvicorn's own class if uvicorn changed under it."""
+def protocol_class(pre_auth: PreAuth | None = None) -> type[asyncio.Protocol]:
+    """A :class:`LeanWebSocketProtocol` of its own for one server, holding its ``pre_auth``
+    bounds; or uvicorn's own class if uvicorn changed under it (no bounds then)."""
     ok = all(
         callable(getattr(WebSocketsSansIOProtocol, name, None))
         for name in (
@@ -405,4 +574,8 @@ def protocol_class() -> type[asyncio.Protocol]:
             "stop_keepalive",
         )
     )
-    return LeanWebSocketProtocol if ok else WebSocketsSansIOProtocol
+    if not ok:
+        return WebSocketsSansIOProtocol
+    return type(
+        "LeanWebSocketProtocol", (LeanWebSocketProtocol,), {"__slots__": (), "pre_auth": pre_auth}
+    )
