@@ -558,7 +558,7 @@ def test_bench_login_flood_measures_each_phase_beside_idle(
         [
             "bench",
             "login-flood",
-            *("--loops", "2", "--duration", "4", "--devices", "2", "--clients", "1"),
+            *("--loops", "2", "--duration", "2", "--devices", "2", "--clients", "1"),
             *("--json", str(out)),
         ],
     )

@@ -47,7 +47,10 @@ T = TypeVar("T")
 FIRST_DELAY_S = 1.0
 #: The nice value of the pool's threads (and the threads argon2 starts from them: one check uses
 #: about 1.6 cores with its 4 lanes): when logins take every core, the kernel runs the event
-#: loop's thread first, and alarms go out before passwords are checked.
+#: loop's thread first, and alarms go out before passwords are checked. On Linux the threads are
+#: also SCHED_IDLE (inherited by argon2's): with nice 10 alone, 8 loops of right-password logins
+#: put the alarm path's p99 at 2.2x idle; with SCHED_IDLE at 1.5-1.9x, at the same logins a
+#: second (docs/benchmarks.md, "Login flood").
 POOL_NICE = 10
 
 
@@ -197,6 +200,9 @@ class LoginService:
 
 
 def _yield_cpu() -> None:
-    """Lower this pool thread's priority (Linux: per thread); elsewhere, leave it."""
+    """Lower this pool thread's priority (Linux: per thread, nice and SCHED_IDLE); elsewhere,
+    leave it."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), POOL_NICE)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))

@@ -961,25 +961,22 @@ class SqlStore:
     ) -> bool:
         """Take a user out of a ward's care team; False when they were not in it."""
         m = t.ward_members.c
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                delete(t.ward_members).where(m.username == username, m.ward == ward)
-            )
-            if not result.rowcount:
-                return False
-            if audit is not None:
-                await conn.execute(insert(t.audit), [_audit_row(audit)])
-            await self._access_changed(conn)
-            return True
+        return await self._remove_from_care(
+            delete(t.ward_members).where(m.username == username, m.ward == ward), audit
+        )
 
     async def unassign(self, username: str, pid: str, *, audit: AuditRow | None = None) -> bool:
         """End a patient's individual assignment to a user; False when there was none."""
         a = t.assignments.c
+        return await self._remove_from_care(
+            delete(t.assignments).where(a.username == username, a.patient_id == pid), audit
+        )
+
+    async def _remove_from_care(self, stmt: Any, audit: AuditRow | None) -> bool:
+        """Run a DELETE of a care-team row; with its audit row and a new access version when it
+        removed one (False, nothing written, when there was none)."""
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                delete(t.assignments).where(a.username == username, a.patient_id == pid)
-            )
-            if not result.rowcount:
+            if not (await conn.execute(stmt)).rowcount:
                 return False
             if audit is not None:
                 await conn.execute(insert(t.audit), [_audit_row(audit)])
