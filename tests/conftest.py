@@ -54,6 +54,16 @@ class RunningServer:
         return u["username"], u["password"]
 
 
+async def login_token(srv: RunningServer, role: str) -> str:
+    """An access token of the provisioned user with ``role``, from ``POST /auth/login``."""
+    user, pw = srv.user(role)
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        r = await http.post("/auth/login", json={"username": user, "password": pw})
+    assert r.status_code == 200, r.text
+    token: str = r.json()["access_token"]
+    return token
+
+
 async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
     """Wait for ``predicate()`` to hold, checking on every loop turn, failing after ``timeout``."""
 

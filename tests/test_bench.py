@@ -443,7 +443,7 @@ async def test_bench_loads_a_server_it_did_not_start_and_runs_again_on_it(
     tmp_path: Path, generator: str
 ) -> None:
     """``--url`` with ``--credentials`` from ``admin provision-ward``: the load runs against a
-    server started outside the bench, its CPU and memory come from its ``/metrics``, and a
+    server started outside the bench, its CPU and memory come from its ``/metrics.json``, and a
     second run on the same server (as a ladder's next step) loses nothing although the
     devices' seqs go on from the first run's."""
     import asyncio
@@ -465,7 +465,7 @@ async def test_bench_loads_a_server_it_did_not_start_and_runs_again_on_it(
     srv = ServerProcess(db, free_port(), tmp_path)
     await srv.start()
     try:
-        metrics = httpx.get(srv.url + "/metrics").json()
+        metrics = httpx.get(srv.url + "/metrics.json").json()
         assert metrics["process_cpu_s"] > 0 and metrics["process_rss_kb"] > 10_000
         rows = []
         for run in (1, 2):
@@ -485,7 +485,7 @@ async def test_bench_loads_a_server_it_did_not_start_and_runs_again_on_it(
             assert row["server_cpu_pct"] > 0 and row["server_rss_mb"] > 10
             assert row["rss_per_idle_connection_kb"] is not None
             assert row["store_rows_per_s"] > 0
-        after = httpx.get(srv.url + "/metrics").json()
+        after = httpx.get(srv.url + "/metrics.json").json()
         assert after["rows_written"] >= rows[0]["published"] + rows[1]["published"]
     finally:
         srv.stop()

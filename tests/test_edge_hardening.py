@@ -461,7 +461,7 @@ async def test_a_client_that_pings_but_never_reads_is_cut_within_the_documented_
 
             async def gone() -> None:
                 async with httpx.AsyncClient(base_url=srv.url) as http:
-                    while (await http.get("/metrics")).json()["client_connections"]:
+                    while (await http.get("/metrics.json")).json()["client_connections"]:
                         await asyncio.sleep(0.05)
 
             # the first WebSocket ping goes out after one interval; unanswered for 4 more: cut

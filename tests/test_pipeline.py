@@ -243,7 +243,7 @@ async def test_duplicate_seq_is_dropped_and_acked(server: RunningServer) -> None
         assert await recv_json(ws) == {"type": "ack", "seq": 4}  # nothing else came between
     assert server.services.ingest.conflicting_seqs == 1
     async with httpx.AsyncClient(base_url=server.url) as http:
-        metrics = (await http.get("/metrics")).json()
+        metrics = (await http.get("/metrics.json")).json()
     assert metrics["conflicting_seqs"] == 1
     rows = await server.services.store.events_after(f"patient:{server.device(0)[2]}", 0, 100)
     readings = [e.data for e in rows if e.kind == "reading"]

@@ -15,7 +15,14 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.conftest import RunningServer, free_port, start_server, stop_server, wait_until
+from tests.conftest import (
+    RunningServer,
+    free_port,
+    login_token,
+    start_server,
+    stop_server,
+    wait_until,
+)
 from vitalwire import wire
 from vitalwire.bus.memory import MemoryBus
 from vitalwire.core import events as ev
@@ -38,15 +45,6 @@ async def srv(tmp_path: Path) -> AsyncIterator[RunningServer]:
         yield running
     finally:
         await stop_server(running, task)
-
-
-async def _token(srv: RunningServer, role: str) -> str:
-    user, pw = srv.user(role)
-    async with httpx.AsyncClient(base_url=srv.url) as http:
-        r = await http.post("/auth/login", json={"username": user, "password": pw})
-    assert r.status_code == 200, r.text
-    token: str = r.json()["access_token"]
-    return token
 
 
 async def _socket(srv: RunningServer, token: str, streams: list[str]) -> ClientConnection:
@@ -125,7 +123,7 @@ async def test_break_glass_expiry_ends_the_subscription_and_nothing_of_it_follow
     srv: RunningServer,
 ) -> None:
     secret = await _out_of_care_patient(srv)
-    ws = await _socket(srv, await _token(srv, "clinician"), [])
+    ws = await _socket(srv, await login_token(srv, "clinician"), [])
     try:
         await ws.send(
             json.dumps(
@@ -210,7 +208,7 @@ async def test_taken_off_the_ward_or_unassigned_ends_the_subscription(srv: Runni
     await svc.registry.create_patient("R001", "Assigned", "ward-c")
     await svc.store.assign("clinician", "R001")
     await svc.access.refresh()
-    ws = await _socket(srv, await _token(srv, "clinician"), ["patient:P001", "patient:R001"])
+    ws = await _socket(srv, await login_token(srv, "clinician"), ["patient:P001", "patient:R001"])
     try:
         assert await svc.store.unassign("clinician", "R001")
         await svc.access.refresh()  # what the service making the change does
@@ -239,7 +237,7 @@ async def test_a_deleted_or_disabled_users_token_and_session_stop_working(
     srv: RunningServer, change: str, message: str
 ) -> None:
     svc = srv.services
-    token = await _token(srv, "viewer")
+    token = await login_token(srv, "viewer")
     headers = {"Authorization": f"Bearer {token}"}
     ws = await _socket(srv, token, ["patient:P001"])
     if change == "delete":
@@ -268,8 +266,8 @@ async def test_a_demoted_clinician_is_refused_as_a_viewer_with_the_old_token(
     srv: RunningServer,
 ) -> None:
     svc = srv.services
-    ws = await _socket(srv, await _token(srv, "clinician"), ["patient:P001"])
-    admin = {"Authorization": f"Bearer {await _token(srv, 'admin')}"}
+    ws = await _socket(srv, await login_token(srv, "clinician"), ["patient:P001"])
+    admin = {"Authorization": f"Bearer {await login_token(srv, 'admin')}"}
     try:
         await svc.store.update_user("clinician", role="viewer")
         await svc.store.update_user("admin", role="viewer")
@@ -306,7 +304,7 @@ async def test_a_demoted_clinician_is_refused_as_a_viewer_with_the_old_token(
 
 async def test_a_password_reset_revokes_every_token_issued_before(srv: RunningServer) -> None:
     svc = srv.services
-    token = await _token(srv, "clinician")
+    token = await login_token(srv, "clinician")
     ws = await _socket(srv, token, ["patient:P001"])
     await svc.store.update_user(
         "clinician", password_hash=hash_password("a-brand-new-password"), revoke_tokens=True
@@ -326,7 +324,7 @@ async def test_auth_on_an_open_socket_checks_the_token_generation(srv: RunningSe
     import time
 
     svc = srv.services
-    old = await _token(srv, "clinician")
+    old = await login_token(srv, "clinician")
     await svc.store.update_user("clinician", revoke_tokens=True)
     await svc.access.refresh()
     fresh = svc.tokens.issue(Principal("clinician", "clinician", 1), time.time())
@@ -346,7 +344,7 @@ async def test_a_change_made_by_another_process_applies_within_the_refresh_inter
 ) -> None:
     """The admin CLI writes with a store of its own: the server learns it from the access
     version it reads every ACCESS_REFRESH_S, and ends the session then."""
-    ws = await _socket(srv, await _token(srv, "viewer"), ["patient:P001"])
+    ws = await _socket(srv, await login_token(srv, "viewer"), ["patient:P001"])
     cli = SqlStore(f"sqlite:///{tmp_path / 'vitalwire.db'}")
     await cli.open()
     try:
@@ -428,7 +426,7 @@ async def test_every_access_to_patient_data_and_every_refusal_is_audited(
     srv: RunningServer,
 ) -> None:
     await _out_of_care_patient(srv)
-    clinician = await _token(srv, "clinician")
+    clinician = await login_token(srv, "clinician")
     ws = await _socket(srv, clinician, [])
     try:
         await ws.send(json.dumps({"type": "get_limits", "patient_id": "P001", "id": 1}))
@@ -492,11 +490,18 @@ def test_refused_attempts_are_audited_a_bounded_number_per_minute_then_summed_up
 
 
 async def test_patient_data_responses_are_not_cached(srv: RunningServer) -> None:
-    headers = {"Authorization": f"Bearer {await _token(srv, 'admin')}"}
+    headers = {"Authorization": f"Bearer {await login_token(srv, 'admin')}"}
     async with httpx.AsyncClient(base_url=srv.url) as http:
         for path in ("/patients", "/patients/P001/alerts", "/audit"):
             r = await http.get(path, headers=headers)
             assert r.status_code == 200 and r.headers["cache-control"] == "no-store", path
+        # errors too: they may name a patient or quote what was sent
+        r = await http.get("/patients/NOPE/alerts", headers=headers)
+        assert r.status_code == 404 and r.headers["cache-control"] == "no-store"
+        r = await http.get("/patients/P001/alerts", params={"limit": 0}, headers=headers)
+        assert r.status_code == 422 and r.headers["cache-control"] == "no-store"
+        r = await http.get("/patients")
+        assert r.status_code == 401 and r.headers["cache-control"] == "no-store"
 
 
 async def test_old_tokens_without_a_generation_count_as_generation_zero(

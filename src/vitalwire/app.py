@@ -27,6 +27,8 @@ from vitalwire.transports import rest, wsserver
 from vitalwire.transports.client_ws import client_endpoint
 from vitalwire.transports.common import Socket
 from vitalwire.transports.device_ws import device_endpoint
+from vitalwire.transports.rest_clinical import router as clinical_router
+from vitalwire.transports.rest_history import router as history_router
 from vitalwire.transports.wsserver import PreAuth
 
 log = logging.getLogger("vitalwire")
@@ -236,6 +238,8 @@ def create_app(
     app.edge = HttpEdge(settings.max_body_bytes, tls=settings.certfile is not None)
     install_api_docs(app)
     app.include_router(rest.router)
+    app.include_router(history_router)
+    app.include_router(clinical_router)
     rest.install_error_handlers(app)
     return app
 

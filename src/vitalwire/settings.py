@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     bus: str = "memory://"
     #: HS256 key for access tokens. Empty: generated once and kept in the store.
     jwt_secret: str = ""
+    #: When set, GET /metrics and /metrics.json need ``Authorization: Bearer <metrics_token>``.
+    metrics_token: str = ""
     token_ttl_s: float = Field(3600.0, gt=0)
     #: Refresh tokens get new access tokens from POST /auth/refresh until they expire.
     refresh_ttl_s: float = Field(43200.0, gt=0)

@@ -83,7 +83,7 @@ def bench_main(
         str | None,
         typer.Option(
             help="Load this running vitalwire server (http://host:port) instead of starting "
-            "one; needs --credentials. Its CPU and memory come from its /metrics.",
+            "one; needs --credentials. Its CPU and memory come from its /metrics.json.",
             show_default=False,
         ),
     ] = None,

@@ -440,11 +440,11 @@ class PidProbe:
 
 class MetricsProbe:
     """CPU seconds and resident memory of a vitalwire server the bench did not start
-    (``--url``), from its ``GET /metrics`` (``process_cpu_s``, ``process_rss_kb``): the server
+    (``--url``), from its ``GET /metrics.json`` (``process_cpu_s``, ``process_rss_kb``): the server
     may run on another machine. ``rss_kb`` is None where the server cannot tell (not Linux)."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/") + "/metrics"
+        self.url = url.rstrip("/") + "/metrics.json"
 
     def _get(self) -> dict[str, Any]:
         import httpx

@@ -592,7 +592,7 @@ def _pid_of(name: str) -> int | None:
 
 async def _metrics(url: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url) as http:
-        r = await http.get("/metrics")
+        r = await http.get("/metrics.json")
         return dict(r.json())
 
 
@@ -640,7 +640,7 @@ async def bench_load(
     ``only``: the targets to run, by their row's name (``vitalwire``, ``naive``, ``mqtt qos0``,
     ``mqtt qos1``); all of them when None. Each row's ratio is its delivered/s over
     vitalwire's in the same run (None when vitalwire did not run). ``server``: load that
-    server instead of starting one (its CPU and memory then come from its ``/metrics``)."""
+    server instead of starting one (its CPU and memory then come from its ``/metrics.json``)."""
     from vitalwire.bench.load import MetricsProbe, Target, run_load
     from vitalwire.sdk.monitor import login
 

@@ -25,6 +25,9 @@ class Bus(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ready(self) -> bool:
+        """True when the bus answers now (/readyz)."""
+
     async def publish(self, events: Sequence[Event]) -> None:
         """Publish committed events (in offset order per stream)."""
 

@@ -25,6 +25,9 @@ class MemoryBus:
     async def close(self) -> None:
         self._listener = None
 
+    async def ready(self) -> bool:
+        return True
+
     async def publish(self, events: Sequence[Event]) -> None:
         add = self.recent.add
         for event in events:

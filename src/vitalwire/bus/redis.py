@@ -60,6 +60,8 @@ WRITE_BATCHES = 256
 RECONNECT_S = 1.0
 #: Seconds :meth:`RedisBus.close` waits for the batches still pending to reach Redis.
 CLOSE_FLUSH_S = 5.0
+#: /readyz gives Redis this long to answer a PING.
+READY_TIMEOUT_S = 2.0
 
 _ITEM = tuple[str, int, str]  # stream, offset, entry: JSON [kind, ts, data]
 _encode_items = msgspec.msgpack.Encoder().encode
@@ -185,6 +187,15 @@ class RedisBus:
         await self._redis.aclose()
         self._redis = None
         self._listener = None
+
+    async def ready(self) -> bool:
+        """Redis answers a PING within READY_TIMEOUT_S (/readyz)."""
+        if self._redis is None:
+            return False
+        try:
+            return bool(await asyncio.wait_for(self._redis.ping(), READY_TIMEOUT_S))
+        except Exception:
+            return False
 
     # -- publishing ------------------------------------------------------------------------------
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from vitalwire.core import access as policy
 from vitalwire.core import events as ev
+from vitalwire.core.alerts import PRIORITIES as ALERT_PRIORITIES
+from vitalwire.core.alerts import STATES as ALERT_STATES
 from vitalwire.core.alerts import AlertChange, AlertConfig, News2Change, PatientAlerts
-from vitalwire.core.errors import Forbidden, NotFound
+from vitalwire.core.errors import Forbidden, InvalidMessage, NotFound
 from vitalwire.core.limits import Limits, override_limits
 from vitalwire.services.access import Access
 from vitalwire.services.auth import Principal
@@ -35,6 +38,12 @@ log = logging.getLogger("vitalwire.alerts")
 #: Alert ids remembered (open or resolved) for acknowledgements.
 ALERT_MEMORY = 100_000
 Change = AlertChange | News2Change
+
+
+#: NEWS2 history: events read per store call, and at most per request (a page may then hold
+#: fewer than ``limit`` events and a cursor to go on).
+NEWS2_PAGE = 1000
+NEWS2_SCAN = 20_000
 
 
 class AlertService:
@@ -61,6 +70,7 @@ class AlertService:
         #: devices whose socket closed, not yet back: (patient, device) -> since
         self._offline_since: dict[tuple[str, str], float] = {}
         self.offline_grace_s = offline_grace_s
+        self.raised: Counter[str] = Counter()  # alerts raised, by priority (/metrics)
 
     async def load(self) -> None:
         """Per-patient limits and observations from the store; open alerts back into engines."""
@@ -165,8 +175,153 @@ class AlertService:
         await self.writer.commit(events, alerts=rows, audit=[audit])
         return [_change_data(c) for c in changes]
 
+    async def list_alerts(
+        self,
+        who: Principal,
+        filters: dict[str, Any],
+        after: tuple[float, str] | None,
+        limit: int,
+        origin: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Alerts of the patients ``who`` may VIEW, newest first (store ``list_alerts``).
+        ``filters["patient"]`` names one patient (404 unknown; 403, audited, out of care);
+        without it, every patient the user may see. Audited ``list_alerts``."""
+        if self.access is None:
+            raise Forbidden("no access control configured", field="role")  # fail closed
+        if filters.get("state") is not None and filters["state"] not in ALERT_STATES:
+            raise InvalidMessage(f"state must be one of {', '.join(ALERT_STATES)}", field="state")
+        if filters.get("priority") is not None and filters["priority"] not in ALERT_PRIORITIES:
+            raise InvalidMessage(
+                f"priority must be one of {', '.join(ALERT_PRIORITIES)}", field="priority"
+            )
+        query = {k: v for k, v in filters.items() if k != "patient"}
+        pid = filters.get("patient")
+        if pid is not None:
+            await self.require_patient(pid)
+            try:
+                self.access.check(who, policy.VIEW, pid)
+            except Forbidden as exc:
+                self.access.refused(who.name, "list_alerts", pid, exc.message, origin)
+                raise
+            query["patients"] = [pid]
+        else:
+            every = [p["id"] for p in await self.store.list_patients()]
+            seen = [p for p in every if self.access.allowed(who, policy.VIEW, p)]
+            query["patients"] = None if len(seen) == len(every) else seen
+        rows = await self.store.list_alerts(query, after, limit)
+        for r in rows:
+            r.pop("last", None)
+        detail: dict[str, Any] = {"count": len(rows)}
+        detail.update({k: v for k, v in filters.items() if v is not None and k != "patient"})
+        if pid is not None and self.access.via_break_glass(who, pid):
+            detail["flag"] = "break_glass"
+        self.access.audit(who.name, "list_alerts", pid, detail, origin)
+        return rows
+
     def limits(self, pid: str) -> dict[str, Any]:
         return self.engine(pid).limits.to_dict()
+
+    async def get_limits(
+        self, who: Principal, pid: str, origin: str | None = None, audit_refusal: bool = True
+    ) -> dict[str, Any]:
+        """A patient's alarm limits, for anyone who may VIEW them; audited ``get_limits`` (flagged
+        ``break_glass`` when seen through a grant). A refusal is audited too, unless the caller
+        audits its refusals itself (``audit_refusal=False``: the socket does, for every message)."""
+        await self.require_patient(pid)
+        try:
+            self._check(who, policy.VIEW, pid)
+        except Forbidden as exc:
+            if audit_refusal and self.access is not None:
+                self.access.refused(who.name, "get_limits", pid, exc.message, origin)
+            raise
+        assert self.access is not None
+        detail: dict[str, Any] = {}
+        if self.access.via_break_glass(who, pid):
+            detail["flag"] = "break_glass"
+        self.access.audit(who.name, "get_limits", pid, detail, origin)
+        return self.limits(pid)
+
+    async def stream_events(
+        self, who: Principal, pid: str, after: int, limit: int, origin: str | None = None
+    ) -> tuple[list[Event], int, bool]:
+        """Up to ``limit`` events of a patient's stream after offset ``after``, for a client that
+        cannot hold a socket: VIEW access, audited ``read_events`` (as the socket's ``subscribe``,
+        flagged ``break_glass`` through a grant). Returns (events, head, recovered): recovered is
+        False when events after ``after`` were removed by retention (the page then starts at the
+        oldest event kept), as the socket's ``recovered: false``."""
+        await self.require_patient(pid)
+        try:
+            self._check(who, policy.VIEW, pid)
+        except Forbidden as exc:
+            if self.access is not None:
+                self.access.refused(who.name, "read_events", pid, exc.message, origin)
+            raise
+        assert self.access is not None
+        stream = ev.patient_stream(pid)
+        head = self.streams.head(stream)
+        recovered = True
+        events = await self.streams.replay(stream, after, min(head, after + limit))
+        if events is None:
+            recovered = False
+            first = await self.store.first_offset(stream)
+            start = head if first is None else first - 1
+            events = await self.streams.replay(stream, start, min(head, start + limit)) or []
+        detail: dict[str, Any] = {"stream": stream, "after": after, "count": len(events)}
+        if self.access.via_break_glass(who, pid):
+            detail["flag"] = "break_glass"
+        self.access.audit(who.name, "read_events", pid, detail, origin)
+        return events[:limit], head, recovered
+
+    async def news2_history(
+        self,
+        who: Principal,
+        pid: str,
+        t_from: float | None,
+        t_to: float | None,
+        after: int,
+        limit: int,
+        origin: str | None = None,
+    ) -> tuple[list[Event], int | None]:
+        """The ``news2`` events of a patient's stream with ``t_from <= ts < t_to``, in offset
+        order after offset ``after``, up to ``limit``: VIEW, audited ``news2_history``. Reads
+        the stream by offset (``events_after``), filtering by kind and time, at most
+        :data:`NEWS2_SCAN` events per call; returns (events, the offset to continue after, or
+        None when the stream's end was reached)."""
+        await self.require_patient(pid)
+        try:
+            self._check(who, policy.VIEW, pid)
+        except Forbidden as exc:
+            if self.access is not None:
+                self.access.refused(who.name, "news2_history", pid, exc.message, origin)
+            raise
+        assert self.access is not None
+        stream = ev.patient_stream(pid)
+        out: list[Event] = []
+        cursor, scanned, more = after, 0, True
+        while len(out) < limit and scanned < NEWS2_SCAN:
+            page = await self.store.events_after(stream, cursor, NEWS2_PAGE)
+            if not page:
+                more = False
+                break
+            for e in page:
+                cursor = e.offset
+                scanned += 1
+                if (
+                    e.kind == ev.NEWS2
+                    and (t_from is None or e.ts >= t_from)
+                    and (t_to is None or e.ts < t_to)
+                ):
+                    out.append(e)
+                    if len(out) == limit:
+                        break
+            if len(page) < NEWS2_PAGE and cursor == page[-1].offset and len(out) < limit:
+                more = False
+                break
+        detail: dict[str, Any] = {"count": len(out), "from": t_from, "to": t_to}
+        if self.access.via_break_glass(who, pid):
+            detail["flag"] = "break_glass"
+        self.access.audit(who.name, "news2_history", pid, detail, origin)
+        return out, cursor if more else None
 
     async def set_limits(
         self,
@@ -250,6 +405,7 @@ class AlertService:
         for change in changes:
             data = _change_data(change)
             if isinstance(change, AlertChange):
+                self.raised[change.priority] += change.action == "raised"
                 self._alert_patient[change.alert_id] = pid  # kept once resolved: acknowledging
                 while len(self._alert_patient) > ALERT_MEMORY:  # it then says "conflict"
                     del self._alert_patient[next(iter(self._alert_patient))]

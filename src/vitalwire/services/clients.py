@@ -61,6 +61,10 @@ def frame_prefix(stream: str) -> str:
 class ClientSession:
     """Subscriptions and the bounded outgoing queues of one client connection."""
 
+    #: this process's slow-consumer closes and frames handed to sockets, all sessions (/metrics)
+    slow_consumer_closes = 0
+    frames_sent = 0
+
     __slots__ = (
         "principal",
         "streams",
@@ -214,6 +218,7 @@ class ClientSession:
         if self.overflowed:
             return
         self.overflowed = True
+        ClientSession.slow_consumer_closes += 1
         self.close()
         self._live.clear()
         self._control.clear()
@@ -247,6 +252,7 @@ class ClientSession:
             else:
                 out.extend(live.values())
             live.clear()
+        ClientSession.frames_sent += len(out)
         return out
 
     @property

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -118,6 +119,7 @@ class CommandService:
         self._open: dict[str, CommandState] = {}
         #: (requester, idempotency key) -> the command, kept for its TTL even once finished
         self._keyed: dict[tuple[str, str], CommandState] = {}
+        self.settled: Counter[str] = Counter()  # commands by final state (/metrics)
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -367,6 +369,7 @@ class CommandService:
         rows.append(row)
         if st.status in cc.TERMINAL:
             self._open.pop(st.command_id, None)
+            self.settled[st.status] += 1
 
     def _try_move(
         self,

@@ -24,8 +24,10 @@ from vitalwire.services.alerts import AlertService
 from vitalwire.services.auth import Principal, TokenService
 from vitalwire.services.clients import ClientSession
 from vitalwire.services.commands import CommandService
+from vitalwire.services.history import History
 from vitalwire.services.ingest import Ingest
 from vitalwire.services.login import LoginService
+from vitalwire.services.metrics import Metrics
 from vitalwire.services.registry import Registry
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
@@ -79,7 +81,9 @@ class Services:
     commands: CommandService
     access: Access
     login: LoginService
+    history: History
     clients: set[ClientSession] = field(default_factory=set)
+    metrics: Metrics | None = None  # the app's Prometheus registry (services/metrics.py)
 
 
 @contextlib.asynccontextmanager
@@ -159,7 +163,9 @@ async def open_services(
             commands,
             access,
             LoginService.from_settings(settings, registry, access, clock),
+            History(store, access, clock),
         )
+        svc.metrics = Metrics(svc)
         # access taken back ends what depended on it in every open session, at once
         access.on_change = lambda: access.recheck(svc.clients)
         writer.start()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -94,6 +95,8 @@ class BatchWriter:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.rows_written = 0
+        #: called once per commit with its rows and seconds (services/metrics.py)
+        self.on_commit: Callable[[int, float], None] | None = None
 
     @property
     def pending_rows(self) -> int:
@@ -244,6 +247,7 @@ class BatchWriter:
             batch.audit.extend(unit.audit)
             batch.commands.extend(unit.commands)
         delay = 0.05
+        started = time.perf_counter()
         while True:
             try:
                 await self.store.write_batch(batch)
@@ -255,6 +259,8 @@ class BatchWriter:
                 delay = min(delay * 2, 2.0)
         self.failing = False
         self.rows_written += len(batch)
+        if self.on_commit is not None:
+            self.on_commit(len(batch), time.perf_counter() - started)
         self._wake_room()
         if batch.events:
             await self.bus.publish(batch.events)

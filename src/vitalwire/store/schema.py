@@ -102,6 +102,8 @@ events = Table(
     Column("kind", String(32), nullable=False),
     Column("ts", Float, nullable=False),
     Column("data", Text, nullable=False),
+    # a patient's readings (or device statuses) in a time range: vitals history (migration 0008)
+    Index("ix_events_stream_kind_ts", "stream", "kind", "ts"),
 )
 
 # The latest state of every alert ever raised (its history of changes is in the patient's stream).

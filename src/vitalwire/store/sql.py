@@ -14,13 +14,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
+    and_,
     bindparam,
     delete,
     event,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -32,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from vitalwire.core.errors import Conflict, NotFound
+from vitalwire.core.events import DEVICE_STATUS, READING
 from vitalwire.core.text import clip, clip_json
 from vitalwire.store import schema as t
 from vitalwire.store.base import (
@@ -231,6 +236,7 @@ class SqlStore:
         self.transactions = 0
         self.source = secrets.token_hex(8)
         self._engine: AsyncEngine | None = None
+        self._head: str | None = None  # the migrations' head revision (migration_current)
         self._dialect: Any = sqlite if self.backend == "sqlite" else postgresql
         #: SQLite files: batches go through one dedicated connection on its own thread
         self._fast: SqliteBatchWriter | None = None
@@ -335,6 +341,19 @@ class SqlStore:
                 work.append((text, [tuple(d[k] for k in keys) for d in map(to_row, rows)]))
         return work
 
+    async def migration_current(self) -> bool:
+        """The store's alembic revision is the code's head (/readyz); raises if the store does
+        not answer."""
+        async with self.engine.connect() as conn:
+            current = await conn.run_sync(
+                lambda c: MigrationContext.configure(c).get_current_revision()
+            )
+        if self._head is None:  # the code's head: read once from the migration scripts
+            cfg = Config()
+            cfg.set_main_option("script_location", str(_MIGRATIONS))
+            self._head = ScriptDirectory.from_config(cfg).get_current_head()
+        return bool(current == self._head)
+
     async def close(self) -> None:
         if self._fast is not None:
             await self._fast.close()
@@ -400,6 +419,28 @@ class SqlStore:
             .order_by(t.alerts.c.raised_at.desc())
             .limit(limit)
         )
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+    async def list_alerts(
+        self, filters: dict[str, Any], after: tuple[float, str] | None, limit: int
+    ) -> list[dict[str, Any]]:
+        c = t.alerts.c
+        q = select(t.alerts).order_by(c.raised_at.desc(), c.alert_id.desc()).limit(limit)
+        if filters.get("patients") is not None:
+            q = q.where(c.patient_id.in_(list(filters["patients"])))
+        if filters.get("state") is not None:
+            q = q.where(c.state == filters["state"])
+        if filters.get("priority") is not None:
+            q = q.where(c.priority == filters["priority"])
+        if filters.get("since") is not None:
+            q = q.where(c.raised_at >= filters["since"])
+        if filters.get("until") is not None:
+            q = q.where(c.raised_at < filters["until"])
+        if after is not None:
+            q = q.where(
+                or_(c.raised_at < after[0], and_(c.raised_at == after[0], c.alert_id < after[1]))
+            )
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(q)]
 
@@ -669,6 +710,44 @@ class SqlStore:
         async with self.engine.connect() as conn:
             rows = list(await conn.execute(q))
         return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in reversed(rows)]
+
+    async def readings_between(
+        self,
+        stream: str,
+        ts_from: float,
+        ts_to: float,
+        after: tuple[float, int] | None,
+        limit: int,
+    ) -> list[Event]:
+        """Readings of ``stream`` with ``ts_from <= ts < ts_to`` in (ts, offset) order, after
+        the position ``after``: one range scan of ix_events_stream_kind_ts."""
+        e = t.events
+        q = select(e.c.offset, e.c.kind, e.c.ts, e.c.data).where(
+            e.c.stream == stream, e.c.kind == READING, e.c.ts >= ts_from, e.c.ts < ts_to
+        )
+        if after is not None:
+            a_ts, a_off = after
+            q = q.where(or_(e.c.ts > a_ts, and_(e.c.ts == a_ts, e.c.offset > a_off)))
+        q = q.order_by(e.c.ts, e.c.offset).limit(limit)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(q)
+            return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in rows]
+
+    async def status_between(self, stream: str, ts_from: float, ts_to: float) -> list[Event]:
+        e = t.events
+        q = (
+            select(e.c.offset, e.c.kind, e.c.ts, e.c.data)
+            .where(
+                e.c.stream == stream,
+                e.c.kind == DEVICE_STATUS,
+                e.c.ts >= ts_from,
+                e.c.ts < ts_to,
+            )
+            .order_by(e.c.ts, e.c.offset)
+        )
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(q)
+            return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in rows]
 
     async def delete_events_before(self, ts: float) -> int:
         """Delete events older than ``ts``, always keeping each stream's last event: it holds

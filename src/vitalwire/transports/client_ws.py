@@ -286,11 +286,10 @@ async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
         )
         session.send(wire.encode_text(wire.Result(id=msg.id, data=grant)))
     elif isinstance(msg, wire.GetLimits):
-        await svc.alerts.require_patient(msg.patient_id)
-        svc.access.check(session.principal, policy.VIEW, msg.patient_id)
-        data = {"patient_id": msg.patient_id, "limits": svc.alerts.limits(msg.patient_id)}
-        if session.audit is not None:
-            session.audit("get_limits", msg.patient_id, {})
+        limits = await svc.alerts.get_limits(
+            session.principal, msg.patient_id, session.origin, audit_refusal=False
+        )
+        data = {"patient_id": msg.patient_id, "limits": limits}
         session.send(wire.encode_text(wire.Result(id=msg.id, data=data)))
     elif isinstance(msg, wire.SetObservations):
         obs = {"on_oxygen": msg.on_oxygen, "consciousness": msg.consciousness, "scale": msg.scale}

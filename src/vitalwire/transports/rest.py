@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,6 +18,7 @@ from vitalwire.core import access as policy
 from vitalwire.core import events as ev
 from vitalwire.core.errors import Forbidden, PeerError, Unauthenticated
 from vitalwire.services.auth import Principal
+from vitalwire.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vitalwire.transports.errors import public_message, row_for
 
 if TYPE_CHECKING:
@@ -109,9 +111,45 @@ async def healthz(request: Request) -> Any:
     return JSONResponse(health.model_dump(), status_code=503) if failing else health
 
 
-@router.get("/metrics")
-async def metrics(request: Request) -> dict[str, Any]:
-    """Counters for monitoring and `vitalwire bench` (no health data)."""
+class Ready(BaseModel):
+    status: str
+    store: str
+    bus: str
+    migrations: str
+
+
+def metrics_access(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """With ``metrics_token`` set, the metrics need ``Authorization: Bearer <metrics_token>``."""
+    token = services(request).settings.metrics_token
+    if not token:
+        return
+    given = (
+        authorization[7:].strip()
+        if authorization and authorization[:7].lower() == "bearer "
+        else ""
+    )
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthenticated(
+            "Authorization: Bearer <metrics token> is required", field="authorization"
+        )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(metrics_access)],
+    responses={200: {"content": {"text/plain": {}}}, 401: {}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (services/metrics.py): counters and gauges, no health data."""
+    svc = services(request)
+    assert svc.metrics is not None
+    return Response(svc.metrics.text(), media_type=METRICS_CONTENT_TYPE)
+
+
+@router.get("/metrics.json", dependencies=[Depends(metrics_access)], responses={401: {}})
+async def metrics_json(request: Request) -> dict[str, Any]:
+    """Counters for `vitalwire bench` and scripts (no health data)."""
     svc = services(request)
     return {
         "rows_written": svc.writer.rows_written,
@@ -126,6 +164,26 @@ async def metrics(request: Request) -> dict[str, Any]:
         "process_cpu_s": round(time.process_time(), 3),
         "process_rss_kb": _rss_kb(),
     }
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
+async def readyz(request: Request) -> Any:
+    """200 when the store answers, its migrations are the code's and the bus answers; 503 naming
+    what failed otherwise. ``/healthz`` is liveness."""
+    svc = services(request)
+    ready = Ready(status="ready", store="ok", bus="ok", migrations="ok")
+    try:
+        if not await svc.store.migration_current():
+            ready.migrations = "behind"
+    except Exception:
+        log.warning("readyz: the store did not answer", exc_info=True)
+        ready.store = ready.migrations = "unreachable"
+    if not await svc.bus.ready():
+        ready.bus = "unreachable"
+    if (ready.store, ready.bus, ready.migrations) != ("ok", "ok", "ok"):
+        ready.status = "not_ready"
+        return JSONResponse(ready.model_dump(), status_code=503)
+    return ready
 
 
 def _rss_kb() -> int | None:
@@ -219,6 +277,15 @@ async def audit_log(
     return rows
 
 
+def _error_response(
+    body: dict[str, Any], status: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error in the one shape; never cached (it may name a patient or quote what was sent)."""
+    return JSONResponse(
+        body, status_code=status, headers={"Cache-Control": "no-store", **(headers or {})}
+    )
+
+
 async def peer_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Every error body is ``{"code", "message", "field"}``; internals never leave the server."""
     row = row_for(exc)
@@ -229,7 +296,7 @@ async def peer_error_handler(request: Request, exc: Exception) -> JSONResponse:
     if retry_after is not None:
         headers = {"Retry-After": str(retry_after)}
     body = {"code": row.code, "message": public_message(exc), "field": getattr(exc, "field", None)}
-    return JSONResponse(body, status_code=row.http, headers=headers)
+    return _error_response(body, row.http, headers)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -239,14 +306,14 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     field = ".".join(loc) or None
     message = f"{field}: {first.get('msg', 'invalid')}" if field else first.get("msg", "invalid")
     body = {"code": "invalid_message", "message": message, "field": field}
-    return JSONResponse(body, status_code=422)
+    return _error_response(body, 422)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
     body = {"code": code, "message": str(exc.detail), "field": None}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return _error_response(body, exc.status_code, exc.headers)
 
 
 def install_error_handlers(app: Any) -> None:
