@@ -32,6 +32,9 @@ patients = Table(
     Column("name", String(200), nullable=False),
     Column("ward", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+    # migration 0009: NULL while admitted
+    Column("discharged_at", Float, nullable=True),
+    Column("discharged_by", String(64), nullable=True),
 )
 
 devices = Table(
