@@ -230,6 +230,20 @@ class Store(Protocol):
         ``priority``, ``since`` (raised_at >=), ``until`` (raised_at <)."""
         ...
 
+    async def list_commands(
+        self, filters: dict[str, Any], after: tuple[float, str] | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Commands (their latest state) newest first (created_at, command_id descending),
+        after the ``(created_at, command_id)`` position ``after``; ``filters``: ``patients``
+        (ids; absent: all), ``device``, ``status``, ``since`` (created_at >=), ``until``
+        (created_at <)."""
+        ...
+
+    async def list_devices(self) -> list[dict[str, Any]]:
+        """Every device by id: ``id``, ``kind``, ``disabled``, ``created_at`` and ``patient_id``
+        (its active binding's patient, or None). Never its secret hash."""
+        ...
+
     async def audit_log(
         self, limit: int, patient_id: str | None = None
     ) -> list[dict[str, Any]]: ...

@@ -412,6 +412,51 @@ class SqlStore:
             row = (await conn.execute(q)).first()
             return None if row is None else dict(row._mapping)
 
+    async def list_commands(
+        self, filters: dict[str, Any], after: tuple[float, str] | None, limit: int
+    ) -> list[dict[str, Any]]:
+        c = t.commands.c
+        q = select(t.commands).order_by(c.created_at.desc(), c.command_id.desc()).limit(limit)
+        if filters.get("patients") is not None:
+            q = q.where(c.patient_id.in_(list(filters["patients"])))
+        if filters.get("device") is not None:
+            q = q.where(c.device_id == filters["device"])
+        if filters.get("status") is not None:
+            q = q.where(c.status == filters["status"])
+        if filters.get("since") is not None:
+            q = q.where(c.created_at >= filters["since"])
+        if filters.get("until") is not None:
+            q = q.where(c.created_at < filters["until"])
+        if after is not None:
+            q = q.where(
+                or_(
+                    c.created_at < after[0],
+                    and_(c.created_at == after[0], c.command_id < after[1]),
+                )
+            )
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+    async def list_devices(self) -> list[dict[str, Any]]:
+        q = (
+            select(
+                t.devices.c.id,
+                t.devices.c.kind,
+                t.devices.c.disabled,
+                t.devices.c.created_at,
+                t.bindings.c.patient_id,
+            )
+            .select_from(
+                t.devices.outerjoin(
+                    t.bindings,
+                    and_(t.bindings.c.device_id == t.devices.c.id, t.bindings.c.end_ts.is_(None)),
+                )
+            )
+            .order_by(t.devices.c.id)
+        )
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
     async def alerts_for(self, pid: str, limit: int) -> list[dict[str, Any]]:
         q = (
             select(t.alerts)
