@@ -81,7 +81,8 @@ def test_the_walkthrough_is_what_this_test_follows() -> None:
     for needed in ("watch", "command P002", "admin create-device ox-100", "simulate --replay"):
         assert any(needed in c for c in commands), needed
     snippets = [b for lang, b in steps if lang == "python"]
-    assert len(snippets) == 3 and SECRET_PLACEHOLDER in snippets[2]
+    assert len(snippets) == 5 and SECRET_PLACEHOLDER in snippets[2]
+    assert "/vitals" in snippets[3] and "patientEvents" in snippets[4]
 
 
 @dataclass
@@ -272,10 +273,11 @@ async def test_the_readme_walkthrough_leaves_the_demo_healthy(tmp_path: Path) ->
                 await guard.all_sending(30)  # the demo's ward is up
                 walk = Walk(url, tmp_path, env)
                 snippets = 0
+                printed: list[str] = []
                 for lang, block in walkthrough():
                     if lang == "python":
                         snippets += 1
-                        await walk.snippet(snippets, block)
+                        printed.append(await walk.snippet(snippets, block))
                         continue
                     for tokens in shell_commands(block):
                         await walk.command(tokens)
@@ -284,6 +286,13 @@ async def test_the_readme_walkthrough_leaves_the_demo_healthy(tmp_path: Path) ->
                 follow.cancel()
         assert guard.problems == []
         assert guard.p001_readings > 0
+        # step 8: the REST trend printed P001's SpO2 buckets; the GraphQL subscription printed
+        # P002's events with contiguous offsets
+        assert re.search(r"^\d\d:\d\d SpO2 min \d+", printed[3], re.M), printed[3]
+        offsets = [
+            int(m) for m in re.findall(r"^(\d+) [a-z_0-9]+ ", printed[4], re.M)
+        ]
+        assert offsets and offsets == list(range(offsets[0], offsets[0] + len(offsets))), printed[4]
 
         out = walk.outputs
         checks = 0

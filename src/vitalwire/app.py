@@ -27,7 +27,12 @@ from vitalwire.transports import rest, wsserver
 from vitalwire.transports.client_ws import client_endpoint
 from vitalwire.transports.common import Socket
 from vitalwire.transports.device_ws import device_endpoint
+from vitalwire.transports.fhir import router as fhir_router
+from vitalwire.transports.graphql import graphql_ws_endpoint
+from vitalwire.transports.graphql import install as install_graphql
+from vitalwire.transports.rest_admin import router as admin_router
 from vitalwire.transports.rest_clinical import router as clinical_router
+from vitalwire.transports.rest_commands import router as commands_router
 from vitalwire.transports.rest_history import router as history_router
 from vitalwire.transports.wsserver import PreAuth
 
@@ -42,6 +47,7 @@ QUIET_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy.engine", "websockets", "uvi
 WEBSOCKETS: dict[str, Callable[[Socket, Services], Awaitable[None]]] = {
     "/ws/device": device_endpoint,
     "/ws": client_endpoint,
+    "/graphql": graphql_ws_endpoint,
 }
 
 
@@ -239,7 +245,11 @@ def create_app(
     install_api_docs(app)
     app.include_router(rest.router)
     app.include_router(history_router)
+    app.include_router(fhir_router)
     app.include_router(clinical_router)
+    install_graphql(app)
+    app.include_router(admin_router)
+    app.include_router(commands_router)
     rest.install_error_handlers(app)
     return app
 

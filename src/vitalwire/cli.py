@@ -686,6 +686,92 @@ def _new_password(password: str | None, what: str) -> str:
     return str(typer.prompt(what, hide_input=True, confirmation_prompt=True))
 
 
+#: ``vitalwire admin --url URL ...``: the server to act through (empty: the store directly)
+_API: dict[str, Any] = {}
+
+
+@admin_app.callback()
+def admin_options(
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            envvar="VITALWIRE_URL",
+            help="Act through the API of the server at URL (admin login) instead of on the "
+            "store (--db); the store mode is for the first setup.",
+            show_default=False,
+        ),
+    ] = None,
+    user: UserOpt = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="VITALWIRE_TOKEN",
+            help="An admin's access token (instead of --user and VITALWIRE_PASSWORD).",
+            show_default=False,
+        ),
+    ] = None,
+    cacert: CacertOpt = None,
+) -> None:
+    """Administer patients, devices, bindings and users: on the store (--db), or through a
+    running server's API (--url; the password from VITALWIRE_PASSWORD or a hidden prompt)."""
+    _API.clear()
+    if url:
+        _API.update(url=url.rstrip("/"), user=user, token=token, cacert=cacert)
+
+
+def _api(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    """One admin request to ``--url``: logs in first (``--user`` and VITALWIRE_PASSWORD, or a
+    hidden prompt) unless ``--token``; an error answer is printed as one line, exit 1."""
+    import os
+
+    import httpx
+
+    from vitalwire.cli_common import credentials, error_line, fail
+    from vitalwire.core.text import escape_control
+
+    verify: Any = str(_API["cacert"]) if _API.get("cacert") else True
+    try:
+        with httpx.Client(base_url=_API["url"], verify=verify, timeout=30) as http:
+            token = _API.get("token")
+            if not token:
+                name, pw = credentials(_API.get("user"), os.environ.get("VITALWIRE_PASSWORD"))
+                r = http.post("/auth/login", json={"username": name, "password": pw})
+                if r.status_code != 200:
+                    fail(escape_control(_error_text(r)))
+                token = _API["token"] = r.json()["access_token"]
+            r = http.request(
+                method, path, json=body, params=params, headers={"Authorization": f"Bearer {token}"}
+            )
+    except (httpx.HTTPError, CliError) as exc:
+        fail(error_line(exc) or str(exc))
+    if r.status_code >= 400:
+        fail(escape_control(_error_text(r)))
+    return r.json()
+
+
+def _error_text(r: Any) -> str:
+    """An error answer in the one shape as ``message (code)``; anything else by its status."""
+    try:
+        body = r.json()
+        return f"{body['message']} ({body['code']})"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {r.status_code}"
+
+
+def _api_all(path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every item of a cursor-paged admin list."""
+    items: list[dict[str, Any]] = []
+    query = dict(params or {}, limit=1000)
+    while True:
+        page = _api("GET", path, params=query)
+        items += page["items"]
+        if not page.get("next_cursor"):
+            return items
+        query["cursor"] = page["next_cursor"]
+
+
 @admin_app.command("create-patient")
 def create_patient(
     patient_id: str,
@@ -694,6 +780,10 @@ def create_patient(
     db: DbOpt = None,
 ) -> None:
     """Create a patient (a running server shows it to the ward's care team within a second)."""
+    if _API:
+        body = {"id": patient_id, "name": name, "ward": ward}
+        console.print(json.dumps(_api("POST", "/admin/patients", body)))
+        return
     out = _run_admin(
         db,
         lambda reg, _s: reg.create_patient(patient_id, name, ward),
@@ -711,6 +801,10 @@ def create_device(
     db: DbOpt = None,
 ) -> None:
     """Create a device and print its secret (shown once, stored hashed)."""
+    if _API:
+        out = _api("POST", "/admin/devices", {"device_id": device_id, "kind": kind})
+        console.print(json.dumps({"device_id": out["device_id"], "secret": out["secret"]}))
+        return
     cred = _run_admin(
         db,
         lambda reg, _s: reg.create_device(device_id, kind),
@@ -726,6 +820,10 @@ def rotate_device_secret(device_id: str, db: DbOpt = None) -> None:
     server ends the device's session within a second."""
     import getpass
 
+    if _API:
+        out = _api("POST", f"/admin/devices/{device_id}/rotate-secret")
+        console.print(json.dumps({"device_id": out["device_id"], "secret": out["secret"]}))
+        return
     actor = f"cli:{getpass.getuser()}"
     # audited by the registry, in the transaction that stores the new secret
     cred = _run_admin(
@@ -737,7 +835,12 @@ def rotate_device_secret(device_id: str, db: DbOpt = None) -> None:
 @admin_app.command("bind")
 def bind(device_id: str, patient_id: str, db: DbOpt = None) -> None:
     """Bind a device to a patient (ends its previous binding: a transfer). A running server
-    sends the device's next readings to the new patient within a second."""
+    sends the device's next readings to the new patient within a second (at once with --url).
+    ``move`` is the same command."""
+    if _API:
+        _api("PUT", f"/admin/bindings/{device_id}", {"patient_id": patient_id})
+        console.print(f"{device_id} -> {patient_id}")
+        return
     _run_admin(
         db,
         lambda reg, _s: reg.bind(device_id, patient_id),
@@ -748,11 +851,17 @@ def bind(device_id: str, patient_id: str, db: DbOpt = None) -> None:
     console.print(f"{device_id} -> {patient_id}")
 
 
+admin_app.command("move", help="Move a device to another patient (the same as bind).")(bind)
+
+
 @admin_app.command("unbind")
 def unbind(device_id: str, db: DbOpt = None) -> None:
     """End a device's binding (a running server stops filing its readings under the patient
     within a second)."""
-    _run_admin(db, lambda reg, _s: reg.unbind(device_id), "unbind", {"device_id": device_id})
+    if _API:
+        _api("DELETE", f"/admin/bindings/{device_id}")
+    else:
+        _run_admin(db, lambda reg, _s: reg.unbind(device_id), "unbind", {"device_id": device_id})
     console.print(f"{device_id} unbound")
 
 
@@ -767,6 +876,10 @@ def create_user(
 
     The password is hashed with argon2; audited as ``user_create``."""
     pw = _new_password(password, "password")
+    if _API:
+        body = {"username": username, "password": pw, "role": role}
+        console.print(json.dumps(_api("POST", "/admin/users", body)))
+        return
     out = _run_users(
         db, lambda users, actor: users.create(username, pw, role, actor=actor, origin="cli")
     )
@@ -778,7 +891,8 @@ def list_users(db: DbOpt = None) -> None:
     """List users: role, enabled or disabled, wards, assigned patients."""
     from vitalwire.core.text import escape_control
 
-    for u in _run_users(db, lambda users, _actor: users.list()):
+    rows = _api_all("/admin/users") if _API else _run_users(db, lambda u, _a: u.list())
+    for u in rows:
         state = "disabled" if u["disabled"] else "enabled"
         wards = ",".join(u["wards"]) or "-"
         patients = ",".join(u["patients"]) or "-"
@@ -795,8 +909,12 @@ def set_role(username: str, role: str, db: DbOpt = None) -> None:
 
     It applies to the user's next request and to their open sessions. The last enabled admin
     keeps theirs."""
-    out = _run_users(
-        db, lambda users, actor: users.set_role(username, role, actor=actor, origin="cli")
+    out = (
+        _api("PUT", f"/admin/users/{username}/role", {"role": role})
+        if _API
+        else _run_users(
+            db, lambda users, actor: users.set_role(username, role, actor=actor, origin="cli")
+        )
     )
     if out["changed"]:
         typer.echo(f"{username}: {out['before']} -> {role}")
@@ -810,14 +928,22 @@ def disable_user(username: str, db: DbOpt = None) -> None:
 
     They cannot log in, every token issued to them is refused and their open sessions end. The
     last enabled admin cannot be disabled."""
-    out = _run_users(db, lambda users, actor: users.disable(username, actor=actor, origin="cli"))
+    out = (
+        _api("POST", f"/admin/users/{username}/disable")
+        if _API
+        else _run_users(db, lambda u, actor: u.disable(username, actor=actor, origin="cli"))
+    )
     typer.echo(f"{username} disabled" if out["changed"] else f"{username} is disabled already")
 
 
 @admin_app.command("enable-user")
 def enable_user(username: str, db: DbOpt = None) -> None:
     """Let a disabled user log in again, at once (tokens issued before stay refused)."""
-    out = _run_users(db, lambda users, actor: users.enable(username, actor=actor, origin="cli"))
+    out = (
+        _api("POST", f"/admin/users/{username}/enable")
+        if _API
+        else _run_users(db, lambda u, actor: u.enable(username, actor=actor, origin="cli"))
+    )
     typer.echo(f"{username} enabled" if out["changed"] else f"{username} is enabled already")
 
 
@@ -836,7 +962,11 @@ def delete_user(
         if not sys.stdin.isatty():
             _fail(f"delete-user {username} asks for confirmation: give --yes")
         typer.confirm(f"delete user {username}?", abort=True)
-    out = _run_users(db, lambda users, actor: users.delete(username, actor=actor, origin="cli"))
+    out = (
+        _api("DELETE", f"/admin/users/{username}")
+        if _API
+        else _run_users(db, lambda u, actor: u.delete(username, actor=actor, origin="cli"))
+    )
     typer.echo(
         f"{username} deleted (wards: {','.join(out['wards']) or '-'}; "
         f"patients: {','.join(out['patients']) or '-'})"
@@ -855,19 +985,72 @@ def reset_password(
 
     They log in again with the new one. Prints nothing secret."""
     pw = _new_password(password, f"new password for {username}")
-    _run_users(
-        db,
-        lambda users, actor: users.reset_password(username, pw, actor=actor, origin="cli"),
-    )
+    if _API:
+        _api("POST", f"/admin/users/{username}/password", {"password": pw})
+    else:
+        _run_users(
+            db,
+            lambda users, actor: users.reset_password(username, pw, actor=actor, origin="cli"),
+        )
     typer.echo(f"password of {username} reset; tokens issued before are refused")
 
 
 @admin_app.command("list-patients")
-def list_patients(db: DbOpt = None) -> None:
-    """List patients and their bound devices."""
-    rows = _run_admin(db, lambda _r, store: store.list_patients())
+def list_patients(
+    include_discharged: Annotated[
+        bool, typer.Option("--include-discharged", help="Also list discharged patients.")
+    ] = False,
+    db: DbOpt = None,
+) -> None:
+    """List patients and their bound devices (discharged ones with --include-discharged)."""
+    if _API:
+        rows = _api_all("/admin/patients", {"include_discharged": include_discharged})
+    else:
+        rows = [
+            p
+            for p in _run_admin(db, lambda _r, store: store.list_patients())
+            if include_discharged or p.get("discharged_at") is None
+        ]
     for p in rows:
-        console.print(f"{p['id']:<10} {p['ward']:<10} {p['name']:<24} {','.join(p['devices'])}")
+        gone = " discharged" if p.get("discharged_at") is not None else ""
+        console.print(
+            f"{p['id']:<10} {p['ward']:<10} {p['name']:<24} {','.join(p['devices'])}{gone}"
+        )
+
+
+@admin_app.command("discharge")
+def discharge(patient_id: str, db: DbOpt = None) -> None:
+    """Discharge a patient: every device bound to them is unbound (their next readings go to no
+    patient) and they get no new binding; their record stays readable by their care team."""
+    if _API:
+        out = _api("POST", f"/admin/patients/{patient_id}/discharge")
+    else:
+        import getpass
+
+        from vitalwire.services.auth import Principal
+
+        async def act(reg: Any, store: Any) -> Any:
+            from vitalwire.services.admin import discharge_offline
+
+            who = Principal(f"cli:{getpass.getuser()}", "admin", 0)
+            return await discharge_offline(store, reg, who, patient_id, "cli")
+
+        out = _run_admin(db, act)
+    unbound = ",".join(out["unbound"]) or "-"
+    typer.echo(
+        f"{patient_id} discharged (unbound: {unbound})"
+        if out["changed"]
+        else f"{patient_id} was discharged already"
+    )
+
+
+@admin_app.command("list-devices")
+def list_devices(db: DbOpt = None) -> None:
+    """List devices: kind, enabled or disabled, the patient each is bound to."""
+    rows = _api_all("/admin/devices") if _API else _run_admin(db, lambda _r, s: s.list_devices())
+    for d in rows:
+        state = "disabled" if d["disabled"] else "enabled"
+        console.print(f"{d['id']:<12} {d['kind']:<10} {state:<9} {d['patient_id'] or '-'}")
 
 
 @admin_app.command("add-to-ward")
@@ -875,8 +1058,12 @@ def add_to_ward(username: str, ward: str, db: DbOpt = None) -> None:
     """Put a user in a ward's care team; at once, they see its patients on a running server.
 
     The ward may have no patients yet."""
-    out = _run_users(
-        db, lambda users, actor: users.add_to_ward(username, ward, actor=actor, origin="cli")
+    out = (
+        _api("PUT", f"/admin/care-teams/{ward}/members/{username}")
+        if _API
+        else _run_users(
+            db, lambda users, actor: users.add_to_ward(username, ward, actor=actor, origin="cli")
+        )
     )
     verb = "cares" if out["changed"] else "cares already"
     typer.echo(f"{username} {verb} for ward {ward}")
@@ -887,18 +1074,25 @@ def remove_from_ward(username: str, ward: str, db: DbOpt = None) -> None:
     """Take a user out of a ward's care team, at once on a running server.
 
     Their subscriptions to its patients end (unless the patient is assigned to them)."""
-    _run_users(
-        db,
-        lambda users, actor: users.remove_from_ward(username, ward, actor=actor, origin="cli"),
-    )
+    if _API:
+        _api("DELETE", f"/admin/care-teams/{ward}/members/{username}")
+    else:
+        _run_users(
+            db,
+            lambda users, actor: users.remove_from_ward(username, ward, actor=actor, origin="cli"),
+        )
     typer.echo(f"{username} no longer cares for ward {ward}")
 
 
 @admin_app.command("assign")
 def assign(username: str, patient_id: str, db: DbOpt = None) -> None:
     """Assign one patient to a user's care: at once, they see the patient on a running server."""
-    out = _run_users(
-        db, lambda users, actor: users.assign(username, patient_id, actor=actor, origin="cli")
+    out = (
+        _api("PUT", f"/admin/users/{username}/patients/{patient_id}")
+        if _API
+        else _run_users(
+            db, lambda users, actor: users.assign(username, patient_id, actor=actor, origin="cli")
+        )
     )
     verb = "assigned" if out["changed"] else "assigned already"
     typer.echo(f"{patient_id} {verb} to {username}")
@@ -909,35 +1103,44 @@ def unassign(username: str, patient_id: str, db: DbOpt = None) -> None:
     """End a patient's assignment to a user, at once on a running server.
 
     Their subscription to the patient ends (unless the patient's ward is theirs)."""
-    _run_users(
-        db,
-        lambda users, actor: users.unassign(username, patient_id, actor=actor, origin="cli"),
-    )
+    if _API:
+        _api("DELETE", f"/admin/users/{username}/patients/{patient_id}")
+    else:
+        _run_users(
+            db,
+            lambda users, actor: users.unassign(username, patient_id, actor=actor, origin="cli"),
+        )
     typer.echo(f"{patient_id} no longer assigned to {username}")
 
 
 @admin_app.command("disable-device")
 def disable_device(device_id: str, db: DbOpt = None) -> None:
     """Refuse a device's connections (lost, stolen, retired); it can be enabled again. A
-    running server ends the device's session within a second."""
-    _run_admin(
-        db,
-        lambda reg, _s: reg.set_device_disabled(device_id, True),
-        "disable_device",
-        {"device_id": device_id},
-    )
+    running server ends the device's session within a second (at once with --url)."""
+    if _API:
+        _api("POST", f"/admin/devices/{device_id}/disable")
+    else:
+        _run_admin(
+            db,
+            lambda reg, _s: reg.set_device_disabled(device_id, True),
+            "disable_device",
+            {"device_id": device_id},
+        )
     console.print(f"{device_id} disabled")
 
 
 @admin_app.command("enable-device")
 def enable_device(device_id: str, db: DbOpt = None) -> None:
     """Accept a disabled device's connections again."""
-    _run_admin(
-        db,
-        lambda reg, _s: reg.set_device_disabled(device_id, False),
-        "enable_device",
-        {"device_id": device_id},
-    )
+    if _API:
+        _api("POST", f"/admin/devices/{device_id}/enable")
+    else:
+        _run_admin(
+            db,
+            lambda reg, _s: reg.set_device_disabled(device_id, False),
+            "enable_device",
+            {"device_id": device_id},
+        )
     console.print(f"{device_id} enabled")
 
 
@@ -969,7 +1172,11 @@ def audit(
     name tried)."""
     from vitalwire.core.text import escape_control as esc
 
-    rows = _run_admin(db, lambda _r, store: store.audit_log(limit, patient))
+    rows = (
+        _api("GET", "/audit", params={"limit": limit, "patient_id": patient})
+        if _API
+        else _run_admin(db, lambda _r, store: store.audit_log(limit, patient))
+    )
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["at"]))
         typer.echo(

@@ -41,7 +41,11 @@ def bench_main(
         ),
     ] = LoadGenerator.python,
     against: Annotated[
-        list[str] | None, typer.Option(help="naive, or mqtt://host:port (QoS 0 and 1).")
+        list[str] | None,
+        typer.Option(
+            help="naive, graphql (the same shape as GraphQL subscriptions on /graphql, on "
+            "the same server right after /ws), or mqtt://host:port (QoS 0 and 1)."
+        ),
     ] = None,
     saturate: Annotated[
         bool,
@@ -465,5 +469,65 @@ def bench_login_flood_cmd(
     for p in r["phases"]:
         for err in p["errors"]:
             console.print(f"[yellow]{p['phase']}: {err}[/yellow]")
+    if json_path:
+        write_json(json_path, r)
+
+
+class HistoryDb(StrEnum):
+    sqlite = "sqlite"
+    postgresql = "postgresql"
+
+
+@bench_app.command("history")
+def bench_history_cmd(
+    db: Annotated[HistoryDb, typer.Option(help="The store's backend.")] = HistoryDb.sqlite,
+    patients: Annotated[int, typer.Option(min=1, help="Patients in the store.")] = 100,
+    hours: Annotated[float, typer.Option(min=1, help="Hours of 1 Hz readings each.")] = 24.0,
+    requests: Annotated[int, typer.Option(min=1, help="Requests timed of each kind.")] = 100,
+    baseline_requests: Annotated[
+        int, typer.Option(min=1, help="Requests timed on the baseline (slow).")
+    ] = 10,
+    postgres: Annotated[
+        str, typer.Option(help="--db postgresql: a server where a database may be created.")
+    ] = "postgresql://postgres@127.0.0.1:5432/test",
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="--db sqlite: where the temporary file goes.")
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Vitals history on a store of PATIENTS x HOURS of 1 Hz readings: a day in <= 2,000
+    buckets (from roll-ups, and the Python baseline over raw rows) and an hour raw; p50/p95/p99
+    through the history service. The store is built, measured and deleted."""
+    from rich.table import Table
+
+    from vitalwire.bench.history import bench_history
+    from vitalwire.bench.runner import write_json
+
+    r = asyncio.run(
+        bench_history(db.value, patients, hours, requests, baseline_requests, postgres, directory)
+    )
+    size = "" if r["sqlite_bytes"] is None else f", {r['sqlite_bytes'] / 2**30:.2f} GiB"
+    t = Table(
+        title=(
+            f"vitals history on {db.value}: {patients} patients x {hours:g} h of 1 Hz = "
+            f"{r['events']:,} readings (built in {r['build_s']:,.0f} s{size})"
+        )
+    )
+    for col in ("request", "n", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU p50", "CPU p99"):
+        t.add_column(col, justify="left" if col == "request" else "right")
+    for name, p in r["requests"].items():
+        t.add_row(
+            name,
+            str(p["n"]),
+            f"{p['p50']:.1f}",
+            f"{p['p95']:.1f}",
+            f"{p['p99']:.1f}",
+            f"{p['max']:.1f}",
+            f"{p['cpu']['p50']:.1f}",
+            f"{p['cpu']['p99']:.1f}",
+        )
+    Console(width=max(console.width, 140)).print(t)
+    load = ", ".join(f"{x:.1f}" for x in r["load_average"])
+    console.print(f"load average at the end: {load} (CPU: this process's, per request, in ms)")
     if json_path:
         write_json(json_path, r)

@@ -332,6 +332,10 @@ async def _client(
             await _mqtt_client(target, watched, tracker, ready)
         elif target.kind == "naive":
             await _naive_client(target, watched, tracker, ready)
+        elif target.kind == "graphql":
+            from vitalwire.bench.graphql import graphql_client
+
+            await graphql_client(target, watched, tracker, ready)
         else:
             await _vitalwire_client(target, watched, tracker, ready)
     except asyncio.CancelledError:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -647,32 +647,42 @@ async def bench_load(
     def wanted(name: str) -> bool:
         return only is None or name in only
 
-    async def vitalwire_row(url: str, creds: WardCredentials, probe: Any) -> dict[str, Any]:
+    async def vitalwire_row(
+        url: str, creds: WardCredentials, probe: Any, kind: str = "vitalwire"
+    ) -> dict[str, Any]:
         user = _clinician(creds)
         assert user is not None, "provision_ward writes a clinician"
         token = await login(url, user["username"], user["password"])
         devices = tuple(
             (d["device_id"], d["secret"], d["patient_id"]) for d in creds.devices[: shape.devices]
         )
-        target = Target("vitalwire", url, devices=devices, token=token)
+        target = Target(kind, url, devices=devices, token=token)
+        # the GraphQL subscribers are Python (bench/graphql.py), whatever the /ws generator
+        run_shape = replace(shape, generator="python") if kind == "graphql" else shape
         before = await _metrics(url)
-        row = await asyncio.to_thread(run_load, target, shape, probe)
+        row = await asyncio.to_thread(run_load, target, run_shape, probe)
         after = await _metrics(url)
         row["store_rows_per_s"] = (after["rows_written"] - before["rows_written"]) / (
             shape.duration_s
         )
         return row
 
+    # GraphQL subscribers (--against graphql) load the same server as /ws, right after it
+    kinds = [k for k in ("vitalwire", "graphql") if wanted(k) and (k != "graphql" or k in against)]
     rows: list[dict[str, Any]] = []
-    if wanted("vitalwire") and server is not None:
+    if kinds and server is not None:
         server.check(shape.devices)
-        row = await vitalwire_row(server.url, server.creds, MetricsProbe(server.url))
-        rows.append(row | {"server_url": server.url})
-    elif wanted("vitalwire"):
+        for kind in kinds:
+            row = await vitalwire_row(server.url, server.creds, MetricsProbe(server.url), kind)
+            rows.append(row | {"server_url": server.url})
+    elif kinds:
         with tempfile.TemporaryDirectory() as tmp:
             async with server_process(Path(tmp), shape.devices) as srv:
-                rows.append(await vitalwire_row(srv.url, srv.creds, srv.proc.pid))
+                for kind in kinds:
+                    rows.append(await vitalwire_row(srv.url, srv.creds, srv.proc.pid, kind))
     for ref in against:
+        if ref == "graphql":
+            continue
         if ref == "naive":
             if wanted("naive"):
                 async with naive_process() as (url, pid):
@@ -687,7 +697,7 @@ async def bench_load(
                         )
                     )
         else:
-            raise ValueError(f"--against must be naive or mqtt://host:port, got {ref!r}")
+            raise ValueError(f"--against must be naive, graphql or mqtt://host:port, got {ref!r}")
     _ratios(rows)
     for row in rows:
         row["machine"] = machine()
@@ -697,6 +707,10 @@ async def bench_load(
 def _ratios(rows: list[dict[str, Any]]) -> None:
     """Each row's delivered/s over vitalwire's row's (None without a vitalwire row)."""
     base = next((r["delivered_per_s"] for r in rows if r["target"] == "vitalwire"), None)
+    ws = next((r for r in rows if r["target"] == "vitalwire"), None)
+    for row in rows:
+        if row["target"] == "graphql" and ws is not None:  # the same server, the same run
+            row["p99_vs_ws"] = row["latency_ms"]["p99"] / max(ws["latency_ms"]["p99"], 1e-9)
     for row in rows:
         row["ratio_delivered_vs_vitalwire"] = (
             row["delivered_per_s"] / (base or 1.0) if base is not None else None
@@ -738,8 +752,6 @@ async def bench_saturate(
     the median p99 (the higher of the two middle ones for an even count); each step lists
     every run's p99 (``runs_p99_ms``) and how many held (``runs_held``).
     """
-    from dataclasses import replace
-
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, got {repeat}")
     run = run or bench_load

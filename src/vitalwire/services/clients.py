@@ -65,6 +65,9 @@ class ClientSession:
     slow_consumer_closes = 0
     frames_sent = 0
 
+    #: Counted in the per-user limit of ``/ws`` connections (a GraphQL subscription is not).
+    counts_as_connection = True
+
     __slots__ = (
         "principal",
         "streams",

@@ -26,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vitalwire.core import access as policy
 from vitalwire.core import commands as cc
 from vitalwire.core import events as ev
 from vitalwire.core.errors import Conflict, Forbidden, InvalidMessage, NotFound
+from vitalwire.services.access import Access
 from vitalwire.services.auth import Principal
 from vitalwire.services.ingest import DeviceSession, Ingest
 from vitalwire.services.streams import Streams
@@ -434,6 +436,108 @@ class CommandService:
         for watcher in st.watchers:
             for e in events:
                 watcher.push_direct(e)
+
+
+#: The statuses a command can be in (the lifecycle table of core/commands.py).
+STATUSES = (
+    "queued",
+    "sent",
+    "acknowledged",
+    "completed",
+    "failed",
+    "expired",
+    "timed_out",
+)
+#: The most transitions one command's lifecycle reads (a command has a handful).
+MAX_TRANSITIONS = 100
+
+
+def _command_out(row: dict[str, Any]) -> dict[str, Any]:
+    """A command row as the API gives it (args and result decoded)."""
+    out = dict(row)
+    for key in ("args", "result"):
+        value = out.get(key)
+        if isinstance(value, str):
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = None
+    return out
+
+
+async def list_commands(
+    store: Store,
+    access: Access,
+    who: Principal,
+    filters: dict[str, Any],
+    after: tuple[float, str] | None,
+    limit: int,
+    origin: str | None = None,
+) -> list[dict[str, Any]]:
+    """Commands of the patients ``who`` may VIEW, newest first (store ``list_commands``).
+
+    ``filters``: ``patient`` (one patient: 404 unknown, 403 out of care, audited, as the alerts
+    list), ``device``, ``status`` (one of :data:`STATUSES`), ``since``/``until`` (created_at).
+    Audited ``list_commands``."""
+    status = filters.get("status")
+    if status is not None and status not in STATUSES:
+        raise InvalidMessage(f"status must be one of {', '.join(STATUSES)}", field="status")
+    query = {k: v for k, v in filters.items() if k != "patient"}
+    pid = filters.get("patient")
+    if pid is not None:
+        ev.check_id("patient", pid)
+        if await store.get_patient(pid) is None:
+            raise NotFound(f"patient {pid} does not exist", field="patient")
+        try:
+            access.check(who, policy.VIEW, pid)
+        except Forbidden as exc:
+            access.refused(who.name, "list_commands", pid, exc.message, origin)
+            raise
+        query["patients"] = [pid]
+    else:
+        every = [p["id"] for p in await store.list_patients()]
+        seen = [p for p in every if access.allowed(who, policy.VIEW, p)]
+        query["patients"] = None if len(seen) == len(every) else seen
+    rows = [_command_out(r) for r in await store.list_commands(query, after, limit)]
+    detail: dict[str, Any] = {"count": len(rows)}
+    detail.update({k: v for k, v in filters.items() if v is not None and k != "patient"})
+    access.audit(who.name, "list_commands", pid, detail, origin)
+    return rows
+
+
+async def command_lifecycle(
+    store: Store, access: Access, who: Principal, command_id: str, origin: str | None = None
+) -> dict[str, Any]:
+    """One command's state and every status it went through, with timestamps: the ``command``
+    events of its patient's stream between its creation and its last change (one range scan of
+    the (stream, kind, ts) index), filtered by ``command_id``. NotFound for an unknown command;
+    a patient the user may not VIEW is 403 (audited) as elsewhere. Audited ``read_command``."""
+    if len(command_id) > 64:
+        raise InvalidMessage("command_id must be at most 64 characters", field="command_id")
+    row = await store.get_command(command_id)
+    if row is None:
+        raise NotFound(f"command {command_id} does not exist", field="command_id")
+    pid = row["patient_id"]
+    try:
+        access.check(who, policy.VIEW, pid)
+    except Forbidden as exc:
+        access.refused(who.name, "read_command", pid, exc.message, origin, command_id=command_id)
+        raise
+    events = await store.events_of_kind_between(
+        ev.patient_stream(pid), ev.COMMAND, row["created_at"], row["updated_at"], MAX_TRANSITIONS
+    )
+    lifecycle = [
+        {
+            "status": e.data.get("status"),
+            "at": e.data.get("at", e.ts),
+            "offset": e.offset,
+            "message": e.data.get("message"),
+        }
+        for e in events
+        if e.data.get("command_id") == command_id
+    ]
+    access.audit(who.name, "read_command", pid, {"command_id": command_id}, origin)
+    return {"command": _command_out(row), "lifecycle": lifecycle}
 
 
 def _deny_all(who: Principal, pid: str, spec: cc.CommandSpec) -> None:

@@ -12,11 +12,20 @@ and, either way, the device_status events in the range (``offline``/``online``):
 chart shows "no data" instead of joining the line.
 
 Times are the server's receive times (the indexed ``events.ts``); each raw point also carries the
-device's own timestamp (``measured``). Bucketing runs in Python over the range's rows. Measured
-on SQLite (86,400 rows of 1 Hz, 2 metrics, 2,000 buckets): Python 350-470 ms; ``json_extract``
-grouped in SQL 170 ms *without* ``last`` (which needs a second, per-metric query). Neither meets the
-100 ms target, so the simpler path that serves SQLite and PostgreSQL alike was kept; the target
-needs stored roll-ups (docs/api-history.md, "Choices").
+device's own timestamp (``measured``).
+
+Buckets come from two sources. A bucket of at least the roll-up grain (``GRAIN``, 60 s;
+store/rollups.py), or any bucket over a range longer than 3 h, is rounded **up** to a multiple
+of the grain (and up again, a grain at a time, until the range makes at most ``MAX_BUCKETS``);
+such buckets are aligned on multiples of their width (epoch seconds), the first and the last
+clipped to ``[from, to)``. The whole grains inside the range are read from the stored roll-ups
+(one range scan of their primary key), the partial grains at the range's edges from the raw
+readings. The answer is the one the raw computation gives over the same boundaries (min, max,
+count and last exactly; the mean up to float rounding: sums are added in another order). A
+smaller bucket over at most 3 h is computed in Python over the range's rows, aligned on
+``from`` as before (measured on SQLite, 86,400 rows of 1 Hz, 2 metrics: 350-470 ms; that is
+why roll-ups exist). docs/api.md, "Vitals history", documents the route; docs/benchmarks.md,
+"Vitals history", has the figures.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from vitalwire.core.metrics import METRIC_BY_NAME
 from vitalwire.services.access import Access
 from vitalwire.services.auth import Principal
 from vitalwire.store import Store
+from vitalwire.store.rollups import GRAIN
 from vitalwire.transports.paging import DEFAULT_PAGE, MAX_PAGE, decode_cursor, encode_cursor
 
 #: The longest range one request covers (seconds): 7 days.
@@ -42,9 +52,34 @@ MAX_BUCKETS: Final = 2000
 MIN_BUCKET_S: Final = 1.0
 #: The default range when ``from`` is not given: the hour before ``to``.
 DEFAULT_RANGE_S: Final = 3600.0
+#: The longest range whose buckets under a grain are computed from the raw rows, as asked (3 h:
+#: 10,800 rows at 1 Hz); a longer range gets buckets of at least a grain, from the roll-ups.
+RAW_BUCKET_SPAN_S: Final = 3 * 3600.0
 #: Rows read from the store at a time while bucketing.
 SCAN_CHUNK: Final = 5000
 _META: Final = frozenset({"device", "seq", "ts", "late", "probe"})
+
+
+#: One metric's running summary: [min, max, sum, count, last_ts, last_offset, last].
+Acc = list[Any]
+
+
+def _merge(acc: Acc | None, other: Acc) -> Acc:
+    if acc is None:
+        return list(other)
+    if other[0] < acc[0]:
+        acc[0] = other[0]
+    if other[1] > acc[1]:
+        acc[1] = other[1]
+    acc[2] += other[2]
+    acc[3] += other[3]
+    if (other[4], other[5]) > (acc[4], acc[5]):
+        acc[4], acc[5], acc[6] = other[4], other[5], other[6]
+    return acc
+
+
+def _out(a: Acc) -> dict[str, Any]:
+    return {"min": a[0], "max": a[1], "mean": a[2] / a[3], "count": a[3], "last": a[6]}
 
 
 @dataclass(slots=True)
@@ -83,6 +118,9 @@ class VitalsResult:
     t_to: float
     metrics: list[str]
     bucket: float | None
+    #: "from": buckets start at ``from`` + k × bucket; "epoch": at multiples of ``bucket``
+    #: (roll-ups), the first and the last clipped to the range
+    alignment: str | None = None
     items: list[dict[str, Any]] = field(default_factory=list)
     next_cursor: str | None = None
     buckets: list[dict[str, Any]] | None = None
@@ -98,6 +136,9 @@ class History:
         self.store = store
         self.access = access
         self.clock = clock
+        #: serve buckets of a grain or more from the stored roll-ups (False: from the raw rows
+        #: over the same boundaries; the bench's baseline and the tests' reference)
+        self.use_rollups = True
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -154,6 +195,19 @@ class History:
             )
         return float(bucket_s)
 
+    @staticmethod
+    def bucket_plan(bucket_s: float, frm: float, to: float) -> tuple[float, str]:
+        """The bucket width used and its alignment for a validated ``bucket_s``: below the
+        grain over at most ``RAW_BUCKET_SPAN_S``, as asked, aligned on ``from``; otherwise
+        rounded up to a multiple of ``GRAIN``, then up a grain at a time until the
+        epoch-aligned buckets of ``[frm, to)`` are at most ``MAX_BUCKETS``."""
+        if bucket_s < GRAIN and to - frm <= RAW_BUCKET_SPAN_S:
+            return bucket_s, "from"
+        width = math.ceil(bucket_s / GRAIN - 1e-9) * GRAIN
+        while math.ceil(to / width) - math.floor(frm / width) > MAX_BUCKETS:
+            width += GRAIN
+        return float(width), "epoch"
+
     # -- the read ---------------------------------------------------------------------------------
 
     async def vitals(
@@ -197,7 +251,11 @@ class History:
         if bucket is None:
             await self._raw(result, stream, position, limit)
         else:
-            await self._buckets(result, stream)
+            result.bucket, result.alignment = self.bucket_plan(bucket, frm, to)
+            if result.alignment == "epoch" and self.use_rollups:
+                await self._rolled_buckets(result, stream)
+            else:
+                await self._buckets(result, stream)
         result.gaps = [
             {
                 "ts": e.ts,
@@ -210,7 +268,7 @@ class History:
         ]
         detail: dict[str, Any] = {"from": frm, "to": to}
         if bucket is not None:
-            detail["bucket"] = bucket
+            detail["bucket"] = result.bucket
             detail["count"] = len(result.buckets or ())
         else:
             detail["count"] = len(result.items)
@@ -228,7 +286,7 @@ class History:
             if not (_number(ts) and isinstance(off, int)):
                 raise InvalidMessage("cursor is not a cursor this server gave", field="cursor")
             after = (float(ts), off)  # type: ignore[arg-type]
-        wanted = result.metrics
+        wanted = set(result.metrics)
         items = result.items
         more = False
         while len(items) < limit:
@@ -239,7 +297,12 @@ class History:
             for i, e in enumerate(rows):
                 after = (e.ts, e.offset)
                 data = e.data
-                values = {m: data[m] for m in wanted if _number(data.get(m))}
+                # the reading's own metrics (a handful), not every metric asked for
+                values = {
+                    m: v
+                    for m, v in data.items()
+                    if m in wanted and (type(v) is float or type(v) is int)
+                }
                 if values:
                     items.append(
                         {
@@ -261,35 +324,96 @@ class History:
                 {"ts": after[0], "o": after[1], "f": result.t_from, "t": result.t_to}
             )
 
-    async def _buckets(self, result: VitalsResult, stream: str) -> None:
-        assert result.bucket is not None
-        width, frm, wanted = result.bucket, result.t_from, result.metrics
-        stats: dict[int, dict[str, Stat]] = {}
+    async def _scan(
+        self,
+        stream: str,
+        frm: float,
+        to: float,
+        wanted: list[str],
+        origin: float,
+        width: float,
+        stats: dict[int, dict[str, Acc]],
+    ) -> None:
+        """Add the readings of ``[frm, to)`` to ``stats``: bucket k holds
+        ``origin + k * width <= ts < origin + (k + 1) * width``."""
         after: tuple[float, int] | None = None
         while True:
-            rows = await self.store.readings_between(stream, frm, result.t_to, after, SCAN_CHUNK)
+            rows = await self.store.readings_between(stream, frm, to, after, SCAN_CHUNK)
             for e in rows:
                 data = e.data
-                per = stats.get(k := int((e.ts - frm) // width))
+                per = stats.get(k := int((e.ts - origin) // width))
                 if per is None:
                     per = stats[k] = {}
                 for m in wanted:
                     v = data.get(m)
                     if v is None or not _number(v):
                         continue
-                    s = per.get(m)
-                    if s is None:
-                        per[m] = Stat(v, v, v, 1, v)
-                    else:
-                        s.add(v)
+                    a = per.get(m)
+                    if a is None:
+                        per[m] = [v, v, v, 1, e.ts, e.offset, v]
+                    else:  # rows come in (ts, offset) order: this one is the last so far
+                        if v < a[0]:
+                            a[0] = v
+                        if v > a[1]:
+                            a[1] = v
+                        a[2] += v
+                        a[3] += 1
+                        a[4], a[5], a[6] = e.ts, e.offset, v
             if len(rows) < SCAN_CHUNK:
-                break
+                return
             after = (rows[-1].ts, rows[-1].offset)
+
+    @staticmethod
+    def _emit(
+        result: VitalsResult, origin: float, width: float, stats: dict[int, dict[str, Acc]]
+    ) -> None:
         result.buckets = [
-            {"start": frm + k * width, "metrics": {m: s.out() for m, s in per.items()}}
+            {"start": origin + k * width, "metrics": {m: _out(a) for m, a in per.items()}}
             for k, per in sorted(stats.items())
             if per
         ]
 
+    async def _buckets(self, result: VitalsResult, stream: str) -> None:
+        """Buckets computed from the raw rows (either alignment)."""
+        assert result.bucket is not None
+        origin = result.t_from if result.alignment == "from" else 0.0
+        stats: dict[int, dict[str, Acc]] = {}
+        await self._scan(
+            stream, result.t_from, result.t_to, result.metrics, origin, result.bucket, stats
+        )
+        self._emit(result, origin, result.bucket, stats)
 
-__all__ = ["DEFAULT_PAGE", "MAX_BUCKETS", "MAX_RANGE_S", "History", "VitalsResult"]
+    async def _rolled_buckets(self, result: VitalsResult, stream: str) -> None:
+        """Epoch-aligned buckets: the whole grains from the roll-ups, the partial grains at the
+        range's edges from the raw rows."""
+        assert result.bucket is not None
+        width, frm, to, wanted = result.bucket, result.t_from, result.t_to, result.metrics
+        first = math.ceil(frm / GRAIN) * GRAIN  # the whole grains: [first, end)
+        end = math.floor(to / GRAIN) * GRAIN
+        stats: dict[int, dict[str, Acc]] = {}
+        if first >= end:  # no whole grain in the range
+            await self._scan(stream, frm, to, wanted, 0.0, width, stats)
+            self._emit(result, 0.0, width, stats)
+            return
+        if frm < first:
+            await self._scan(stream, frm, first, wanted, 0.0, width, stats)
+        if end < to:
+            await self._scan(stream, end, to, wanted, 0.0, width, stats)
+        for start, m, lo, hi, total, n, lts, loff, last in await self.store.rollups_between(
+            stream, int(first), int(end), wanted
+        ):
+            per = stats.get(k := int(start // width))
+            if per is None:
+                per = stats[k] = {}
+            per[m] = _merge(per.get(m), [lo, hi, total, n, lts, loff, last])
+        self._emit(result, 0.0, width, stats)
+
+
+__all__ = [
+    "DEFAULT_PAGE",
+    "GRAIN",
+    "MAX_BUCKETS",
+    "MAX_RANGE_S",
+    "History",
+    "VitalsResult",
+]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitalwire.core import events as ev
-from vitalwire.core.errors import InvalidMessage, NotFound, Unauthenticated
+from vitalwire.core.errors import Conflict, InvalidMessage, NotFound, Unauthenticated
 from vitalwire.services import auth
 from vitalwire.services.streams import Streams
 from vitalwire.services.writer import BatchWriter
@@ -128,11 +128,15 @@ class Registry:
         return {"username": username, "role": role}
 
     async def bind(self, did: str, pid: str) -> Binding | None:
-        """Bind a device to a patient, ending its previous binding (a transfer)."""
+        """Bind a device to a patient, ending its previous binding (a transfer). A discharged
+        patient gets no new binding (``Conflict`` naming ``patient_id``)."""
         if await self.store.get_device(did) is None:
             raise NotFound(f"device {did} does not exist", field="device_id")
-        if await self.store.get_patient(pid) is None:
+        patient = await self.store.get_patient(pid)
+        if patient is None:
             raise NotFound(f"patient {pid} does not exist", field="patient_id")
+        if patient.get("discharged_at") is not None:
+            raise Conflict(f"patient {pid} was discharged: no new bindings", field="patient_id")
         now = self.clock()
         previous = await self.store.bind(did, pid, now, announced=self.live)
         if previous is not None and previous.patient_id != pid:

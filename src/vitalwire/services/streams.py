@@ -174,6 +174,11 @@ class Streams:
                     out.append((pid, did))
         return out
 
+    def picture(self, stream: str) -> PatientState | None:
+        """The live picture of ``stream`` as of its last published event (None: no event yet);
+        what ``/ws`` sends as a subscription's snapshot. Read it, never change it."""
+        return self._states.get(stream)
+
     def head(self, stream: str) -> int:
         """The offset of the last published event of ``stream`` (0 if none)."""
         state = self._states.get(stream)

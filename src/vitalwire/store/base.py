@@ -162,6 +162,9 @@ class Store(Protocol):
         limit: int,
     ) -> list[Event]: ...
     async def status_between(self, stream: str, ts_from: float, ts_to: float) -> list[Event]: ...
+    async def rollups_between(
+        self, stream: str, start_from: int, start_to: int, metrics: list[str]
+    ) -> list[tuple[int, str, float, float, float, int, float, int, float]]: ...
     async def delete_events_before(self, ts: float) -> int: ...
     async def device_last_seq(self, device_id: str) -> int: ...
 
@@ -242,6 +245,22 @@ class Store(Protocol):
     async def list_devices(self) -> list[dict[str, Any]]:
         """Every device by id: ``id``, ``kind``, ``disabled``, ``created_at`` and ``patient_id``
         (its active binding's patient, or None). Never its secret hash."""
+        ...
+
+    async def events_of_kind_between(
+        self, stream: str, kind: str, ts_from: float, ts_to: float, limit: int
+    ) -> list[Event]:
+        """Events of ``kind`` in ``stream`` with ``ts_from <= ts <= ts_to`` in (ts, offset)
+        order, at most ``limit``: one range scan of ix_events_stream_kind_ts (a command's
+        lifecycle)."""
+        ...
+
+    async def discharge_patient(
+        self, pid: str, now: float, by: str, *, audit: AuditRow | None = None
+    ) -> bool:
+        """Mark a patient discharged (``discharged_at``/``discharged_by``) with ``audit`` in
+        the same transaction, and change the access version. False (nothing written) when the
+        patient was already discharged; NotFound when there is no such patient."""
         ...
 
     async def audit_log(

@@ -109,6 +109,25 @@ events = Table(
     Index("ix_events_stream_kind_ts", "stream", "kind", "ts"),
 )
 
+# Roll-ups of a stream's readings per 60 s grain and metric, written with the events they sum up
+# (store/rollups.py; migration 0010): vitals history serves its buckets from them.
+vital_rollups = Table(
+    "vital_rollups",
+    metadata,
+    Column("stream", String(80), primary_key=True),
+    Column("start", BigInteger, primary_key=True, autoincrement=False),
+    Column("metric", String(32), primary_key=True),
+    Column("vmin", Float, nullable=False),
+    Column("vmax", Float, nullable=False),
+    Column("vsum", Float, nullable=False),
+    Column("n", BigInteger, nullable=False),
+    Column("last_ts", Float, nullable=False),
+    Column("last_offset", BigInteger, nullable=False),
+    Column("vlast", Float, nullable=False),
+    # SQLite: the rows stored in key order, so a patient's day is consecutive pages
+    sqlite_with_rowid=False,
+)
+
 # The latest state of every alert ever raised (its history of changes is in the patient's stream).
 alerts = Table(
     "alerts",

@@ -38,6 +38,7 @@ from sqlalchemy.sql.dml import Insert
 from vitalwire.core.errors import Conflict, NotFound
 from vitalwire.core.events import DEVICE_STATUS, READING
 from vitalwire.core.text import clip, clip_json
+from vitalwire.store import rollups
 from vitalwire.store import schema as t
 from vitalwire.store.base import (
     AlertRow,
@@ -164,6 +165,8 @@ def _audit_row(a: AuditRow) -> dict[str, Any]:
 
 _READING0 = ReadingRow("d", 1, "p", 1, 0.0, 0.0, None)
 _EVENT0 = Event.from_stored("s", 1, "reading", 0.0, b"{}")
+_ROLLUP_COLUMNS = tuple("start metric vmin vmax vsum n last_ts last_offset vlast".split())
+_ROLLUP0 = rollups.rollup_rows([Event.new("s", 1, "reading", 0.0, {"hr": 1.0})])[0]
 _ALERT0 = AlertRow("a", "p", "c", "high", "clinical", "active", 0.0, None, 0, "{}")
 _COMMAND0 = CommandRow(
     "c", "p", "d", "n", "{}", "queued", "u", None, 0.0, 1.0, 1.0, None, 0.0, None, None
@@ -279,6 +282,7 @@ class SqlStore:
                 ),
                 "events": compile_json_rows(insert(t.events), _event_row(_EVENT0)),
                 "seqs": compile_json_rows(_seq_upsert(sqlite), {"device_id": "d", "high_seq": 1}),
+                "rollups": compile_json_rows(rollups.upsert(sqlite), _ROLLUP0),
                 "alerts": compile_positional(_alert_upsert(sqlite), _alert_row(_ALERT0)),
                 "commands": compile_positional(_command_upsert(sqlite), _command_row(_COMMAND0)),
                 "audit": compile_positional(insert(t.audit), _audit_row(_AUDIT0)),
@@ -294,7 +298,10 @@ class SqlStore:
             # a batch's readings, events and high seqs: one statement, so one call into SQLite
             self._reading_batch, setup = batch_view(
                 "reading_batch",
-                {name: self._fast_sql[name][0] for name in ("readings", "events", "seqs")},
+                {
+                    name: self._fast_sql[name][0]
+                    for name in ("readings", "events", "seqs", "rollups")
+                },
             )
             self._fast = SqliteBatchWriter(database, synchronous=self._synchronous, setup=setup)
             await self._fast.open()
@@ -303,7 +310,7 @@ class SqlStore:
         """The batch as (SQL, parameter tuples) in write order, built on the caller's thread."""
         work: list[tuple[str, list[tuple[Any, ...]]]] = []
         sql = self._fast_sql
-        readings = events = seqs = None
+        readings = events = seqs = rolled = None
         if batch.readings:
             high: dict[str, int] = {}
             unbound: list[tuple[Any, ...]] = []
@@ -329,8 +336,11 @@ class SqlStore:
             events = json_rows(
                 [(e.stream, e.offset, e.kind, e.ts, e.data_json.decode()) for e in batch.events]
             )
+            keys = sql["rollups"][1]  # the events' roll-ups, in the same statement
+            if rows := rollups.rollup_rows(batch.events):
+                rolled = json_rows([tuple(r[k] for k in keys) for r in rows])
         if readings is not None or events is not None or seqs is not None:
-            work.append((self._reading_batch, [(readings, events, seqs)]))
+            work.append((self._reading_batch, [(readings, events, seqs, rolled)]))
         for name, rows, to_row in (
             ("alerts", batch.alerts, _alert_row),
             ("commands", batch.commands, _command_row),
@@ -385,6 +395,8 @@ class SqlStore:
                     )
                 if batch.events:
                     await conn.execute(insert(t.events), [_event_row(e) for e in batch.events])
+                    if rolled := rollups.rollup_rows(batch.events):
+                        await conn.execute(rollups.upsert(self._dialect), rolled)
                 # in order: later changes of one alert or command win
                 if batch.alerts:
                     rows = [_alert_row(a) for a in batch.alerts]
@@ -778,6 +790,38 @@ class SqlStore:
             rows = await conn.execute(q)
             return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in rows]
 
+    async def events_of_kind_between(
+        self, stream: str, kind: str, ts_from: float, ts_to: float, limit: int
+    ) -> list[Event]:
+        e = t.events
+        q = (
+            select(e.c.offset, e.c.kind, e.c.ts, e.c.data)
+            .where(e.c.stream == stream, e.c.kind == kind, e.c.ts >= ts_from, e.c.ts <= ts_to)
+            .order_by(e.c.ts, e.c.offset)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(q)
+            return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in rows]
+
+    async def discharge_patient(
+        self, pid: str, now: float, by: str, *, audit: AuditRow | None = None
+    ) -> bool:
+        p = t.patients
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(select(p.c.discharged_at).where(p.c.id == pid))).first()
+            if row is None:
+                raise NotFound(f"patient {pid} does not exist", field="patient_id")
+            if row.discharged_at is not None:
+                return False
+            await conn.execute(
+                update(p).where(p.c.id == pid).values(discharged_at=now, discharged_by=by)
+            )
+            if audit is not None:
+                await conn.execute(insert(t.audit), [_audit_row(audit)])
+            await self._access_changed(conn)
+            return True
+
     async def status_between(self, stream: str, ts_from: float, ts_to: float) -> list[Event]:
         e = t.events
         q = (
@@ -800,9 +844,62 @@ class SqlStore:
         e, last = t.events, t.events.alias("last")
         head = select(func.max(last.c.offset)).where(last.c.stream == e.c.stream).scalar_subquery()
         before = bindparam("before", type_=t.events.c.ts.type)
-        return await self._write(
-            e.delete().where(e.c.ts < before, e.c.offset < head), [{"before": ts}]
+        drop = e.delete().where(e.c.ts < before, e.c.offset < head)
+        # the roll-ups of every grain the range touches go, and are made again from the
+        # readings those grains keep (each stream's head; the part of the cut grain at or after
+        # ``ts``). Receive times in the past never change, so reading those first is safe.
+        r = t.vital_rollups
+        cut = rollups.grain_of(ts)
+        async with self.engine.connect() as conn:
+            heads = await conn.execute(
+                select(e.c.stream, e.c.offset, e.c.kind, e.c.ts, e.c.data).where(
+                    e.c.kind == READING, e.c.ts < ts, e.c.offset == head
+                )
+            )
+            keep = [Event.from_stored(s, o, k, x, d.encode()) for s, o, k, x, d in heads]
+            if cut < ts:
+                streams = await conn.scalars(select(r.c.stream).where(r.c.start == cut).distinct())
+                for stream in list(streams):
+                    keep += await self.readings_between(
+                        stream, ts, cut + rollups.GRAIN, None, 1_000_000
+                    )
+        rolled = rollups.rollup_rows(keep)
+        undo = r.delete().where(r.c.start < bindparam("before", type_=r.c.start.type))
+        if self._fast is not None:
+            work: list[tuple[str, list[tuple[Any, ...]]]] = []
+            for stmt in (drop, undo):
+                text, keys = compile_positional(stmt, {"before": ts})
+                work.append((text, [tuple(ts for _ in keys)]))
+            if rolled:
+                text, keys = self._fast_sql["rollups"]
+                work.append((text, [(json_rows([tuple(x[k] for k in keys) for x in rolled]),)]))
+            return (await self._fast.write_counts(work))[0]
+        async with self.engine.begin() as conn:
+            deleted = await conn.execute(drop, {"before": ts})
+            await conn.execute(undo, {"before": ts})
+            if rolled:
+                await conn.execute(rollups.upsert(self._dialect), rolled)
+        return int(deleted.rowcount or 0)
+
+    async def rollups_between(
+        self, stream: str, start_from: int, start_to: int, metrics: list[str]
+    ) -> list[tuple[int, str, float, float, float, int, float, int, float]]:
+        """Roll-ups of ``stream`` with ``start_from <= start < start_to`` for ``metrics``, as
+        (start, metric, min, max, sum, count, last_ts, last_offset, last) in start order: one
+        range scan of the table's primary key (stream, start, metric)."""
+        r = t.vital_rollups
+        q = (
+            select(*(r.c[k] for k in _ROLLUP_COLUMNS))
+            .where(
+                r.c.stream == stream,
+                r.c.start >= start_from,
+                r.c.start < start_to,
+                r.c.metric.in_(metrics),
+            )
+            .order_by(r.c.start)
         )
+        async with self.engine.connect() as conn:
+            return [tuple(row) for row in await conn.execute(q)]  # type: ignore[misc]
 
     async def device_last_seq(self, device_id: str) -> int:
         async with self.engine.connect() as conn:

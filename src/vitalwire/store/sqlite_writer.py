@@ -209,7 +209,16 @@ class SqliteBatchWriter:
         counted). One statement with one row of parameters runs as its own transaction."""
         return await asyncio.get_running_loop().run_in_executor(self._exec, self._write, work)
 
-    def _write(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> int:
+    async def write_counts(self, work: list[tuple[str, list[tuple[Any, ...]]]]) -> list[int]:
+        """Like :meth:`write`, always in one ``BEGIN IMMEDIATE`` transaction, returning the
+        rows each statement changed (retention: the events deleted beside their roll-ups)."""
+        counts: list[int] = []
+        await asyncio.get_running_loop().run_in_executor(self._exec, self._write, work, counts)
+        return counts
+
+    def _write(
+        self, work: list[tuple[str, list[tuple[Any, ...]]]], counts: list[int] | None = None
+    ) -> int:
         conn = self._conn
         assert conn is not None, "writer not opened"
         if self._restart_due:
@@ -217,7 +226,7 @@ class SqliteBatchWriter:
                 self._restart(conn)
             finally:  # only after it: the checkpointer starts no pass until then
                 self._restart_due = False
-        if len(work) == 1 and len(work[0][1]) == 1:
+        if counts is None and len(work) == 1 and len(work[0][1]) == 1:
             # one call into SQLite, so one wait for the GIL after it (see the module's doc)
             sql, (params,) = work[0]
             return conn.execute(sql, params).rowcount
@@ -225,7 +234,10 @@ class SqliteBatchWriter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for sql, rows in work:
-                changed += conn.executemany(sql, rows).rowcount
+                n = conn.executemany(sql, rows).rowcount
+                changed += n
+                if counts is not None:
+                    counts.append(n)
             conn.execute("COMMIT")
             return changed
         except BaseException:

@@ -73,7 +73,11 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
     await ws.accept()
     try:
         principal, auth_id = await _authenticate(ws, svc)
-        open_now = sum(1 for c in svc.clients if c.principal.name == principal.name)
+        open_now = sum(
+            1
+            for c in svc.clients
+            if c.counts_as_connection and c.principal.name == principal.name
+        )
         if open_now >= s.max_connections_per_user:
             raise RateLimited(
                 f"connections per user must be at most {s.max_connections_per_user}",

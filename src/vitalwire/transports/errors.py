@@ -8,7 +8,9 @@ unless it has its own. Anything not a :class:`PeerError` is a server error: the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
+
+from pydantic import BaseModel
 
 from vitalwire.core import errors as e
 from vitalwire.services.ingest import Unavailable
@@ -37,6 +39,36 @@ ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
 INTERNAL: Final = ErrorRow("internal", 500)
 
 
+class ErrorBody(BaseModel):
+    """The one error shape of every REST error (docs/protocol.md, "Errors")."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+#: What each error status means on a route, for the OpenAPI document.
+STATUS_DESCRIPTIONS: Final[dict[int, str]] = {
+    400: "Bad request",
+    401: "No valid bearer token (`WWW-Authenticate: Bearer`)",
+    403: "The role may not do this",
+    404: "No such resource, or a patient outside the user's care team",
+    409: "Conflicts with the resource's state",
+    413: "Request body too large",
+    422: "Invalid input: `field` names it and `message` the bound",
+    429: "Too many attempts: `Retry-After` says when to try again",
+    503: "Unavailable: retry",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route answering ``statuses`` with the one error shape."""
+    return {
+        s: {"model": ErrorBody, "description": STATUS_DESCRIPTIONS.get(s, "Error")}
+        for s in statuses
+    }
+
+
 def row_for(exc: BaseException) -> ErrorRow:
     for cls in type(exc).__mro__:
         row = ERRORS.get(cls)
@@ -51,4 +83,13 @@ def public_message(exc: BaseException) -> str:
     return "internal error"
 
 
-__all__ = ["Close", "ERRORS", "ErrorRow", "INTERNAL", "public_message", "row_for"]
+__all__ = [
+    "Close",
+    "ERRORS",
+    "ErrorBody",
+    "ErrorRow",
+    "error_responses",
+    "INTERNAL",
+    "public_message",
+    "row_for",
+]

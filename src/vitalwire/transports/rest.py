@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -19,7 +19,7 @@ from vitalwire.core import events as ev
 from vitalwire.core.errors import Forbidden, PeerError, Unauthenticated
 from vitalwire.services.auth import Principal
 from vitalwire.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from vitalwire.transports.errors import public_message, row_for
+from vitalwire.transports.errors import error_responses, public_message, row_for
 
 if TYPE_CHECKING:
     from vitalwire.services.container import Services
@@ -29,6 +29,11 @@ router = APIRouter()
 
 #: The ``list_patients`` audit row names the patients listed up to this many (always the count).
 AUDIT_LISTED_IDS = 100
+
+
+#: A patient id in a path: an id (core/events.py ID_RE), anything else is refused (422) before
+#: it reaches the store or the audit log.
+PatientId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
 
 class LoginRequest(BaseModel):
@@ -62,6 +67,7 @@ class Patient(BaseModel):
     name: str
     ward: str
     devices: list[str]
+    discharged_at: float | None = None
 
 
 def services(request: Request) -> Services:
@@ -138,7 +144,7 @@ def metrics_access(request: Request, authorization: Annotated[str | None, Header
     "/metrics",
     response_class=Response,
     dependencies=[Depends(metrics_access)],
-    responses={200: {"content": {"text/plain": {}}}, 401: {}},
+    responses={200: {"content": {"text/plain": {}}}, **error_responses(401, 422)},
 )
 async def metrics(request: Request) -> Response:
     """Prometheus text format (services/metrics.py): counters and gauges, no health data."""
@@ -147,7 +153,9 @@ async def metrics(request: Request) -> Response:
     return Response(svc.metrics.text(), media_type=METRICS_CONTENT_TYPE)
 
 
-@router.get("/metrics.json", dependencies=[Depends(metrics_access)], responses={401: {}})
+@router.get(
+    "/metrics.json", dependencies=[Depends(metrics_access)], responses=error_responses(401, 422)
+)
 async def metrics_json(request: Request) -> dict[str, Any]:
     """Counters for `vitalwire bench` and scripts (no health data)."""
     svc = services(request)
@@ -198,7 +206,7 @@ def _rss_kb() -> int | None:
     return None
 
 
-@router.post("/auth/login", response_model=TokenResponse, responses={401: {}, 429: {}})
+@router.post("/auth/login", response_model=TokenResponse, responses=error_responses(401, 422, 429))
 async def login(body: LoginRequest, request: Request) -> TokenResponse:
     """Tokens for a username and password. The password check runs off the event loop, behind
     the login throttle: 429 with ``Retry-After`` (services/login.py, docs/security.md)."""
@@ -216,7 +224,7 @@ def _tokens(svc: Services, who: Principal) -> TokenResponse:
     )
 
 
-@router.post("/auth/refresh", response_model=TokenResponse, responses={401: {}})
+@router.post("/auth/refresh", response_model=TokenResponse, responses=error_responses(401, 422))
 async def refresh(body: RefreshRequest, request: Request) -> TokenResponse:
     """A new access token (and refresh token) for a valid refresh token; the user's current role
     applies, and a deleted or disabled user, or a revoked token generation, gets none."""
@@ -225,13 +233,20 @@ async def refresh(body: RefreshRequest, request: Request) -> TokenResponse:
     return _tokens(svc, await svc.access.current(claimed))
 
 
-@router.get("/patients", response_model=list[Patient], responses={401: {}})
+@router.get("/patients", response_model=list[Patient], responses=error_responses(401, 422))
 async def list_patients(
-    request: Request, who: Annotated[Principal, Depends(principal)]
+    request: Request,
+    who: Annotated[Principal, Depends(principal)],
+    include_discharged: bool = False,
 ) -> list[dict[str, Any]]:
+    """The patients the user may see, with their bound devices; a discharged patient only with
+    ``include_discharged=true`` (their history stays readable by their care team)."""
     svc = services(request)
     listed = [
-        p for p in await svc.store.list_patients() if svc.access.allowed(who, policy.VIEW, p["id"])
+        p
+        for p in await svc.store.list_patients()
+        if svc.access.allowed(who, policy.VIEW, p["id"])
+        and (include_discharged or p.get("discharged_at") is None)
     ]
     detail: dict[str, Any] = {"count": len(listed)}
     if len(listed) <= AUDIT_LISTED_IDS:
@@ -240,9 +255,9 @@ async def list_patients(
     return listed
 
 
-@router.get("/patients/{patient_id}/alerts", responses={401: {}, 404: {}})
+@router.get("/patients/{patient_id}/alerts", responses=error_responses(401, 403, 404, 422))
 async def patient_alerts(
-    patient_id: str,
+    patient_id: PatientId,
     request: Request,
     who: Annotated[Principal, Depends(principal)],
     limit: int = Query(100, ge=1, le=1000),
@@ -261,7 +276,7 @@ async def patient_alerts(
     return rows
 
 
-@router.get("/audit", responses={401: {}, 403: {}})
+@router.get("/audit", responses=error_responses(401, 403, 422))
 async def audit_log(
     request: Request,
     who: Annotated[Principal, Depends(principal)],
@@ -309,8 +324,16 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return _error_response(body, 422)
 
 
+#: FastAPI's HTTPException detail for a request body it could not decode.
+BODY_NOT_PARSED = "There was an error parsing the body"
+
+
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == BODY_NOT_PARSED:
+        # FastAPI's answer to a body it cannot decode: invalid input like any other (422)
+        body = {"code": "invalid_message", "message": "body is not valid JSON", "field": "body"}
+        return _error_response(body, 422)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
     body = {"code": code, "message": str(exc.detail), "field": None}
     return _error_response(body, exc.status_code, exc.headers)

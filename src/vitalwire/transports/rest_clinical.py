@@ -8,20 +8,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from vitalwire.core.errors import Forbidden, InvalidMessage
 from vitalwire.services.auth import Principal
+from vitalwire.transports.errors import error_responses
 from vitalwire.transports.paging import DEFAULT_PAGE, MAX_PAGE, decode_cursor, encode_cursor
-from vitalwire.transports.rest import _origin, principal, services
+from vitalwire.transports.rest import PatientId, _origin, principal, services
 from vitalwire.wire import SendCommand
 
 router = APIRouter(tags=["clinical"])
 
-#: The one error shape, for every listed status.
-_ERROR = {"model": dict[str, Any], "description": '{"code", "message", "field"}'}
-_ERRORS: dict[int | str, dict[str, Any]] = {401: _ERROR, 403: _ERROR, 404: _ERROR, 422: _ERROR}
+#: The one error shape (transports/errors.py ErrorBody), for every status a route answers.
+_ERRORS = error_responses(401, 403, 404, 422)
+_ERRORS_409 = error_responses(401, 403, 404, 409, 422)
 
 
 @contextmanager
@@ -65,7 +66,7 @@ class PatientObservations(BaseModel):
 
 @router.get("/patients/{patient_id}/limits", response_model=PatientLimits, responses=_ERRORS)
 async def get_limits(
-    patient_id: str, request: Request, who: Annotated[Principal, Depends(principal)]
+    patient_id: PatientId, request: Request, who: Annotated[Principal, Depends(principal)]
 ) -> PatientLimits:
     """A patient's alarm limits (VIEW; audited ``get_limits``)."""
     svc = services(request)
@@ -75,7 +76,7 @@ async def get_limits(
 
 @router.put("/patients/{patient_id}/limits", response_model=PatientLimits, responses=_ERRORS)
 async def put_limits(
-    patient_id: str,
+    patient_id: PatientId,
     body: SetLimitsBody,
     request: Request,
     who: Annotated[Principal, Depends(principal)],
@@ -92,7 +93,7 @@ async def put_limits(
     "/patients/{patient_id}/observations", response_model=PatientObservations, responses=_ERRORS
 )
 async def post_observations(
-    patient_id: str,
+    patient_id: PatientId,
     body: ObservationsBody,
     request: Request,
     who: Annotated[Principal, Depends(principal)],
@@ -129,7 +130,7 @@ class EventsPage(BaseModel):
 
 @router.get("/patients/{patient_id}/events", response_model=EventsPage, responses=_ERRORS)
 async def patient_events(
-    patient_id: str,
+    patient_id: PatientId,
     request: Request,
     who: Annotated[Principal, Depends(principal)],
     after: int = Query(0, ge=0, le=2**62),
@@ -225,10 +226,12 @@ class Acknowledged(BaseModel):
 @router.post(
     "/alerts/{alert_id}/acknowledge",
     response_model=Acknowledged,
-    responses={**_ERRORS, 409: _ERROR},
+    responses=_ERRORS_409,
 )
 async def acknowledge_alert(
-    alert_id: str, request: Request, who: Annotated[Principal, Depends(principal)]
+    alert_id: Annotated[str, Path(min_length=1, max_length=128)],
+    request: Request,
+    who: Annotated[Principal, Depends(principal)],
 ) -> Acknowledged:
     """Acknowledge an open alert (ACKNOWLEDGE; audited ``ack_alert``); 404 when it is not open."""
     svc = services(request)
@@ -247,7 +250,7 @@ class News2Page(BaseModel):
 
 @router.get("/patients/{patient_id}/news2", response_model=News2Page, responses=_ERRORS)
 async def news2_history(
-    patient_id: str,
+    patient_id: PatientId,
     request: Request,
     who: Annotated[Principal, Depends(principal)],
     t_from: float | None = Query(None, alias="from", ge=0, allow_inf_nan=False),
@@ -292,10 +295,10 @@ class CommandReply(BaseModel):
 @router.post(
     "/patients/{patient_id}/commands",
     response_model=CommandReply,
-    responses={**_ERRORS, 409: _ERROR},
+    responses=_ERRORS_409,
 )
 async def send_command(
-    patient_id: str,
+    patient_id: PatientId,
     body: CommandBody,
     request: Request,
     who: Annotated[Principal, Depends(principal)],

@@ -1,7 +1,7 @@
 """REST: a patient's vitals history (``GET /patients/{id}/vitals``), raw or in buckets.
 
 A thin adapter over :class:`vitalwire.services.history.History`: validation, access checks and
-audit live there. docs/api-history.md documents the route.
+audit live there. docs/api.md ("Vitals history") documents the route.
 """
 
 from __future__ import annotations
@@ -12,18 +12,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from vitalwire.services.auth import Principal
+from vitalwire.transports.errors import ErrorBody
 from vitalwire.transports.paging import DEFAULT_PAGE, MAX_PAGE, Page
-from vitalwire.transports.rest import _origin, principal, services
+from vitalwire.transports.rest import PatientId, _origin, principal, services
 
 router = APIRouter()
-
-
-class ErrorBody(BaseModel):
-    """The one error shape (docs/protocol.md, "Errors")."""
-
-    code: str
-    message: str
-    field: str | None = None
 
 
 class VitalPoint(BaseModel):
@@ -46,7 +39,8 @@ class MetricStats(BaseModel):
 
 
 class Bucket(BaseModel):
-    """The readings with ``start <= ts < start + bucket``; only metrics that had a value."""
+    """The readings with ``start <= ts < start + bucket`` (and in ``[from, to)``); only metrics
+    that had a value."""
 
     start: float
     metrics: dict[str, MetricStats]
@@ -69,7 +63,16 @@ class Vitals(Page[VitalPoint]):
     from_: float = Field(serialization_alias="from")
     to: float
     metrics: list[str]
-    bucket: float | None = None
+    bucket: float | None = Field(
+        None,
+        description="the bucket width used: a request of 60 s or more is rounded up to a "
+        "multiple of 60 s (and up until the range makes at most 2,000 buckets)",
+    )
+    alignment: str | None = Field(
+        None,
+        description='"from": buckets start at from + k*bucket; "epoch": at multiples of '
+        "bucket (epoch seconds), the first and last clipped to [from, to)",
+    )
     buckets: list[Bucket] | None = None
     gaps: list[Gap]
 
@@ -89,7 +92,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     responses=_ERRORS,
 )
 async def patient_vitals(
-    patient_id: str,
+    patient_id: PatientId,
     request: Request,
     who: Annotated[Principal, Depends(principal)],
     from_: Annotated[
@@ -121,6 +124,7 @@ async def patient_vitals(
         to=r.t_to,
         metrics=r.metrics,
         bucket=r.bucket,
+        alignment=r.alignment,
         buckets=None if r.buckets is None else [Bucket(**b) for b in r.buckets],
         gaps=[Gap(**g) for g in r.gaps],
     )

@@ -1,0 +1,380 @@
+"""Vitals history from stored roll-ups (issue 26): the roll-ups kept with the readings (both
+write paths, SQLite and PostgreSQL), merged exactly for late readings, never counting a resent
+reading twice, cut with retention, backfilled by migration 0010; and the buckets served from
+them equal to the raw computation over the same boundaries."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import insert, select
+
+from tests.conftest import RunningServer, login_token, start_server, stop_server
+from tests.test_pipeline import raw_device, reading, recv_json
+from tests.test_store import fresh_postgres_db
+from vitalwire.services.history import MAX_BUCKETS, History
+from vitalwire.store import schema as t
+from vitalwire.store.base import Batch
+from vitalwire.store.rollups import GRAIN, grain_of, rollup_rows
+from vitalwire.store.sql import SqlStore
+from vitalwire.wire import Event
+
+BASE = 1_700_000_013.25  # not on a grain boundary
+STREAM = "patient:P1"
+
+
+@pytest.fixture(params=["sqlite", "sqlite-engine", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
+    """``sqlite``: the dedicated writer's one-statement path; ``sqlite-engine`` and
+    ``postgresql``: the async engine's."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "postgresql":
+            url = await stack.enter_async_context(fresh_postgres_db())
+        else:
+            url = f"sqlite:///{tmp_path / 'store.db'}"
+        s = SqlStore(url, dedicated_writer=request.param == "sqlite")
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
+
+
+def _events(seed: int, n: int = 900) -> list[list[Event]]:
+    """Batches of readings over ~25 min of two streams: some out of ts order (late ones landing
+    in older grains), ties on ts, metrics missing, a boolean and a status among them."""
+    rnd = random.Random(seed)
+    offsets = {STREAM: 0, "patient:P2": 0}
+    batches: list[list[Event]] = []
+    batch: list[Event] = []
+    for i in range(n):
+        stream = STREAM if rnd.random() < 0.8 else "patient:P2"
+        offsets[stream] += 1
+        ts = BASE + i * 1.7
+        if rnd.random() < 0.1:
+            ts -= rnd.uniform(0, 400)  # late: lands in an older grain
+        if rnd.random() < 0.05 and batch:
+            ts = batch[-1].ts  # a tie on ts: offset orders
+        if rnd.random() < 0.03:
+            batch.append(Event.new(stream, offsets[stream], "device_status", ts, {"status": "x"}))
+        else:
+            data: dict[str, Any] = {"device": "d1", "seq": i, "ts": ts, "probe": True}
+            if rnd.random() < 0.9:
+                data["hr"] = float(rnd.randint(40, 140))
+            if rnd.random() < 0.7:
+                data["spo2"] = round(rnd.uniform(85, 100), 1)
+            if rnd.random() < 0.3:
+                data["temp_c"] = rnd.randint(35, 40)  # an int in the JSON
+            batch.append(Event.new(stream, offsets[stream], "reading", ts, data))
+        if len(batch) >= rnd.randint(1, 60):
+            batches.append(batch)
+            batch = []
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+async def _stored(store: SqlStore) -> dict[tuple[str, int, str], tuple[Any, ...]]:
+    r = t.vital_rollups
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(select(r))
+        return {(x.stream, x.start, x.metric): tuple(x)[3:] for x in rows}
+
+
+async def _all_events(store: SqlStore) -> list[Event]:
+    out: list[Event] = []
+    for stream in (STREAM, "patient:P2"):
+        out += await store.events_after(stream, 0, 1_000_000)
+    return out
+
+
+def _assert_rollups_equal(got: dict[Any, tuple[Any, ...]], events: list[Event]) -> None:
+    want = {(r["stream"], r["start"], r["metric"]): r for r in rollup_rows(events)}
+    assert set(got) == set(want)
+    for key, (lo, hi, total, n, lts, loff, last) in got.items():
+        w = want[key]
+        assert (lo, hi, n, lts, loff, last) == (
+            w["vmin"],
+            w["vmax"],
+            w["n"],
+            w["last_ts"],
+            w["last_offset"],
+            w["vlast"],
+        ), key
+        assert total == pytest.approx(w["vsum"], rel=1e-12), key
+
+
+async def test_rollups_follow_every_batch_and_late_readings(store: SqlStore) -> None:
+    for batch in _events(seed=1):
+        await store.write_batch(Batch(events=batch))
+    got = await _stored(store)
+    _assert_rollups_equal(got, await _all_events(store))
+    # late readings did land in older grains, merged there
+    late = [e for b in _events(seed=1) for e in b if e.kind == "reading"]
+    assert any(
+        b.ts < a.ts and grain_of(b.ts) < grain_of(a.ts)
+        for a, b in zip(late, late[1:], strict=False)
+    )
+
+
+class _Access:
+    def __init__(self) -> None:
+        self.audited: list[Any] = []
+
+    def check(self, who: Any, what: Any, pid: str) -> None:
+        return None
+
+    def refused(self, *a: Any) -> None:
+        raise AssertionError("not refused here")
+
+    def audit(self, *a: Any) -> None:
+        self.audited.append(a)
+
+    def via_break_glass(self, who: Any, pid: str) -> bool:
+        return False
+
+
+def _round(result: Any) -> list[dict[str, Any]]:
+    """Buckets with each mean rounded (sums are added in another order)."""
+    out = []
+    for b in result.buckets:
+        metrics = {m: {**s, "mean": round(s["mean"], 9)} for m, s in b["metrics"].items()}
+        out.append({"start": b["start"], "metrics": metrics})
+    return out
+
+
+# (from, to, bucket asked, bucket used, alignment): aligned and unaligned ranges, rounding
+CASES = [
+    (grain_of(BASE) + 60, grain_of(BASE) + 1500, 60, 60.0, "epoch"),
+    (grain_of(BASE) + 60, grain_of(BASE) + 1500, 300, 300.0, "epoch"),
+    (BASE + 7.3, BASE + 1500.1, 60, 60.0, "epoch"),
+    (BASE + 7.3, BASE + 1500.1, 43.2, 43.2, "from"),  # under a grain over < 3 h: as asked
+    (BASE + 7.3, BASE + 1500.1, 61, 120.0, "epoch"),  # to the next multiple
+    (BASE - 500, BASE + 2000, 2500, 2520.0, "epoch"),  # one bucket-ish over everything
+    (BASE + 65.5, BASE + 110.5, 45, 45.0, "from"),  # under a grain: raw, from-aligned
+    (BASE + 61.0, BASE + 150.0, 60, 60.0, "epoch"),  # one whole grain, two partial ones
+    (BASE + 70.0, BASE + 100.0, 25, 25.0, "from"),
+    (BASE + 1.0, BASE + 1200.0, 7.5, 7.5, "from"),
+]
+
+
+async def test_buckets_from_rollups_equal_the_raw_computation(store: SqlStore) -> None:
+    await store.create_patient("P1", "One", "ward-a", BASE)
+    for batch in _events(seed=2):
+        await store.write_batch(Batch(events=batch))
+    history = History(store, _Access(), lambda: BASE + 3000)  # type: ignore[arg-type]
+    who = SimpleNamespace(name="u")
+    rolled_reads = 0
+    real = store.rollups_between
+
+    async def counted(*a: Any) -> Any:
+        nonlocal rolled_reads
+        rolled_reads += 1
+        return await real(*a)
+
+    store.rollups_between = counted  # type: ignore[method-assign]
+    for frm, to, asked, used, alignment in CASES:
+        history.use_rollups = True
+        fast = await history.vitals(who, "P1", frm, to, None, asked, None, 100, None)  # type: ignore[arg-type]
+        history.use_rollups = False
+        slow = await history.vitals(who, "P1", frm, to, None, asked, None, 100, None)  # type: ignore[arg-type]
+        assert (fast.bucket, fast.alignment) == (used, alignment)
+        assert (slow.bucket, slow.alignment) == (used, alignment)
+        assert fast.buckets, (frm, to, asked)
+        assert _round(fast) == _round(slow), (frm, to, asked)
+        total = sum(b["metrics"].get("hr", {}).get("count", 0) for b in fast.buckets)
+        raw = [
+            e
+            for b in _events(seed=2)
+            for e in b
+            if e.stream == STREAM and e.kind == "reading" and frm <= e.ts < to and "hr" in e.data
+        ]
+        assert total == len(raw)  # every reading in the range, once
+        if alignment == "epoch":
+            assert all(b["start"] % used == 0 for b in fast.buckets)
+    assert rolled_reads == sum(1 for c in CASES if c[4] == "epoch")
+
+
+def test_bucket_rounding_keeps_at_most_max_buckets() -> None:
+    day = 86400.0
+    assert History.bucket_plan(day / MAX_BUCKETS, 1e9 + 13, 1e9 + 13 + day) == (60.0, "epoch")
+    week = 7 * day  # at least 302.4 s: 360 s
+    assert History.bucket_plan(week / MAX_BUCKETS, 1e9 + 1, 1e9 + 1 + week) == (360.0, "epoch")
+    # 2,000 grains, unaligned: 2,001 buckets of 60 s, so 120 s
+    assert History.bucket_plan(60, 1e9 + 30, 1e9 + 30 + 2000 * 60) == (120.0, "epoch")
+    assert History.bucket_plan(59.5, 0, 3600) == (59.5, "from")
+    # under a grain over more than 3 h: rounded up to the grain
+    assert History.bucket_plan(30, 1e9 + 1, 1e9 + 1 + 4 * 3600) == (60.0, "epoch")
+    assert History.bucket_plan(GRAIN * 5, 0, 3600) == (300.0, "epoch")
+
+
+async def test_retention_cuts_the_rollups_of_the_removed_range(store: SqlStore) -> None:
+    batches = _events(seed=3)
+    for batch in batches:
+        await store.write_batch(Batch(events=batch))
+    # a third stream, silent since long before the cut: its last event (its head) is kept
+    old = [Event.new("patient:P3", i, "reading", BASE - 900 + i, {"hr": 60.0 + i}) for i in (1, 2)]
+    await store.write_batch(Batch(events=old))
+    cut = BASE + 700.5  # mid-grain
+    before = len(await _all_events(store))
+    deleted = await store.delete_events_before(cut)
+    left = await _all_events(store)
+    assert deleted == before - len(left) + 1 and deleted > 100  # P3's first event went too
+    heads = await store.events_after("patient:P3", 0, 10)
+    assert [e.offset for e in heads] == [2]
+    got = await _stored(store)
+    _assert_rollups_equal(got, [*left, *heads])
+    assert ("patient:P3", grain_of(BASE - 898), "hr") in got
+
+
+async def test_migration_0010_backfills_a_store_written_before_it(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from vitalwire.store.sql import _MIGRATIONS, _async_url
+
+    for backend in ("sqlite", "postgresql"):
+        async with contextlib.AsyncExitStack() as stack:
+            if backend == "postgresql":
+                url = await stack.enter_async_context(fresh_postgres_db())
+            else:
+                url = f"sqlite:///{tmp_path / 'old.db'}"
+            engine = create_async_engine(_async_url(url))
+
+            def to_0009(conn: Any) -> None:
+                cfg = Config()
+                cfg.set_main_option("script_location", str(_MIGRATIONS))
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "0009")
+
+            events = [e for b in _events(seed=4, n=400) for e in b]
+            async with engine.begin() as conn:
+                await conn.run_sync(to_0009)
+                rows = [
+                    {
+                        "stream": e.stream,
+                        "offset": e.offset,
+                        "kind": e.kind,
+                        "ts": e.ts,
+                        "data": e.data_json.decode(),
+                    }
+                    for e in events
+                ]
+                await conn.execute(insert(t.events), rows)
+            await engine.dispose()
+            s = SqlStore(url)
+            await s.open()
+            try:
+                assert await s.migration_current()
+                _assert_rollups_equal(await _stored(s), events)
+            finally:
+                await s.close()
+
+
+async def test_a_resent_reading_is_counted_once(tmp_path: Path) -> None:
+    """A device that sends its readings again (same seqs) is deduplicated before anything is
+    stored: the roll-ups count each reading once, and the buckets say so."""
+    srv: RunningServer
+    srv, task = await start_server(tmp_path, patients=1)
+    try:
+        did, secret, pid = srv.device(0)
+        hrs = [61.0, 62.0, 63.0, 64.0, 65.0]
+        sent = [reading(seq, hr=hr) for seq, hr in enumerate(hrs, 1)]
+        async with raw_device(srv) as ws:
+            for frame in sent:
+                await ws.send(frame)
+            while (await recv_json(ws)).get("seq") != len(hrs):
+                pass
+            for frame in sent:  # the same readings again, under the same seqs
+                await ws.send(frame)
+            await ws.send(reading(len(hrs) + 1, hr=66.0))  # acked after the resends
+            while (await recv_json(ws)).get("seq") != len(hrs) + 1:
+                pass
+            assert srv.services.ingest.sessions[did].duplicates == len(hrs)
+        hrs.append(66.0)
+        await srv.services.writer.flush()
+        stored = await _stored(srv.services.store)  # type: ignore[arg-type]
+        counts = [v[3] for (s, _start, m), v in stored.items() if s == f"patient:{pid}"]
+        assert sum(counts) == len(hrs), stored
+        events = await srv.services.store.events_after(f"patient:{pid}", 0, 1000)
+        first = min(e.ts for e in events if e.kind == "reading")
+        token = await login_token(srv, "clinician")
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            r = await http.get(
+                f"/patients/{pid}/vitals",
+                params={"from": grain_of(first) - 60, "to": grain_of(first) + 120, "bucket": 60},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["bucket"], body["alignment"]) == (60.0, "epoch")
+        assert sum(b["metrics"]["hr"]["count"] for b in body["buckets"]) == len(hrs)
+        assert max(b["metrics"]["hr"]["max"] for b in body["buckets"]) == 66.0
+    finally:
+        await stop_server(srv, task)
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_bench_history_at_a_tiny_shape(db: str, tmp_path: Path) -> None:
+    """``vitalwire bench history`` builds its store, times the three kinds of request (the day
+    over more than 3 h, so from the roll-ups) and deletes the store."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tests.conftest import REQUIRE_SERVICES
+    from tests.test_store import POSTGRES
+    from vitalwire.cli import app
+
+    if db == "postgresql":
+        import asyncio
+
+        import asyncpg
+
+        async def probe() -> None:
+            conn = await asyncpg.connect(POSTGRES, timeout=5)
+            await conn.close()
+
+        try:
+            asyncio.run(probe())
+        except Exception as exc:
+            reason = f"PostgreSQL is not reachable at {POSTGRES}: {exc!r}"
+            if REQUIRE_SERVICES:
+                pytest.fail(reason)
+            pytest.skip(reason)
+    out = tmp_path / "history.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "history",
+            *("--db", db, "--patients", "2", "--hours", "4", "--requests", "3"),
+            *("--baseline-requests", "2", "--postgres", POSTGRES, "--dir", str(work)),
+            *("--json", str(out)),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["events"] == 2 * 4 * 3600
+    kinds = result["requests"]
+    assert list(kinds) == [
+        "day buckets (roll-ups)",
+        "day buckets, baseline (Python over raw rows)",
+        "hour raw (all pages)",
+    ]
+    assert [k["n"] for k in kinds.values()] == [3, 2, 3]
+    assert all(0 < k["p50"] <= k["p99"] for k in kinds.values())
+    assert list(work.iterdir()) == []  # the store was deleted
+    assert "day buckets (roll-ups)" in r.output
