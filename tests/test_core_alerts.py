@@ -1008,3 +1008,40 @@ def test_late_readings_raise_nothing_but_a_device_sending_only_late_ones_is_flag
     assert summary(engine.on_reading(92.0, "d1", {"spo2": 97}), DEVICE_CLOCK_BEHIND) == [
         ("resolved", DEVICE_CLOCK_BEHIND, "medium", RESOLVED, 92.0)
     ]
+
+
+# -- discharge ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("history", "open_before"),
+    [
+        ("active", [("spo2_low", "high", "active")]),
+        ("latched", [("spo2_low", "high", "active")]),
+        ("acknowledged", [("spo2_low", "high", "acknowledged")]),
+        ("two", [("spo2_low", "high", "active"), ("hr_high", "high", "active")]),
+        ("none", []),
+    ],
+)
+def test_discharge_resolves_every_open_alert(
+    history: str, open_before: list[tuple[str, str, str]]
+) -> None:
+    engine = PatientAlerts(P)
+    if history != "none":
+        values = {"spo2": 84.0, "hr": 150.0} if history == "two" else {"spo2": 84.0}
+        feed(engine, [0], values)
+    if history == "latched":  # the condition ended, the high alert stays latched
+        feed(engine, range(1, 30), {"spo2": 97.0})
+    if history == "acknowledged":
+        engine.acknowledge(only_id(engine, "spo2_low"), "nurse", 1.0)
+    assert sorted((a.condition, a.priority, a.state) for a in engine.active()) == sorted(
+        open_before
+    )
+    out = engine.discharge(40.0, "admin")
+    assert sorted(summary(out)) == sorted(
+        ("resolved", cond, prio, "resolved", 40.0) for cond, prio, _ in open_before
+    )
+    assert all(
+        c.message == "ended: patient discharged by admin" for c in out if isinstance(c, AlertChange)
+    )
+    assert engine.active() == [] and engine.tick(200.0) == []  # nothing escalates after

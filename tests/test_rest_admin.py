@@ -231,3 +231,33 @@ async def test_device_register_rotate_disable_and_discharge(server: RunningServe
     [discharged] = await audit_rows(server, "patient_discharge")
     assert discharged["patient_id"] == "P900"
     assert json.loads(discharged["detail"]) == {"devices": ["ex-001"]}
+
+
+async def test_discharge_ends_the_patients_open_alerts(server: RunningServer) -> None:
+    """A discharged patient's alarms do not go on escalating on the central station: their open
+    alerts resolve with the discharge, durable before the answer, on the stream for every
+    watcher."""
+    did, secret, pid = server.device(0)
+    async with DeviceClient(server.url, did, secret) as dev:
+        dev.send(spo2=80, pulse=72, probe=True)  # past the critical limit: high, at once
+        await dev.flush()
+    await wait_until(
+        lambda: any(a.condition == "spo2_low" for a in server.services.alerts.engine(pid).active()),
+        5,
+        "the high SpO2 alert",
+    )
+    h = bearer(await login_token(server, "admin"))
+    async with httpx.AsyncClient(base_url=server.url, headers=h) as http:
+        r = await http.post(f"/admin/patients/{pid}/discharge")
+    assert r.status_code == 200, r.text
+    assert r.json()["alerts_ended"] >= 1 and r.json()["unbound"] == [did]
+    rows = await server.services.store.alerts_for(pid, 10)
+    assert rows and all(row["state"] == "resolved" for row in rows), rows
+    ended = [
+        e.data
+        for e in await stream(server, pid)
+        if e.kind == "alert" and e.data["action"] == "resolved"
+    ]
+    assert [d["condition"] for d in ended if d["condition"] == "spo2_low"] == ["spo2_low"]
+    assert all(d["message"] == "ended: patient discharged by admin" for d in ended)
+    assert server.services.alerts.engine(pid).active() == []

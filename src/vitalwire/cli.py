@@ -1021,7 +1021,10 @@ def list_patients(
 @admin_app.command("discharge")
 def discharge(patient_id: str, db: DbOpt = None) -> None:
     """Discharge a patient: every device bound to them is unbound (their next readings go to no
-    patient) and they get no new binding; their record stays readable by their care team."""
+    patient) and they get no new binding; their record stays readable by their care team.
+
+    With --url, the running server also resolves their open alerts; on the store alone (no
+    --url) a running server keeps those open until acknowledged."""
     if _API:
         out = _api("POST", f"/admin/patients/{patient_id}/discharge")
     else:

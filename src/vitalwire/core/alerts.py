@@ -1009,6 +1009,27 @@ class PatientAlerts:
             self._next_escalation[alert_id] = at + interval
         self._dirty = True
 
+    def discharge(self, now: float, by: str) -> list[Change]:
+        """The patient was discharged: every open alert resolves at ``now``, latched or not.
+
+        IEC 60601-1-8 defines an alarm condition as a state of the monitored patient or
+        equipment; a patient discharged is no longer monitored here, so none of their conditions
+        exists for this system any more. Left open, their alerts would keep escalating on the
+        central station for nobody. What the engine held of the patient's values and devices is
+        forgotten with them, so no tick raises them again; the service drops the engine too."""
+        message = f"ended: patient discharged by {by}"
+        changes: list[Change] = [
+            self._resolve(now, key, alert, CONDITION_ENDED, None, message)
+            for key, alert in list(self._open.items())
+        ]
+        self._vitals.clear()
+        self._news2_vitals.clear()
+        self._devices.clear()
+        self._tracks.clear()
+        self._news2 = None
+        self._dirty = True
+        return changes
+
     # -- outputs -------------------------------------------------------------------------------
 
     def active(self) -> list[Alert]:

@@ -32,6 +32,7 @@ from vitalwire.core import access as policy
 from vitalwire.core import events as ev
 from vitalwire.core.errors import Forbidden, NotFound
 from vitalwire.services.access import Access
+from vitalwire.services.alerts import AlertService
 from vitalwire.services.auth import Principal
 from vitalwire.services.registry import Registry
 from vitalwire.services.users import Users
@@ -48,12 +49,15 @@ class Admin:
         access: Access,
         clock: Callable[[], float],
         hasher: Callable[[str], Awaitable[str]] | None = None,
+        alerts: AlertService | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.access = access
         self.clock = clock
         self.users = Users(store, clock, hasher=hasher)
+        #: a live server's alert engines: a discharge ends the patient's open alerts
+        self.alerts = alerts
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -211,6 +215,8 @@ class Admin:
         """Discharge (see :func:`discharge_offline`), then the access cache is refreshed."""
         self.check(who, "patient_discharge", origin, patient_id=pid)
         out = await discharge_offline(self.store, self.registry, who, pid, origin)
+        if self.alerts is not None:  # after the devices left: no offline alarm follows them
+            out["alerts_ended"] = await self.alerts.discharge(pid, who.name)
         if out["changed"]:
             await self.access.refresh()
         return out

@@ -158,6 +158,22 @@ class AlertService:
             self.writer.submit([], events, alerts=rows)
         return count
 
+    async def discharge(self, pid: str, by: str) -> int:
+        """``pid`` was discharged: their open alerts resolve (core ``PatientAlerts.discharge``)
+        and their engine is dropped, with any device-offline grace still running. Returns how
+        many alerts ended, once durable."""
+        for key in [k for k in self._offline_since if k[0] == pid]:
+            del self._offline_since[key]
+        engine = self._engines.pop(pid, None)
+        if engine is None:
+            return 0
+        now = self.clock()
+        changes = engine.discharge(now, by)
+        events, rows = self._to_events(pid, changes, now)
+        if events:
+            await self.writer.commit(events, alerts=rows)
+        return len(changes)
+
     # -- clinicians' requests -----------------------------------------------------------------
 
     async def acknowledge(self, who: Principal, alert_id: str, origin: str | None = None) -> Any:

@@ -170,6 +170,8 @@ class Discharged(BaseModel):
     discharged_at: float
     unbound: list[str]
     changed: bool
+    #: the patient's open alerts resolved by the discharge
+    alerts_ended: int = 0
 
 
 class DeviceState(BaseModel):
@@ -191,7 +193,12 @@ def admin(request: Request) -> Admin:
     svc = services(request)
     if found is None or found.store is not svc.store:
         found = Admin(
-            svc.store, svc.registry, svc.access, svc.clock, hasher=svc.login.hash_password_async
+            svc.store,
+            svc.registry,
+            svc.access,
+            svc.clock,
+            hasher=svc.login.hash_password_async,
+            alerts=svc.alerts,
         )
         state.admin = found
     return found

@@ -123,7 +123,8 @@ async def stream_events(
                     if len(streams) == 1:
                         pid = only
                     else:
-                        pid = pids.get(frame[_STREAM_AT : frame.index(',"offset":', _STREAM_AT)])
+                        key = frame[_STREAM_AT : frame.index(',"offset":', _STREAM_AT)]
+                        pid = pids[key] if key in pids else ev.stream_patient(_decode_str(key))
                     if pid is not None:
                         # the access as it is now, at every event (the hook ends it too)
                         now_who = svc.access.current_now(session.principal)
@@ -166,6 +167,7 @@ _STREAM_AT: Final = len(EVENT_HEAD) + len('"stream":')
 EVENT_FIELDS: Final = ("stream", "offset", "kind", "ts", "data")
 _TYPENAME: Final = '"StreamEvent"'
 _encode = msgspec.json.encode
+_decode_str = msgspec.json.Decoder(str).decode
 
 
 class _Parts(msgspec.Struct):
