@@ -185,21 +185,63 @@ class Walk:
             r = await http.request(method, url, headers=headers, content=body)
         return r.text
 
-    async def snippet(self, n: int, source: str) -> str:
+    async def snippet(self, n: int, source: str, until_lines: int | None = None) -> str:
+        """Run a snippet; one that streams runs for STREAMING_SNIPPET_S, or, with
+        ``until_lines``, until it has printed that many lines (at most COMMAND_TIMEOUT_S)."""
         if SECRET_PLACEHOLDER in source:
             assert self.secret is not None, "the device snippet runs after admin create-device"
             source = source.replace(SECRET_PLACEHOLDER, self.secret)
         path = self.cwd / f"snippet{n}.py"
         path.write_text(source.replace(README_URL, self.url))
         streams = "async for" in source
-        code, out = await self.run(
-            [sys.executable, str(path)], STREAMING_SNIPPET_S if streams else COMMAND_TIMEOUT_S
-        )
+        if streams and until_lines is not None:
+            code, out = await self.run_until(
+                [sys.executable, str(path)], until_lines, COMMAND_TIMEOUT_S
+            )
+        else:
+            code, out = await self.run(
+                [sys.executable, str(path)], STREAMING_SNIPPET_S if streams else COMMAND_TIMEOUT_S
+            )
         if streams:  # still running when stopped, nothing on stderr: it did not fail
             assert code is None and "Traceback" not in out, f"snippet {n}:\n{out}"
         else:
             assert code == 0 and "Traceback" not in out, f"snippet {n} exited {code}:\n{out}"
         return out
+
+    async def run_until(
+        self, argv: list[str], lines: int, timeout: float
+    ) -> tuple[int | None, str]:
+        """Run ``argv`` until it has printed ``lines`` lines, then stop it (exit status None);
+        its exit status if it ends first; fails at ``timeout``."""
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        assert proc.stdout is not None
+        got: list[bytes] = []
+
+        async def read() -> None:
+            while len(got) < lines:
+                line = await proc.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    return
+                got.append(line)
+
+        try:
+            await asyncio.wait_for(read(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError(f"{lines} lines not printed within {timeout} s: {got}") from None
+        if proc.returncode is None and len(got) == lines:
+            proc.kill()
+            rest, _ = await proc.communicate()
+            return None, b"".join(got).decode()
+        rest, _ = await proc.communicate()
+        return proc.returncode, (b"".join(got) + rest).decode()
 
     async def run(self, argv: list[str], timeout: float) -> tuple[int | None, str]:
         """Run ``argv``; its exit status (None: stopped at ``timeout``) and its output."""
@@ -277,7 +319,9 @@ async def test_the_readme_walkthrough_leaves_the_demo_healthy(tmp_path: Path) ->
                 for lang, block in walkthrough():
                     if lang == "python":
                         snippets += 1
-                        printed.append(await walk.snippet(snippets, block))
+                        # the GraphQL subscription (step 8): until three events arrived
+                        lines = 3 if "patientEvents" in block else None
+                        printed.append(await walk.snippet(snippets, block, lines))
                         continue
                     for tokens in shell_commands(block):
                         await walk.command(tokens)
@@ -289,9 +333,7 @@ async def test_the_readme_walkthrough_leaves_the_demo_healthy(tmp_path: Path) ->
         # step 8: the REST trend printed P001's SpO2 buckets; the GraphQL subscription printed
         # P002's events with contiguous offsets
         assert re.search(r"^\d\d:\d\d SpO2 min \d+", printed[3], re.M), printed[3]
-        offsets = [
-            int(m) for m in re.findall(r"^(\d+) [a-z_0-9]+ ", printed[4], re.M)
-        ]
+        offsets = [int(m) for m in re.findall(r"^(\d+) [a-z_0-9]+ ", printed[4], re.M)]
         assert offsets and offsets == list(range(offsets[0], offsets[0] + len(offsets))), printed[4]
 
         out = walk.outputs
