@@ -34,6 +34,7 @@ from vitalwire.transports.rest_admin import router as admin_router
 from vitalwire.transports.rest_clinical import router as clinical_router
 from vitalwire.transports.rest_commands import router as commands_router
 from vitalwire.transports.rest_history import router as history_router
+from vitalwire.transports.web import install as install_web
 from vitalwire.transports.wsserver import PreAuth
 
 log = logging.getLogger("vitalwire")
@@ -243,6 +244,7 @@ def create_app(
     )
     app.edge = HttpEdge(settings.max_body_bytes, tls=settings.certfile is not None)
     install_api_docs(app)
+    install_web(app)
     app.include_router(rest.router)
     app.include_router(history_router)
     app.include_router(fhir_router)

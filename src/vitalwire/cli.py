@@ -176,6 +176,7 @@ def _print_banner(base: str, users: list[dict[str, str]], patients: int, db: str
     ws = base.replace("http://", "ws://")
     out = Console(soft_wrap=True)  # a URL cut at the terminal's width is no URL
     out.rule("[bold green]vitalwire demo is running")
+    out.print(f"  Web app       {base}/   (open it in a browser; log in as a demo user below)")
     out.print(f"  URL           {base}")
     out.print(f"  Health        {base}/healthz")
     out.print(f"  Login (REST)  POST {base}/auth/login")

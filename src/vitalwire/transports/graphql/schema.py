@@ -34,7 +34,12 @@ from vitalwire.core.errors import Forbidden, InvalidMessage, NotFound, PeerError
 from vitalwire.services.commands import command_lifecycle, list_commands
 from vitalwire.transports.errors import public_message, row_for
 from vitalwire.transports.graphql.loaders import Loaders, live_picture
-from vitalwire.transports.graphql.subscriptions import FastFrames, SlowConsumer, stream_events
+from vitalwire.transports.graphql.subscriptions import (
+    FastFrames,
+    SlowConsumer,
+    fast_events,
+    stream_events,
+)
 from vitalwire.transports.paging import DEFAULT_PAGE, MAX_PAGE, decode_cursor, encode_cursor
 from vitalwire.wire import SendCommand
 
@@ -596,12 +601,11 @@ async def _deliver(
     """The events of ``streams`` (subscriptions.py): over graphql-transport-ws with a plain
     selection, written to the socket as ready ``next`` frames (:class:`FastFrames`, nothing
     yielded); otherwise yielded for GraphQL to execute."""
-    source = stream_events(_svc(info), who, streams, after, _origin(info))
     fast = FastFrames.of(info)
     if fast is not None:
-        async for frames in source:
-            await fast.send(frames)
+        await fast_events(_svc(info), who, streams, after, _origin(info), fast)
         return
+    source = stream_events(_svc(info), who, streams, after, _origin(info))
     async for frames in source:
         for frame in frames:
             e = msgspec.json.decode(frame)

@@ -14,20 +14,21 @@ task for all of them, as one ``/ws`` client, each stream resumed from its own of
 
 The fast path (:class:`FastFrames`): over graphql-transport-ws, a subscription selecting only
 ``StreamEvent``'s plain fields does not run GraphQL per event; its ``next`` frame is built from
-the event frame ``/ws`` sends (encoded once per event) and written to the socket. Everything
-before the write (the session, its checks, the queue, the errors that end it) is the same code
-for both paths.
+the event frame ``/ws`` sends (encoded once per event) and written to the socket by the same
+:class:`~vitalwire.transports.common.Sender` that serves ``/ws`` (woken by the session's queue,
+no task per batch). Everything before the write (the session, its checks, the queue, the errors
+that end it: :class:`_Watch`) is the same code for both paths.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from graphql.language import FieldNode
-from strawberry.http.exceptions import WebSocketDisconnected
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
     Operation,
@@ -37,7 +38,7 @@ from vitalwire.core import access as policy
 from vitalwire.core import events as ev
 from vitalwire.core.errors import Forbidden, InvalidMessage, PeerError
 from vitalwire.services.clients import ClientSession
-from vitalwire.transports.common import Disconnected, Socket
+from vitalwire.transports.common import Sender, Socket
 
 if TYPE_CHECKING:
     from strawberry.types import Info
@@ -58,6 +59,116 @@ class SlowConsumer(PeerError):
     """The subscriber did not take its events fast enough; resume with ``after``."""
 
 
+class _Watch:
+    """One subscription's session over ``streams`` and the checks every batch of its frames
+    passes, shared by both paths (:func:`stream_events` and :func:`fast_events`)."""
+
+    def __init__(
+        self,
+        svc: Services,
+        who: Principal,
+        streams: list[str],
+        after: dict[str, int] | None,
+        origin: str | None,
+    ) -> None:
+        s = svc.settings
+        self.svc = svc
+        self.who = who = svc.access.current_now(who)
+        self.streams = streams
+        self.after = after
+        self.origin = origin
+        #: Why it ended (the first reason), set by the session's callbacks.
+        self.ended: list[PeerError] = []
+        #: Called (never awaited) when the session ends by itself (revoked, overflowed).
+        self.on_end: Callable[[], None] | None = None
+
+        def audit(action: str, pid: str | None, detail: dict[str, Any]) -> None:
+            svc.access.audit(who.name, action, pid, detail, origin)
+
+        def on_overflow(code: int, reason: str) -> None:
+            self.ended.append(SlowConsumer(reason, field="after"))
+            if self.on_end is not None:
+                self.on_end()
+
+        self.session = session = GraphQLSubscription(
+            who,
+            svc.streams,
+            authorize=svc.access.stream_check(who),
+            patient_filter=svc.access.patient_filter(who),
+            audit=audit,
+            clock=svc.clock,
+            max_queue=s.client_queue_max,
+            soft_queue=s.client_queue_soft,
+            max_streams=len(streams),
+            max_replay=s.max_replay,
+            on_overflow=on_overflow,
+        )
+
+        def revoked(exc: PeerError) -> None:
+            self.ended.append(exc)
+            session.close()
+            if self.on_end is not None:
+                self.on_end()
+
+        session.on_revoked = revoked
+        session.origin = origin
+        # the patient of an event frame, from the stream's encoded name right after EVENT_HEAD
+        self.pids = {_encode(st).decode(): ev.stream_patient(st) for st in streams}
+        self.only = ev.stream_patient(streams[0]) if len(streams) == 1 else None
+
+    async def open(self) -> None:
+        """Register the session and subscribe (the reply and any replay are queued)."""
+        self.svc.clients.add(self.session)
+        try:
+            await self.session.subscribe(self.streams, self.after or None, None)
+        except Forbidden as exc:
+            self.svc.access.refused(self.who.name, "subscribe", self.only, exc.message, self.origin)
+            raise
+
+    def close(self) -> None:
+        self.session.close()
+        self.svc.clients.discard(self.session)
+
+    def sort(self, frames: list[str]) -> tuple[list[str], PeerError | None]:
+        """The event frames of ``frames`` to hand out, in order, and why the subscription must
+        end after them (``None`` while it goes on): the access as it is now is checked at every
+        event (the hook ends it too), and the control frames are read (a resume that could not
+        be honoured, an ``unsubscribed``)."""
+        svc = self.svc
+        ready: list[str] = []
+        single = len(self.streams) == 1
+        for frame in frames:
+            if frame.startswith(EVENT_HEAD):
+                if single:
+                    pid = self.only
+                else:
+                    key = frame[_STREAM_AT : frame.index(',"offset":', _STREAM_AT)]
+                    pids = self.pids
+                    pid = pids[key] if key in pids else ev.stream_patient(_decode_str(key))
+                if pid is not None:
+                    now_who = svc.access.current_now(self.session.principal)
+                    if not svc.access.allowed(now_who, policy.VIEW, pid):
+                        why = svc.access.view_lost(now_who, pid, self.who.role) or "access ended"
+                        return ready, Forbidden(why, field="patient_id")
+                ready.append(frame)
+                continue
+            msg = msgspec.json.decode(frame)
+            kind = msg.get("type")
+            if kind == "subscribed":
+                for start in msg["streams"]:
+                    if not start["recovered"]:
+                        which = "" if single else f" of {start['stream']}"
+                        return ready, InvalidMessage(
+                            f"after{which} must be an offset between the oldest kept and "
+                            f"the head ({start['offset']}), at most {svc.settings.max_replay} "
+                            "behind it",
+                            field="after",
+                        )
+            elif kind == "unsubscribed":
+                return ready, Forbidden(msg.get("reason") or "access ended", field="patient_id")
+        return ready, None
+
+
 async def stream_events(
     svc: Services,
     who: Principal,
@@ -71,91 +182,70 @@ async def stream_events(
     event for every subscriber), in lists of those queued together. Ends with an error naming
     why when the right to watch ends (``Unauthenticated`` or ``Forbidden``) or the queue
     overflows."""
-    s = svc.settings
-    who = svc.access.current_now(who)
-    ended: list[PeerError] = []
-
-    def audit(action: str, pid: str | None, detail: dict[str, Any]) -> None:
-        svc.access.audit(who.name, action, pid, detail, origin)
-
-    def on_overflow(code: int, reason: str) -> None:
-        ended.append(SlowConsumer(reason, field="after"))
-
-    session = GraphQLSubscription(
-        who,
-        svc.streams,
-        authorize=svc.access.stream_check(who),
-        patient_filter=svc.access.patient_filter(who),
-        audit=audit,
-        clock=svc.clock,
-        max_queue=s.client_queue_max,
-        soft_queue=s.client_queue_soft,
-        max_streams=len(streams),
-        max_replay=s.max_replay,
-        on_overflow=on_overflow,
-    )
-
-    def revoked(exc: PeerError) -> None:
-        ended.append(exc)
-        session.close()
-
-    session.on_revoked = revoked
-    session.origin = origin
-    # the patient of an event frame, from the stream's encoded name right after EVENT_HEAD
-    pids = {_encode(st).decode(): ev.stream_patient(st) for st in streams}
-    only = ev.stream_patient(streams[0]) if len(streams) == 1 else None
-    svc.clients.add(session)
+    watch = _Watch(svc, who, streams, after, origin)
     try:
-        try:
-            await session.subscribe(streams, after or None, None)
-        except Forbidden as exc:
-            svc.access.refused(who.name, "subscribe", only, exc.message, origin)
-            raise
+        await watch.open()
         while True:
-            frames = await session.take()
+            frames = await watch.session.take()
             if frames is None:
-                if ended:
-                    raise ended[0]
+                if watch.ended:
+                    raise watch.ended[0]
                 return
-            ready: list[str] = []
-            for frame in frames:
-                if frame.startswith(EVENT_HEAD):
-                    if len(streams) == 1:
-                        pid = only
-                    else:
-                        key = frame[_STREAM_AT : frame.index(',"offset":', _STREAM_AT)]
-                        pid = pids[key] if key in pids else ev.stream_patient(_decode_str(key))
-                    if pid is not None:
-                        # the access as it is now, at every event (the hook ends it too)
-                        now_who = svc.access.current_now(session.principal)
-                        if not svc.access.allowed(now_who, policy.VIEW, pid):
-                            if ready:
-                                yield ready  # those before it, then why it ends
-                            why = svc.access.view_lost(now_who, pid, who.role) or "access ended"
-                            raise Forbidden(why, field="patient_id")
-                    ready.append(frame)
-                    continue
-                if ready:
-                    yield ready
-                    ready = []
-                msg = msgspec.json.decode(frame)
-                kind = msg.get("type")
-                if kind == "subscribed":
-                    for start in msg["streams"]:
-                        if not start["recovered"]:
-                            which = "" if len(streams) == 1 else f" of {start['stream']}"
-                            raise InvalidMessage(
-                                f"after{which} must be an offset between the oldest kept and "
-                                f"the head ({start['offset']}), at most {s.max_replay} behind it",
-                                field="after",
-                            )
-                elif kind == "unsubscribed":
-                    raise Forbidden(msg.get("reason") or "access ended", field="patient_id")
+            ready, error = watch.sort(frames)
             if ready:
-                yield ready
+                yield ready  # those before it, then why it ends
+            if error is not None:
+                raise error
     finally:
-        session.close()
-        svc.clients.discard(session)
+        watch.close()
+
+
+async def fast_events(
+    svc: Services,
+    who: Principal,
+    streams: list[str],
+    after: dict[str, int] | None,
+    origin: str | None,
+    fast: FastFrames,
+) -> None:
+    """:func:`stream_events` for the fast path, driven as ``/ws`` drives a client: the session's
+    queue wakes a :class:`~vitalwire.transports.common.Sender` (one callback per turn of the
+    event loop, no task while the socket takes the frames), which writes the ``next`` frames
+    built by ``fast``. Returns when the operation completes; raises why it ended otherwise."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[PeerError | None] = loop.create_future()
+    watch = _Watch(svc, who, streams, after, origin)
+
+    def end(error: PeerError | None) -> None:
+        if not finished.done():
+            finished.set_result(error)
+
+    def take() -> list[str]:
+        if finished.done():
+            return []
+        if fast.operation.completed:
+            end(None)
+            return []
+        ready, error = watch.sort(watch.session.take_now())
+        if error is not None:
+            loop.call_soon(end, error)  # after the frames before it are written
+        if not ready:
+            return []
+        FastFrames.sent += len(ready)
+        return [fast.build(frame) for frame in ready]
+
+    sender = Sender(fast.socket, take)
+    watch.on_end = lambda: end(watch.ended[0] if watch.ended else None)
+    watch.session.notify = sender.kick
+    try:
+        await watch.open()
+        sender.kick()  # the reply and any replay queued by the subscribe
+        error = await finished
+        if error is not None:
+            raise error
+    finally:
+        sender.stop()
+        watch.close()
 
 
 # -- the fast path --------------------------------------------------------------------------------
@@ -285,18 +375,3 @@ class FastFrames:
                 out.append(key + value)
             body = "{" + ",".join(out) + "}"
         return self.prefix + body + "}}}"
-
-    async def send(self, frames: list[str]) -> None:
-        """Write the ``next`` frames of event ``frames`` to the socket as ``/ws`` writes its
-        frames (transports/common.py ``Sender``: at once in one write when the transport takes
-        them, else awaiting room); nothing once the operation is complete."""
-        if self.operation.completed:
-            return
-        texts = [self.build(frame) for frame in frames]
-        socket = self.socket
-        if not socket.send_now(texts):
-            try:
-                await socket.send_all(texts)
-            except Disconnected as exc:
-                raise WebSocketDisconnected from exc
-        FastFrames.sent += len(texts)
