@@ -18,6 +18,7 @@ from gql.transport.exceptions import TransportQueryError
 from gql.transport.websockets import WebsocketsTransport
 
 from tests.conftest import RunningServer, login_token, start_server, stop_server, wait_until
+from vitalwire.transports.graphql.subscriptions import GraphQLSubscription
 
 EVENTS = """subscription($p: String!, $after: Int) {
   patientEvents(patientId: $p, after: $after) { stream offset kind ts data }
@@ -196,7 +197,51 @@ async def test_a_subscription_ends_when_access_is_taken_back(
     await asyncio.wait_for(task, 10)
     assert errors and errors[0][0]["message"] == why, errors
     assert errors[0][0]["extensions"]["code"] in ("unauthenticated", "forbidden")
-    assert svc.streams.subscriber_count() == 0 and not svc.clients
+    await wait_until(lambda: not svc.clients, 10, "the socket's sessions to end")
+    assert svc.streams.subscriber_count() == 0
+
+
+async def test_sockets_count_in_the_users_limit_and_end_when_the_user_is_disabled(
+    tmp_path: Path,
+) -> None:
+    """A /graphql socket counts in max_connections_per_user with /ws ones (one more is closed
+    4403); disabling the user closes their idle sockets with 4403 naming why."""
+    running, task = await start_server(tmp_path, patients=1, max_connections_per_user=2)
+    try:
+        svc = running.services
+        url = f"{running.ws_url}/graphql"
+        token = await login_token(running, "clinician")
+        init = json.dumps(
+            {"type": "connection_init", "payload": {"Authorization": f"Bearer {token}"}}
+        )
+        sockets = []
+        for _ in range(2):
+            ws = await websockets.connect(url, subprotocols=[PROTOCOL])  # type: ignore[list-item]
+            await ws.send(init)
+            assert json.loads(await ws.recv())["type"] == "connection_ack"
+            sockets.append(ws)
+        # a third: past the limit, closed with graphql-transport-ws's Forbidden
+        async with websockets.connect(url, subprotocols=[PROTOCOL]) as third:  # type: ignore[list-item]
+            await third.send(init)
+            with pytest.raises(websockets.ConnectionClosed):
+                await third.recv()
+        assert third.close_code == 4403
+        # another user is not affected by the clinician's count
+        other = await login_token(running, "viewer")
+        async with websockets.connect(url, subprotocols=[PROTOCOL]) as ws4:  # type: ignore[list-item]
+            auth = {"type": "connection_init", "payload": {"Authorization": f"Bearer {other}"}}
+            await ws4.send(json.dumps(auth))
+            assert json.loads(await ws4.recv())["type"] == "connection_ack"
+        # the user is disabled: their idle sockets end at once, naming why
+        await svc.store.update_user("clinician", disabled=True)
+        await svc.access.refresh()
+        for ws in sockets:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert (ws.close_code, ws.close_reason) == (4403, "user is disabled")
+        await wait_until(lambda: not svc.clients, 10, "the sockets' sessions to end")
+    finally:
+        await stop_server(running, task)
 
 
 async def test_ward_alerts_come_from_the_alerts_stream_scoped_to_the_user(
@@ -282,8 +327,10 @@ async def test_one_subscription_for_several_patients_resumes_each_stream(
         async with Client(transport=transport(srv, token)) as session:
             async for result in session.subscribe(request(after)):
                 out.append(result["patientsEvents"])
-                # one session (one queue, one task) for both patients, as one /ws client
-                assert len(svc.clients) == 1 and svc.streams.subscriber_count() == 2
+                # one session (one queue) for both patients, as one /ws client (beside the
+                # socket's own GraphQLConnection, which subscribes to nothing)
+                subs = [c for c in svc.clients if isinstance(c, GraphQLSubscription)]
+                assert len(subs) == 1 and svc.streams.subscriber_count() == 2
                 if len(out) == n:
                     break
         return out

@@ -42,6 +42,9 @@ class Close:
     REPLACED = 4009  # the same device connected again; this connection is superseded
     IDENTITY_CONFLICT = 4010  # two live units use one device identity: new sessions refused
     RATE_LIMITED = 4029  # reserved for rate limits
+    #: /graphql (graphql-transport-ws's own code for Forbidden): the token was refused at
+    #: connection_init, the user is past their connection limit, or their access was taken back
+    GRAPHQL_FORBIDDEN = 4403
 
 
 _opts: dict[str, Any] = {"tag_field": "type", "forbid_unknown_fields": True, "omit_defaults": True}

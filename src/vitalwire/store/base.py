@@ -264,8 +264,20 @@ class Store(Protocol):
         ...
 
     async def audit_log(
-        self, limit: int, patient_id: str | None = None
-    ) -> list[dict[str, Any]]: ...
+        self,
+        limit: int,
+        patient_id: str | None = None,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Audit rows newest first (by id), filtered by each given field (``since <= at <
+        until``; ``before``: ids below it, the keyset of the next page)."""
+        ...
+
     async def save_snapshots(self, rows: list[tuple[str, int, str]], now: float) -> None: ...
     async def load_snapshots(self) -> dict[str, tuple[int, str]]: ...
     async def open_commands(self) -> list[dict[str, Any]]: ...

@@ -506,10 +506,31 @@ class SqlStore:
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(q)]
 
-    async def audit_log(self, limit: int, patient_id: str | None = None) -> list[dict[str, Any]]:
-        q = select(t.audit).order_by(t.audit.c.id.desc()).limit(limit)
+    async def audit_log(
+        self,
+        limit: int,
+        patient_id: str | None = None,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
+    ) -> list[dict[str, Any]]:
+        c = t.audit.c
+        q = select(t.audit).order_by(c.id.desc()).limit(limit)
         if patient_id is not None:
-            q = q.where(t.audit.c.patient_id == patient_id)
+            q = q.where(c.patient_id == patient_id)
+        if actor is not None:
+            q = q.where(c.actor == actor)
+        if action is not None:
+            q = q.where(c.action == action)
+        if since is not None:
+            q = q.where(c.at >= since)
+        if until is not None:
+            q = q.where(c.at < until)
+        if before is not None:
+            q = q.where(c.id < before)
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(q)]
 

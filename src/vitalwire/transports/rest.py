@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vitalwire import __version__
 from vitalwire.core import access as policy
 from vitalwire.core import events as ev
-from vitalwire.core.errors import Forbidden, PeerError, Unauthenticated
+from vitalwire.core.errors import Forbidden, InvalidMessage, PeerError, Unauthenticated
 from vitalwire.services.auth import Principal
 from vitalwire.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vitalwire.transports.errors import error_responses, public_message, row_for
@@ -281,12 +282,27 @@ async def audit_log(
     request: Request,
     who: Annotated[Principal, Depends(principal)],
     limit: int = Query(100, ge=1, le=1000),
-    patient_id: str | None = None,
+    patient_id: str | None = Query(None, max_length=64),
+    actor: str | None = Query(None, max_length=64, description="Only this actor's entries."),
+    action: str | None = Query(None, max_length=64, description="Only this action's entries."),
+    since: float | None = Query(None, description="Entries at or after this time (epoch s)."),
+    until: float | None = Query(None, description="Entries before this time (epoch s)."),
+    before: int | None = Query(
+        None, ge=1, le=2**63 - 1, description="Entries with ids below this (the next page)."
+    ),
 ) -> list[dict[str, Any]]:
-    """The audit log, newest first (admins only)."""
+    """The audit log, newest first (admins only), filtered by patient, actor, action and time;
+    page on with ``before`` set to the last entry's ``id``."""
     svc = services(request)
     _check(svc, request, who, policy.READ_AUDIT, "read_audit", None)
-    rows = await svc.store.audit_log(limit, patient_id)
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and not math.isfinite(value):
+            raise InvalidMessage(f"{name} must be a finite number, got {value}", field=name)
+    if since is not None and until is not None and since >= until:
+        raise InvalidMessage(f"since must be before until ({until}), got {since}", field="since")
+    rows = await svc.store.audit_log(
+        limit, patient_id, actor=actor, action=action, since=since, until=until, before=before
+    )
     about = patient_id if patient_id is not None and ev.ID_RE.fullmatch(patient_id) else None
     svc.access.audit(who.name, "read_audit", about, {"count": len(rows)}, _origin(request))
     return rows

@@ -16,6 +16,7 @@ authenticates, the bounds are lifted: frames up to ``hard_frame_bytes``, as ``/w
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -27,10 +28,11 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
 from vitalwire.core.errors import PeerError, Unauthenticated
-from vitalwire.transports.common import Socket, origin_allowed
+from vitalwire.services.clients import ClientSession
+from vitalwire.transports.common import Socket, close_quietly, origin_allowed
 from vitalwire.transports.errors import public_message, row_for
 from vitalwire.transports.graphql.schema import schema
-from vitalwire.transports.graphql.subscriptions import SOCKET_KEY, TransportWSHandler
+from vitalwire.transports.graphql.subscriptions import HANDLER_KEY, SOCKET_KEY, TransportWSHandler
 from vitalwire.wire import Close
 
 if TYPE_CHECKING:
@@ -41,6 +43,17 @@ if TYPE_CHECKING:
 
 #: Where the principal of an HTTP request is left in the ASGI scope for the view.
 PRINCIPAL_KEY = "vitalwire.principal"
+#: Where a socket's :class:`GraphQLConnection` is kept in the scope, to end it with the socket.
+CONNECTIONS_KEY = "vitalwire.graphql_connections"
+
+
+class GraphQLConnection(ClientSession):
+    """An authenticated ``/graphql`` socket in ``svc.clients``: it subscribes to nothing, counts
+    in the user's limit of connections (``max_connections_per_user``, shared with ``/ws``), and
+    the access-change hook (``Access.recheck``) ends the socket when its user may no longer
+    connect."""
+
+    __slots__ = ()
 
 
 def _bearer(value: object) -> str | None:
@@ -80,8 +93,41 @@ class View(GraphQL):
             who = await svc.access.current(svc.tokens.verify(token, svc.clock()))
         except PeerError as exc:
             raise ConnectionRejectionError({"code": row_for(exc).code}) from exc
-        context["who"] = who
         socket: Socket = context["request"].scope[SOCKET_KEY]
+        s = svc.settings
+        open_now = sum(
+            1 for c in svc.clients if c.counts_as_connection and c.principal.name == who.name
+        )
+        if open_now >= s.max_connections_per_user:
+            raise ConnectionRejectionError(
+                {
+                    "code": "rate_limited",
+                    "field": "connections",
+                    "message": f"connections per user must be at most {s.max_connections_per_user}",
+                }
+            )
+        context["who"] = who
+        connection = GraphQLConnection(who, svc.streams)
+
+        def revoked(exc: PeerError) -> None:
+            # the user may no longer connect (disabled, deleted, tokens revoked): the socket
+            # ends, not only its subscriptions (each of which ends with the error naming why)
+            connection.close()
+            asyncio.get_running_loop().create_task(end(public_message(exc)))
+
+        async def end(why: str) -> None:
+            # the socket's operations first end with their errors (their sessions were revoked
+            # in the same pass), bounded, so each client sees why before the close
+            handler = context.get(HANDLER_KEY)
+            tasks = [op.task for op in handler.operations.values() if op.task] if handler else []
+            if tasks:
+                await asyncio.wait(tasks, timeout=2.0)
+            await close_quietly(socket, Close.GRAPHQL_FORBIDDEN, why)
+
+        connection.on_revoked = revoked
+        connection.origin = context.get("origin")
+        svc.clients.add(connection)
+        context["request"].scope[CONNECTIONS_KEY].append(connection)
         socket.authenticated()  # lift the pre-authentication bounds (transports/wsserver.py)
         return None
 
@@ -156,7 +202,14 @@ async def graphql_ws_endpoint(ws: Socket, svc: Services) -> None:
     scope = dict(ws.scope)
     scope[SOCKET_KEY] = ws
     scope["vitalwire.svc"] = svc
-    await view(scope, ws._receive, ws._send)  # noqa: SLF001 (the server's own receive, send)
+    connections: list[ClientSession] = []
+    scope[CONNECTIONS_KEY] = connections
+    try:
+        await view(scope, ws._receive, ws._send)  # noqa: SLF001 (the server's own receive, send)
+    finally:
+        for connection in connections:
+            connection.close()
+            svc.clients.discard(connection)
 
 
 def install(app: FastAPI) -> None:

@@ -274,6 +274,8 @@ _parts = msgspec.json.Decoder(_Parts)
 
 #: Where transports/graphql/router.py leaves the socket in the ASGI scope.
 SOCKET_KEY: Final = "vitalwire.socket"
+#: Where the socket's graphql-transport-ws handler is left in the context.
+HANDLER_KEY: Final = "vitalwire.handler"
 
 #: The operation of the running graphql-transport-ws task (set by :class:`TransportWSHandler`).
 _OPERATION: ContextVar[Operation[Any, Any] | None] = ContextVar("vitalwire_gql_op", default=None)
@@ -282,6 +284,11 @@ _OPERATION: ContextVar[Operation[Any, Any] | None] = ContextVar("vitalwire_gql_o
 class TransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
     """Strawberry's graphql-transport-ws handler, telling each operation's resolvers which
     operation they serve (so a subscription can write its ``next`` frames itself)."""
+
+    async def handle_connection_init(self, message: Any) -> None:
+        if isinstance(self.context, dict):
+            self.context[HANDLER_KEY] = self  # the socket's operations, for router.py
+        await super().handle_connection_init(message)
 
     async def run_operation(self, operation: Operation[Any, Any]) -> None:
         _OPERATION.set(operation)  # the operation's own task: its resolvers see it, no other
