@@ -17,7 +17,15 @@ install: $(STAMP)
 demo: install
 	$(BIN)/vitalwire demo
 
+# The browser tests (tests/test_web.py) drive Debian's chromium: installed here when missing and
+# running as root (as CI does); otherwise they skip saying why (fail under
+# VITALWIRE_REQUIRE_SERVICES=1). Playwright's own browser downloads are not used.
 test: install
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser tests (apt-get)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+			>/dev/null 2>&1 || echo "apt-get could not install chromium: the browser tests will say so"; \
+	fi
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -38,9 +46,11 @@ bench-report: install
 		--json docs/bench/saturation.json
 	$(BIN)/python tools/bench_report.py docs/bench/saturation.json docs/bench/saturation.png
 
-# Swagger UI for /docs, vendored from npm at the version pinned in the script (needs npm)
+# Swagger UI for /docs and the web app's libraries (Preact, htm, uPlot), vendored from npm at
+# the versions pinned in the scripts (needs npm)
 web-vendor:
 	$(PYTHON) tools/vendor_swagger_ui.py
+	$(PYTHON) tools/vendor_web.py
 
 clean:
 	rm -rf $(VENV) vitalwire.db vitalwire.db-wal vitalwire.db-shm .pytest_cache vitalwire-sim-credentials.json

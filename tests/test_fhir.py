@@ -297,4 +297,39 @@ async def test_scoping_audit_anonymous_and_metadata(srv: RunningServer) -> None:
     assert {p.name for p in resources["Observation"].searchParam} == {
         "patient", "subject", "code", "date", "_lastUpdated", "_count",
     }  # fmt: skip
-    assert [i.code for i in resources["Device"].interaction] == ["read"]
+    assert [i.code for i in resources["Device"].interaction] == ["read", "search-type"]
+    assert {p.name for p in resources["Device"].searchParam} == {"_id", "patient", "_count"}
+
+
+async def test_device_search_is_scoped_paged_and_filtered_by_patient(srv: RunningServer) -> None:
+    (d0, _, p0), (d1, _, p1) = srv.device(0), srv.device(1)
+    svc = srv.services
+    now = time.time()
+    await svc.store.create_patient("Q901", "Other Ward", "ward-b", now)
+    await svc.registry.create_device("other-mon", "monitor")
+    await svc.registry.bind("other-mon", "Q901")
+    await svc.registry.create_device("spare-mon", "monitor")  # bound to nobody
+    await svc.access.refresh()
+    viewer = await login_token(srv, "viewer")
+    admin = await login_token(srv, "admin")
+
+    # a viewer sees the devices of their patients only, each with its patient, page by page
+    seen = await _walk(srv, viewer, "/fhir/Device", _count=1)
+    assert sorted((d["id"], d["patient"]["reference"]) for d in seen) == sorted(
+        [(d0, f"Patient/{p0}"), (d1, f"Patient/{p1}")]
+    )
+    # an admin every device (the unbound one without a patient)
+    every = {d["id"]: d for d in await _walk(srv, admin, "/fhir/Device", _count=2)}
+    assert {d0, d1, "other-mon", "spare-mon"} <= set(every)
+    assert "patient" not in every["spare-mon"]
+    # by patient; by id
+    body = _bundle(await _get(srv, "/fhir/Device", viewer, patient=f"Patient/{p1}"))
+    assert [e["resource"]["id"] for e in body["entry"]] == [d1]
+    body = _bundle(await _get(srv, "/fhir/Device", admin, _id="other-mon,spare-mon"))
+    assert sorted(e["resource"]["id"] for e in body["entry"]) == ["other-mon", "spare-mon"]
+    # another ward's patient is not found for the viewer; a bad parameter is a 400 naming it
+    _outcome(await _get(srv, "/fhir/Device", viewer, patient="Q901"), 404, "not_found")
+    _outcome(await _get(srv, "/fhir/Device", viewer, kind="x"), 400, "invalid_message", "kind")
+    _outcome(await _get(srv, "/fhir/Device", viewer, patient="a b"), 400, "invalid_message")
+    searched = await _audit_rows(srv, p1, "fhir_search")
+    assert searched and json.loads(searched[0]["detail"])["devices"] == [d1]

@@ -406,7 +406,15 @@ def capability_statement(base: str, date: str, software_version: str) -> dict[st
                             }
                         ],
                     },
-                    {"type": "Device", "interaction": [{"code": "read"}]},
+                    {
+                        "type": "Device",
+                        "interaction": [{"code": "read"}, {"code": "search-type"}],
+                        "searchParam": [
+                            param("_id", "token", "device ids, comma-separated"),
+                            param("patient", "reference", "bound now to Patient/<id>"),
+                            count,
+                        ],
+                    },
                     {
                         "type": "Observation",
                         "profile": PROFILE + "vitalsigns",

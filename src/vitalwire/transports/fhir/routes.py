@@ -278,6 +278,61 @@ async def read_patient(fid: str, request: Request) -> FhirResponse:
 # -- Device -------------------------------------------------------------------------------------
 
 
+@router.get("/Device")
+async def search_devices(request: Request) -> FhirResponse:
+    """Devices by id: an admin sees every device; others the devices bound now to patients they
+    may view. ``patient`` (once): the devices bound to that patient now (an out-of-team patient
+    is not found, as everywhere)."""
+    who = await _who(request)
+    p = Params(request, ("_id", "patient", "_count", "_cursor"))
+    count, position = p.count(), p.cursor()
+    ids = {fm.vitalwire_id(v) for raw in p.all("_id") for v in raw.split(",")} or None
+    only: str | None = None
+    if p.all("patient"):
+        if len(p.all("patient")) > 1:
+            raise BadParameter("patient may be given once", field="patient")
+        raw = p.all("patient")[0]
+        only = fm.vitalwire_id(raw.removeprefix("Patient/"))
+        if only is None or not ev.ID_RE.fullmatch(only):
+            raise BadParameter(f"patient: {raw!r:.80} is not a Patient id", field="patient")
+        await _viewable(request, who, only, "fhir_search")
+    after = position.get("id") if position else None
+    if position is not None and not isinstance(after, str):
+        raise BadParameter("_cursor is not a cursor this server gave", field="_cursor")
+    svc = services(request)
+    admin = svc.access.allowed(who, policy.MANAGE)
+    matched = []
+    for row in await svc.store.list_devices():
+        pid = row.get("patient_id")
+        if only is not None and pid != only:
+            continue
+        if ids is not None and row["id"] not in ids:
+            continue
+        if not admin and (pid is None or not svc.access.allowed(who, policy.VIEW, pid)):
+            continue
+        matched.append(row)
+    page = [r for r in matched if after is None or r["id"] > after][:count]
+    more = bool(page) and page[-1]["id"] != matched[-1]["id"]
+    _audit(
+        request,
+        who,
+        "fhir_search",
+        only,
+        resource="Device",
+        count=len(page),
+        devices=[r["id"] for r in page][:100],
+    )
+    next_url = _next_url(request, encode_cursor({"id": page[-1]["id"]})) if more else None
+    body = fm.bundle(
+        [fm.device(r, r.get("patient_id")) for r in page],
+        _base(request),
+        str(request.url),
+        next_url,
+        len(matched),
+    )
+    return _respond(body)
+
+
 @router.get("/Device/{fid}")
 async def read_device(fid: str, request: Request) -> FhirResponse:
     """A device: an admin reads any; others one bound to a patient they may view (else 404)."""

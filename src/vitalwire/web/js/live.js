@@ -153,6 +153,7 @@ export class Live extends Emitter {
       case 'error': this.error(msg); break;
       case 'ping': this.raw({ type: 'pong' }); break;
       case 'unsubscribed':
+        this.emit('unsubscribed', msg);
         for (const name of msg.streams) {
           const entry = this.streams.get(name);
           if (entry) for (const fn of entry.handlers) fn({ type: 'ended', reason: msg.reason });

@@ -88,6 +88,18 @@ function App() {
     const c = { api, live, ward, user: api.user, navigate };
     window.vitalwire.live = live;
     window.vitalwire.ward = ward;
+    // the patient list follows the care team: read again every 30 s, after a reconnect, and at
+    // once when the server ends a patient's subscription (moved out of the user's care)
+    let wasLive = false;
+    live.on((what, s) => {
+      if (what === 'unsubscribed') ward.load();
+      if (what === 'status') {
+        if (s.live && !wasLive && ward.loaded) ward.load();
+        wasLive = s.live;
+      }
+    });
+    const every = setInterval(() => { if (api.loggedIn) ward.load(); }, 30000);
+    api.on((what) => { if (what === 'logout') clearInterval(every); });
     live.start();
     ward.load();
     setCtx(c);
