@@ -385,6 +385,7 @@ async def test_serve_and_demo_help_show_every_default() -> None:
             "--db": "sqlite:///./vitalwire.db",
             "--patients": "12",
             "--rate": "1.0",
+            "--open": "open",
         },
     }
     for name, defaults in expected.items():

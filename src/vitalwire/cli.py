@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -124,15 +125,32 @@ def demo(
     db: Annotated[str, typer.Option("--db", envvar="VITALWIRE_DB", help="Store URL.")] = _DB,
     patients: Annotated[int, typer.Option(help="Simulated patients.")] = 12,
     rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
+    open_browser: Annotated[
+        bool,
+        typer.Option(
+            "--open/--no-open",
+            help="Open the web app in a browser (a terminal with a desktop session only).",
+        ),
+    ] = True,
 ) -> None:
     """Server + a simulated ward (12 patients by default) on SQLite and the in-memory bus.
     Ctrl-C stops."""
     settings = _settings(host=host, port=port, db=db, bus="memory://")
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
-        asyncio.run(_demo(settings, patients, rate))
+        asyncio.run(_demo(settings, patients, rate, open_browser))
 
 
-async def _demo(settings: Settings, patients: int, rate: float) -> None:
+def _desktop() -> bool:
+    """A person at a desktop: a terminal on stdout and a graphical session (or macOS, Windows).
+    Without it, ``webbrowser`` could start a text browser in this terminal."""
+    if not sys.stdout.isatty():
+        return False
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+async def _demo(settings: Settings, patients: int, rate: float, open_browser: bool = False) -> None:
     from vitalwire.app import create_app
     from vitalwire.provision import provision_ward
     from vitalwire.simulator import SimDevice, run_ward
@@ -160,6 +178,11 @@ async def _demo(settings: Settings, patients: int, rate: float) -> None:
     port = server.servers[0].sockets[0].getsockname()[1]
     base = f"http://{settings.host}:{port}"
     _print_banner(base, creds.users, patients, settings.db)
+    if open_browser and _desktop():
+        import webbrowser
+
+        with contextlib.suppress(Exception):  # no browser: the URL is printed above
+            webbrowser.open(f"{base}/")
     devices = [SimDevice(d["device_id"], d["secret"], d["patient_id"]) for d in creds.devices]
     stop = asyncio.Event()
     ward = asyncio.create_task(run_ward(base, devices, rate_hz=rate, scenario="mixed", stop=stop))

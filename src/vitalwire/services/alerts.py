@@ -25,7 +25,7 @@ from vitalwire.core.alerts import PRIORITIES as ALERT_PRIORITIES
 from vitalwire.core.alerts import STATES as ALERT_STATES
 from vitalwire.core.alerts import AlertChange, AlertConfig, News2Change, PatientAlerts
 from vitalwire.core.errors import Forbidden, InvalidMessage, NotFound
-from vitalwire.core.limits import Limits, override_limits
+from vitalwire.core.limits import DEFAULT_LIMITS, Limits, override_limits
 from vitalwire.services.access import Access
 from vitalwire.services.auth import Principal
 from vitalwire.services.streams import Streams
@@ -44,6 +44,21 @@ Change = AlertChange | News2Change
 #: fewer than ``limit`` events and a cursor to go on).
 NEWS2_PAGE = 1000
 NEWS2_SCAN = 20_000
+
+
+def limit_sources(limits: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Where each value of a patient's limits table comes from: ``"default"`` when it is the
+    value of the default adult table (core/limits.py ``DEFAULT_ROWS``), ``"patient"`` when it was
+    set for this patient. The store keeps the whole table in force, so an override equal to the
+    default reads as ``"default"`` (and ``null`` in ``set_limits`` restores it)."""
+    defaults = DEFAULT_LIMITS.to_dict()
+    return {
+        metric: {
+            field: "default" if value == defaults.get(metric, {}).get(field) else "patient"
+            for field, value in row.items()
+        }
+        for metric, row in limits.items()
+    }
 
 
 class AlertService:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from vitalwire.core.errors import Forbidden, InvalidMessage
+from vitalwire.services.alerts import limit_sources
 from vitalwire.services.auth import Principal
 from vitalwire.transports.errors import error_responses
 from vitalwire.transports.paging import DEFAULT_PAGE, MAX_PAGE, decode_cursor, encode_cursor
@@ -43,6 +44,9 @@ def _refusal_audited(
 class PatientLimits(BaseModel):
     patient_id: str
     limits: dict[str, dict[str, Any]]
+    #: per metric and field, ``"default"`` (the default adult table) or ``"patient"`` (set for
+    #: this patient): services/alerts.py ``limit_sources``
+    sources: dict[str, dict[str, str]] = Field(default_factory=dict)
 
 
 class SetLimitsBody(BaseModel):
@@ -71,7 +75,7 @@ async def get_limits(
     """A patient's alarm limits (VIEW; audited ``get_limits``)."""
     svc = services(request)
     limits = await svc.alerts.get_limits(who, patient_id, _origin(request))
-    return PatientLimits(patient_id=patient_id, limits=limits)
+    return PatientLimits(patient_id=patient_id, limits=limits, sources=limit_sources(limits))
 
 
 @router.put("/patients/{patient_id}/limits", response_model=PatientLimits, responses=_ERRORS)
@@ -86,7 +90,7 @@ async def put_limits(
     svc = services(request)
     with _refusal_audited(request, who, "set_limits", patient_id):
         limits = await svc.alerts.set_limits(who, patient_id, body.limits, _origin(request))
-    return PatientLimits(patient_id=patient_id, limits=limits)
+    return PatientLimits(patient_id=patient_id, limits=limits, sources=limit_sources(limits))
 
 
 @router.post(
