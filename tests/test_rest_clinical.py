@@ -155,6 +155,16 @@ async def test_observations_are_recorded_as_a_settings_event_and_audited(
     settings = [e.data for e in events if e.kind == "settings"]
     assert settings[-1]["observations"]["scale"] == 2
     assert len(await _audit(srv, pid, "set_observations")) == 2
+    # read back by anyone who may view the patient (a viewer too), audited
+    r = await _call(srv, "GET", f"/patients/{pid}/observations", "viewer")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    assert r.json()["observations"] == {"on_oxygen": True, "consciousness": "voice", "scale": 2}
+    other = srv.device(1)[2]
+    r = await _call(srv, "GET", f"/patients/{other}/observations", "viewer")
+    assert r.status_code == 200 and r.json()["observations"] == {}  # none recorded yet
+    assert len(await _audit(srv, pid, "get_observations")) == 1
+    r = await _call(srv, "GET", "/patients/NOPE/observations", "viewer")
+    assert r.status_code == 404 and r.json()["field"] == "patient_id"
 
 
 @pytest.mark.parametrize(

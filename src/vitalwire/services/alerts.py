@@ -241,7 +241,11 @@ class AlertService:
             query["patients"] = None if len(seen) == len(every) else seen
         rows = await self.store.list_alerts(query, after, limit)
         for r in rows:
-            r.pop("last", None)
+            # what the latest change said (message for people, the metric and its value)
+            last = r.pop("last", None)
+            data = json.loads(last) if last else {}
+            for key in ("message", "metric", "value"):
+                r[key] = data.get(key) if isinstance(data, dict) else None
         detail: dict[str, Any] = {"count": len(rows)}
         detail.update({k: v for k, v in filters.items() if v is not None and k != "patient"})
         if pid is not None and self.access.via_break_glass(who, pid):
@@ -271,6 +275,26 @@ class AlertService:
             detail["flag"] = "break_glass"
         self.access.audit(who.name, "get_limits", pid, detail, origin)
         return self.limits(pid)
+
+    async def get_observations(
+        self, who: Principal, pid: str, origin: str | None = None
+    ) -> dict[str, Any]:
+        """A patient's NEWS2 observations as recorded (``on_oxygen``, ``consciousness``,
+        ``scale``; a value never recorded is absent), for anyone who may VIEW them; audited
+        ``get_observations`` (a refusal audited ``refused``)."""
+        await self.require_patient(pid)
+        try:
+            self._check(who, policy.VIEW, pid)
+        except Forbidden as exc:
+            if self.access is not None:
+                self.access.refused(who.name, "get_observations", pid, exc.message, origin)
+            raise
+        assert self.access is not None
+        detail: dict[str, Any] = {}
+        if self.access.via_break_glass(who, pid):
+            detail["flag"] = "break_glass"
+        self.access.audit(who.name, "get_observations", pid, detail, origin)
+        return dict(self._observations.get(pid, {}))
 
     async def stream_events(
         self, who: Principal, pid: str, after: int, limit: int, origin: str | None = None

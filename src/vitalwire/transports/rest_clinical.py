@@ -93,6 +93,19 @@ async def put_limits(
     return PatientLimits(patient_id=patient_id, limits=limits, sources=limit_sources(limits))
 
 
+@router.get(
+    "/patients/{patient_id}/observations", response_model=PatientObservations, responses=_ERRORS
+)
+async def get_observations(
+    patient_id: PatientId, request: Request, who: Annotated[Principal, Depends(principal)]
+) -> PatientObservations:
+    """A patient's NEWS2 observations as recorded (VIEW; audited ``get_observations``): a value
+    never recorded is absent (NEWS2 counts it missing)."""
+    svc = services(request)
+    obs = await svc.alerts.get_observations(who, patient_id, _origin(request))
+    return PatientObservations(patient_id=patient_id, observations=obs)
+
+
 @router.post(
     "/patients/{patient_id}/observations", response_model=PatientObservations, responses=_ERRORS
 )
@@ -175,6 +188,11 @@ class AlertOut(BaseModel):
     acknowledged_by: str | None = None
     resolved_at: float | None = None
     escalation_level: int
+    #: What the alert's latest change said, for people ("SpO2 84 % below critical limit 85 %").
+    message: str | None = None
+    #: The metric and its value at the latest change (null for a device going offline).
+    metric: str | None = None
+    value: float | bool | None = None
 
 
 class AlertsPage(BaseModel):

@@ -779,7 +779,15 @@ function Observations({ model, pid }) {
   const { api } = useCtx();
   const [form, setForm] = useState({ on_oxygen: '', consciousness: '', scale: '' });
   const [msg, setMsg] = useState(null);
-  const obs = model.observations;
+  // what is recorded now: read once (GET), then kept by the model's settings events
+  const [read, setRead] = useState(null);
+  useEffect(() => {
+    let gone = false;
+    api.get(`/patients/${encodeURIComponent(pid)}/observations`)
+      .then((r) => { if (!gone) setRead(r.observations || {}); }, () => {});
+    return () => { gone = true; };
+  }, [pid]);
+  const obs = model.observations || read;
 
   const submit = async (e) => {
     e.preventDefault();
