@@ -22,6 +22,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from vitalwire.core.errors import InvalidMessage
+from vitalwire.core.metrics import METRIC_BY_NAME, check_bound
 
 PROTOCOL_VERSION = 1
 
@@ -140,6 +141,8 @@ class Hello(msgspec.Struct, tag="hello", **_opts):
     #: The longest the device may stay silent (report by exception); past it (x1.5) it is "silent".
     max_silence_s: float | None = None
     protocol: Int64 = PROTOCOL_VERSION
+    #: ``"seed"``: the device then sends the seed's flat messages (see :data:`FORMATS`).
+    format: Str64 | None = None
 
 
 class Reading(ReadingBody, tag="reading", **_opts):
@@ -245,6 +248,8 @@ class Subscribe(msgspec.Struct, tag="subscribe", **_opts):
     since: dict[str, Int64] | None = None
     #: Send several queued events in one ``events`` frame (for this whole connection).
     batch: bool = False
+    #: ``"seed"``: one patient stream as the seed's flat frames, pushed on change (no events).
+    format: Str64 | None = None
     id: Int64 | None = None
 
 
@@ -368,6 +373,62 @@ class Unsubscribed(msgspec.Struct, tag="unsubscribed", **_opts):
 
 ServerToClient = Result | Subscribed | EventFrame | Events | Unsubscribed | Error | Ping | Pong
 ServerToDevice = Welcome | Ack | Command | Error | Ping | Pong
+
+
+# --------------------------------------------------------------------------------------------
+# Seed compatibility: the seed's flat ``{"oxygen_level": 98, "heart_rate": 72}``
+# --------------------------------------------------------------------------------------------
+
+
+class SeedMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """The seed's flat message: both fields required, nothing else (no type, seq or time)."""
+
+    oxygen_level: float
+    heart_rate: float
+
+
+#: Flat formats: format name -> ((flat field, metric, UCUM unit), ...). Units are the metric's
+#: own (core/metrics.py); the flat message carries none.
+FORMATS: Final[dict[str, tuple[tuple[str, str, str], ...]]] = {
+    "seed": (("oxygen_level", "spo2", "%"), ("heart_rate", "hr", "/min")),
+}
+_flat_decoders = {"seed": msgspec.json.Decoder(SeedMessage)}
+
+
+def check_format(field: str, value: str | None) -> None:
+    """Raise :class:`InvalidMessage` naming ``field`` unless ``value`` is absent or a format."""
+    if value is not None and value not in FORMATS:
+        raise InvalidMessage(
+            f"{field} must be one of: {', '.join(FORMATS)} (or absent), got {value!r:.40}",
+            field=field,
+        )
+
+
+def decode_flat(fmt: str, data: bytes | str) -> dict[str, float]:
+    """A flat message of format ``fmt`` as metric -> value, each within its metric's bounds.
+
+    Raises :class:`InvalidMessage` (not JSON, a missing or unknown field, a wrong type) or
+    :class:`~vitalwire.core.errors.InvalidReading` (a value out of bounds), naming the flat
+    field (``oxygen_level``, not ``spo2``) and the bound."""
+    msg = _decode(_flat_decoders[fmt], data, "")
+    out: dict[str, float] = {}
+    for flat, name, _unit in FORMATS[fmt]:
+        value = getattr(msg, flat)
+        metric = METRIC_BY_NAME[name]
+        if not metric.low <= value <= metric.high:
+            check_bound(flat, value, metric.low, metric.high)
+        out[name] = value
+    return out
+
+
+def _flat_number(value: float | None) -> float | int | None:
+    return int(value) if value is not None and value.is_integer() else value
+
+
+def encode_flat(fmt: str, values: dict[str, float | None]) -> str:
+    """The flat frame of ``fmt`` for metric values (``None``: not known yet); whole numbers as
+    integers, as the seed sends them: ``{"oxygen_level":97,"heart_rate":72}``."""
+    return encode_text({flat: _flat_number(values.get(name)) for flat, name, _ in FORMATS[fmt]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +570,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, kinds: str) -
         if named:
             inner = named.group(1)
             field = f"{field}.{inner}" if field else inner
-        if field == "type" or text.startswith("Object missing required field `type`"):
+        if kinds and (field == "type" or text.startswith("Object missing required field `type`")):
             raise InvalidMessage(f"type must be one of: {kinds}", field="type") from None
         where = f" (at {field})" if field else ""
         raise InvalidMessage(f"{text}{where}", field=field) from None

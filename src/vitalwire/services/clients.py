@@ -24,6 +24,12 @@ them is still queued, :meth:`ClientSession.revoke` ends the session. The live qu
 frames without their stream; an event frame starts with its stream (the codec writes ``type`` then
 ``stream``), so those rare purges find a stream's frames by that prefix and the fan-out does no
 extra work per event.
+
+Flat subscriptions (``subscribe`` with ``format``, for the seed's minimal clients): the stream's
+subscriber is then a :class:`FlatView`, not the session, so the fan-out to every other client is
+unchanged. The view keeps the latest value of each of its metrics and, when a reading changes one,
+queues the flat frame (``{"oxygen_level":97,"heart_rate":72}``) under one key of the live queue:
+a newer frame replaces one not yet sent, so a slow flat client holds at most one frame.
 """
 
 from __future__ import annotations
@@ -41,14 +47,20 @@ from vitalwire.core.errors import InvalidMessage, PeerError
 from vitalwire.services.auth import Principal
 from vitalwire.services.streams import Streams
 from vitalwire.wire import (
+    FORMATS,
     Close,
     Event,
     EventFrame,
     StreamStart,
     Subscribed,
     Unsubscribed,
+    check_format,
+    encode_flat,
     encode_text,
 )
+
+#: The live-queue key of a flat subscription's frame (other keys are ints or coalesce tuples).
+FLAT_KEY = "flat"
 
 
 def frame_prefix(stream: str) -> str:
@@ -95,6 +107,7 @@ class ClientSession:
         "shut",
         "on_revoked",
         "origin",
+        "flat",
     )
 
     def __init__(
@@ -146,6 +159,8 @@ class ClientSession:
         self.on_revoked: Callable[[PeerError], None] | None = None
         #: Where the client connects from (for the audit log).
         self.origin: str | None = None
+        #: The connection's flat subscription (``subscribe`` with ``format``), if it has one.
+        self.flat: FlatView | None = None
 
     # -- fan-out side (never awaits) ------------------------------------------------------------
 
@@ -203,6 +218,15 @@ class ClientSession:
         except PeerError:
             return  # the right to watch the patient ended since the command was sent
         self.send(event.frame)
+
+    def push_flat(self, frame: str) -> None:
+        """Queue a flat subscription's frame, replacing one still queued (latest values only)."""
+        if self.closed:
+            return
+        live = self._live
+        live.pop(FLAT_KEY, None)
+        live[FLAT_KEY] = frame
+        self._queued()
 
     def send(self, frame: str) -> None:
         """Queue a reply or control frame."""
@@ -270,8 +294,20 @@ class ClientSession:
         since: dict[str, int] | None,
         req_id: int | None,
         batch: bool = False,
+        fmt: str | None = None,
     ) -> None:
-        """Subscribe to ``streams``; queue the ``subscribed`` reply, the replay, then go live."""
+        """Subscribe to ``streams``; queue the ``subscribed`` reply, the replay, then go live.
+
+        With ``fmt`` (a flat format): see :meth:`subscribe_flat`."""
+        if fmt is not None:
+            self.subscribe_flat(streams, since, req_id, batch, fmt)
+            return
+        if self.flat is not None:
+            raise InvalidMessage(
+                f"this connection watches {self.flat.stream} with format {self.flat.fmt!r}, "
+                "which needs a connection of its own: unsubscribe it first",
+                field="format",
+            )
         names = list(dict.fromkeys(ev.check_stream(s) for s in streams))
         if batch:
             self.batch_events = True
@@ -341,6 +377,66 @@ class ClientSession:
             for e in self._holding.pop(s):
                 self.push(e)
 
+    def subscribe_flat(
+        self,
+        streams: list[str],
+        since: dict[str, int] | None,
+        req_id: int | None,
+        batch: bool,
+        fmt: str,
+    ) -> None:
+        """Watch one patient stream as flat frames of ``fmt``: the ``subscribed`` reply (as
+        usual), the current values at once, then a frame each time a reading changes one.
+
+        No offsets: ``since`` and ``batch`` are refused, and the connection may hold no other
+        subscription. Subscribing again restarts it (the current values again)."""
+        check_format("format", fmt)
+        names = list(dict.fromkeys(ev.check_stream(s) for s in streams))
+        if len(names) != 1 or ev.stream_patient(names[0]) is None:
+            raise InvalidMessage(
+                f"streams must name exactly one patient stream with format {fmt!r}, "
+                f"got {', '.join(names) or 'none'}",
+                field="streams",
+            )
+        if since:
+            raise InvalidMessage(
+                f"since cannot be used with format {fmt!r}: it has no offsets (it starts "
+                "from the current values)",
+                field="since",
+            )
+        if batch:
+            raise InvalidMessage(f"batch cannot be used with format {fmt!r}", field="batch")
+        stream = names[0]
+        others = sorted(s for s in self._last if s != stream)
+        if others:
+            raise InvalidMessage(
+                f"format {fmt!r} needs a connection of its own: unsubscribe "
+                f"{', '.join(others)} first",
+                field="format",
+            )
+        self.authorize(stream)
+        self._detach(stream)
+        view = FlatView(self, stream, fmt)
+        offset, snapshot = self.streams.attach(stream, view)
+        view.start(snapshot)
+        self.flat = view
+        self._watching(stream)
+        self._last[stream] = offset
+        self.send(
+            encode_text(
+                Subscribed(streams=[StreamStart(stream, offset, True, snapshot, 0)], id=req_id)
+            )
+        )
+        self.push_flat(view.frame())
+
+    def _detach(self, stream: str) -> None:
+        self.streams.detach(stream, self)
+        flat = self.flat
+        if flat is not None and flat.stream == stream:
+            self.streams.detach(stream, flat)
+            self.flat = None
+            self._live.pop(FLAT_KEY, None)
+
     def _authorize_all(self, streams: list[str]) -> None:
         for s in streams:
             self.authorize(s)
@@ -349,7 +445,7 @@ class ClientSession:
         gone = []
         for s in streams:
             if s in self._last:
-                self.streams.detach(s, self)
+                self._detach(s)
                 del self._last[s]
                 self._unwatched(s)
                 gone.append(s)
@@ -396,7 +492,7 @@ class ClientSession:
         client with one ``unsubscribed`` per reason. Nothing of them is sent after this call."""
         for stream, reason in lost.items():
             if self._last.pop(stream, None) is not None:
-                self.streams.detach(stream, self)
+                self._detach(stream)
                 self._unwatched(stream, reason)
         prefixes = tuple(frame_prefix(stream) for stream in lost)
         self._drop(lambda frame: frame.startswith(prefixes))
@@ -446,9 +542,50 @@ class ClientSession:
     def close(self) -> None:
         """Detach from every stream; the sender stops."""
         for s in list(self._last):
-            self.streams.detach(s, self)
+            self._detach(s)
             self._unwatched(s)
         self._last.clear()
         self.closed = True
         if self._wake is not None:
             self._wake.set()
+
+
+class FlatView:
+    """A flat subscription's subscriber (:meth:`ClientSession.subscribe_flat`): the latest value
+    of each metric of its format, and the flat frame when a reading changes one."""
+
+    __slots__ = ("session", "stream", "fmt", "metrics", "values")
+
+    def __init__(self, session: ClientSession, stream: str, fmt: str) -> None:
+        self.session = session
+        self.stream = stream
+        self.fmt = fmt
+        self.metrics = tuple(name for _, name, _ in FORMATS[fmt])
+        self.values: dict[str, float | None] = dict.fromkeys(self.metrics)
+
+    def start(self, snapshot: dict[str, Any]) -> None:
+        vitals = snapshot.get("vitals") or {}
+        for name in self.metrics:
+            entry = vitals.get(name)
+            self.values[name] = None if entry is None else entry.get("value")
+
+    def frame(self) -> str:
+        return encode_flat(self.fmt, self.values)
+
+    def push(self, event: Event) -> None:
+        self.push_many([event])
+
+    def push_many(self, events: list[Event]) -> None:
+        values = self.values
+        changed = False
+        for event in events:
+            if event.kind != ev.READING or event.stream != self.stream:
+                continue
+            data = event.data
+            for name in self.metrics:
+                value = data.get(name)
+                if value is not None and value != values[name]:
+                    values[name] = value
+                    changed = True
+        if changed:
+            self.session.push_flat(self.frame())

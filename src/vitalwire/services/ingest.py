@@ -31,12 +31,19 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
 from vitalwire.core import events as ev
 from vitalwire.core.alerts import Timeliness
-from vitalwire.core.errors import Conflict, InvalidMessage, InvalidReading, PeerError
+from vitalwire.core.errors import (
+    Conflict,
+    InvalidMessage,
+    InvalidReading,
+    PeerError,
+    Unauthenticated,
+)
 from vitalwire.core.metrics import MAX_SEQ, validate_header, validate_values
 from vitalwire.services.alerts import AlertService
 from vitalwire.services.registry import Registry
@@ -52,6 +59,7 @@ from vitalwire.wire import (
     ReadingBody,
     Waveform,
     Welcome,
+    check_format,
     encode_text,
 )
 from vitalwire.wire import Event as WireEvent
@@ -193,9 +201,17 @@ class Ingest:
         registry.on_revoked = self.revoke
 
     async def hello(
-        self, msg: Hello, send: Callable[[str], None], close: Callable[[int, str], None]
+        self,
+        msg: Hello,
+        send: Callable[[str], None],
+        close: Callable[[int, str], None],
+        *,
+        broker_authenticated: bool = False,
     ) -> tuple[DeviceSession, Welcome]:
-        """Authenticate a device and open its session; a previous session of it is replaced."""
+        """Authenticate a device and open its session; a previous session of it is replaced.
+
+        ``broker_authenticated``: the MQTT bridge's devices, which the broker authenticated
+        (transports/mqtt.py): no secret is checked, but the device must exist and be enabled."""
         self._loop = asyncio.get_running_loop()
         if self.stopping:
             raise Unavailable("server is shutting down; reconnect later")
@@ -204,6 +220,7 @@ class Ingest:
             raise InvalidMessage(
                 f"protocol must be {PROTOCOL_VERSION}, got {msg.protocol}", field="protocol"
             )
+        check_format("format", msg.format)
         if msg.max_silence_s is not None and not 1 <= msg.max_silence_s <= 3600:
             raise InvalidMessage(
                 f"max_silence_s must be between 1 and 3600, got {msg.max_silence_s:g}",
@@ -212,7 +229,10 @@ class Ingest:
         did = msg.device_id
         while True:
             changes = self._changes.get(did, 0)
-            row = await self.registry.authenticate_device(did, msg.secret)
+            if broker_authenticated:
+                row = await self._enabled_device(did)
+            else:
+                row = await self.registry.authenticate_device(did, msg.secret)
             if did not in self._high:
                 last = await self.store.device_last_seq(did)
                 self._high.setdefault(did, last)
@@ -249,6 +269,14 @@ class Ingest:
             max_batch=self.max_batch,
         )
         return session, welcome
+
+    async def _enabled_device(self, did: str) -> dict[str, Any]:
+        row = await self.store.get_device(did)
+        if row is None:
+            raise Unauthenticated(f"device {did} is not registered", field="device_id")
+        if row["disabled"]:
+            raise Unauthenticated(f"device {did} is disabled", field="device_id")
+        return row
 
     def readings(self, session: DeviceSession, bodies: list[ReadingBody]) -> list[Error]:
         """Accept a frame of readings; return one error per rejected reading.
@@ -342,6 +370,13 @@ class Ingest:
         elif dup_max and self._durable[did] >= dup_max and not session.hold_upto:
             session.send(encode_text(Ack(self._durable[did])))
         return errors
+
+    def flat_reading(self, session: DeviceSession, values: dict[str, float]) -> list[Error]:
+        """A flat message (a ``hello`` with ``format``): it carries no seq and no time, so the
+        server numbers it after the device's highest seq and stamps it with its own clock.
+        Values are already checked (:func:`vitalwire.wire.decode_flat`)."""
+        body = ReadingBody(seq=self._high[session.device_id] + 1, ts=self.clock(), **values)
+        return self.readings(session, [body])
 
     def _conflicting(self, session: DeviceSession, body: ReadingBody, high: int) -> Error:
         """A reading under a seq already used by another reading (or one too old to compare):

@@ -165,10 +165,14 @@ async def client_endpoint(ws: Socket, svc: Services) -> None:
     )
 
     def silent() -> None:
-        if not closing:
+        if not closing and session.flat is None:  # a flat client need not send anything
             shut(Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
-    heartbeat = Heartbeat(s.heartbeat_s, s.heartbeat_s * 3, lambda: session.send(PING), silent)
+    def ping() -> None:
+        if session.flat is None:  # a flat client gets flat frames only
+            session.send(PING)
+
+    heartbeat = Heartbeat(s.heartbeat_s, s.heartbeat_s * 3, ping, silent)
     bucket = TokenBucket(s.client_msgs_per_s, s.client_msgs_burst)
     refused = 0
     try:
@@ -267,7 +271,7 @@ def _is_id(value: str) -> bool:
 
 async def _handle(svc: Services, session: ClientSession, msg: object) -> None:
     if isinstance(msg, wire.Subscribe):
-        await session.subscribe(msg.streams, msg.since, msg.id, msg.batch)
+        await session.subscribe(msg.streams, msg.since, msg.id, msg.batch, msg.format)
     elif isinstance(msg, wire.Unsubscribe):
         gone = session.unsubscribe(msg.streams)
         session.send(wire.encode_text(wire.Result(id=msg.id, data={"unsubscribed": gone})))

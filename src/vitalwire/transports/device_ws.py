@@ -39,6 +39,17 @@ def _error(exc: BaseException, **extra: int | None) -> str:
 
 
 PING = wire.encode_text(wire.Ping())
+#: What a device in a flat format (``hello.format``) is not sent: it cannot use acks (its messages
+#: carry no seq), answer commands or pings. It gets ``welcome`` and errors only.
+_NOT_FOR_FLAT = ('{"type":"ack"', '{"type":"command"', '{"type":"ping"')
+
+
+def _for_flat(put: Callable[[str], None]) -> Callable[[str], None]:
+    def send(frame: str) -> None:
+        if not frame.startswith(_NOT_FOR_FLAT):
+            put(frame)
+
+    return send
 
 
 async def device_endpoint(ws: Socket, svc: Services) -> None:
@@ -86,7 +97,8 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
 
         outbox.on_overflow = lambda: close(Close.SLOW_CONSUMER, "device does not read its acks")
         try:
-            session, welcome = await svc.ingest.hello(hello, outbox.put, close)
+            send = outbox.put if hello.format is None else _for_flat(outbox.put)
+            session, welcome = await svc.ingest.hello(hello, send, close)
         except PeerError as exc:
             outbox.put(_error(exc))
             await _finish(outbox)
@@ -101,9 +113,10 @@ async def device_endpoint(ws: Socket, svc: Services) -> None:
             if not outbox.closed:
                 close(Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
-        heartbeat = Heartbeat(s.heartbeat_s, s.heartbeat_s * 3, lambda: outbox.put(PING), silent)
+        ping = (lambda: outbox.put(PING)) if hello.format is None else (lambda: None)
+        heartbeat = Heartbeat(s.heartbeat_s, s.heartbeat_s * 3, ping, silent)
         try:
-            await _serve(ws, svc, session, outbox, heartbeat, close)
+            await _serve(ws, svc, session, outbox, heartbeat, close, hello.format)
         finally:
             heartbeat.cancel()
     except Disconnected:
@@ -144,8 +157,12 @@ async def _serve(
     outbox: Outbox,
     heartbeat: Heartbeat,
     close: Callable[[int, str, str | None], None],
+    flat: str | None = None,
 ) -> None:
     """Take the device's frames until the session closes or the device goes.
+
+    ``flat``: the device's ``hello.format``; its frames are then flat messages of that format
+    (:func:`vitalwire.wire.decode_flat`), each one reading the server numbers and stamps.
 
     Frames are taken as they arrive, inside the server's read (``Socket.on_frames``): a device
     waiting for its next reading holds no coroutine, future or timer made for that frame. Only
@@ -190,6 +207,25 @@ async def _serve(
         elif isinstance(msg, wire.Hello):
             outbox.put(_error(InvalidMessage("hello was already received", field="type")))
 
+    def take_flat(raw: str | bytes) -> None:
+        """One flat message (``hello.format``): a reading, or an error naming the field."""
+        if not bucket.take(time.monotonic()):
+            limit = f"{s.device_msgs_per_s:g}/s, burst {s.device_msgs_burst}"
+            outbox.put(_error(RateLimited(f"messages must be at most {limit}")))
+            session.close(Close.RATE_LIMITED, "rate limited")
+            return
+        assert flat is not None
+        try:
+            values = wire.decode_flat(flat, raw)
+            errors = svc.ingest.flat_reading(session, values)
+        except PeerError as exc:
+            outbox.put(_error(exc))
+            return
+        for err in errors:
+            outbox.put(wire.encode_text(err))
+
+    handle = take if flat is None else take_flat
+
     def arrived(raw: str | bytes) -> bool:
         """A frame, as the server read it; False leaves it to the loop below."""
         if outbox.closed:
@@ -198,7 +234,7 @@ async def _serve(
             return False  # the loop waits for room first
         try:
             check_size(raw, s.max_frame_bytes)
-            take(raw)
+            handle(raw)
         except PeerError as exc:
             outbox.put(_error(exc))
         except Exception:
@@ -230,7 +266,7 @@ async def _serve(
                     outbox.put(_error(Unavailable("the store is not keeping up; reconnect later")))
                     session.close(Close.TRY_AGAIN_LATER, "store not keeping up")
                     return
-            take(raw)
+            handle(raw)
     finally:
         ws.on_frames(None)  # the protocol would keep this connection's state otherwise
 
