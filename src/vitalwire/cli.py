@@ -277,6 +277,22 @@ def simulate(
             "secrets stop working).",
         ),
     ] = False,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt",
+            help="Publish through this MQTT broker (mqtt://host:port) instead of the device "
+            "socket; the server bridges it (VITALWIRE_MQTT_URL). No commands.",
+        ),
+    ] = None,
+    mqtt_passwords: Annotated[
+        Path | None,
+        typer.Option(
+            help="Device MQTT passwords, a 'device password' line each (`vitalwire admin "
+            "mqtt-acl --print-passwords`)."
+        ),
+    ] = None,
+    mqtt_prefix: Annotated[str, typer.Option(help="The MQTT topic prefix.")] = "vitalwire",
 ) -> None:
     """Simulated devices streaming realistic physiology (or a recorded file) to a server.
 
@@ -316,9 +332,21 @@ def simulate(
                 f"(patient {devs[0].patient_id}), {client.acked} acknowledged"
             )
             return
+        options = None
+        if mqtt is not None:
+            from vitalwire.simulator import MqttOptions
+
+            lines = mqtt_passwords.read_text().split("\n") if mqtt_passwords else []
+            pws = dict(line.split(" ", 1) for line in lines if line.count(" ") == 1)
+            options = MqttOptions(mqtt, mqtt_prefix, pws)
         try:
             clients = await run_ward(
-                url, devs[:devices], rate_hz=rate, scenario=scenario, duration_s=duration
+                url,
+                devs[:devices],
+                rate_hz=rate,
+                scenario=scenario,
+                duration_s=duration,
+                mqtt=options,
             )
         except ValueError as exc:
             _fail(str(exc))
@@ -1186,6 +1214,52 @@ def rotate_jwt_key(db: DbOpt = None) -> None:
     console.print("signing key replaced; restart the server to apply it")
 
 
+@admin_app.command("mqtt-acl")
+def mqtt_acl(
+    passwords: Annotated[Path, typer.Option("--passwords", help="Mosquitto password file.")],
+    acl: Annotated[Path, typer.Option("--acl", help="Mosquitto ACL file.")],
+    print_passwords: Annotated[
+        bool,
+        typer.Option(
+            "--print-passwords", help="Print each device's MQTT password (to provision it)."
+        ),
+    ] = False,
+    db: DbOpt = None,
+) -> None:
+    """Write Mosquitto's password and ACL files from the device registry (docs/howto-mqtt.md):
+    each enabled device may publish only on its own topics; the server's user (from
+    VITALWIRE_MQTT_URL) on all. A device's password is derived from a server key and its
+    current secret: rotating the secret changes it. Reload the broker after (SIGHUP)."""
+    from vitalwire.transports.mqtt import MqttUrlError, broker_files, parse_url
+
+    settings = Settings()
+    try:
+        conn = parse_url(settings.mqtt_url)
+    except MqttUrlError as exc:
+        _fail(f"VITALWIRE_MQTT_URL: {exc}")
+    if not conn["username"] or not conn["password"]:
+        _fail("VITALWIRE_MQTT_URL must name the server's MQTT user and password")
+    try:
+        pw_text, acl_text, devices = _run_admin(
+            db,
+            lambda _r, store: broker_files(
+                store, settings.mqtt_topic_prefix, conn["username"], conn["password"]
+            ),
+            "mqtt_acl",
+            {"passwords": str(passwords), "acl": str(acl)},
+        )
+    except MqttUrlError as exc:
+        _fail(str(exc))
+    for path, text in ((passwords, pw_text), (acl, acl_text)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    if print_passwords:
+        for did, pw in devices.items():
+            console.print(f"{did} {pw}", markup=False)
+    console.print(f"{len(devices)} devices written to {passwords} and {acl}", markup=False)
+
+
 @admin_app.command("audit")
 def audit(
     limit: Annotated[int, typer.Option(help="Most recent entries.")] = 50,
@@ -1293,6 +1367,141 @@ def provision_ward_cmd(
                 f"  {role:<10} {name} / {password}   (new: shown once, kept in {out})",
                 markup=False,
             )
+
+
+@app.command()
+@one_line_errors
+def gateway(
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="The sensor's WebSocket URL (ws:// or wss://); it pushes flat messages.",
+            show_default=False,
+        ),
+    ],
+    device: Annotated[
+        str,
+        typer.Option(
+            help="The vitalwire device the sensor's readings come from.", show_default=False
+        ),
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help='The sensor\'s message format: seed = {"oxygen_level": %, "heart_rate": /min}.',
+        ),
+    ] = "seed",
+    url: UrlOpt = DEFAULT_URL,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VITALWIRE_DEVICE_SECRET",
+            help="The device's secret (else from --credentials).",
+            show_default="none",
+        ),
+    ] = None,
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            help="Take the device's secret from this JSON (`admin provision-ward --out`, or "
+            f"{SIM_CREDENTIALS}).",
+            show_default="none",
+        ),
+    ] = None,
+    cacert: Annotated[
+        Path | None,
+        typer.Option(
+            "--cacert",
+            help="CA certificate(s) (PEM) to trust for an https --url.",
+            show_default="none: the system store",
+        ),
+    ] = None,
+    spool: Annotated[
+        Path | None,
+        typer.Option(
+            help="SQLite file keeping unacknowledged readings across a restart of the gateway.",
+            show_default="./vitalwire-gateway-<device>.spool",
+        ),
+    ] = None,
+    backoff_max: Annotated[
+        float, typer.Option(help="Longest wait, s, between reconnects to the sensor.")
+    ] = 10.0,
+    duration: Annotated[
+        float | None,
+        typer.Option(help="Seconds to run.", show_default="until Ctrl-C or SIGTERM"),
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option(help="debug, info (connections), warning (refused messages only).")
+    ] = "info",
+) -> None:
+    """Connect to a sensor that pushes flat messages (the seed's WebSocket server) and feed
+    them to vitalwire as --device, with the device SDK's guarantees (seq, spool, acks).
+
+    oxygen_level becomes spo2 (%), heart_rate becomes hr (/min); a reading's time is the time
+    the gateway received it (the message carries none). A message that is not the format's
+    shape is refused with one log line naming the field and the bound; the sensor connection
+    stays. The gateway reconnects to the sensor, and to vitalwire, with backoff.
+    """
+    import signal
+
+    from vitalwire import wire
+    from vitalwire.core.errors import InvalidMessage
+    from vitalwire.gateway import Gateway
+    from vitalwire.sdk.device import DeviceClient
+
+    try:
+        wire.check_format("--format", fmt)
+    except InvalidMessage as exc:
+        _fail(exc.message)
+    if not source.startswith(("ws://", "wss://")):
+        _fail(f"--from must be a ws:// or wss:// URL, got {source!r}")
+    if backoff_max <= 0:
+        _fail(f"--backoff-max must be above 0, got {backoff_max:g}")
+    if log_level.lower() not in ("debug", "info", "warning"):
+        _fail(f"--log-level must be one of: debug, info, warning, got {log_level!r}")
+    if secret is None and credentials is not None:
+        from vitalwire.provision import WardCredentials
+
+        secret = WardCredentials.load(credentials).secrets().get(device)
+        if secret is None:
+            _fail(f"device {device} is not in {credentials}")
+    if secret is None:
+        _fail("give the device's secret: --secret, VITALWIRE_DEVICE_SECRET or --credentials")
+    use_cacert(cacert)
+    logging.getLogger("vitalwire.gateway").setLevel(log_level.upper())
+    spool_path = spool or Path(f"vitalwire-gateway-{device}.spool")
+
+    async def main() -> None:
+        client = DeviceClient(
+            url, device, secret, firmware="vitalwire-gateway", spool_path=str(spool_path)
+        )
+        gw = Gateway(source, fmt, client, backoff_max_s=backoff_max)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await client.start(wait=False)
+        task = asyncio.create_task(gw.run())
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), duration)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(Exception):
+                await client.flush(5.0)
+            await client.close()
+        console.print(
+            f"gateway {source} -> {device}: {gw.received} readings, {gw.refused} refused, "
+            f"{client.acked} acknowledged, {client.unacked} kept in {spool_path}",
+            markup=False,
+            highlight=False,
+        )
+
+    asyncio.run(main())
 
 
 def main() -> None:

@@ -131,6 +131,18 @@ class Settings(BaseSettings):
     identity_conflict_max: int = Field(3, ge=1, le=100)
     identity_conflict_window_s: float = Field(300.0, ge=10, le=86_400)
     identity_cooldown_s: float = Field(60.0, ge=1, le=86_400)
+    #: MQTT devices (docs/howto-mqtt.md): the broker to bridge, ``mqtt://user:pass@host:port``.
+    #: Empty (the default): no bridge.
+    mqtt_url: str = Field("", pattern=r"^(mqtt://[^/]+/?)?$")
+    #: The bridge's client id: fixed, so the broker keeps its session (and queues its messages)
+    #: while it is away. Each node needs its own.
+    mqtt_client_id: str = Field("vitalwire", min_length=1, max_length=64)
+    #: Topics are ``<prefix>/devices/<device_id>/...``.
+    mqtt_topic_prefix: str = Field("vitalwire", min_length=1, max_length=64, pattern=r"^[^#+$]+$")
+    #: Subscribe with ``$share/vitalwire/...``: several nodes share the devices' messages.
+    mqtt_shared: bool = False
+    #: How long the broker keeps the bridge's session (and its queued messages) while it is away.
+    mqtt_session_expiry_s: int = Field(3600, ge=0, le=7 * 86_400)
 
     @model_validator(mode="after")
     def _frame_limits(self) -> Settings:

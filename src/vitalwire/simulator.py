@@ -657,6 +657,7 @@ async def run_device(
     report: ReportByException | None = None,
     clock: Callable[[], float] = time.time,
     state: SimState | None = None,
+    mqtt: MqttOptions | None = None,
 ) -> DeviceClient:
     """Run one simulated device: sample a :class:`PatientModel` at ``rate_hz`` and send it.
 
@@ -693,6 +694,7 @@ async def run_device(
         clock: device clock for reading timestamps (epoch seconds).
         state: the device's command state (:class:`SimState`), to watch it from outside; its
             ``interval_s`` is set to ``1 / rate_hz`` at the start.
+        mqtt: publish to this MQTT broker instead (:class:`MqttDevice`; no commands).
 
     Returns:
         The closed client (``seq``, ``acked``, ``dropped``, ``skipped``, ``connections``...).
@@ -706,7 +708,12 @@ async def run_device(
     state = SimState() if state is None else state
     state.interval_s = state._initial_interval_s = 1.0 / rate_hz
     model = PatientModel(scenario, rng=random.Random(seed), start_ts=clock())
-    client = DeviceClient(url, device.device_id, device.secret, report=report, clock=clock)
+    client: Any
+    if mqtt is not None:
+        password = mqtt.passwords.get(device.device_id)
+        client = MqttDevice(mqtt.url, device.device_id, password, mqtt.prefix, clock)
+    else:
+        client = DeviceClient(url, device.device_id, device.secret, report=report, clock=clock)
     if hasattr(client, "on_command"):  # stand-ins for DeviceClient in tests may have no commands
         _Commands(client, model, state, clock, seed).register()
     wake = state.wake
@@ -764,6 +771,177 @@ async def run_device(
     return client
 
 
+@dataclass
+class MqttOptions:
+    """Simulated devices publish to this broker (``mqtt://host:port``), on topics under
+    ``prefix``, as user = device id with ``passwords[device id]`` (none: anonymous)."""
+
+    url: str
+    prefix: str = "vitalwire"
+    passwords: dict[str, str] = field(default_factory=dict)
+
+
+class MqttDevice:
+    """A simulated device that publishes to an MQTT broker (docs/howto-mqtt.md), with the
+    interface :func:`run_device` uses of a :class:`DeviceClient` (no commands).
+
+    It keeps every reading vitalwire has not acknowledged on its ``acks`` topic (in memory,
+    bounded) and publishes them again after a reconnect, or when no ack came for
+    :attr:`RESEND_S`; its last will is ``offline`` on its ``status`` topic, and it says
+    ``online`` on connect. Its seq starts after vitalwire's last durable one (the ack
+    vitalwire publishes when the device's session opens)."""
+
+    RESEND_S = 5.0
+    FIRST_ACK_S = 2.0
+    BUFFER = 10_000
+
+    def __init__(
+        self,
+        url: str,
+        device_id: str,
+        password: str | None = None,
+        prefix: str = "vitalwire",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from vitalwire.transports.mqtt import parse_url
+
+        self.conn = parse_url(url)
+        self.device_id = device_id
+        self.password = password
+        self.prefix = prefix
+        self.clock = clock
+        self.seq = 0
+        self.acked = 0
+        self.dropped = 0
+        self.skipped = 0
+        self.connections = 0
+        self.errors: list[dict[str, Any]] = []
+        self._spool: dict[int, bytes] = {}
+        self._client: Any = None
+        self._acks = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stop = False
+
+    def _topic(self, kind: str) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/{kind}"
+
+    async def start(self, *, wait: bool = True, timeout: float = 10.0) -> None:
+        """Connect; then wait (at most :attr:`FIRST_ACK_S`) for the ack vitalwire publishes
+        when it knows readings of this device already, so new seqs follow them. ``wait``: fail
+        when the broker cannot be reached within ``timeout``; else go on (readings are kept)."""
+        first = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(first))
+        try:
+            await asyncio.wait_for(asyncio.shield(first), timeout if wait else self.FIRST_ACK_S)
+        except TimeoutError:
+            if wait:
+                raise
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._acks.wait(), self.FIRST_ACK_S)
+
+    async def _run(self, first: asyncio.Future[None]) -> None:
+        import aiomqtt
+
+        will = aiomqtt.Will(self._topic("status"), b"offline", qos=1, retain=True)
+        while not self._stop:
+            client = aiomqtt.Client(
+                self.conn["hostname"],
+                self.conn["port"],
+                username=self.device_id if self.password else None,
+                password=self.password,
+                identifier=f"{self.prefix}-{self.device_id}",
+                protocol=aiomqtt.ProtocolVersion.V5,
+                will=will,
+            )
+            try:
+                async with client:
+                    for kind in ("acks", "errors"):
+                        await client.subscribe(self._topic(kind), qos=1)
+                    await client.publish(self._topic("status"), b"online", qos=1, retain=True)
+                    self.connections += 1
+                    self._client = client
+                    if not first.done():
+                        first.set_result(None)
+                    resender = asyncio.create_task(self._resend())
+                    try:
+                        async for m in client.messages:
+                            self._take(m.topic.value.rsplit("/", 1)[1], m.payload)
+                    finally:
+                        resender.cancel()
+            except aiomqtt.MqttError:
+                pass
+            finally:
+                self._client = None
+            if not self._stop:
+                await asyncio.sleep(1.0)  # reconnect interval
+
+    def _take(self, kind: str, payload: Any) -> None:
+        import json
+
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            return
+        if kind == "acks" and msg.get("type") == "ack":
+            seq = int(msg["seq"])
+            if seq > self.acked:
+                self.acked = seq
+                self.seq = max(self.seq, seq)
+                for s in [s for s in self._spool if s <= seq]:
+                    del self._spool[s]
+            self._acks.set()
+        elif kind == "errors":
+            self.errors.append(msg)
+
+    async def _resend(self) -> None:
+        """Everything not acknowledged, at once and then whenever acks stop for RESEND_S."""
+        while True:
+            for seq in sorted(self._spool):
+                self._publish(self._spool[seq])
+            self._acks.clear()
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    await asyncio.wait_for(self._acks.wait(), self.RESEND_S)
+                    self._acks.clear()
+
+    def _publish(self, body: bytes) -> None:
+        if self._client is not None:
+            self._client._client.publish(self._topic("readings"), body, 1)  # noqa: SLF001
+
+    def send(self, values: dict[str, Any] | None = None, ts: float | None = None, **kw: Any) -> int:
+        kw.pop("force", None)
+        values = {**(values or {}), **kw}
+        self.seq += 1
+        ts = self.clock() if ts is None else ts
+        body = wire.encode(wire.Reading(seq=self.seq, ts=ts, **values))
+        self._spool[self.seq] = body
+        if len(self._spool) > self.BUFFER:
+            del self._spool[min(self._spool)]
+            self.dropped += 1
+        self._publish(body)
+        return self.seq
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        async def _acked() -> None:
+            while self._spool:
+                self._acks.clear()
+                await self._acks.wait()
+
+        await asyncio.wait_for(_acked(), timeout)
+
+    async def drop_connection(self) -> None:
+        if self._client is not None:
+            self._client._client.disconnect()  # noqa: SLF001
+
+    async def close(self) -> None:
+        self._stop = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 def ward_scenarios(n: int, scenario: str | Sequence[str] = "normal") -> list[str]:
     """The scenario of each of ``n`` devices, as :func:`run_ward` assigns them.
 
@@ -795,6 +973,7 @@ async def run_ward(
     duration_s: float | None = None,
     seed: int = 0,
     stop: asyncio.Event | None = None,
+    mqtt: MqttOptions | None = None,
 ) -> list[DeviceClient]:
     """Run every device concurrently (see :func:`run_device`); device ``i`` uses seed ``seed + i``.
 
@@ -821,6 +1000,7 @@ async def run_ward(
                     duration_s=duration_s,
                     seed=seed + i,
                     stop=stop,
+                    mqtt=mqtt,
                 )
                 for i, (device, name) in enumerate(zip(devices, scenarios, strict=True))
             )

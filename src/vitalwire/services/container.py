@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vitalwire.bus import Bus, open_bus
 from vitalwire.core import access as policy
@@ -84,6 +85,7 @@ class Services:
     history: History
     clients: set[ClientSession] = field(default_factory=set)
     metrics: Metrics | None = None  # the app's Prometheus registry (services/metrics.py)
+    mqtt: Any = None  # the MQTT bridge when mqtt_url is set (transports/mqtt.py)
 
 
 @contextlib.asynccontextmanager
@@ -189,6 +191,11 @@ async def open_services(
             asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
             asyncio.create_task(_save_snapshots(streams, clock), name="snapshots"),
         ]
+        if settings.mqtt_url:  # MQTT devices (transports/mqtt.py)
+            from vitalwire.transports.mqtt import MqttBridge, run_bridge
+
+            svc.mqtt = MqttBridge(svc)
+            chores.append(asyncio.create_task(run_bridge(svc.mqtt), name="mqtt"))
         try:
             yield svc
         finally:

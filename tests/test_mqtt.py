@@ -1,0 +1,593 @@
+"""MQTT devices end to end: a real vitalwire, a real Mosquitto, devices as real MQTT clients.
+
+Most tests use the broker on 127.0.0.1:1883 (each with its own topic prefix and client ids);
+the identity test and the broker restart start a Mosquitto of their own on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import pytest
+
+from tests.conftest import (
+    REQUIRE_SERVICES,
+    RunningServer,
+    free_port,
+    start_server,
+    stop_server,
+    wait_until,
+)
+from vitalwire import wire
+from vitalwire.sdk import MonitorClient
+from vitalwire.simulator import MqttOptions, SimDevice, run_ward
+from vitalwire.transports import mqtt
+
+BROKER = ("127.0.0.1", 1883)
+BROKER_URL = "mqtt://127.0.0.1:1883"
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def need_broker() -> None:
+    if not _reachable(*BROKER):
+        why = f"no MQTT broker on {BROKER[0]}:{BROKER[1]} (Mosquitto)"
+        if REQUIRE_SERVICES:
+            pytest.fail(why + " and VITALWIRE_REQUIRE_SERVICES=1")
+        pytest.skip(why)
+
+
+def need_mosquitto() -> str:
+    exe = shutil.which("mosquitto")
+    if exe is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("the mosquitto program is missing and VITALWIRE_REQUIRE_SERVICES=1")
+        pytest.skip("the mosquitto program is missing (a test broker cannot be started)")
+    return exe
+
+
+class Broker:
+    """A Mosquitto of the test's own, on a free port, with a generated config."""
+
+    def __init__(self, tmp_path: Path, extra: str = "") -> None:
+        self.exe = need_mosquitto()
+        self.port = free_port()
+        self.conf = tmp_path / "mosquitto.conf"
+        # as the test's user: a broker started as root would read its files as "mosquitto"
+        user = f"user {getpass.getuser()}\n"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{user}persistence false\n{extra}")
+        self.log = tmp_path / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.exe, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        await wait_until(
+            lambda: _reachable("127.0.0.1", self.port) or self.proc.poll() is not None,  # type: ignore[union-attr]
+            10,
+            "test broker start",
+        )
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+class Device:
+    """A device as an MQTT client: last will ``offline`` (retained), ``online`` on connect,
+    reading what vitalwire publishes on its acks, errors and commands topics."""
+
+    def __init__(
+        self,
+        prefix: str,
+        did: str,
+        port: int = BROKER[1],
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.prefix, self.did = prefix, did
+        self.client = aiomqtt.Client(
+            "127.0.0.1",
+            port,
+            username=username,
+            password=password,
+            identifier=f"{prefix}-{did}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=aiomqtt.Will(self.topic(mqtt.STATUS), mqtt.OFFLINE, qos=1, retain=True),
+        )
+        self.got: list[tuple[str, dict[str, Any]]] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    def topic(self, kind: str) -> str:
+        return mqtt.topic(self.prefix, self.did, kind)
+
+    async def __aenter__(self) -> Device:
+        await self.client.__aenter__()
+        for kind in (mqtt.ACKS, mqtt.ERRORS, mqtt.COMMANDS):
+            await self.client.subscribe(self.topic(kind), qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._reader is not None
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await self._reader
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self.client.publish(self.topic(mqtt.STATUS), b"", qos=1, retain=True)
+            await self.client.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        async for m in self.client.messages:
+            assert isinstance(m.payload, bytes)
+            self.got.append((m.topic.value.rsplit("/", 1)[1], json.loads(m.payload)))
+
+    async def publish(self, kind: str, body: Any, retain: bool = False) -> None:
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        await self.client.publish(self.topic(kind), payload, qos=1, retain=retain)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [m for k, m in self.got if k == kind]
+
+    def acked(self) -> int:
+        return max((m["seq"] for m in self.of(mqtt.ACKS)), default=0)
+
+
+def puback_of(port: int, user: str, password: str, topic: str, payload: bytes) -> str:
+    """Publish once (QoS 1, MQTT 5, as ``user``) and return the reason of the broker's PUBACK."""
+    done: queue.Queue[str] = queue.Queue()
+    c = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id=f"{user}-probe", protocol=paho.MQTTv5
+    )
+    c.username_pw_set(user, password)
+    c.on_publish = lambda _c, _u, _mid, reason, _p: done.put(str(reason))
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        c.publish(topic, payload, qos=1)
+        return done.get(timeout=10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def reading(seq: int, **values: Any) -> dict[str, Any]:
+    return {"type": "reading", **item(seq, **values)}
+
+
+def item(seq: int, **values: Any) -> dict[str, Any]:
+    """A reading in a ``readings`` batch."""
+    return {"seq": seq, "ts": time.time(), **values}
+
+
+@contextlib.asynccontextmanager
+async def bridged(
+    tmp_path: Path,
+    url: str = "mqtt://127.0.0.1:1883",
+    prefix: str | None = None,
+    wait: bool = True,
+    **overrides: Any,
+) -> AsyncIterator[tuple[RunningServer, str]]:
+    """A vitalwire bridged to the broker at ``url``, with a topic prefix of its own."""
+    prefix = prefix or "vwtest-" + uuid.uuid4().hex[:10]
+    srv, task = await start_server(
+        tmp_path,
+        mqtt_url=url,
+        mqtt_topic_prefix=prefix,
+        mqtt_client_id=prefix + "-server",
+        mqtt_session_expiry_s=overrides.pop("mqtt_session_expiry_s", 0),
+        **overrides,
+    )
+    try:
+        if wait:
+            await asyncio.wait_for(srv.services.mqtt.connected.wait(), 10)
+        yield srv, prefix
+    finally:
+        await stop_server(srv, task)
+
+
+async def eventually(check: Any, timeout: float, what: str) -> None:
+    """Wait until the coroutine function ``check`` returns True, failing after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+async def stream_events(srv: RunningServer, pid: str, kind: str) -> list[dict[str, Any]]:
+    await srv.services.writer.flush()
+    events = await srv.services.store.events_after(f"patient:{pid}", 0, 100_000)
+    return [e.data for e in events if e.kind == kind]
+
+
+async def test_readings_land_once_and_are_acked_after_they_are_durable(tmp_path: Path) -> None:
+    need_broker()
+    async with bridged(tmp_path) as (srv, prefix):
+        did, _, pid = srv.device(0)
+        async with Device(prefix, did) as dev:
+            await dev.publish(mqtt.READINGS, reading(1, spo2=97, pulse=70))
+            await dev.publish(
+                mqtt.READINGS,
+                {"type": "readings", "items": [item(2, spo2=96), item(3, spo2=95)]},
+            )
+            await wait_until(lambda: dev.acked() == 3, 10, "ack of seq 3")
+            # acknowledged means durable: the store has them now, without a flush
+            stored = await srv.services.store.events_after(f"patient:{pid}", 0, 1000)
+            assert [e.data["seq"] for e in stored if e.kind == "reading"] == [1, 2, 3]
+            ts2 = next(e for e in stored if e.data.get("seq") == 2).data["ts"]
+            dup = {"type": "reading", "seq": 2, "ts": ts2, "spo2": 96}
+            n_acks = len(dev.of(mqtt.ACKS))
+            await dev.publish(mqtt.READINGS, dup)  # a resend: acked again, not stored twice
+            await wait_until(lambda: len(dev.of(mqtt.ACKS)) > n_acks, 10, "ack of the resend")
+            assert dev.acked() == 3
+            seqs = [d["seq"] for d in await stream_events(srv, pid, "reading")]
+            assert seqs == [1, 2, 3]
+            assert dev.of(mqtt.ERRORS) == []
+
+
+async def test_a_bad_reading_gets_an_error_naming_the_field_and_the_others_land(
+    tmp_path: Path,
+) -> None:
+    need_broker()
+    async with bridged(tmp_path) as (srv, prefix):
+        did, _, pid = srv.device(0)
+        async with Device(prefix, did) as dev:
+            items = [item(1, spo2=97), item(2, spo2=140), item(3, spo2=96)]
+            await dev.publish(mqtt.READINGS, {"type": "readings", "items": items})
+            await dev.publish(mqtt.READINGS, b"{not json")
+            await dev.publish(mqtt.READINGS, {"type": "ping"})
+            await wait_until(lambda: len(dev.of(mqtt.ERRORS)) == 3, 10, "three errors")
+            bad, garbled, wrong_type = dev.of(mqtt.ERRORS)
+            assert (bad["code"], bad["field"], bad["seq"]) == ("invalid_reading", "spo2", 2)
+            assert "100" in bad["message"] and "140" in bad["message"]
+            assert garbled["code"] == "invalid_message"
+            assert wrong_type["field"] == "type" and "readings" in wrong_type["message"]
+            await wait_until(lambda: dev.acked() == 3, 10, "ack of seq 3")
+            assert [d["seq"] for d in await stream_events(srv, pid, "reading")] == [1, 3]
+
+
+async def test_messages_past_the_bounds_are_refused_alone(tmp_path: Path) -> None:
+    """max_frame_bytes and max_batch hold on MQTT as on the socket: an error naming the bound,
+    nothing stored, and the next reading still taken."""
+    need_broker()
+    async with bridged(tmp_path, max_frame_bytes=2048, max_batch=3) as (srv, prefix):
+        did, _, pid = srv.device(0)
+        async with Device(prefix, did) as dev:
+            big = {"type": "readings", "items": [item(s, spo2=97) for s in range(1, 60)]}
+            await dev.publish(mqtt.READINGS, big)
+            four = {"type": "readings", "items": [item(s, spo2=97) for s in range(1, 5)]}
+            await dev.publish(mqtt.READINGS, four)
+            await dev.publish(mqtt.READINGS, reading(1, spo2=97))
+            await wait_until(lambda: dev.acked() == 1, 10, "ack of seq 1")
+            too_big, too_many = dev.of(mqtt.ERRORS)
+            assert too_big["field"] == "frame" and "at most 2048 bytes" in too_big["message"]
+            assert too_many["field"] == "items" and "at most 3 readings" in too_many["message"]
+            assert [d["seq"] for d in await stream_events(srv, pid, "reading")] == [1]
+
+
+async def test_an_unknown_device_is_refused_with_an_error(tmp_path: Path) -> None:
+    need_broker()
+    async with bridged(tmp_path) as (srv, prefix):
+        async with Device(prefix, "no-such-device") as dev:
+            await dev.publish(mqtt.READINGS, reading(1, spo2=97))
+            await wait_until(lambda: dev.of(mqtt.ERRORS), 10, "an error")
+            err = dev.of(mqtt.ERRORS)[0]
+            assert (err["code"], err["field"]) == ("unauthenticated", "device_id")
+            assert dev.of(mqtt.ACKS) == []
+        assert "no-such-device" not in srv.services.ingest.sessions
+
+
+async def test_a_critical_reading_raises_an_alert(tmp_path: Path) -> None:
+    need_broker()
+    async with bridged(tmp_path) as (srv, prefix):
+        did, _, pid = srv.device(0)
+        async with Device(prefix, did) as dev:
+            await dev.publish(mqtt.READINGS, reading(1, spo2=80, pulse=110, probe=True, pi=2.0))
+            await wait_until(lambda: dev.acked() == 1, 10, "ack")
+            await srv.services.writer.flush()
+            alerts = await stream_events(srv, pid, "alert")
+            raised = [a for a in alerts if a["condition"] == "spo2_low"]
+            assert raised and raised[0]["priority"] == "high" and raised[0]["action"] == "raised"
+
+
+async def test_presence_and_the_last_will_give_device_status_events(tmp_path: Path) -> None:
+    need_broker()
+    async with bridged(tmp_path) as (srv, prefix):
+        did, _, pid = srv.device(0)
+        will = mqtt.topic(prefix, did, mqtt.STATUS)
+        # a device process that dies without a DISCONNECT: the broker publishes its will
+        sub = subprocess.Popen(
+            ["mosquitto_sub", "-h", BROKER[0], "-p", str(BROKER[1]), "-V", "mqttv5"]
+            + ["-i", f"{prefix}-will", "-t", f"{prefix}/probe"]
+            + ["--will-topic", will, "--will-payload", "offline", "--will-retain"]
+            + ["--will-qos", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            async with aiomqtt.Client(*BROKER, identifier=f"{prefix}-pub") as pub:
+                # connected and subscribed once it has printed the retained probe
+                await pub.publish(f"{prefix}/probe", b"ready", qos=1, retain=True)
+                assert sub.stdout is not None
+                line = await asyncio.wait_for(asyncio.to_thread(sub.stdout.readline), 10)
+                assert line.strip() == b"ready"
+                await pub.publish(f"{prefix}/probe", b"", qos=1, retain=True)
+                await pub.publish(will, b"online", qos=1, retain=True)
+
+                await wait_until(lambda: did in srv.services.ingest.sessions, 10, "a session")
+                statuses = [d["status"] for d in await stream_events(srv, pid, "device_status")]
+                assert statuses[-1] == "online"
+                srv.services.alerts.offline_grace_s = 0  # as for a closed socket, no grace
+                sub.send_signal(signal.SIGKILL)
+                sub.wait(10)
+                await wait_until(
+                    lambda: did not in srv.services.ingest.sessions, 15, "the last will"
+                )
+                last = (await stream_events(srv, pid, "device_status"))[-1]
+                assert (last["status"], last["reason"]) == ("offline", "offline (last will)")
+
+                async def offline_alert() -> bool:
+                    alerts = await stream_events(srv, pid, "alert")
+                    return any(a["condition"] == "device_offline" for a in alerts)
+
+                await eventually(offline_alert, 10, "the device_offline alert")
+                await pub.publish(will, b"", qos=1, retain=True)
+        finally:
+            if sub.poll() is None:
+                sub.kill()
+                sub.wait(10)
+            if sub.stdout is not None:
+                sub.stdout.close()
+
+
+async def test_a_command_runs_its_lifecycle_over_mqtt(tmp_path: Path) -> None:
+    need_broker()
+    async with bridged(tmp_path) as (srv, prefix):
+        did, _, pid = srv.device(0)
+        user, pw = srv.user("clinician")
+        mon = MonitorClient(srv.url, username=user, password=pw)
+        await mon.connect()
+        try:
+            # queued while the device is away (no session yet) ...
+            queued = await mon.request(wire.SendCommand(patient_id=pid, name="report_now"))
+            assert isinstance(queued, wire.Result), queued
+            cmd = queued.data["command"]
+            assert (cmd["status"], cmd["device_connected"]) == ("queued", False)
+            cid = cmd["command_id"]
+            async with Device(prefix, did) as dev:
+                await dev.publish(mqtt.STATUS, b"online", retain=True)  # ... delivered at once
+                await wait_until(lambda: dev.of(mqtt.COMMANDS), 10, "the command")
+                cmd = dev.of(mqtt.COMMANDS)[0]
+                assert (cmd["command_id"], cmd["name"]) == (cid, "report_now")
+                for status in ("acknowledged", "completed"):
+                    body = {"type": "command_result", "command_id": cid, "status": status}
+                    await dev.publish(mqtt.COMMAND_RESULTS, body)
+                seen: list[str] = []
+                while seen[-1:] != ["completed"]:
+                    e = await mon.next_event(10)
+                    if e.kind == "command" and e.data["command_id"] == cid:
+                        seen.append(e.data["status"])
+                assert seen == ["queued", "sent", "acknowledged", "completed"]
+                await dev.publish(
+                    mqtt.COMMAND_RESULTS,
+                    {"type": "command_result", "command_id": "cmd-unknown", "status": "completed"},
+                )
+                await wait_until(lambda: dev.of(mqtt.ERRORS), 10, "an error")
+                assert dev.of(mqtt.ERRORS)[0]["field"] == "command_id"
+        finally:
+            await mon.close()
+
+
+async def test_the_broker_enforces_each_devices_identity(tmp_path: Path) -> None:
+    """Files from `vitalwire admin mqtt-acl`: a device publishing as another is refused."""
+    need_mosquitto()
+    server_pw = "srv-" + uuid.uuid4().hex
+    broker = Broker(tmp_path, "allow_anonymous false\npassword_file {pw}\nacl_file {acl}\n")
+    url = f"mqtt://vitalwire:{server_pw}@127.0.0.1:{broker.port}"
+    pw_file, acl_file = tmp_path / "passwords", tmp_path / "acl"
+    broker.conf.write_text(broker.conf.read_text().format(pw=pw_file, acl=acl_file))
+    # the server runs first (its bridge retries until the broker is up): the files are written
+    # from its registry as it stands, by the documented command
+    async with bridged(tmp_path, url, prefix="vitalwire", wait=False) as (srv, _):
+        (did_a, _, _), (did_b, _, _) = srv.device(0), srv.device(1)
+        env = {**os.environ, "VITALWIRE_MQTT_URL": url, "VITALWIRE_MQTT_TOPIC_PREFIX": "vitalwire"}
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "vitalwire.cli", "admin", "mqtt-acl"]
+            + ["--db", srv.services.settings.db, "--passwords", str(pw_file)]
+            + ["--acl", str(acl_file), "--print-passwords"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        passwords = dict(line.split(" ") for line in lines if line.count(" ") == 1)
+        assert {did_a, did_b} <= set(passwords)
+        assert oct(pw_file.stat().st_mode & 0o777) == "0o600"
+        await broker.start()
+        try:
+            await asyncio.wait_for(srv.services.mqtt.connected.wait(), 15)
+            # a wrong password is refused by the broker
+            with pytest.raises(aiomqtt.MqttError):
+                async with Device("vitalwire", did_a, broker.port, did_a, "wrong"):
+                    pass
+            async with Device("vitalwire", did_a, broker.port, did_a, passwords[did_a]) as dev:
+                # as itself: stored and acked
+                await dev.publish(mqtt.READINGS, reading(1, spo2=97))
+                await wait_until(lambda: dev.acked() == 1, 10, "ack")
+                # as device b: the broker refuses (MQTT 5: PUBACK "not authorized")
+                taken = srv.services.mqtt.received
+                code = await asyncio.to_thread(
+                    puback_of,
+                    broker.port,
+                    did_a,
+                    passwords[did_a],
+                    mqtt.topic("vitalwire", did_b, mqtt.READINGS),
+                    json.dumps(reading(1, spo2=50)).encode(),
+                )
+                assert code == "Not authorized"
+                # and nothing reached vitalwire: the next own reading is the next message
+                await dev.publish(mqtt.READINGS, reading(2, spo2=96))
+                await wait_until(lambda: dev.acked() == 2, 10, "ack")
+                assert srv.services.mqtt.received == taken + 1
+                assert did_b not in srv.services.ingest.sessions
+        finally:
+            broker.kill()
+
+
+async def test_a_broker_restart_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """kill -9 of the broker mid-stream: the device resends what vitalwire did not ack; every
+    reading is stored once, in order, and every ack was true."""
+    broker = Broker(tmp_path, "allow_anonymous true\n")
+    await broker.start()
+    n = 400
+    t0 = time.time() - n * 0.01
+    bodies = [
+        json.dumps({"type": "reading", "seq": s, "ts": t0 + s * 0.01, "spo2": 95 + s % 3}).encode()
+        for s in range(n + 1)
+    ]
+    acked = 0
+    acks_seen: list[int] = []
+    try:
+        async with bridged(
+            tmp_path, f"mqtt://127.0.0.1:{broker.port}", mqtt_session_expiry_s=600
+        ) as (srv, prefix):
+            did, _, pid = srv.device(0)
+
+            async def device() -> None:
+                """Publish seq 1..n; after a reconnect, or when acks stop coming, resend from
+                vitalwire's last ack (the device's spool)."""
+                nonlocal acked
+                while acked < n:
+                    try:
+                        async with Device(prefix, did, broker.port) as dev:
+                            seq = acked + 1
+                            while acked < n:
+                                if seq <= n:
+                                    await dev.client.publish(
+                                        dev.topic(mqtt.READINGS), bodies[seq], qos=1
+                                    )
+                                    seq += 1
+                                else:
+                                    before = acked
+                                    with contextlib.suppress(AssertionError):
+                                        await wait_until(
+                                            lambda b=before: dev.acked() > b, 2, "acks"
+                                        )
+                                    if dev.acked() <= before:
+                                        seq = acked + 1  # nothing new acked: resend the rest
+                                for a in (m["seq"] for m in dev.of(mqtt.ACKS)):
+                                    acks_seen.append(a)
+                                acked = max(acked, dev.acked())
+                    except aiomqtt.MqttError:
+                        await asyncio.sleep(0.1)  # the device's reconnect interval
+
+            feeder = asyncio.create_task(device())
+            await wait_until(lambda: acked >= 100 or feeder.done(), 30, "100 readings acked")
+            acked_before_kill = acked
+            broker.kill()
+            await broker.start()
+            await asyncio.wait_for(feeder, 60)
+            seqs = [d["seq"] for d in await stream_events(srv, pid, "reading")]
+            assert seqs == list(range(1, n + 1))  # every reading once, in order
+            assert 100 <= acked_before_kill < n and acked == n  # the kill was mid-stream
+            assert max(acks_seen) == n
+    finally:
+        broker.kill()
+
+
+async def test_simulated_devices_stream_through_the_broker(tmp_path: Path) -> None:
+    """What `vitalwire simulate --mqtt` runs: every reading sent is acked and stored once."""
+    need_broker()
+    async with bridged(tmp_path) as (srv, prefix):
+        devs = [SimDevice(*srv.device(i)) for i in range(2)]
+        clients = await run_ward(
+            srv.url, devs, rate_hz=10, duration_s=1.0, mqtt=MqttOptions(BROKER_URL, prefix)
+        )
+        for client, dev in zip(clients, devs, strict=True):
+            assert client.seq >= 5 and client.acked == client.seq
+            seqs = [d["seq"] for d in await stream_events(srv, dev.patient_id or "", "reading")]
+            assert seqs == list(range(1, client.seq + 1))
+
+
+def test_simulate_refuses_a_bad_mqtt_url(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vitalwire.cli", "simulate", "--mqtt", "http://x", "--devices", "1"]
+        + ["--db", f"sqlite:///{tmp_path / 'v.db'}", "--duration", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1 and "mqtt_url must look like mqtt://" in out.stderr, out.stderr
+
+
+def test_mqtt_acl_needs_the_servers_mqtt_user(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITALWIRE_MQTT")}
+    base = [sys.executable, "-m", "vitalwire.cli", "admin", "mqtt-acl", "--db"]
+    args = [f"sqlite:///{tmp_path / 'v.db'}", "--passwords", "p", "--acl", "a"]
+    out = subprocess.run(base + args, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "VITALWIRE_MQTT_URL" in out.stderr, out.stderr
+    env["VITALWIRE_MQTT_URL"] = "mqtt://127.0.0.1:1883"
+    out = subprocess.run(base + args, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "user and password" in out.stderr, out.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_passwords_are_mosquittos_pbkdf2_format() -> None:
+    """The $7$ line Mosquitto reads: PBKDF2-SHA512, 101 iterations, a 12-byte salt."""
+    import base64
+    import hashlib
+
+    line = mqtt.mosquitto_hash("secret-pw", salt=b"0123456789ab")
+    _, seven, iterations, salt, digest = line.split("$")
+    assert (seven, iterations, base64.b64decode(salt)) == ("7", "101", b"0123456789ab")
+    want = hashlib.pbkdf2_hmac("sha512", b"secret-pw", b"0123456789ab", 101)
+    assert base64.b64decode(digest) == want
+    a = mqtt.device_password("k", "mon-001", "hash-1")
+    assert a == mqtt.device_password("k", "mon-001", "hash-1")
+    assert a != mqtt.device_password("k", "mon-001", "hash-2")  # a rotated secret: a new one
+    assert a != mqtt.device_password("k2", "mon-001", "hash-1")
+
+
+def test_a_bad_mqtt_url_is_refused_at_start() -> None:
+    from pydantic import ValidationError
+
+    from vitalwire.settings import Settings
+
+    with pytest.raises(ValidationError, match="mqtt_url"):
+        Settings(mqtt_url="http://broker:1883")
+    assert Settings(mqtt_url="mqtt://u:p@broker:1883").mqtt_url == "mqtt://u:p@broker:1883"
+    with pytest.raises(mqtt.MqttUrlError, match="mqtt://user:pass@host:port"):
+        mqtt.parse_url("")
