@@ -4,8 +4,56 @@
 // when they emit; only the models talk to Live.
 import { Emitter, PRIORITY_RANK } from './lib.js';
 
-/** Seconds of live trend a patient model keeps (the tiles' sparklines, the patient view's tail). */
-export const TREND_KEEP_S = 3600;
+/** Points of live trend a patient model keeps per metric (at 1 Hz, 8.5 minutes: the tiles'
+ *  5-minute sparklines, and the patient view's seam between its history fetch and the stream). */
+export const TREND_POINTS = 512;
+/** The metrics a live trend is kept for (what the sparklines and the patient view chart). */
+const TRENDED = new Set(['spo2', 'pulse', 'hr', 'rr', 'sbp', 'dbp', 'temp_c']);
+
+/**
+ * One metric's live trend: at most `cap` points, oldest first, in typed arrays reserved when the
+ * metric first arrives and never grown (a 64-bed station's memory stays flat however long it
+ * runs: issue 27's heap target). `t`, `v`, `o` are views of the points held: device time, value,
+ * offset; a gap (device offline) is a point whose value and offset are NaN (`isGap`).
+ */
+export class Series {
+  constructor(cap = TREND_POINTS) {
+    this.cap = cap;
+    // twice the capacity: points are appended, and slid back to the start once when it is full
+    this.T = new Float64Array(cap * 2);
+    this.V = new Float64Array(cap * 2);
+    this.O = new Float64Array(cap * 2);
+    this.start = 0;
+    this.end = 0;
+  }
+
+  get length() { return this.end - this.start; }
+  get t() { return this.T.subarray(this.start, this.end); }
+  get v() { return this.V.subarray(this.start, this.end); }
+  get o() { return this.O.subarray(this.start, this.end); }
+  lastT() { return this.end > this.start ? this.T[this.end - 1] : null; }
+  lastV() { return this.end > this.start ? this.V[this.end - 1] : null; }
+  lastO() { return this.end > this.start ? this.O[this.end - 1] : null; }
+
+  push(t, v, o) {
+    if (this.end === this.T.length) {
+      const keep = this.cap - 1;
+      this.T.copyWithin(0, this.end - keep, this.end);
+      this.V.copyWithin(0, this.end - keep, this.end);
+      this.O.copyWithin(0, this.end - keep, this.end);
+      this.start = 0;
+      this.end = keep;
+    }
+    this.T[this.end] = t;
+    this.V[this.end] = v == null ? NaN : v;
+    this.O[this.end] = o == null ? NaN : o;
+    this.end += 1;
+    if (this.end - this.start > this.cap) this.start += 1;
+  }
+}
+
+/** A trend point that is a gap (no data), not a value. */
+export const isGap = (x) => x == null || x !== x;
 const LOW_BATTERY = 20; // %, as the low_battery alert (docs/alerts.md)
 
 export function sortAlerts(list) {
@@ -47,7 +95,7 @@ export class PatientModel extends Emitter {
     this.observations = null;
     this.commands = new Map(); // command_id -> {data, history: [{status, at, message}]}
     this.waveform = []; // recent waveform chunks
-    this.trend = {}; // metric -> {t: [], v: [], o: []} (device time, value, offset)
+    this.trend = {}; // metric -> Series {t, v, o} (device time, value, offset)
     this.offset = null;
     this.lastTs = null; // device time of the latest reading
   }
@@ -99,7 +147,7 @@ export class PatientModel extends Emitter {
         for (const [k, v] of Object.entries(d)) {
           if (k === 'device' || k === 'seq' || k === 'ts' || k === 'late') continue;
           this.vitals[k] = { value: v, ts: d.ts, device: d.device, offset: ev.offset };
-          if (typeof v === 'number') this.push(k, d.ts, v, ev.offset);
+          if (typeof v === 'number' && TRENDED.has(k)) this.push(k, d.ts, v, ev.offset);
         }
         if (!d.late && d.ts > (this.lastTs || 0)) this.lastTs = d.ts;
         this.emit('reading', ev);
@@ -148,21 +196,16 @@ export class PatientModel extends Emitter {
 
   push(metric, t, v, offset) {
     let s = this.trend[metric];
-    if (!s) { s = { t: [], v: [], o: [] }; this.trend[metric] = s; }
-    const n = s.t.length;
-    if (n && s.o[n - 1] != null && offset != null && offset <= s.o[n - 1]) return;
-    s.t.push(t); s.v.push(v); s.o.push(offset);
-    const cut = t - TREND_KEEP_S;
-    let drop = 0;
-    while (drop < s.t.length && s.t[drop] < cut) drop++;
-    if (drop) { s.t.splice(0, drop); s.v.splice(0, drop); s.o.splice(0, drop); }
+    if (!s) { s = new Series(); this.trend[metric] = s; }
+    const last = s.lastO();
+    if (!isGap(last) && offset != null && offset <= last) return; // held already
+    s.push(t, v, offset);
   }
 
-  /** An offline marker: a null point so a chart shows "no data" instead of joining the line. */
+  /** An offline marker: a gap point so a chart shows "no data" instead of joining the line. */
   gap(t) {
     for (const s of Object.values(this.trend)) {
-      const n = s.t.length;
-      if (n && s.v[n - 1] != null) { s.t.push(Math.max(t, s.t[n - 1])); s.v.push(null); s.o.push(null); }
+      if (s.length && !isGap(s.lastV())) s.push(Math.max(t, s.lastT()), null, null);
     }
   }
 

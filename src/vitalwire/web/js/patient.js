@@ -179,7 +179,10 @@ export class Trend {
     for (const [metric, s] of Object.entries(model.trend)) {
       for (let i = 0; i < s.t.length; i++) {
         const o = s.o[i];
-        if (o == null) { if (s.t[i] > (this.lastT() ?? 0)) this.gaps.push(s.t[i]); continue; }
+        if (o == null || o !== o) { // a gap point (NaN offset in the model's trend)
+          if (s.t[i] > (this.lastT() ?? 0)) this.gaps.push(s.t[i]);
+          continue;
+        }
         if (o <= this.lastOffset) continue;
         let r = byOffset.get(o);
         if (!r) { r = { t: s.t[i], o, v: {} }; byOffset.set(o, r); }

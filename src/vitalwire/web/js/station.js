@@ -14,6 +14,7 @@ import { audioFor, PAUSE_S } from './audio.js';
 
 const SPARK_S = 300; // seconds of trend a tile's sparkline shows
 const SPARK_GAP_S = 15; // no reading for this long breaks the line (data missing)
+const SPARK_REDRAW_MS = 2000; // a sparkline is redrawn at most this often
 const DIGITS = Object.fromEntries(METRICS.map((m) => [m.key, m.digits]));
 const BAND_LABEL = {
   low: 'low', low_medium: 'low-medium', medium: 'medium', high: 'high', incomplete: 'incomplete',
@@ -129,8 +130,8 @@ function extent(t, v, lo, hi) {
 function trace(g, t, v, lo, hi) {
   for (let i = lo; i < hi; i++) {
     const x = v[i];
-    if (x == null || t[i] - pen.last > SPARK_GAP_S) pen.down = false;
-    if (x == null) continue;
+    if (x == null || x !== x || t[i] - pen.last > SPARK_GAP_S) pen.down = false;
+    if (x == null || x !== x) continue; // a gap (NaN in the model's trend, null in the back-fill)
     const px = (t[i] - pen.from) * pen.sx;
     const py = pen.h - pen.pad - (x - pen.min) * pen.sy;
     if (pen.down) g.lineTo(px, py); else g.moveTo(px, py);
@@ -192,8 +193,24 @@ function Sparkline({ model, api }) {
     sized.observe(c);
     return () => { sized.unobserve(c); c.redraw = null; };
   }, [model]);
-  // redraw after every render of the tile (the tile renders when its model changed)
-  useEffect(() => { drawSpark(ref.current, model); });
+  // redraw after a render of the tile, at most every SPARK_REDRAW_MS: the 5-minute window moves
+  // about a pixel in that time, and a canvas redrawn at every reading of 64 beds was a tenth of
+  // the main thread (docs/benchmarks.md, "Web app")
+  useEffect(() => {
+    const c = ref.current;
+    const wait = SPARK_REDRAW_MS - (performance.now() - (c.drawnAt || 0));
+    if (wait <= 0) {
+      c.drawnAt = performance.now();
+      drawSpark(c, model);
+    } else if (!c.later) {
+      c.later = setTimeout(() => {
+        c.later = null;
+        c.drawnAt = performance.now();
+        drawSpark(c, model);
+      }, wait);
+    }
+  });
+  useEffect(() => () => { clearTimeout(ref.current && ref.current.later); }, []);
   return html`<canvas ref=${ref} class="spark" data-testid="sparkline"
     aria-label="SpO₂ (blue) and HR (green), last 5 minutes" role="img"></canvas>`;
 }
