@@ -531,3 +531,120 @@ def bench_history_cmd(
     console.print(f"load average at the end: {load} (CPU: this process's, per request, in ms)")
     if json_path:
         write_json(json_path, r)
+
+
+@bench_app.command("web")
+def bench_web_cmd(
+    beds: Annotated[int, typer.Option(min=1, max=200, help="Patients on the station.")] = 64,
+    rate: Annotated[float, typer.Option(min=0.1, help="Readings per second per device.")] = 1.0,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds measured.")] = 300.0,
+    heap_at: Annotated[
+        float, typer.Option(min=1, help="Seconds into the measurement of the first heap sample.")
+    ] = 60.0,
+    warmup: Annotated[
+        float, typer.Option(min=0, help="Seconds after the station is up that are not measured.")
+    ] = 5.0,
+    trace: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Then trace the station for this many seconds and list its main thread's "
+            "time by event (0: no trace).",
+        ),
+    ] = 0.0,
+    json_path: JsonOpt = None,
+) -> None:
+    """The clinicians' central station in headless Chromium with BEDS devices x RATE:
+    reading-to-screen latency, main-thread busy and JS heap, beside a bare page that only parses
+    the same socket frames (targets: p99 <= 250 ms, busy <= 20 %, heap within 10 %)."""
+    from rich.table import Table
+
+    from vitalwire.bench.runner import write_json
+    from vitalwire.bench.web import bench_web, browser_missing
+
+    why = browser_missing()
+    if why:
+        console.print(f"[red]cannot run the browser bench: {why}[/red]")
+        raise typer.Exit(1)
+    from playwright.async_api import Error as BrowserError
+
+    try:
+        r = asyncio.run(
+            bench_web(
+                beds,
+                rate,
+                duration,
+                heap_at,
+                warmup,
+                trace_s=trace,
+                progress=lambda m: console.print(f"[dim]{m}"),
+            )
+        )
+    except (RuntimeError, BrowserError) as exc:
+        console.print(f"[red]the browser bench failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    st, base = r["station"], r["baseline"]
+
+    def ms(x: Any) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    t = Table(
+        title=(
+            f"web: central station, {beds} beds x {rate:g} Hz in headless Chromium, "
+            f"{duration:g} s measured after {warmup:g} s"
+        )
+    )
+    for col in ("", "n", "p50 ms", "p95 ms", "p99 ms", "max ms", "main-thread busy %"):
+        t.add_column(col, justify="left" if col == "" else "right")
+    for name, p, busy in (
+        ("station: data-ts -> next frame", st["latency_raf_ms"], f"{st['busy_pct']:.1f}"),
+        ("station: data-ts -> DOM mutation", st["latency_mutation_ms"], ""),
+        (
+            "baseline: bare page, frame -> next frame",
+            base["latency_raf_ms"],
+            f"{base['busy_pct']:.1f}",
+        ),
+        ("baseline: bare page, onmessage", base["latency_message_ms"], ""),
+    ):
+        t.add_row(name, f"{p['n']:,}", ms(p["p50"]), ms(p["p95"]), ms(p["p99"]), ms(p["max"]), busy)
+    Console(width=max(console.width, 140)).print(t)
+    h0, h1 = st["heap_first"], st["heap_end"]
+    if h0 and h1:
+        growth = st["heap_growth_pct"]
+        console.print(
+            f"JS heap after GC: {h0['js_heap_used_mb']:.2f} MB at {h0['at_s']:.0f} s, "
+            f"{h1['js_heap_used_mb']:.2f} MB at {h1['at_s']:.0f} s "
+            f"({'-' if growth is None else f'{growth:+.1f} %'}); DOM nodes "
+            f"{h0['dom_nodes']:.0f} -> {h1['dom_nodes']:.0f}; points in the models' trends "
+            f"{h0['trend_points']:,} -> {h1['trend_points']:,}"
+        )
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in st["busy_by_kind"].items() if v >= 0.05)
+    console.print(
+        f"readings sent {r['readings_sent']:,}; station busy % by kind: {parts}; long tasks "
+        f"{st['long_tasks']} ({st['long_tasks_ms']:.0f} ms, longest {st['longest_tasks_ms'][:3]})"
+    )
+    slow = [s for s in r["timeline"] if s.get("station_over_100ms")]
+    if slow:  # where the tail came from: the station alone, or the baseline too (the pipeline)
+        console.print(
+            "seconds with readings over 100 ms (station/baseline, bench loop stall ms): "
+            + ", ".join(
+                f"{s['s']}s {s.get('station_over_100ms', 0)}/{s.get('baseline_over_100ms', 0)}"
+                + (f" ({s['bench_loop_stall_ms']})" if "bench_loop_stall_ms" in s else "")
+                for s in slow[:15]
+            )
+            + (f" (+{len(slow) - 15} more)" if len(slow) > 15 else "")
+        )
+    if "trace" in st:
+        top = st["trace"]["self_ms_by_event"]
+        console.print(
+            f"station main thread in a {st['trace']['seconds']:g} s trace, ms by event: "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in list(top.items())[:10])
+        )
+    verdict = ", ".join(
+        f"{k} {'-' if v is None else 'met' if v else 'MISSED'}" for k, v in r["verdict"].items()
+    )
+    console.print(f"targets: {verdict}")
+    for line in r["errors"] + r["console_errors"] + r["csp_violations"]:
+        console.print(f"[yellow]{line}[/yellow]")
+    if json_path:
+        write_json(json_path, r)
