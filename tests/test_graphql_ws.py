@@ -179,24 +179,46 @@ async def test_a_subscription_ends_when_access_is_taken_back(
     svc = srv.services
     pid = srv.device(0)[2]
     token = await login_token(srv, "clinician")
-    errors: list[Any] = []
-
-    async def watch() -> None:
-        try:
-            await take(srv, token, pid, None, 1000)
-        except TransportQueryError as exc:
-            errors.append(exc.errors)
-
-    task = asyncio.create_task(watch())
+    # a raw graphql-transport-ws client: it sees every frame in order, and the close
+    ws = await websockets.connect(f"{srv.ws_url}/graphql", subprotocols=[PROTOCOL])  # type: ignore[list-item]
+    init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {token}"}}
+    await ws.send(json.dumps(init))
+    assert json.loads(await ws.recv())["type"] == "connection_ack"
+    sub = {"query": EVENTS, "variables": {"p": pid, "after": None}}
+    await ws.send(json.dumps({"id": "s", "type": "subscribe", "payload": sub}))
     await wait_until(lambda: svc.streams.subscriber_count() == 1, 10, "the subscription")
     if change == "revoke":
         await svc.store.update_user("clinician", revoke_tokens=True)
     else:
         assert await svc.store.remove_ward_member("clinician", "ward-a")
     await svc.access.refresh()  # what the service making the change does
-    await asyncio.wait_for(task, 10)
-    assert errors and errors[0][0]["message"] == why, errors
-    assert errors[0][0]["extensions"]["code"] in ("unauthenticated", "forbidden")
+    errors: list[Any] = []
+    while not errors:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert msg["id"] == "s", msg
+        if msg["type"] == "error":
+            errors = msg["payload"]
+        elif msg["type"] == "next" and msg["payload"].get("errors"):
+            errors = msg["payload"]["errors"]
+    assert errors[0]["message"] == why, errors
+    assert errors[0]["extensions"]["code"] in ("unauthenticated", "forbidden")
+    if change == "revoke":
+        # the user may no longer connect: after the subscription's error, the socket closes
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        assert (ws.close_code, ws.close_reason) == (4403, why)
+    else:
+        # still a user: the socket stays open for their other operations
+        await ws.send(
+            json.dumps(
+                {"id": "q", "type": "subscribe", "payload": {"query": "{ patients { id } }"}}
+            )
+        )
+        while (msg := json.loads(await asyncio.wait_for(ws.recv(), 10)))["id"] != "q":
+            pass
+        assert msg["type"] == "next", msg
+        await ws.close()
     await wait_until(lambda: not svc.clients, 10, "the socket's sessions to end")
     assert svc.streams.subscriber_count() == 0
 
