@@ -43,7 +43,10 @@ PACKAGES: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 #: Bare import specifiers and the vendored file each one means.
-REWRITES = {'from"preact"': 'from"./preact.module.js"', "from 'preact'": "from './preact.module.js'"}
+REWRITES = {
+    'from"preact"': 'from"./preact.module.js"',
+    "from 'preact'": "from './preact.module.js'",
+}
 
 DEST = Path(__file__).resolve().parent.parent / "src" / "vitalwire" / "web" / "vendor"
 
