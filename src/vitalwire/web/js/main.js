@@ -99,7 +99,7 @@ function App() {
       }
     });
     const every = setInterval(() => { if (api.loggedIn) ward.load(); }, 30000);
-    api.on((what) => { if (what === 'logout') clearInterval(every); });
+    const off = api.on((what) => { if (what === 'logout') { clearInterval(every); off(); } });
     live.start();
     ward.load();
     setCtx(c);
