@@ -27,6 +27,7 @@ from vitalwire.transports import rest, wsserver
 from vitalwire.transports.client_ws import client_endpoint
 from vitalwire.transports.common import Socket
 from vitalwire.transports.device_ws import device_endpoint
+from vitalwire.transports.edge_ws import edge_endpoint
 from vitalwire.transports.fhir import router as fhir_router
 from vitalwire.transports.graphql import graphql_ws_endpoint
 from vitalwire.transports.graphql import install as install_graphql
@@ -49,6 +50,7 @@ WEBSOCKETS: dict[str, Callable[[Socket, Services], Awaitable[None]]] = {
     "/ws/device": device_endpoint,
     "/ws": client_endpoint,
     "/graphql": graphql_ws_endpoint,
+    "/ws/edge": edge_endpoint,
 }
 
 

@@ -107,9 +107,51 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VITALWIRE_UPSTREAM",
+            help="Run as an edge node forwarding to this cloud (ws:// or wss://; "
+            "docs/howto-edge.md). Needs --node-id and the node's secret.",
+            show_default="none: not an edge node",
+        ),
+    ] = None,
+    node_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VITALWIRE_NODE_ID",
+            help="This edge node's name at the cloud (a device of kind edge there).",
+            show_default="none",
+        ),
+    ] = None,
+    upstream_secret_file: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VITALWIRE_UPSTREAM_SECRET_FILE",
+            help="A file holding the node's secret at the cloud (or VITALWIRE_UPSTREAM_SECRET).",
+            show_default="none",
+        ),
+    ] = None,
 ) -> None:
     """Run the server. Every option may also come from VITALWIRE_* environment variables."""
-    settings = _settings(host=host, port=port, db=db, bus=bus, certfile=certfile, keyfile=keyfile)
+    settings = _settings(
+        host=host,
+        port=port,
+        db=db,
+        bus=bus,
+        certfile=certfile,
+        keyfile=keyfile,
+        upstream=upstream,
+        node_id=node_id,
+        upstream_secret_file=upstream_secret_file,
+    )
+    if settings.upstream_secret_file and not Path(settings.upstream_secret_file).is_file():
+        raise CliError(f"--upstream-secret-file {settings.upstream_secret_file}: no such file")
+    if settings.upstream and not (settings.upstream_secret or settings.upstream_secret_file):
+        raise CliError(
+            "--upstream needs the node's secret: --upstream-secret-file or "
+            "VITALWIRE_UPSTREAM_SECRET"
+        )
     for name in ("certfile", "keyfile"):
         path = getattr(settings, name)
         if path is not None and not Path(path).is_file():

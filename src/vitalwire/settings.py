@@ -143,6 +143,21 @@ class Settings(BaseSettings):
     mqtt_shared: bool = False
     #: How long the broker keeps the bridge's session (and its queued messages) while it is away.
     mqtt_session_expiry_s: int = Field(3600, ge=0, le=7 * 86_400)
+    #: The edge tier (docs/howto-edge.md). ``upstream``: the cloud this node forwards its streams
+    #: to and takes clinicians' requests from (``ws://`` or ``wss://`` host, ``/ws/edge`` is
+    #: added when no path is given). Empty (the default): no uplink, this node is a cloud or a
+    #: standalone server.
+    upstream: str = Field("", pattern=r"^(wss?://[^\s]+)?$")
+    #: This node's name at the upstream: the id of the device of kind ``edge`` registered there.
+    node_id: str = Field("", pattern=r"^([A-Za-z0-9_.\-]{1,48})?$")
+    #: That device's secret at the upstream (or ``upstream_secret_file``: a file holding it).
+    upstream_secret: str = ""
+    upstream_secret_file: str | None = None
+    #: Events sent to the upstream and not yet acknowledged by it, at most (flow control).
+    upstream_window: int = Field(20_000, ge=100, le=1_000_000)
+    #: A call from the upstream (a command, an acknowledgement) is answered within this, or the
+    #: cloud tells its clinician the ward did not answer.
+    upstream_call_timeout_s: float = Field(10.0, gt=0, le=120)
 
     @model_validator(mode="after")
     def _frame_limits(self) -> Settings:
@@ -153,6 +168,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{given} needs {missing}: TLS takes a certificate and its private key "
                 f"(--certfile and --keyfile, or VITALWIRE_CERTFILE and VITALWIRE_KEYFILE)"
+            )
+        if bool(self.upstream) != bool(self.node_id):
+            given, missing = ("upstream", "node_id") if self.upstream else ("node_id", "upstream")
+            raise ValueError(
+                f"{given} needs {missing}: an edge node names its cloud (--upstream) and itself "
+                f"(--node-id)"
             )
         if self.hard_frame_bytes < self.max_frame_bytes:
             raise ValueError(

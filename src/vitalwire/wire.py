@@ -596,3 +596,116 @@ def decode_from_server_to_client(data: bytes | str) -> Any:
 def decode_from_server_to_device(data: bytes | str) -> Any:
     """Used by the SDK's DeviceClient."""
     return _server_to_device.decode(data)
+
+
+# --------------------------------------------------------------------------------------------
+# The edge uplink (/ws/edge): an edge node forwards its streams to the cloud, the cloud sends
+# clinicians' requests down (docs/protocol.md, "Edge uplink"; services/uplink.py, edges.py)
+# --------------------------------------------------------------------------------------------
+
+EDGE_PROTOCOL: Final = 1
+#: Events per ``edge_events`` frame, at most (the edge sends fewer).
+EDGE_MAX_EVENTS: Final = 2000
+#: Patients per ``edge_patients`` frame, at most.
+EDGE_MAX_PATIENTS: Final = 5000
+
+
+class EdgeHello(msgspec.Struct, tag="edge_hello", **_opts):
+    """Edge -> cloud, first: the node's name (a device of kind ``edge`` at the cloud) and secret."""
+
+    node: Str64
+    secret: Str256
+    protocol: int = EDGE_PROTOCOL
+
+
+class EdgePatient(msgspec.Struct, forbid_unknown_fields=True):
+    id: Str64
+    name: Str256
+    ward: Str64
+
+
+class EdgePatients(msgspec.Struct, tag="edge_patients", **_opts):
+    """Edge -> cloud: patients whose streams this edge owns (all of them, or new ones)."""
+
+    items: Annotated[list[EdgePatient], msgspec.Meta(max_length=EDGE_MAX_PATIENTS)]
+
+
+class EdgeEvents(msgspec.Struct, tag="edge_events", tag_field="type"):
+    """Edge -> cloud: committed events, in each stream's order, with the edge's offsets.
+    ``backlog``: events committed at the edge and not yet acknowledged by the cloud."""
+
+    items: Annotated[list[EventFrame], msgspec.Meta(max_length=EDGE_MAX_EVENTS)]
+    backlog: int = 0
+
+
+class EdgeStatus(msgspec.Struct, tag="edge_status", **_opts):
+    """Edge -> cloud, every second: what it has not yet had acknowledged."""
+
+    backlog: int
+    streams: int
+
+
+class EdgeReply(msgspec.Struct, tag="edge_reply", **_opts):
+    """Edge -> cloud: the answer to an ``edge_call`` (``result``, or ``error``)."""
+
+    id: int
+    result: Any = None
+    error: Error | None = None
+
+
+class EdgeWelcome(msgspec.Struct, tag="edge_welcome", **_opts):
+    """Cloud -> edge: accepted; send ``edge_patients`` next."""
+
+    server_time: float
+    node: str
+
+
+class EdgeHeads(msgspec.Struct, tag="edge_heads", **_opts):
+    """Cloud -> edge: for each claimed patient stream, the last offset the cloud holds (send
+    what follows); ``refused``: patients the cloud will not take from this edge, and why."""
+
+    heads: dict[str, int]
+    refused: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class EdgeAck(msgspec.Struct, tag="edge_ack", **_opts):
+    """Cloud -> edge: these streams are durable at the cloud up to these offsets."""
+
+    heads: dict[str, int]
+
+
+class EdgeCall(msgspec.Struct, tag="edge_call", **_opts):
+    """Cloud -> edge: a clinician's request the cloud authorised (``op``: ``command``,
+    ``ack_alert``, ``set_limits``, ``set_observations``)."""
+
+    id: int
+    op: str
+    who: str
+    role: str
+    patient_id: str
+    args: dict[str, Any]
+    origin: str | None = None
+
+
+EdgeToCloud = EdgeHello | EdgePatients | EdgeEvents | EdgeStatus | EdgeReply | Ping | Pong
+CloudToEdge = EdgeWelcome | EdgeHeads | EdgeAck | EdgeCall | Error | Ping | Pong
+_edge_decoder = msgspec.json.Decoder(EdgeToCloud)
+_cloud_decoder = msgspec.json.Decoder(CloudToEdge)
+_TYPE_HINT[EdgeToCloud] = (  # type: ignore[index]
+    "edge_hello, edge_patients, edge_events, edge_status, edge_reply, ping, pong"
+)
+
+
+def decode_edge(data: bytes | str) -> Any:
+    """Decode an edge -> cloud message; raise :class:`InvalidMessage` naming the field."""
+    return _decode(_edge_decoder, data, _TYPE_HINT[EdgeToCloud])  # type: ignore[index]
+
+
+def decode_cloud(data: bytes | str) -> Any:
+    """Decode a cloud -> edge message (the edge's uplink)."""
+    return _cloud_decoder.decode(data)
+
+
+def edge_events_frame(frames: list[str], backlog: int) -> str:
+    """An ``edge_events`` frame of events' own frames, as they are (no re-encoding)."""
+    return f'{{"type":"edge_events","backlog":{backlog},"items":[{",".join(frames)}]}}'

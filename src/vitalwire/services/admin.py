@@ -214,6 +214,7 @@ class Admin:
     async def discharge(self, who: Principal, pid: str, origin: str | None) -> dict[str, Any]:
         """Discharge (see :func:`discharge_offline`), then the access cache is refreshed."""
         self.check(who, "patient_discharge", origin, patient_id=pid)
+        self.registry.refuse_edge_patient(pid, "discharge them")
         out = await discharge_offline(self.store, self.registry, who, pid, origin)
         if self.alerts is not None:  # after the devices left: no offline alarm follows them
             out["alerts_ended"] = await self.alerts.discharge(pid, who.name)

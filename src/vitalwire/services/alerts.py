@@ -86,6 +86,9 @@ class AlertService:
         self._offline_since: dict[tuple[str, str], float] = {}
         self.offline_grace_s = offline_grace_s
         self.raised: Counter[str] = Counter()  # alerts raised, by priority (/metrics)
+        #: On a cloud: the edge nodes that own some patients (services/edges.py). Requests on
+        #: those patients go down to their edge, which raises and ends their alerts.
+        self.remote: Any = None
 
     async def load(self) -> None:
         """Per-patient limits and observations from the store; open alerts back into engines."""
@@ -197,6 +200,9 @@ class AlertService:
         if pid is None:
             raise NotFound(f"alert {alert_id} is not open", field="alert_id")
         self._check(who, policy.ACKNOWLEDGE, pid)
+        if self.remote is not None and (node := self.remote.owner(pid)) is not None:
+            args = {"alert_id": alert_id}
+            return await self.remote.call(node, "ack_alert", who, pid, args, origin)
         now = self.clock()
         changes = self.engine(pid).acknowledge(alert_id, who.name, now)
         events, rows = self._to_events(pid, changes, now)
@@ -388,6 +394,9 @@ class AlertService:
         """Override a patient's limits (validated against the physical bounds); audited."""
         await self.require_patient(pid)
         self._check(who, policy.SET_LIMITS, pid)
+        if self.remote is not None and (node := self.remote.owner(pid)) is not None:
+            args = {"overrides": overrides}
+            return await self.remote.call(node, "set_limits", who, pid, args, origin)
         engine = self.engine(pid)
         old = engine.limits.to_dict()
         new_limits = override_limits(engine.limits, overrides)
@@ -410,6 +419,9 @@ class AlertService:
         """Set NEWS2 observations no device measures (oxygen, consciousness, SpO2 scale)."""
         await self.require_patient(pid)
         self._check(who, policy.OBSERVE, pid)
+        if self.remote is not None and (node := self.remote.owner(pid)) is not None:
+            args = {"observations": obs}
+            return await self.remote.call(node, "set_observations", who, pid, args, origin)
         given = {k: v for k, v in obs.items() if v is not None}
         now = self.clock()
         changes = self.engine(pid).set_observations(now, **given)
@@ -425,6 +437,26 @@ class AlertService:
         audit = AuditRow(now, who.name, "set_observations", pid, json.dumps(given), origin)
         await self.writer.commit(events, alerts=rows, audit=[audit])
         return merged
+
+    # -- an edge's patients, on a cloud (services/edges.py) ----------------------------------
+
+    def remember(self, alert_id: str, pid: str) -> None:
+        """An edge's alert mirrored here: acknowledging it finds its patient (and its edge)."""
+        self._alert_patient[alert_id] = pid
+        while len(self._alert_patient) > ALERT_MEMORY:
+            del self._alert_patient[next(iter(self._alert_patient))]
+
+    def adopt_settings(self, pid: str, data: dict[str, Any]) -> None:
+        """An edge's limits or observations changed: shown here as they are there."""
+        limits = data.get("limits")
+        if isinstance(limits, dict):
+            self._limits[pid] = Limits.from_dict(limits)
+            engine = self._engines.get(pid)
+            if engine is not None:
+                engine.set_limits(self._limits[pid])
+        obs = data.get("observations")
+        if isinstance(obs, dict):
+            self._observations[pid] = obs
 
     # -- helpers --------------------------------------------------------------------------------
 

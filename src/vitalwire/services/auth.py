@@ -37,6 +37,10 @@ class Principal:
     name: str
     role: str  # admin | clinician | viewer | device
     gen: int = 0
+    #: A clinician of the upstream (cloud) whose request reached this edge node over its
+    #: authenticated uplink: the cloud checked their access; this node does not know them
+    #: (services/uplink.py). Never set from anything a peer of this node sends.
+    upstream: bool = False
 
 
 def check_role(role: str) -> str:

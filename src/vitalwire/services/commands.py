@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
+
 from vitalwire.core import access as policy
 from vitalwire.core import commands as cc
 from vitalwire.core import events as ev
@@ -122,6 +124,9 @@ class CommandService:
         #: (requester, idempotency key) -> the command, kept for its TTL even once finished
         self._keyed: dict[tuple[str, str], CommandState] = {}
         self.settled: Counter[str] = Counter()  # commands by final state (/metrics)
+        #: On a cloud: the edge nodes that own some patients; their commands go down to the
+        #: edge, which queues and delivers them (services/edges.py)
+        self.remote: Any = None
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -193,6 +198,13 @@ class CommandService:
             )
         ev.check_id("patient_id", req.patient_id)
         self.authorize(who, req.patient_id, spec)
+        if self.remote is not None and (node := self.remote.owner(req.patient_id)) is not None:
+            # an edge node's patient: its edge queues and delivers it (services/edges.py)
+            body = msgspec.to_builtins(req)
+            body.pop("id", None)
+            return await self.remote.call(  # type: ignore[no-any-return]
+                node, "command", who, req.patient_id, body, origin, watcher
+            )
         now = self.clock()
         if req.idempotency_key is not None:
             existing = self._by_key(who.name, req.idempotency_key, now)

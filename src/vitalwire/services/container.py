@@ -86,6 +86,10 @@ class Services:
     clients: set[ClientSession] = field(default_factory=set)
     metrics: Metrics | None = None  # the app's Prometheus registry (services/metrics.py)
     mqtt: Any = None  # the MQTT bridge when mqtt_url is set (transports/mqtt.py)
+    #: edge nodes connected to this node as their cloud (services/edges.py)
+    edges: Any = None
+    #: this node's link to its cloud when it is an edge node (services/uplink.py)
+    uplink: Any = None
 
 
 @contextlib.asynccontextmanager
@@ -167,6 +171,12 @@ async def open_services(
             LoginService.from_settings(settings, registry, access, clock),
             History(store, access, clock),
         )
+        from vitalwire.services.edges import EdgeHub
+
+        svc.edges = EdgeHub(svc)
+        await svc.edges.load()
+        alerts.remote = commands.remote = svc.edges
+        registry.edge_owner = svc.edges.owner
         svc.metrics = Metrics(svc)
         # access taken back ends what depended on it in every open session, at once
         access.on_change = lambda: access.recheck(svc.clients)
@@ -196,6 +206,11 @@ async def open_services(
 
             svc.mqtt = MqttBridge(svc)
             chores.append(asyncio.create_task(run_bridge(svc.mqtt), name="mqtt"))
+        if settings.upstream:  # an edge node: forward to the cloud (services/uplink.py)
+            from vitalwire.services.uplink import Uplink
+
+            svc.uplink = Uplink(svc)
+            chores.append(asyncio.create_task(svc.uplink.run(), name="uplink"))
         try:
             yield svc
         finally:

@@ -54,6 +54,8 @@ class Registry:
         self.clock = clock
         self.streams = streams
         self.writer = writer
+        #: On a cloud: patient id -> the edge node that owns it, or None (services/edges.py)
+        self.edge_owner: Callable[[str], str | None] | None = None
         #: (device, new patient or None, previous patient or None); never awaits, so the next
         #: reading the server takes goes to the new patient
         self.on_binding_change: Callable[[str, str | None, str | None], None] | None = None
@@ -137,6 +139,7 @@ class Registry:
             raise NotFound(f"patient {pid} does not exist", field="patient_id")
         if patient.get("discharged_at") is not None:
             raise Conflict(f"patient {pid} was discharged: no new bindings", field="patient_id")
+        self.refuse_edge_patient(pid, "bind their devices")
         now = self.clock()
         previous = await self.store.bind(did, pid, now, announced=self.live)
         if previous is not None and previous.patient_id != pid:
@@ -145,6 +148,15 @@ class Registry:
         if self.on_binding_change is not None:
             self.on_binding_change(did, pid, previous.patient_id if previous else None)
         return previous
+
+    def refuse_edge_patient(self, pid: str, what: str) -> None:
+        """On a cloud, a patient an edge node owns is changed at that edge, never here (this
+        node must not write into the edge's stream: services/edges.py)."""
+        node = self.edge_owner(pid) if self.edge_owner is not None else None
+        if node is not None:
+            raise Conflict(
+                f"patient {pid} belongs to edge node {node}: {what} there", field="patient_id"
+            )
 
     async def unbind(self, did: str) -> Binding | None:
         now = self.clock()

@@ -56,6 +56,9 @@ class Streams:
         self._states: dict[str, PatientState] = {}  # as of the last published event
         self._subs: dict[str, set[Subscriber]] = {}
         self._saved: dict[str, int] = {}  # offset of each stream's saved snapshot
+        #: called after each published batch of events, whatever their streams (the edge's
+        #: uplink wakes on it: services/uplink.py)
+        self.taps: list[Any] = []
 
     async def load(self) -> None:
         """Read each stream's head; rebuild its live picture from the saved snapshot and the
@@ -162,6 +165,25 @@ class Streams:
                 self._submitted[stream],
             )
 
+    def submitted_head(self, stream: str) -> int:
+        """The offset of the last event of ``stream`` handed to the writer (committed, or
+        about to be: the writer retries until it is)."""
+        return self._submitted.get(stream, 0)
+
+    def take_mirrored(self, stream: str, last: int) -> None:
+        """A cloud takes an edge's events of ``stream`` up to offset ``last``, with the edge's
+        own offsets (services/edges.py): the next events it hands the writer carry them.
+
+        Raises ``ValueError`` if this node has events of the stream of its own in flight (a
+        mirrored stream is written by its edge alone)."""
+        if self._assigned.get(stream, 0) != self._submitted.get(stream, 0):
+            raise ValueError(f"stream {stream} has events of this node in flight")
+        self._assigned[stream] = last
+
+    def patient_streams(self) -> list[str]:
+        """Every patient stream with an event."""
+        return [s for s in self._states if s.startswith(ev.PATIENT_PREFIX)]
+
     def online_devices(self) -> list[tuple[str, str]]:
         """(patient id, device id) of every device whose last status says online."""
         out = []
@@ -214,6 +236,8 @@ class Streams:
             else:
                 for e in batch:
                     sub.push(e)
+        for tap in self.taps:
+            tap(events)
 
     def attach(self, stream: str, sub: Subscriber) -> tuple[int, dict[str, Any]]:
         """Register ``sub`` for live events and return the (offset, snapshot) it starts from.

@@ -175,6 +175,49 @@ async def metrics_json(request: Request) -> dict[str, Any]:
     }
 
 
+class EdgeNode(BaseModel):
+    """An edge node known to this cloud (docs/howto-edge.md)."""
+
+    node: str
+    connected: bool
+    patients: int
+    since: float | None = None
+    down_since: float | None = None
+    last_seen_s: float | None = None
+    #: events committed at the edge that this cloud has not yet made durable
+    backlog: int | None = None
+    #: how old the newest event of the edge's last frame was when it arrived (catch-up shows)
+    lag_s: float | None = None
+    events: int | None = None
+    duplicates: int | None = None
+
+
+class Uplink(BaseModel):
+    """This node's own link to its cloud, when it is an edge node."""
+
+    upstream: str
+    node: str
+    connected: bool
+    since: float | None = None
+    backlog: int | None = None
+    refused: dict[str, str]
+    last_error: str | None = None
+
+
+class Edges(BaseModel):
+    edges: list[EdgeNode]
+    uplink: Uplink | None = None
+
+
+@router.get("/edges", response_model=Edges, responses=error_responses(401, 422))
+async def edges(who: Annotated[Principal, Depends(principal)], request: Request) -> Any:
+    """The edge tier as this node sees it: the edge nodes that forward to it (connected or
+    since when not, their backlog and lag) and, on an edge node, its own uplink."""
+    svc = services(request)
+    uplink = svc.uplink.status() if svc.uplink is not None else None
+    return {"edges": svc.edges.status(), "uplink": uplink}
+
+
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
 async def readyz(request: Request) -> Any:
     """200 when the store answers, its migrations are the code's and the bus answers; 503 naming
