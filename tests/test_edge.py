@@ -89,6 +89,15 @@ async def test_edge_streams_reach_the_cloud_with_the_edges_offsets(dirs: Path) -
             (node,) = r.json()["edges"]
             assert node["node"] == "ward-a-gw" and node["connected"] is True
             assert node["patients"] == 3
+            async with httpx.AsyncClient(base_url=cloud.url) as http:
+                r = await http.get("/patients", headers={"Authorization": f"Bearer {token}"})
+            listed = {p["id"]: p for p in r.json()}
+            assert listed[pid]["edge"] == {"node": "ward-a-gw", "connected": True, "since": None}
+            async with httpx.AsyncClient() as http:
+                cloud_metrics = (await http.get(cloud.url + "/metrics")).text
+                edge_metrics = (await http.get(e.url + "/metrics")).text
+            assert 'vitalwire_edge_connected{node="ward-a-gw"} 1.0' in cloud_metrics
+            assert "vitalwire_uplink_connected 1.0" in edge_metrics
         finally:
             await mon.close()
     finally:
@@ -209,6 +218,62 @@ async def test_the_cloud_never_writes_into_an_edges_stream(dirs: Path) -> None:
         assert await _events(cloud.services.store, stream) == await _events(
             e.services.store, stream
         )
+    finally:
+        await stop_server(e, etask)
+        await stop_server(cloud, ctask)
+
+
+async def test_an_edge_alert_acknowledged_and_observed_from_the_cloud(dirs: Path) -> None:
+    """An alert raised at the edge shows once in the cloud; a cloud clinician acknowledges it
+    (done at the edge, as ``clinician@upstream``, and mirrored back); NEWS2 observations
+    recorded at the cloud are the edge's."""
+    cloud, ctask, e, etask, _ = await _edge_pair(dirs)
+    try:
+        await _connected(cloud, e)
+        did, secret, pid = e.device(0)
+        stream = f"patient:{pid}"
+        await wait_until(lambda: cloud.services.edges.owner(pid) is not None, 5, "claim")
+        async with DeviceClient(e.url, did, secret) as dev:
+            for _ in range(3):
+                dev.send(spo2=70, hr=72)  # below critical_low: raised at once, no delay
+            await dev.flush(10)
+
+        def cloud_alerts() -> list[dict[str, Any]]:
+            state = cloud.services.streams.picture(stream)
+            return [] if state is None else state.snapshot()["alerts"]
+
+        await wait_until(lambda: bool(cloud_alerts()), 10, "the edge's alert at the cloud")
+        (alert,) = [a for a in cloud_alerts() if a["condition"].startswith("spo2")]
+        token = await login_token(cloud, "clinician")
+        auth = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=cloud.url, headers=auth) as http:
+            r = await http.post(f"/alerts/{alert['alert_id']}/acknowledge")
+            assert r.status_code == 200, r.text
+            assert r.json()["changes"][0]["state"] == "acknowledged"
+            r = await http.post(f"/patients/{pid}/observations", json={"on_oxygen": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["observations"]["on_oxygen"] is True
+        edge_rows = await e.services.store.alerts_for(pid, 10)
+        (row,) = [x for x in edge_rows if x["alert_id"] == alert["alert_id"]]
+        assert row["acknowledged_by"] == "clinician@upstream"
+        assert e.services.alerts._observations[pid]["on_oxygen"] is True  # the edge's own
+
+        async def mirrored() -> bool:
+            rows = await cloud.services.store.alerts_for(pid, 10)
+            return any(
+                x["alert_id"] == alert["alert_id"] and x["acknowledged_by"] == "clinician@upstream"
+                for x in rows
+            )
+
+        await until(mirrored, 10, "the acknowledgement mirrored to the cloud")
+        raised = [
+            json.loads(d)
+            for _, kind, d in await _events(cloud.services.store, "alerts")
+            if kind == "alert"
+        ]
+        assert [x["action"] for x in raised if x["alert_id"] == alert["alert_id"]].count(
+            "raised"
+        ) == 1
     finally:
         await stop_server(e, etask)
         await stop_server(cloud, ctask)

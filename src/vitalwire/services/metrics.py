@@ -87,6 +87,21 @@ class _Live(Collector):
         for s in sorted(TERMINAL):
             commands.add_metric([s], svc.commands.settled[s])
         yield commands
+        if svc.edges is not None:  # a cloud: its edge nodes (docs/howto-edge.md)
+            rows = svc.edges.status()
+            for name, doc, key in (
+                ("edge_connected", "1 while the edge node's uplink is connected.", "connected"),
+                ("edge_backlog_events", "Events committed at the edge, not yet here.", "backlog"),
+                ("edge_lag_seconds", "Age of the edge's newest event when it arrived.", "lag_s"),
+            ):
+                family = GaugeMetricFamily(f"vitalwire_{name}", doc, labels=["node"])
+                for row in rows:
+                    family.add_metric([row["node"]], float(row.get(key) or 0))
+                yield family
+        if svc.uplink is not None:  # an edge node: its own link to the cloud
+            up = svc.uplink
+            yield gauge("uplink_connected", "1 while the uplink is connected.", up.connected)
+            yield gauge("uplink_backlog_events", "Events not yet at the cloud.", up.backlog())
 
 
 class Metrics:

@@ -53,6 +53,9 @@ log = logging.getLogger("vitalwire.uplink")
 BATCH = 1000
 #: Reconnect back-off: the first wait, doubled up to the last (with jitter).
 BACKOFF_S = (0.2, 5.0)
+#: ... and at most about this many bytes (the cloud reads frames up to ``hard_frame_bytes``,
+#: 1 MiB by default; waveform chunks are large events).
+BATCH_BYTES = 512 * 1024
 #: How often the edge reports its backlog to the cloud.
 STATUS_EVERY_S = 1.0
 #: A frame from the cloud is at most this large (acks and calls are small).
@@ -272,6 +275,7 @@ class Uplink:
             inflight = sum(self._sent[s] - self._acked.get(s, 0) for s in self._sent)
             budget = self.window - inflight
             frames: list[str] = []
+            size = 0
             for stream in list(self._sent):
                 if budget <= 0:
                     break
@@ -287,10 +291,14 @@ class Uplink:
                     continue
                 self._sent[stream] = events[-1].offset
                 budget -= len(events)
-                frames.extend(x.frame for x in events)
-                while len(frames) >= BATCH:
-                    await ws.send(wire.edge_events_frame(frames[:BATCH], self.backlog()))
-                    del frames[:BATCH]
+                for x in events:
+                    frame = x.frame
+                    if frames and (len(frames) >= BATCH or size + len(frame) > BATCH_BYTES):
+                        await ws.send(wire.edge_events_frame(frames, self.backlog()))
+                        frames = []
+                        size = 0
+                    frames.append(frame)
+                    size += len(frame)
             if frames:
                 await ws.send(wire.edge_events_frame(frames, self.backlog()))
             if not self._wake.is_set():

@@ -63,12 +63,22 @@ class Health(BaseModel):
     bus: str
 
 
+class EdgeReach(BaseModel):
+    """On a cloud, for an edge node's patient: the node, and whether it is connected now."""
+
+    node: str
+    connected: bool
+    since: float | None = None
+
+
 class Patient(BaseModel):
     id: str
     name: str
     ward: str
     devices: list[str]
     discharged_at: float | None = None
+    #: an edge node's patient, on a cloud (docs/howto-edge.md); null otherwise
+    edge: EdgeReach | None = None
 
 
 def services(request: Request) -> Services:
@@ -296,6 +306,10 @@ async def list_patients(
     if len(listed) <= AUDIT_LISTED_IDS:
         detail["patients"] = [p["id"] for p in listed]
     svc.access.audit(who.name, "list_patients", None, detail, _origin(request))
+    for p in listed:
+        reach = svc.edges.reachable(p["id"])
+        if reach is not None:
+            p["edge"] = reach
     return listed
 
 
