@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vitalwire.bus import Bus
-from vitalwire.store import AlertRow, AuditRow, Batch, CommandRow, ReadingRow, Store
+from vitalwire.store import AlertRow, AuditRow, Batch, CommandRow, Fenced, ReadingRow, Store
 from vitalwire.wire import Event
 
 log = logging.getLogger("vitalwire.writer")
@@ -97,6 +97,14 @@ class BatchWriter:
         self.rows_written = 0
         #: called once per commit with its rows and seconds (services/metrics.py)
         self.on_commit: Callable[[int, float], None] | None = None
+        #: Several nodes on one store (docs/architecture.md, "One writer per stream"): the
+        #: (node, epoch) of this node's lease of a stream, or None for a stream written
+        #: without one. Each batch then carries a fence the store checks in its transaction.
+        self.lease_of: Callable[[str], tuple[str, int] | None] | None = None
+        #: Called with the streams whose lease this node lost, when the store refused a batch
+        #: for them: their units were dropped (not acknowledged, not shown; devices resend).
+        self.on_fenced: Callable[[set[str]], None] | None = None
+        self.fenced_units = 0
 
     @property
     def pending_rows(self) -> int:
@@ -238,7 +246,7 @@ class BatchWriter:
             self._full.clear()
         return units
 
-    async def _commit(self, units: list[_Unit]) -> None:
+    def _batch(self, units: list[_Unit]) -> Batch:
         batch = Batch()
         for unit in units:
             batch.readings.extend(unit.readings)
@@ -246,12 +254,35 @@ class BatchWriter:
             batch.alerts.extend(unit.alerts)
             batch.audit.extend(unit.audit)
             batch.commands.extend(unit.commands)
+        if self.lease_of is not None and batch.events:
+            fence: dict[str, tuple[str, int, int, int]] = {}
+            for e in batch.events:
+                held = fence.get(e.stream)
+                if held is not None:
+                    fence[e.stream] = (held[0], held[1], held[2], e.offset)
+                elif (lease := self.lease_of(e.stream)) is not None:
+                    fence[e.stream] = (lease[0], lease[1], e.offset, e.offset)
+            batch.fence = fence or None
+        return batch
+
+    async def _commit(self, units: list[_Unit]) -> None:
+        batch = self._batch(units)
         delay = 0.05
         started = time.perf_counter()
         while True:
             try:
                 await self.store.write_batch(batch)
                 break
+            except Fenced as exc:  # another node writes these streams now: drop their units
+                kept = [u for u in units if not any(e.stream in exc.streams for e in u.events)]
+                self.fenced_units += len(units) - len(kept)
+                log.warning("lost the lease of %s: %d units dropped", exc, len(units) - len(kept))
+                if self.on_fenced is not None:
+                    self.on_fenced(exc.streams)
+                units = kept
+                batch = self._batch(units)
+                if not units:
+                    break
             except Exception:  # keep the batch; nothing was acknowledged or shown
                 self.failing = True
                 log.exception("store write failed; retrying in %.2f s", delay)

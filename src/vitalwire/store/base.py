@@ -70,15 +70,41 @@ class CommandRow:
     result: str | None = None  # JSON
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A node's right to write a stream (``stream_leases``): ``epoch`` is raised by every
+    acquisition; ``head`` is the stream's last offset when it was read."""
+
+    stream: str
+    node: str
+    epoch: int
+    head: int
+    expires_at: float
+
+
+class Fenced(Exception):
+    """A write batch named a stream whose lease this node no longer holds (another node
+    acquired it), or whose head moved: nothing of the batch was written."""
+
+    def __init__(self, streams: set[str]) -> None:
+        super().__init__(f"not this node's to write any more: {', '.join(sorted(streams))}")
+        self.streams = streams
+
+
 @dataclass(slots=True)
 class Batch:
-    """What one transaction writes."""
+    """What one transaction writes.
+
+    ``fence``: for several nodes on one store, ``stream -> (node, epoch, first offset, last
+    offset)`` of the batch's events: the transaction checks each lease and moves its head, or
+    raises :class:`Fenced` and writes nothing (docs/architecture.md, "One writer per stream")."""
 
     readings: list[ReadingRow] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     alerts: list[AlertRow] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     commands: list[CommandRow] = field(default_factory=list)
+    fence: dict[str, tuple[str, int, int, int]] | None = None
 
     def __len__(self) -> int:
         return (
@@ -148,6 +174,15 @@ class Store(Protocol):
     # the event log
     async def write_batch(self, batch: Batch) -> None: ...
     async def stream_heads(self) -> dict[str, int]: ...
+    # one writer per stream, for several nodes (docs/architecture.md)
+    async def acquire_stream(
+        self, stream: str, node: str, now: float, ttl_s: float, *, force: bool = False
+    ) -> Lease | None: ...
+    async def renew_streams(
+        self, node: str, held: dict[str, int], now: float, ttl_s: float
+    ) -> set[str]: ...
+    async def release_streams(self, node: str, held: dict[str, int]) -> None: ...
+    async def stream_lease(self, stream: str) -> Lease | None: ...
     async def events_after(self, stream: str, after: int, limit: int) -> list[Event]: ...
     async def first_offset(self, stream: str) -> int | None: ...
     async def recent_events(self, stream: str, limit: int) -> list[Event]: ...

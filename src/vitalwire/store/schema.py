@@ -109,6 +109,21 @@ events = Table(
     Index("ix_events_stream_kind_ts", "stream", "kind", "ts"),
 )
 
+# Who may write each stream, for several nodes on one store (migration 0011; docs/architecture.md,
+# "One writer per stream"): the node holding the lease, its epoch (raised by every acquisition),
+# the stream's last offset written under any epoch, and when the lease lapses unless renewed. A
+# write checks (epoch, head) in its own transaction: a node that lost the lease cannot write.
+stream_leases = Table(
+    "stream_leases",
+    metadata,
+    Column("stream", String(80), primary_key=True),
+    Column("node", String(64), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("head", BigInteger, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_stream_leases_node", "node"),
+)
+
 # Roll-ups of a stream's readings per 60 s grain and metric, written with the events they sum up
 # (store/rollups.py; migration 0010): vitals history serves its buckets from them.
 vital_rollups = Table(

@@ -46,6 +46,8 @@ from vitalwire.store.base import (
     Batch,
     Binding,
     CommandRow,
+    Fenced,
+    Lease,
     ReadingRow,
     RegistryChange,
     UserState,
@@ -378,10 +380,12 @@ class SqlStore:
     # -- the event log ------------------------------------------------------------------------
 
     async def write_batch(self, batch: Batch) -> None:
-        if self._fast is not None:
+        if self._fast is not None and batch.fence is None:
             await self._fast.write(self._fast_work(batch))
         else:
             async with self.engine.begin() as conn:
+                if batch.fence:
+                    await self._check_fence(conn, batch.fence)
                 if batch.readings:
                     unbound = [
                         _reading_row(r) for r in batch.readings if r.unbound_data is not None
@@ -752,6 +756,117 @@ class SqlStore:
         )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
+
+    # -- one writer per stream (several nodes; docs/architecture.md) ---------------------------
+
+    async def _check_fence(self, conn: Any, fence: dict[str, tuple[str, int, int, int]]) -> None:
+        """In the batch's transaction: each stream's lease is still (node, epoch) and its head
+        is the offset before the batch's first; move the head to the batch's last. Otherwise
+        raise :class:`Fenced` (the transaction rolls back: nothing of the batch is written).
+
+        The UPDATE takes the lease row's lock until the commit, so a node acquiring the lease
+        meanwhile waits for this write and then sees its head."""
+        c = t.stream_leases.c
+        lost: set[str] = set()
+        for stream, (node, epoch, first, last) in sorted(fence.items()):
+            result = await conn.execute(
+                update(t.stream_leases)
+                .where(
+                    c.stream == stream,
+                    c.node == node,
+                    c.epoch == epoch,
+                    c.head == first - 1,
+                )
+                .values(head=last)
+            )
+            if result.rowcount != 1:
+                lost.add(stream)
+        if lost:
+            raise Fenced(lost)
+
+    async def acquire_stream(
+        self, stream: str, node: str, now: float, ttl_s: float, *, force: bool = False
+    ) -> Lease | None:
+        """Take the lease of ``stream`` for ``node`` with a new epoch: when nobody holds it,
+        it lapsed, ``node`` holds it already, or ``force`` (a device of the stream's patient
+        is on ``node`` now). None when another node holds it and it has not lapsed.
+
+        A stream with no lease yet starts at its head in the event log (a store that one node
+        wrote before several did)."""
+        c = t.stream_leases.c
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(t.stream_leases).where(c.stream == stream).with_for_update()
+                )
+            ).first()
+            if row is None:
+                head = (
+                    await conn.execute(
+                        select(func.max(t.events.c.offset)).where(t.events.c.stream == stream)
+                    )
+                ).scalar()
+                lease = Lease(stream, node, 1, int(head or 0), now + ttl_s)
+                inserted = await conn.execute(
+                    self._insert_ignore(t.stream_leases).values(
+                        stream=stream,
+                        node=node,
+                        epoch=1,
+                        head=lease.head,
+                        expires_at=lease.expires_at,
+                    )
+                )
+                # another node inserted it first: its lease, not lapsed
+                return lease if inserted.rowcount == 1 else None
+            if row.node != node and row.expires_at > now and not force:
+                return None
+            lease = Lease(stream, node, int(row.epoch) + 1, int(row.head), now + ttl_s)
+            await conn.execute(
+                update(t.stream_leases)
+                .where(c.stream == stream)
+                .values(node=node, epoch=lease.epoch, expires_at=lease.expires_at)
+            )
+            return lease
+
+    async def renew_streams(
+        self, node: str, held: dict[str, int], now: float, ttl_s: float
+    ) -> set[str]:
+        """Extend ``node``'s leases (stream -> epoch); return the streams it no longer holds."""
+        if not held:
+            return set()
+        c = t.stream_leases.c
+        kept: set[str] = set()
+        streams = sorted(held)
+        async with self.engine.begin() as conn:
+            for i in range(0, len(streams), 500):
+                part = streams[i : i + 500]
+                rows = await conn.execute(
+                    update(t.stream_leases)
+                    .where(c.node == node, c.stream.in_(part))
+                    .values(expires_at=now + ttl_s)
+                    .returning(c.stream, c.epoch)
+                )
+                kept.update(s for s, epoch in rows if held.get(s) == epoch)
+        return set(streams) - kept
+
+    async def release_streams(self, node: str, held: dict[str, int]) -> None:
+        """Let the leases lapse at once (a clean shutdown): another node may take them."""
+        c = t.stream_leases.c
+        async with self.engine.begin() as conn:
+            for stream, epoch in sorted(held.items()):
+                await conn.execute(
+                    update(t.stream_leases)
+                    .where(c.stream == stream, c.node == node, c.epoch == epoch)
+                    .values(expires_at=0.0)
+                )
+
+    async def stream_lease(self, stream: str) -> Lease | None:
+        c = t.stream_leases.c
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.stream_leases).where(c.stream == stream))).first()
+        if row is None:
+            return None
+        return Lease(row.stream, row.node, int(row.epoch), int(row.head), float(row.expires_at))
 
     async def stream_heads(self) -> dict[str, int]:
         async with self.engine.connect() as conn:

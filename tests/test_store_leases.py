@@ -1,0 +1,145 @@
+"""One writer per stream, fenced by the store (store/sql.py ``stream_leases``; migration 0011):
+the contract for several nodes on one store, on every backend (tests/test_store.py's fixture)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_store import store  # noqa: F401  (the fixture: every backend)
+from vitalwire.store import Batch, Fenced, Store
+from vitalwire.wire import Event
+
+TTL = 10.0
+
+
+def _events(stream: str, first: int, n: int) -> list[Event]:
+    return [Event.new(stream, o, "reading", 1.0, {"spo2": 97}) for o in range(first, first + n)]
+
+
+def _fenced(node: str, epoch: int, *parts: tuple[str, int, int]) -> Batch:
+    """A batch of ``n`` events per (stream, first offset, n), fenced by (node, epoch)."""
+    b = Batch(fence={})
+    for stream, first, n in parts:
+        b.events.extend(_events(stream, first, n))
+        assert b.fence is not None
+        b.fence[stream] = (node, epoch, first, first + n - 1)
+    return b
+
+
+async def _offsets(s: Store, stream: str) -> list[int]:
+    return [e.offset for e in await s.events_after(stream, 0, 1000)]
+
+
+async def test_a_first_lease_starts_at_the_streams_head(store: Store) -> None:  # noqa: F811
+    await store.write_batch(Batch(events=_events("patient:P1", 1, 3)))  # one node wrote before
+    lease = await store.acquire_stream("patient:P1", "node-a", 100.0, TTL)
+    assert lease is not None and (lease.node, lease.epoch, lease.head) == ("node-a", 1, 3)
+    assert await store.stream_lease("patient:P1") == lease
+
+
+async def test_a_live_lease_is_another_nodes_only_by_force_or_when_lapsed(
+    store: Store,  # noqa: F811
+) -> None:
+    a = await store.acquire_stream("patient:P1", "node-a", 100.0, TTL)
+    assert a is not None
+    assert await store.acquire_stream("patient:P1", "node-b", 105.0, TTL) is None
+    again = await store.acquire_stream("patient:P1", "node-a", 105.0, TTL)
+    assert again is not None and again.epoch == 2  # every acquisition raises the epoch
+    forced = await store.acquire_stream("patient:P1", "node-b", 106.0, TTL, force=True)
+    assert forced is not None and (forced.node, forced.epoch) == ("node-b", 3)
+    lapsed = await store.acquire_stream("patient:P1", "node-c", 106.0 + TTL + 1, TTL)
+    assert lapsed is not None and (lapsed.node, lapsed.epoch) == ("node-c", 4)
+
+
+async def test_a_node_that_lost_the_lease_can_never_write_again(store: Store) -> None:  # noqa: F811
+    a = await store.acquire_stream("patient:P1", "node-a", 100.0, TTL)
+    a2 = await store.acquire_stream("patient:P2", "node-a", 100.0, TTL)
+    assert a is not None and a2 is not None
+    await store.write_batch(_fenced("node-a", a.epoch, ("patient:P1", 1, 5)))
+    # node b takes P1 over (its device reconnected there): the epoch goes up, the head is 5
+    b = await store.acquire_stream("patient:P1", "node-b", 101.0, TTL, force=True)
+    assert b is not None and (b.epoch, b.head) == (2, 5)
+    # node a, paused meanwhile, writes with its old epoch: refused, and the whole batch with it
+    # (its P2 events, which it still holds, are not written either: one transaction)
+    stale = _fenced("node-a", a.epoch, ("patient:P1", 6, 2), ("patient:P2", 1, 2))
+    with pytest.raises(Fenced) as refused:
+        await store.write_batch(stale)
+    assert refused.value.streams == {"patient:P1"}
+    assert await _offsets(store, "patient:P2") == []
+    await store.write_batch(_fenced("node-b", b.epoch, ("patient:P1", 6, 3)))
+    await store.write_batch(_fenced("node-a", a2.epoch, ("patient:P2", 1, 2)))
+    assert await _offsets(store, "patient:P1") == list(range(1, 9))  # one writer's offsets each
+    lease = await store.stream_lease("patient:P1")
+    assert lease is not None and (lease.node, lease.head) == ("node-b", 8)
+
+
+async def test_a_write_that_would_leave_a_gap_or_repeat_an_offset_is_refused(
+    store: Store,  # noqa: F811
+) -> None:
+    a = await store.acquire_stream("patient:P1", "node-a", 100.0, TTL)
+    assert a is not None
+    await store.write_batch(_fenced("node-a", a.epoch, ("patient:P1", 1, 3)))
+    for first in (5, 3):  # a gap after 3; offset 3 again
+        with pytest.raises(Fenced):
+            await store.write_batch(_fenced("node-a", a.epoch, ("patient:P1", first, 1)))
+    assert await _offsets(store, "patient:P1") == [1, 2, 3]
+
+
+async def test_renew_names_the_leases_lost_and_release_frees_them(store: Store) -> None:  # noqa: F811
+    held = {}
+    for s in ("patient:P1", "patient:P2"):
+        lease = await store.acquire_stream(s, "node-a", 100.0, TTL)
+        assert lease is not None
+        held[s] = lease.epoch
+    assert await store.renew_streams("node-a", held, 105.0, TTL) == set()
+    assert await store.acquire_stream("patient:P1", "node-b", 105.0 + TTL - 1, TTL) is None
+    taken = await store.acquire_stream("patient:P1", "node-b", 106.0, TTL, force=True)
+    assert taken is not None
+    assert await store.renew_streams("node-a", held, 107.0, TTL) == {"patient:P1"}
+    await store.release_streams("node-a", {"patient:P2": held["patient:P2"]})
+    freed = await store.acquire_stream("patient:P2", "node-b", 107.0, TTL)
+    assert freed is not None and freed.node == "node-b"
+
+
+async def test_the_writer_drops_only_the_units_of_a_stream_it_lost(store: Store) -> None:  # noqa: F811
+    """The batch writer fences every batch with this node's leases; when the store refuses one,
+    the units of the lost streams are dropped (never acknowledged, never shown: their devices
+    resend to the node that has the stream now) and the rest commit."""
+    from vitalwire.bus import open_bus
+    from vitalwire.services.writer import BatchWriter
+
+    bus = open_bus("memory://")
+    shown: list[Event] = []
+    await bus.open(shown.extend)
+    leases = {}
+    for s in ("patient:P1", "patient:P2"):
+        lease = await store.acquire_stream(s, "node-a", 100.0, TTL)
+        assert lease is not None
+        leases[s] = ("node-a", lease.epoch)
+    writer = BatchWriter(store, bus)
+    writer.lease_of = leases.get
+    lost: list[set[str]] = []
+    writer.on_fenced = lost.append
+    writer.start()
+    try:
+        acked: list[str] = []
+        writer.submit([], _events("patient:P1", 1, 2), lambda: acked.append("p1-a"))
+        await writer.flush()
+        taken = await store.acquire_stream("patient:P1", "node-b", 101.0, TTL, force=True)
+        assert taken is not None
+        writer.submit([], _events("patient:P1", 3, 2), lambda: acked.append("p1-b"))
+        writer.submit([], _events("patient:P2", 1, 2), lambda: acked.append("p2"))
+        await writer.flush()
+        assert lost == [{"patient:P1"}]
+        assert acked == ["p1-a", "p2"]
+        assert [(e.stream, e.offset) for e in shown] == [
+            ("patient:P1", 1),
+            ("patient:P1", 2),
+            ("patient:P2", 1),
+            ("patient:P2", 2),
+        ]
+        assert await _offsets(store, "patient:P1") == [1, 2]
+        assert writer.fenced_units == 1
+    finally:
+        await writer.stop()
+        await bus.close()
