@@ -25,6 +25,7 @@ log = logging.getLogger("vitalwire.edge_ws")
 
 #: Frames queued for an edge (acks, calls) before it counts as not reading them.
 OUTBOX_LIMIT = 10_000
+_CLOSING: set[asyncio.Task[None]] = set()
 
 
 def _error(exc: BaseException) -> str:
@@ -51,7 +52,9 @@ async def edge_endpoint(ws: Socket, svc: Services) -> None:
 
             def close(code: int, reason: str) -> None:
                 outbox.close()
-                asyncio.get_running_loop().create_task(_close(ws, outbox, code, reason))
+                task = asyncio.get_running_loop().create_task(_close(ws, outbox, code, reason))
+                _CLOSING.add(task)  # held until done: the loop keeps only a weak reference
+                task.add_done_callback(_CLOSING.discard)
 
             link = await hub.hello(hello, outbox.put, close)
         except TimeoutError:
