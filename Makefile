@@ -17,14 +17,20 @@ install: $(STAMP)
 demo: install
 	$(BIN)/vitalwire demo
 
-# The browser tests (tests/test_web.py) drive Debian's chromium: installed here when missing and
-# running as root (as CI does); otherwise they skip saying why (fail under
-# VITALWIRE_REQUIRE_SERVICES=1). Playwright's own browser downloads are not used.
+# The browser tests (tests/test_web.py) drive Debian's chromium, and the reverse-proxy tests
+# (tests/test_proxy_nginx.py) Debian's nginx: installed here when missing and running as root (as
+# CI does); otherwise they skip saying why (fail under VITALWIRE_REQUIRE_SERVICES=1).
+# Playwright's own browser downloads are not used.
 test: install
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing chromium for the browser tests (apt-get)"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 			>/dev/null 2>&1 || echo "apt-get could not install chromium: the browser tests will say so"; \
+	fi
+	@if [ ! -x /usr/sbin/nginx ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing nginx for the reverse-proxy tests (apt-get)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; } \
+			>/dev/null 2>&1 || echo "apt-get could not install nginx: the proxy tests will say so"; \
 	fi
 	$(BIN)/python -m pytest -q
 

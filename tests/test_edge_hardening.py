@@ -231,6 +231,39 @@ async def test_unauthenticated_connections_are_capped_per_address_and_in_total(
                 r.close()
 
 
+async def test_behind_a_trusted_proxy_the_bound_counts_the_forwarded_client(
+    tmp_path: Path,
+) -> None:
+    """Behind a proxy every socket comes from the proxy's address: the per-address bound
+    counts the client the trusted proxy names in X-Forwarded-For (uvicorn's
+    ``forwarded_allow_ips``: 127.0.0.1 by default), never what an untrusted peer claims."""
+    async with running(tmp_path, pre_auth_per_address=3, pre_auth_total=50) as srv:
+        held: list[Raw] = []
+        try:
+            for i in range(6):  # six clients through the proxy (127.0.0.1): none is refused
+                fwd = {"X-Forwarded-For": f"10.1.0.{i}"}
+                held.append(await Raw.open(srv, headers=fwd, source="127.0.0.1"))
+            assert [r.status for r in held] == [101] * 6
+            one = {"X-Forwarded-For": "10.1.0.9"}
+            for _ in range(3):
+                held.append(await Raw.open(srv, headers=one, source="127.0.0.1"))
+            refused = await Raw.open(srv, headers=one, source="127.0.0.1")
+            refused.close()
+            assert refused.status == 429  # one client past its bound, through the proxy
+            # an untrusted peer's header is not believed: it counts as itself
+            for i in range(3):
+                fwd = {"X-Forwarded-For": f"10.2.0.{i}"}
+                held.append(await Raw.open(srv, headers=fwd, source="127.0.0.2"))
+            forged = await Raw.open(
+                srv, headers={"X-Forwarded-For": "10.2.0.99"}, source="127.0.0.2"
+            )
+            forged.close()
+            assert forged.status == 429
+        finally:
+            for r in held:
+                r.close()
+
+
 def _pre_auth(srv: RunningServer) -> Any:
     return srv.server.config.ws.pre_auth  # type: ignore[attr-defined]
 

@@ -235,6 +235,26 @@ _FAST_OPCODES = frozenset((1, 2, 9, 10))
 _HEADERS = tuple(bytes((0x81, n)) for n in range(126))
 
 
+_TRUSTED: dict[str, Any] = {}
+
+
+def _trusted_hosts(config: Any) -> Any:
+    """uvicorn's parsed ``forwarded_allow_ips`` (None without proxy headers, or if this uvicorn
+    no longer has the class: the TCP peer is then used)."""
+    if not getattr(config, "proxy_headers", False):
+        return None
+    allowed = config.forwarded_allow_ips
+    key = allowed if isinstance(allowed, str) else ",".join(allowed or ())
+    if key not in _TRUSTED:
+        try:
+            from uvicorn.middleware.proxy_headers import _TrustedHosts
+        except ImportError:  # pragma: no cover - a uvicorn that moved it
+            _TRUSTED[key] = None
+        else:
+            _TRUSTED[key] = _TrustedHosts(allowed if allowed is not None else "127.0.0.1")
+    return _TRUSTED[key]
+
+
 def text_frames(texts: list[str]) -> bytes:
     """``texts`` as unmasked, unfragmented text frames, as a server sends them (RFC 6455 5.2)."""
     parts: list[bytes] = []
@@ -295,15 +315,32 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Any) -> None:
         pre_auth = self.pre_auth
         if pre_auth is not None and self.client is not None:
-            status = pre_auth.admit(self.client[0])
+            address = self._address(event)
+            status = pre_auth.admit(address)
             if status is not None:
                 self._refuse(status)
                 return
-            self._counted = self.client[0]
+            self._counted = address
         super().handle_connect(event)
         # the scope holds its own copy of the headers; the parser keeps the request
         self.request = None  # type: ignore[assignment]
         event.headers.clear()
+
+    def _address(self, event: Any) -> str:
+        """The peer's address for the pre-authentication bounds: behind a trusted proxy
+        (uvicorn's ``forwarded_allow_ips``, the environment's ``FORWARDED_ALLOW_IPS``), the
+        client it names in ``X-Forwarded-For``, as the app sees it; otherwise the TCP peer (a
+        proxy in front would otherwise be one address for every device and browser)."""
+        assert self.client is not None
+        peer = str(self.client[0])
+        trusted = _trusted_hosts(self.config)
+        if trusted is None or peer not in trusted:
+            return peer
+        forwarded = event.headers.get_all("X-Forwarded-For")
+        if not forwarded:
+            return peer
+        host = trusted.get_trusted_client_address(", ".join(forwarded))[0]
+        return str(host) if host else peer
 
     def _refuse(self, status: int) -> None:
         """Answer the handshake with ``status`` and close, without running the app."""
