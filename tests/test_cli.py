@@ -378,6 +378,9 @@ async def test_serve_and_demo_help_show_every_default() -> None:
             "--certfile": "none: plain http/ws",
             "--keyfile": "none",
             "--log-level": "info",
+            "--upstream": "none: not an edge node",
+            "--node-id": "none",
+            "--upstream-secret-file": "none",
         },
         "demo": {
             "--host": "127.0.0.1",

@@ -111,8 +111,7 @@ def serve(
         str | None,
         typer.Option(
             envvar="VITALWIRE_UPSTREAM",
-            help="Run as an edge node forwarding to this cloud (ws:// or wss://; "
-            "docs/howto-edge.md). Needs --node-id and the node's secret.",
+            help="Edge node of this cloud (ws:// or wss://; docs/howto-edge.md).",
             show_default="none: not an edge node",
         ),
     ] = None,
