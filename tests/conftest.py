@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,23 @@ DATA_DIR = Path(
     os.environ.get("VITALWIRE_VITALS_DIR") or Path(__file__).resolve().parents[1] / "data" / "bidmc"
 )
 REQUIRE_SERVICES = os.environ.get("VITALWIRE_REQUIRE_SERVICES") == "1"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cheap_password_hashes() -> Iterator[None]:
+    """argon2id at argon2's cheapest cost in this process. At the production cost each hash or
+    check takes 0.1 s of CPU (near a second on a busy machine), and every in-process server
+    hashes its users' passwords and every login checks one: minutes over the suite. The code
+    under test is the same; child processes (``vitalwire serve``, the demo) keep the default."""
+    from argon2 import PasswordHasher
+
+    from vitalwire.services import auth
+
+    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(auth, "_hasher", cheap)
+        mp.setattr(auth, "_DUMMY_HASH", cheap.hash("vitalwire-no-such-user"))
+        yield
 
 
 def need_data() -> Path:

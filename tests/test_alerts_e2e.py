@@ -45,10 +45,15 @@ async def _replay(srv: RunningServer, clock: ManualClock, path: Path) -> list[di
     return [e.data for e in events if e.kind == "alert"]
 
 
+#: The replays send a row and wait for its ack before the clock moves on: the server's default
+#: ack coalescing (at most one ack per device per 20 ms) would pace them at 20 ms a row.
+PROMPT_ACKS: dict[str, Any] = {"batch_max_wait_ms": 0, "ack_min_interval_ms": 0}
+
+
 @pytest.fixture
 async def clocked(tmp_path: Path) -> Any:
     clock = ManualClock()
-    srv, task = await start_server(tmp_path, patients=2, clock=clock, batch_max_wait_ms=0)
+    srv, task = await start_server(tmp_path, patients=2, clock=clock, **PROMPT_ACKS)
     try:
         yield srv, clock
     finally:
@@ -375,7 +380,9 @@ async def test_apnoea_delay_is_a_setting(
     """VITALWIRE_APNOEA_DELAY_S reaches the engine: 10 s of RR 0 (t = 0 .. 9) raise nothing, an
     eleventh second raises apnoea at high priority."""
     clock = ManualClock()
-    srv, task = await start_server(tmp_path, patients=1, clock=clock, apnoea_delay_s=10.0)
+    srv, task = await start_server(
+        tmp_path, patients=1, clock=clock, apnoea_delay_s=10.0, **PROMPT_ACKS
+    )
     try:
         events = await _send_each_second(srv, clock, {"rr": 0}, seconds)
     finally:

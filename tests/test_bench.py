@@ -550,6 +550,13 @@ def test_bench_login_flood_measures_each_phase_beside_idle(
 ) -> None:
     """Idle, right-password and wrong-password phases on one server: the readings arrive in
     each, the logins are counted by status, and the wrong passwords meet the throttle."""
+    from argon2 import PasswordHasher
+
+    from vitalwire.services import auth
+
+    # the bench provisions its users here: at argon2's real cost, which the flood is about
+    # (tests/conftest.py makes it cheap for the other tests)
+    monkeypatch.setattr(auth, "_hasher", PasswordHasher())
     # the server the bench starts inherits this: each address is held after 2 failures
     monkeypatch.setenv("VITALWIRE_LOGIN_ADDRESS_FREE", "2")
     out = tmp_path / "login-flood.json"

@@ -44,7 +44,7 @@ def test_bench_web_measures_the_station_and_the_baseline(tmp_path: Path) -> None
     out = tmp_path / "web.json"
     r = CliRunner().invoke(
         app,
-        ["bench", "web", "--beds", "4", "--duration", "8", "--warmup", "2", "--json", str(out)],
+        ["bench", "web", "--beds", "4", "--duration", "4", "--warmup", "1", "--json", str(out)],
     )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())

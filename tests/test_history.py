@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from tests.conftest import RunningServer, login_token, start_server, stop_server, wait_until
 from tests.test_store import fresh_postgres_db
@@ -78,6 +79,17 @@ async def test_readings_and_statuses_between_times_in_ts_then_offset_order(store
 @pytest.fixture
 async def srv(tmp_path: Path) -> AsyncIterator[RunningServer]:
     running, task = await start_server(tmp_path, patients=2)
+    try:
+        yield running
+    finally:
+        await stop_server(running, task)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_srv(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
+    """One server for the tests that only read (bad parameters, the OpenAPI document): they and
+    this fixture run on the module's event loop."""
+    running, task = await start_server(tmp_path_factory.mktemp("history"), patients=2)
     try:
         yield running
     finally:
@@ -238,9 +250,11 @@ async def test_out_of_care_is_403_and_audited_unknown_is_404(srv: RunningServer)
         ({"from": "nan", "to": 100}, "from", "finite"),
     ],
 )
+@pytest.mark.asyncio(loop_scope="module")
 async def test_bad_parameters_are_422_naming_the_field(
-    srv: RunningServer, params: dict[str, Any], field: str, bound: str
+    shared_srv: RunningServer, params: dict[str, Any], field: str, bound: str
 ) -> None:
+    srv = shared_srv
     r = await _get(srv, await login_token(srv, "clinician"), srv.device(0)[2], **params)
     assert r.status_code == 422, r.text
     body = r.json()
@@ -248,8 +262,9 @@ async def test_bad_parameters_are_422_naming_the_field(
     assert bound in body["message"], body
 
 
-async def test_the_route_is_documented_with_its_errors(srv: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=srv.url) as http:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_route_is_documented_with_its_errors(shared_srv: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=shared_srv.url) as http:
         spec = (await http.get("/openapi.json")).json()
     op = spec["paths"]["/patients/{patient_id}/vitals"]["get"]
     assert {"200", "401", "403", "404", "422"} <= set(op["responses"])

@@ -22,6 +22,7 @@ from tests.conftest import (
     RunningServer,
     ServerProcess,
     free_port,
+    login_token,
     provision_db,
     start_server,
     stop_server,
@@ -177,13 +178,9 @@ async def test_device_network_loss_resends_everything_in_order(server: RunningSe
     assert dev.connections >= 2
 
 
-async def _raw_client(srv: RunningServer) -> ClientConnection:
-    async with httpx.AsyncClient(base_url=srv.url) as http:
-        r = await http.post(
-            "/auth/login", json=dict(zip(("username", "password"), srv.user(), strict=True))
-        )
+async def _raw_client(srv: RunningServer, token: str) -> ClientConnection:
     ws = await connect(srv.ws_url + "/ws", proxy=None, max_size=2**24)
-    await ws.send(json.dumps({"type": "auth", "token": r.json()["access_token"], "id": 1}))
+    await ws.send(json.dumps({"type": "auth", "token": token, "id": 1}))
     assert json.loads(await ws.recv())["ok"] is True
     return ws
 
@@ -197,12 +194,13 @@ async def test_resume_during_a_live_stream_has_no_gap_and_no_duplicate(tmp_path:
     dev = DeviceClient(srv.url, did, secret, max_batch=20)
     received: list[int] = []
     try:
+        token = await login_token(srv, "clinician")  # one login: each reconnect reuses it
         await dev.start()
         producer = asyncio.create_task(produce(dev, 10**9))
         await wait_until(lambda: dev.acked > 20, 10, "stream running")
         since = 3
         for _ in range(40):
-            ws = await _raw_client(srv)
+            ws = await _raw_client(srv, token)
             try:
                 await ws.send(
                     json.dumps(
@@ -392,6 +390,7 @@ async def test_half_open_device_connection_is_detected_and_closed(tmp_path: Path
             assert (await mon.next_event()).data["status"] == "online"
             proxy.freeze()  # no bytes either way, no FIN, no RST: half-open
             offline = await mon.next_event(timeout=10)
+            proxy.cut()  # else the device's own close waits out its close handshake's timeout
             await dev.close()
         assert (offline.data["status"], offline.data["reason"]) == ("offline", "heartbeat timeout")
         assert did not in srv.services.ingest.sessions
