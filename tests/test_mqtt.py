@@ -294,6 +294,49 @@ async def test_messages_past_the_bounds_are_refused_alone(tmp_path: Path) -> Non
             assert [d["seq"] for d in await stream_events(srv, pid, "reading")] == [1]
 
 
+async def test_a_device_over_its_rate_is_refused_until_it_publishes_again(
+    tmp_path: Path,
+) -> None:
+    """The /ws/device bound on MQTT: past it an error names the bound and the first refused
+    seq; later readings wait until the device publishes again from it, so no ack ever covers
+    a refused reading; the bridge, the session and another device are not touched."""
+    need_broker()
+    async with bridged(tmp_path, device_msgs_per_s=1.0, device_msgs_burst=2) as (srv, prefix):
+        bridge = srv.services.mqtt
+        now = [1000.0]
+        bridge.clock = lambda: now[0]  # the bucket refills only when the test says
+        (did, _, pid), (other, _, other_pid) = srv.device(0), srv.device(1)
+        async with Device(prefix, did) as dev, Device(prefix, other) as dev_b:
+            await dev.publish(mqtt.READINGS, reading(1, spo2=97))
+            await dev.publish(mqtt.READINGS, reading(2, spo2=96))
+            await dev.publish(mqtt.READINGS, reading(3, spo2=95))  # past the burst of 2
+            await dev.publish(mqtt.READINGS, reading(4, spo2=94))
+            for seq in (1, 2):
+                await dev_b.publish(mqtt.READINGS, reading(seq, spo2=98))
+            await wait_until(lambda: len(dev.of(mqtt.ERRORS)) == 2, 10, "two refusals")
+            await wait_until(lambda: dev_b.acked() == 2, 10, "the other device's ack")
+            over, still = dev.of(mqtt.ERRORS)
+            assert (over["code"], over["seq"]) == ("rate_limited", 3)
+            assert "at most 1/s, burst 2" in over["message"]
+            assert (still["code"], still["seq"]) == ("rate_limited", 3)
+            assert dev.acked() == 2
+            now[0] += 10  # tokens again: a new reading is refused until 3 comes again
+            await dev.publish(mqtt.READINGS, reading(5, spo2=93))
+            await wait_until(lambda: len(dev.of(mqtt.ERRORS)) == 3, 10, "a third refusal")
+            owed = dev.of(mqtt.ERRORS)[2]
+            assert (owed["code"], owed["field"], owed["seq"]) == ("rate_limited", "seq", 3)
+            assert "from seq 3" in owed["message"] and "got seq 5" in owed["message"]
+            assert dev.acked() == 2  # nothing refused is covered by an ack
+            items = [item(3, spo2=95), item(4, spo2=94), item(5, spo2=93)]
+            await dev.publish(mqtt.READINGS, {"type": "readings", "items": items})
+            await wait_until(lambda: dev.acked() == 5, 10, "ack of seq 5")
+            assert len(dev.of(mqtt.ERRORS)) == 3
+            assert [d["seq"] for d in await stream_events(srv, pid, "reading")] == [1, 2, 3, 4, 5]
+            assert [d["seq"] for d in await stream_events(srv, other_pid, "reading")] == [1, 2]
+            assert dev_b.of(mqtt.ERRORS) == []
+            assert bridge.connected.is_set() and did in srv.services.ingest.sessions
+
+
 async def test_an_unknown_device_is_refused_with_an_error(tmp_path: Path) -> None:
     need_broker()
     async with bridged(tmp_path) as (srv, prefix):

@@ -478,6 +478,76 @@ class HistoryDb(StrEnum):
     postgresql = "postgresql"
 
 
+@bench_app.command("mqtt")
+def bench_mqtt_cmd(
+    devices: Annotated[int, typer.Option(min=1, help="Devices on each path.")] = 2000,
+    rate: Annotated[float, typer.Option(min=0.1, help="Readings per second per device.")] = 1.0,
+    clients: Annotated[int, typer.Option(min=1, help="Client connections (/ws).")] = 200,
+    patients_per_client: Annotated[int, typer.Option(min=1, help="Patients each watches.")] = 20,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of load per path.")] = 20.0,
+    workers: Annotated[int, typer.Option(min=1, help="Load generator processes.")] = 2,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds not in the latency.")] = 0.0,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            help="Use this broker's anonymous listener (mqtt://host:port) instead of starting "
+            "a Mosquitto of the bench's own with howto-mqtt.md's settings.",
+            show_default=False,
+        ),
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """The ward shape's devices on /ws/device, then publishing QoS 1 through the MQTT broker
+    that vitalwire bridges, with the same /ws clients: one server, one run (target for the MQTT
+    path: p99 <= 15 ms from the device's publish to the client's socket, 0 lost)."""
+    from rich.table import Table
+
+    from vitalwire.bench.load import Shape
+    from vitalwire.bench.mqtt import bench_mqtt
+    from vitalwire.bench.runner import write_json
+
+    if warmup >= duration:
+        raise typer.BadParameter(
+            f"must be less than --duration ({duration:g} s), got {warmup:g}", param_hint="--warmup"
+        )
+    shape = Shape(devices, rate, clients, patients_per_client, duration, workers, "python", warmup)
+    try:
+        r = asyncio.run(bench_mqtt(shape, broker))
+    except (ValueError, RuntimeError) as exc:
+        console.print(f"[red]the MQTT bench failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    t = Table(
+        title=f"mqtt: {devices} devices x {rate:g} Hz per path, {clients} clients x "
+        f"{patients_per_client} patients, {duration:g} s each (broker {r['broker_auth']})"
+    )
+    cols = ("path", "delivered/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "lost", "dup")
+    for col in cols + ("server CPU %", "broker CPU %", "gen CPU s", "unacked"):
+        t.add_column(col, justify="left" if col == "path" else "right")
+    for row in r["rows"]:
+        lat = row["latency_ms"]
+        bcpu = row.get("broker_cpu_pct")
+        t.add_row(
+            row["target"],
+            f"{row['delivered_per_s']:,.0f}",
+            *(f"{lat[k]:.2f}" for k in ("p50", "p99", "p99.9", "max")),
+            str(row["lost"]),
+            str(row["duplicated"]),
+            f"{row['server_cpu_pct']:.0f}",
+            "-" if bcpu is None else f"{bcpu:.0f}",
+            f"{row['generator_cpu_s']:.1f}",
+            str(row.get("unacked_at_end", "-")),
+        )
+    Console(width=max(console.width, 150)).print(t)
+    if r["met"] is not None:
+        verdict = "met" if r["met"] else "MISSED"
+        console.print(f"MQTT path p99 <= {r['target_p99_ms']:g} ms with 0 lost: {verdict}")
+    for row in r["rows"]:
+        for err in row["errors"]:
+            console.print(f"[yellow]{row['target']}: {err}[/yellow]")
+    if json_path:
+        write_json(json_path, r)
+
+
 @bench_app.command("history")
 def bench_history_cmd(
     db: Annotated[HistoryDb, typer.Option(help="The store's backend.")] = HistoryDb.sqlite,
@@ -648,3 +718,31 @@ def bench_web_cmd(
         console.print(f"[yellow]{line}[/yellow]")
     if json_path:
         write_json(json_path, r)
+
+
+@bench_app.command("edge")
+def bench_edge_cmd(
+    devices: Annotated[int, typer.Option(min=1, help="Devices at the edge.")] = 50,
+    rate: Annotated[float, typer.Option(min=0.1, help="Readings per second per device.")] = 10.0,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of load timed.")] = 60.0,
+    outage: Annotated[
+        float, typer.Option(min=0, help="Then cut the uplink this long, time the catch-up.")
+    ] = 0.0,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds not in the latency.")] = 2.0,
+    json_path: JsonOpt = None,
+) -> None:
+    """A cloud and an edge node (processes) with the uplink through a TCP proxy: what the relay
+    adds to a reading's latency (edge client vs cloud client, one run), and with --outage the
+    catch-up after the uplink was cut under load; then both stores compared (targets: p99 added
+    <= 100 ms, catch-up >= 10x real time, nothing lost)."""
+    from vitalwire.bench.edge import print_edge
+    from vitalwire.bench.edge import run as run_edge
+
+    if warmup >= duration:
+        raise typer.BadParameter(
+            f"must be less than --duration ({duration:g} s), got {warmup:g}", param_hint="--warmup"
+        )
+    r = run_edge(devices, rate, duration, outage, warmup, lambda m: console.print(f"[dim]{m}"))
+    print_edge(r, Console(width=max(console.width, 140)))
+    if json_path:
+        json_path.write_text(json.dumps(r, indent=2) + "\n")
