@@ -277,3 +277,33 @@ async def test_an_edge_alert_acknowledged_and_observed_from_the_cloud(dirs: Path
     finally:
         await stop_server(e, etask)
         await stop_server(cloud, ctask)
+
+
+async def test_a_discharge_at_the_edge_is_the_clouds_record_too(
+    dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitalwire.services import uplink
+
+    monkeypatch.setattr(uplink, "PATIENTS_EVERY_S", 1.0)
+    cloud, ctask, e, etask, _ = await _edge_pair(dirs)
+    try:
+        await _connected(cloud, e)
+        _, _, pid = e.device(1)
+        await wait_until(lambda: cloud.services.edges.owner(pid) is not None, 5, "claim")
+        token = await login_token(e, "admin")
+        async with httpx.AsyncClient(base_url=e.url) as http:
+            r = await http.post(
+                f"/admin/patients/{pid}/discharge", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert r.status_code == 200, r.text
+
+        async def discharged() -> bool:
+            row = await cloud.services.store.get_patient(pid)
+            return row is not None and row["discharged_at"] is not None
+
+        await until(discharged, 10, "the discharge at the cloud")
+        row = await cloud.services.store.get_patient(pid)
+        assert row is not None and row["discharged_by"] == "admin@ward-a-gw"
+    finally:
+        await stop_server(e, etask)
+        await stop_server(cloud, ctask)

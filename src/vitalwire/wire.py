@@ -618,10 +618,13 @@ class EdgeHello(msgspec.Struct, tag="edge_hello", **_opts):
     protocol: int = EDGE_PROTOCOL
 
 
-class EdgePatient(msgspec.Struct, forbid_unknown_fields=True):
+class EdgePatient(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     id: Str64
     name: Str256
     ward: Str64
+    #: discharged at the edge (when, and by whom): the cloud's record says so too
+    discharged_at: float | None = None
+    discharged_by: Str64 | None = None
 
 
 class EdgePatients(msgspec.Struct, tag="edge_patients", **_opts):

@@ -180,6 +180,10 @@ class EdgeHub:
                 self._owner[pid] = link.node
                 self._owned.setdefault(link.node, set()).add(pid)
                 changed = True
+            if p.discharged_at is not None:  # discharged at the edge: so here
+                by = f"{p.discharged_by or 'unknown'}@{link.node}"[:64]
+                if await svc.store.discharge_patient(pid, p.discharged_at, by):
+                    created = True  # the access cache must drop them from the care teams
             heads[stream] = svc.streams.submitted_head(stream)
         if changed:
             owned = {node: sorted(pids) for node, pids in self._owned.items()}

@@ -58,6 +58,8 @@ BACKOFF_S = (0.2, 5.0)
 BATCH_BYTES = 512 * 1024
 #: How often the edge reports its backlog to the cloud.
 STATUS_EVERY_S = 1.0
+#: How often the edge looks for changes of its patients' records (a discharge) to send.
+PATIENTS_EVERY_S = 5.0
 #: A frame from the cloud is at most this large (acks and calls are small).
 MAX_FRAME = 1 << 20
 
@@ -211,11 +213,17 @@ class Uplink:
         return msg
 
     async def _patients(self) -> list[wire.EdgePatient]:
+        """Every patient of this node, discharged ones with when and by whom."""
         rows = await self.svc.store.list_patients()
         return [
-            wire.EdgePatient(r["id"], r["name"], r["ward"])
+            wire.EdgePatient(
+                r["id"],
+                r["name"],
+                r["ward"],
+                r.get("discharged_at"),
+                (r.get("discharged_by") or "")[:64] or None,
+            )
             for r in rows
-            if not r.get("discharged_at")
         ]
 
     async def _claim(self, ws: ClientConnection, patients: list[wire.EdgePatient]) -> None:
@@ -254,10 +262,21 @@ class Uplink:
                 await ws.send(wire.encode_text(wire.Pong(id=msg.id, ts=msg.ts)))
 
     async def _status(self, ws: ClientConnection) -> None:
+        """The backlog every second; the patients again when they changed here (a discharge,
+        a new name), checked every :data:`PATIENTS_EVERY_S`."""
+        ticks = 0
+        last = await self._patients()
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
             n = len(self._sent)
             await ws.send(wire.encode_text(wire.EdgeStatus(self.backlog(), n)))
+            ticks += 1
+            if ticks % round(PATIENTS_EVERY_S / STATUS_EVERY_S) == 0:
+                now = await self._patients()
+                changed = [p for p in now if p.id in self._claimed and p not in last]
+                if changed:
+                    await self._claim(ws, changed)
+                last = now
 
     async def _forward(self, ws: ClientConnection) -> None:
         streams = self.svc.streams
