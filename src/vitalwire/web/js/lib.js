@@ -1,7 +1,7 @@
 // The one place the app imports its libraries from (vendored by tools/vendor_web.py).
 import { h, render, Fragment, createContext } from '../vendor/preact.module.js';
 import {
-  useState, useEffect, useRef, useMemo, useCallback, useContext, useReducer,
+  useState, useEffect, useLayoutEffect, useRef, useMemo, useCallback, useContext, useReducer,
 } from '../vendor/preact-hooks.module.js';
 import htm from '../vendor/htm.module.js';
 import uPlot from '../vendor/uPlot.esm.js';
@@ -9,7 +9,7 @@ import uPlot from '../vendor/uPlot.esm.js';
 export const html = htm.bind(h);
 export {
   h, render, Fragment, createContext,
-  useState, useEffect, useRef, useMemo, useCallback, useContext, useReducer,
+  useState, useEffect, useLayoutEffect, useRef, useMemo, useCallback, useContext, useReducer,
   uPlot,
 };
 

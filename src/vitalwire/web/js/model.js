@@ -52,6 +52,33 @@ export class Series {
   }
 }
 
+/** Render ticks: what screens show changes at most every TICK_MS, all models due in one go.
+ *  64 monitors at 1 Hz with unsynchronised phases otherwise put a change into nearly every frame
+ *  at 60 Hz (a model's `change` in the frame after its reading), and each such frame pays style,
+ *  layout, hit testing under the pointer, layerization and commit for the whole page however
+ *  small the change: a central station's busy share scaled with the frames, not with the work in
+ *  them (docs/benchmarks.md, "Web app"). A reading waits at most TICK_MS more to be shown
+ *  (issue 27: p99 <= 250 ms from reading to screen). */
+export const TICK_MS = 100;
+const due = new Set(); // what runs in the next tick's frame
+let tickTimer = null;
+
+/** Run `fn` once at the next tick (however often it is asked for before). A tick is a timer
+ *  task on a fixed grid of TICK_MS (not TICK_MS after the first caller): what it changes is
+ *  painted in the next frame, one frame per tick. (Not a requestAnimationFrame from the timer:
+ *  that waited up to a frame more, and whatever the render's effects asked of the next frame
+ *  made it a second frame per tick.) */
+export function onTick(fn) {
+  due.add(fn);
+  if (tickTimer != null) return;
+  tickTimer = setTimeout(() => {
+    tickTimer = null;
+    const fns = [...due];
+    due.clear();
+    for (const f of fns) { try { f(); } catch (e) { console.error(e); } }
+  }, TICK_MS - (performance.now() % TICK_MS));
+}
+
 /** A trend point that is a gap (no data), not a value. */
 export const isGap = (x) => x == null || x !== x;
 const LOW_BATTERY = 20; // %, as the low_battery alert (docs/alerts.md)
@@ -132,11 +159,11 @@ export class PatientModel extends Emitter {
     this.schedule();
   }
 
-  /** Re-render at most once per animation frame, however many events came in it. */
+  /** Re-render at the next render tick, however many events came before it. */
   schedule() {
     if (this.pending) return;
     this.pending = true;
-    requestAnimationFrame(() => { this.pending = false; this.emit('change'); });
+    onTick(() => { this.pending = false; this.emit('change'); });
   }
 
   apply(ev) {

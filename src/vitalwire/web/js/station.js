@@ -3,13 +3,16 @@
 // trend, device flags, NEWS2 and the colour and flashing of its highest open alert.
 //
 // Performance (issue 27: 64 beds at 1 Hz, reading-to-screen p99 <= 250 ms): each tile subscribes
-// to its own PatientModel and re-renders only when that model emits 'change' (at most once per
-// animation frame); the station itself re-renders only when the patient list or the connection
-// state changes, and the banner only when the alerts stream does. Sparklines are drawn on a canvas
-// straight from the model's trend arrays, with no allocation per frame and no layout reads (a
-// ResizeObserver sizes the canvases).
-import { html, useState, useEffect, useRef, METRICS, clock, fmt } from './lib.js';
+// to its own PatientModel and re-renders only when that model emits 'change', at most once per
+// render tick (model.js's onTick: ten a second, every tile due in the same frame); the station
+// itself re-renders only when the patient list or the connection state changes, and the banner
+// only when the alerts stream does. Sparklines are SVG paths drawn straight from the model's
+// trend arrays, with no layout reads.
+import {
+  html, useState, useEffect, useLayoutEffect, useRef, METRICS, clock, fmt,
+} from './lib.js';
 import { useCtx } from './ctx.js';
+import { onTick } from './model.js';
 import { audioFor, PAUSE_S } from './audio.js';
 
 const SPARK_S = 300; // seconds of trend a tile's sparkline shows
@@ -61,16 +64,14 @@ function pruneDescribed(alerts) {
 
 // ---- sparklines -------------------------------------------------------------------------------
 
-const sized = new ResizeObserver((entries) => {
-  for (const e of entries) {
-    const c = e.target;
-    const dpr = window.devicePixelRatio || 1;
-    const w = Math.round(e.contentRect.width * dpr);
-    const h = Math.round(e.contentRect.height * dpr);
-    if (w !== c.width || h !== c.height) { c.width = w; c.height = h; }
-    if (c.redraw) c.redraw();
-  }
-});
+// An inline SVG path per series, not a canvas per tile: 64 canvases were 64 composited layers
+// (layerized and committed at every frame) and were rasterised on the main thread at each
+// redraw; a path is recorded into the tile's paint and rasterised off the main thread. The
+// viewBox is the 5-minute window (x in seconds) by the box's height (in half pixels), stretched
+// to the tile's width; the strokes do not scale with it.
+const SPARK_H = 34; // px, as .spark in station.css
+const SPARK_PAD = 2; // px above and below the line
+const SPARK_Y = 2; // viewBox units a pixel (y)
 
 const SPARK_SERIES = [
   { key: 'spo2', color: '#58a6ff', minSpan: 6 },
@@ -117,8 +118,10 @@ function lowerBound(t, x, hi = t.length) {
 
 const NO_TREND = { t: [], v: [] };
 
-// scratch state of the series being drawn (no allocation per frame)
-const pen = { min: 0, max: 0, down: false, last: 0, sx: 0, sy: 0, from: 0, h: 0, pad: 0 };
+// scratch state of the series being drawn
+const pen = {
+  min: 0, max: 0, down: false, l: false, last: 0, from: 0, sy: 0, x: 0, y: 0, d: '',
+};
 
 function extent(t, v, lo, hi) {
   for (let i = lo; i < hi; i++) {
@@ -127,92 +130,98 @@ function extent(t, v, lo, hi) {
   }
 }
 
-function trace(g, t, v, lo, hi) {
+/** A number of a path's coordinate list, with the separator it needs ('-' is one). */
+const num = (n) => (n < 0 ? `${n}` : ` ${n}`);
+
+// A path in whole units of the viewBox (x: seconds, y: half pixels), each point relative to the
+// one before ("M x y l dx dy dx dy ..."): about 4 characters a point instead of 13. Redrawn for
+// 64 tiles every 2 s, the path strings were most of what the station allocated, and the heap
+// measured after a collection counts what is allocated while it is read.
+function trace(t, v, lo, hi) {
   for (let i = lo; i < hi; i++) {
     const x = v[i];
     if (x == null || x !== x || t[i] - pen.last > SPARK_GAP_S) pen.down = false;
     if (x == null || x !== x) continue; // a gap (NaN in the model's trend, null in the back-fill)
-    const px = (t[i] - pen.from) * pen.sx;
-    const py = pen.h - pen.pad - (x - pen.min) * pen.sy;
-    if (pen.down) g.lineTo(px, py); else g.moveTo(px, py);
+    const px = Math.round(t[i] - pen.from);
+    const py = Math.round(SPARK_Y * (SPARK_H - SPARK_PAD - (x - pen.min) * pen.sy));
+    if (!pen.down) pen.d += `M${px}${num(py)}`;
+    else pen.d += (pen.l ? '' : 'l') + num(px - pen.x) + num(py - pen.y);
+    pen.l = pen.down; // a lineto is open (its next points need no command letter)
+    pen.x = px; pen.y = py;
     pen.down = true;
     pen.last = t[i];
   }
 }
 
-/** SpO2 and HR over the last SPARK_S seconds, each scaled to its own range (the shape is what
- *  matters at a glance); null values and missing stretches break the line. */
-function drawSpark(canvas, model) {
-  const w = canvas.width, h = canvas.height;
-  if (!w || !h) return;
-  const g = canvas.getContext('2d');
-  g.clearRect(0, 0, w, h);
+/** The path of one series over the last SPARK_S seconds, scaled to its own range (the shape is
+ *  what matters at a glance); null values and missing stretches break the line. */
+function sparkPath(model, key, minSpan) {
   const to = model.lastTs;
-  if (to == null) return;
-  const dpr = window.devicePixelRatio || 1;
+  if (to == null) return '';
   const from = to - SPARK_S;
   let past = before.get(model);
   if (past && model.trend.hr && model.trend.hr.t[0] <= from) {
     before.set(model, null); // the live trend covers the window now: let the back-fill go
     past = null;
   }
-  g.lineWidth = 1.5 * dpr;
-  g.lineJoin = 'round';
-  for (const { key, color, minSpan } of SPARK_SERIES) {
-    const live = model.trend[key] || NO_TREND;
-    const p = past && past[key];
-    const liveLo = lowerBound(live.t, from);
-    const pastLo = p ? lowerBound(p.t, from) : 0;
-    const pastHi = p ? lowerBound(p.t, live.t.length ? live.t[0] : Infinity) : 0;
-    pen.min = Infinity; pen.max = -Infinity;
-    if (p) extent(p.t, p.v, pastLo, pastHi);
-    extent(live.t, live.v, liveLo, live.t.length);
-    if (pen.min === Infinity) continue;
-    if (pen.max - pen.min < minSpan) {
-      const mid = (pen.max + pen.min) / 2;
-      pen.min = mid - minSpan / 2; pen.max = mid + minSpan / 2;
-    }
-    pen.pad = 2 * dpr; pen.h = h; pen.from = from;
-    pen.sx = w / SPARK_S;
-    pen.sy = (h - 2 * pen.pad) / (pen.max - pen.min);
-    pen.down = false; pen.last = -Infinity;
-    g.strokeStyle = color;
-    g.beginPath();
-    if (p) trace(g, p.t, p.v, pastLo, pastHi);
-    trace(g, live.t, live.v, liveLo, live.t.length);
-    g.stroke();
+  const live = model.trend[key] || NO_TREND;
+  const p = past && past[key];
+  const liveLo = lowerBound(live.t, from);
+  const pastLo = p ? lowerBound(p.t, from) : 0;
+  const pastHi = p ? lowerBound(p.t, live.t.length ? live.t[0] : Infinity) : 0;
+  pen.min = Infinity; pen.max = -Infinity;
+  if (p) extent(p.t, p.v, pastLo, pastHi);
+  extent(live.t, live.v, liveLo, live.t.length);
+  if (pen.min === Infinity) return '';
+  if (pen.max - pen.min < minSpan) {
+    const mid = (pen.max + pen.min) / 2;
+    pen.min = mid - minSpan / 2; pen.max = mid + minSpan / 2;
+  }
+  pen.from = from;
+  pen.sy = (SPARK_H - 2 * SPARK_PAD) / (pen.max - pen.min);
+  pen.down = false; pen.last = -Infinity; pen.d = '';
+  if (p) trace(p.t, p.v, pastLo, pastHi);
+  trace(live.t, live.v, liveLo, live.t.length);
+  const d = pen.d;
+  pen.d = '';
+  return d;
+}
+
+function drawSpark(svg, model) {
+  if (model.lastTs != null) svg.drawnAt = performance.now(); // (the first reading: at once)
+  const paths = svg.children;
+  for (let i = 0; i < SPARK_SERIES.length; i++) {
+    const { key, minSpan } = SPARK_SERIES[i];
+    const d = sparkPath(model, key, minSpan);
+    paths[i].setAttribute('d', d);
   }
 }
 
 function Sparkline({ model, api }) {
   const ref = useRef(null);
-  useEffect(() => {
-    loadBefore(api, model);
-    const c = ref.current;
-    c.redraw = () => drawSpark(c, model);
-    sized.observe(c);
-    return () => { sized.unobserve(c); c.redraw = null; };
-  }, [model]);
-  // redraw after a render of the tile, at most every SPARK_REDRAW_MS: the 5-minute window moves
-  // about a pixel in that time, and a canvas redrawn at every reading of 64 beds was a tenth of
-  // the main thread (docs/benchmarks.md, "Web app")
-  useEffect(() => {
-    const c = ref.current;
-    const wait = SPARK_REDRAW_MS - (performance.now() - (c.drawnAt || 0));
-    if (wait <= 0) {
-      c.drawnAt = performance.now();
-      drawSpark(c, model);
-    } else if (!c.later) {
-      c.later = setTimeout(() => {
-        c.later = null;
-        c.drawnAt = performance.now();
-        drawSpark(c, model);
+  useEffect(() => { loadBefore(api, model); }, [model]);
+  // redrawn after a render of the tile, at most every SPARK_REDRAW_MS: the 5-minute window moves
+  // about a pixel in that time (docs/benchmarks.md, "Web app"); a redraw that has to wait runs
+  // at a later render tick, with the tiles. A layout effect, so the drawing is painted in the
+  // render's own frame (a plain effect runs after that frame: one more frame each time)
+  useLayoutEffect(() => {
+    const svg = ref.current;
+    const wait = SPARK_REDRAW_MS - (performance.now() - (svg.drawnAt || -Infinity));
+    if (wait <= 0) drawSpark(svg, model);
+    else if (!svg.later) {
+      svg.later = setTimeout(() => {
+        svg.later = null;
+        onTick(() => { if (svg.isConnected) drawSpark(svg, model); });
       }, wait);
     }
   });
   useEffect(() => () => { clearTimeout(ref.current && ref.current.later); }, []);
-  return html`<canvas ref=${ref} class="spark" data-testid="sparkline"
-    aria-label="SpO₂ (blue) and HR (green), last 5 minutes" role="img"></canvas>`;
+  // the paths' `d` is the drawing's, set by drawSpark only (Preact never sees it)
+  return html`<svg ref=${ref} class="spark" data-testid="sparkline"
+    viewBox=${`0 0 ${SPARK_S} ${SPARK_H * SPARK_Y}`} preserveAspectRatio="none" role="img"
+    aria-label="SpO₂ (blue) and HR (green), last 5 minutes">
+    ${SPARK_SERIES.map(({ key, color }) => html`<path key=${key} stroke=${color} />`)}
+  </svg>`;
 }
 
 // ---- a patient's tile -------------------------------------------------------------------------
