@@ -431,3 +431,56 @@ async def test_the_limits_editor_shows_the_servers_refusal(tmp_path: Path, brows
             await doctor.check(allow=[refused(422)])
     finally:
         await stop_server(srv, task)
+
+
+async def test_at_the_cloud_an_unreachable_ward_gateway_is_said_on_its_tiles(
+    tmp_path: Path, browser: Any
+) -> None:
+    """The cloud's station shows an edge node's patients live through its uplink; when the
+    edge is gone, their tiles and patient view say the ward gateway is unreachable and since
+    when (docs/howto-edge.md), while the cloud's own socket stays live."""
+    (tmp_path / "cloud").mkdir()
+    (tmp_path / "edge").mkdir()
+    cloud, ctask = await start_server(tmp_path / "cloud", patients=0)
+    cred = await cloud.services.registry.create_device("gw-web", kind="edge")
+    edge, etask = await start_server(
+        tmp_path / "edge",
+        patients=2,
+        upstream=cloud.ws_url,
+        node_id="gw-web",
+        upstream_secret=cred.secret,
+    )
+    pid = edge.device(0)[2]
+    try:
+        async with Ward(edge.url, edge.creds.devices):
+            tab = await Tab.open(browser, cloud.url)
+            await tab.login(*cloud.user("clinician"))
+            page = tab.page
+            await expect(page.locator(TILE)).to_have_count(2)
+            first = int(await page.locator(tile(pid)).get_attribute("data-offset") or 0)
+
+            async def later() -> bool:
+                now = await page.locator(tile(pid)).get_attribute("data-offset")
+                return int(now or 0) > first
+
+            for _ in range(600):  # live through the uplink: the tile's offset moves on
+                if await later():
+                    break
+                await page.wait_for_timeout(25)
+            assert await later(), "the edge's readings never reached the cloud's station"
+            await expect(page.locator("[data-testid=gateway]")).to_have_count(0)
+            await stop_server(edge, etask)
+            etask = None
+            mark = page.locator(f"{tile(pid)} [data-testid=gateway]")
+            await expect(mark).to_contain_text("ward gateway gw-web unreachable since")
+            await expect(page.locator(tile(pid))).to_have_class(re.compile(r"\bstale\b"))
+            await expect(page.locator(f"{tile(pid)} [data-testid=stale]")).to_have_count(0)
+            await tab.goto(f"#/patient/{pid}")
+            await expect(page.locator(f"{view(pid)} [data-testid=gateway]")).to_contain_text(
+                "cannot reach the ward"
+            )
+            await tab.check()
+    finally:
+        if etask is not None:
+            await stop_server(edge, etask)
+        await stop_server(cloud, ctask)

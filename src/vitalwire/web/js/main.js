@@ -99,7 +99,11 @@ function App() {
       }
     });
     const every = setInterval(() => { if (api.loggedIn) ward.load(); }, 30000);
-    const off = api.on((what) => { if (what === 'logout') { clearInterval(every); off(); } });
+    // on a cloud, each ward gateway's link (a patient whose gateway is away is not live)
+    const edges = setInterval(() => { if (api.loggedIn) ward.refreshEdges(); }, 5000);
+    const off = api.on((what) => {
+      if (what === 'logout') { clearInterval(every); clearInterval(edges); off(); }
+    });
     live.start();
     ward.load();
     setCtx(c);

@@ -284,6 +284,30 @@ export class Ward extends Emitter {
     return this.patients;
   }
 
+  /** On a cloud (docs/howto-edge.md): whether each edge-owned patient's ward gateway is
+   * connected, from GET /edges (a patient of GET /patients with `edge` is an edge's). */
+  async refreshEdges() {
+    if (!this.patients.some((p) => p.edge)) return;
+    let edges;
+    try {
+      ({ edges } = await this.api.get('/edges'));
+    } catch (e) {
+      return; // the socket's own status says when the server is away
+    }
+    const byNode = new Map(edges.map((e) => [e.node, e]));
+    let changed = false;
+    for (const p of this.patients) {
+      const e = p.edge && byNode.get(p.edge.node);
+      if (!e) continue;
+      const since = e.connected ? null : (e.down_since ?? null);
+      if (e.connected !== p.edge.connected || since !== (p.edge.since ?? null)) {
+        p.edge = { node: e.node, connected: e.connected, since };
+        changed = true;
+      }
+    }
+    if (changed) this.emit('change');
+  }
+
   model(id) {
     let m = this.models.get(id);
     if (!m) { m = new PatientModel(this.live, { id, name: id, ward: null, devices: [] }); this.models.set(id, m); }

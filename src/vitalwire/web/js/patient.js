@@ -78,6 +78,7 @@ function Header({ model, status }) {
       <h1><span class="pv-name">${p.name || model.id}</span>
         <span class="muted pv-id">${model.id}${p.ward ? ` · ${p.ward}` : ''}</span></h1>
       ${!status.live && html`<span class="stale-mark" data-testid="stale" title=${status.reason || ''}>not live since ${clock(status.since)}</span>`}
+      ${status.live && p.edge && !p.edge.connected && html`<span class="stale-mark" data-testid="gateway">ward gateway ${p.edge.node} unreachable${p.edge.since ? ` since ${clock(p.edge.since)}` : ''}: commands, acknowledgements and limits cannot reach the ward</span>`}
     </div>
     <div class="pv-nums">
       <${Num} vitals=${vitals} k="spo2" />

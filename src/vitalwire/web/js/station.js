@@ -261,7 +261,9 @@ function Tile({ model, status, api }) {
   const flags = model.deviceFlags;
   const live = status.live;
   const p = model.info;
-  return html`<a class=${`tile ${sig.cls}${live ? '' : ' stale'}`} href=${`#/patient/${encodeURIComponent(model.id)}`}
+  // on a cloud: the patient's ward gateway is unreachable, so nothing of them is live here
+  const gw = p.edge && !p.edge.connected ? p.edge : null;
+  return html`<a class=${`tile ${sig.cls}${live && !gw ? '' : ' stale'}`} href=${`#/patient/${encodeURIComponent(model.id)}`}
     data-testid="tile" data-patient=${model.id} data-priority=${sig.priority}
     data-flashing=${String(sig.flashing)} data-live=${String(live)}
     data-offset=${model.offset ?? ''} data-ts=${model.lastTs ?? ''}>
@@ -287,6 +289,7 @@ function Tile({ model, status, api }) {
       <div class="tile-foot">
         <${News2} news2=${news2} />
         ${!live && html`<span class="stale-mark" data-testid="stale" title=${status.reason || ''}>not live since ${clock(status.since)}</span>`}
+        ${live && gw && html`<span class="stale-mark" data-testid="gateway">ward gateway ${gw.node} unreachable${gw.since ? ` since ${clock(gw.since)}` : ''}</span>`}
         ${flags.map((f) => html`<span class="flag" data-testid="device-flag">${f}</span>`)}
         ${model.ended && html`<span class="flag">stream ended: ${model.ended}</span>`}
         ${top && html`<span class="tile-alert">${top.state === 'acknowledged' ? '(acknowledged) ' : ''}${describe(top)}</span>`}
