@@ -892,7 +892,12 @@ export function PatientView({ id }) {
 
   // only a patient of the user's list (GET /patients: their care teams) is watched and shown
   const known = ward.loaded && ward.patients.some((p) => p.id === id);
-  useEffect(() => ward.on((what) => { if (what === 'change') tick((n) => n + 1); }), [ward]);
+  // (it also catches up with a change made before it started: the list may have loaded
+  // between the first render and this effect, and would otherwise stay "Loading…")
+  useEffect(() => {
+    tick((n) => n + 1);
+    return ward.on((what) => { if (what === 'change') tick((n) => n + 1); });
+  }, [ward]);
   useEffect(() => {
     if (!known) return undefined;
     const release = model.retain();

@@ -360,7 +360,10 @@ function BannerRow({ alert, name, now, canAck, ward }) {
 
 function AlarmBanner({ ward, names, canAck, audio }) {
   const [, tick] = useState(0);
-  useEffect(() => ward.on((what) => { if (what === 'alerts') tick((n) => n + 1); }), [ward]);
+  useEffect(() => {
+    tick((n) => n + 1); // alerts that came before this subscription
+    return ward.on((what) => { if (what === 'alerts') tick((n) => n + 1); });
+  }, [ward]);
   const alerts = ward.alerts;
   pruneDescribed(alerts);
   const now = useNow(5000, alerts.length > 0); // ages
