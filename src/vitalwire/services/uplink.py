@@ -233,7 +233,19 @@ class Uplink:
         self._claimed.update(p.id for p in patients)
 
     def _take_heads(self, msg: wire.EdgeHeads) -> None:
+        streams = self.svc.streams
         for stream, head in msg.heads.items():
+            if head > streams.submitted_head(stream):
+                # the cloud holds events this node no longer has (its store lost committed
+                # events: a power loss under sqlite_synchronous NORMAL, a restored backup); the
+                # next events here take offsets the cloud has, and it will keep its own
+                log.error(
+                    "the cloud holds %s up to %d, this node only up to %d: events were lost "
+                    "here; the cloud keeps its copy of those offsets",
+                    stream,
+                    head,
+                    streams.submitted_head(stream),
+                )
             self._acked[stream] = max(self._acked.get(stream, 0), head)
             self._sent[stream] = max(self._sent.get(stream, 0), head)
         for pid, why in msg.refused.items():
