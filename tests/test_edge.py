@@ -307,3 +307,53 @@ async def test_a_discharge_at_the_edge_is_the_clouds_record_too(
     finally:
         await stop_server(e, etask)
         await stop_server(cloud, ctask)
+
+
+async def test_an_edge_reaches_a_cloud_over_tls_with_the_hospitals_own_ca(dirs: Path) -> None:
+    """``wss://`` upstream: the cloud's certificate from a private CA is trusted with
+    ``upstream_cafile``; without it the edge refuses the cloud and says why."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile, cafile = dirs / "cert.pem", dirs / "key.pem", dirs / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    ca.cert_pem.write_to_path(str(cafile))
+    cloud, ctask = await start_server(
+        dirs / "cloud", patients=0, certfile=str(certfile), keyfile=str(keyfile)
+    )
+    cred = await cloud.services.registry.create_device("ward-a-gw", kind="edge")
+    port = cloud.url.rsplit(":", 1)[1]
+    (dirs / "edge2").mkdir()
+    untrusting, utask = await start_server(
+        dirs / "edge2",
+        patients=1,
+        upstream=f"wss://127.0.0.1:{port}",
+        node_id="ward-a-gw",
+        upstream_secret=cred.secret,
+    )
+    try:
+        await wait_until(
+            lambda: "CERTIFICATE_VERIFY_FAILED" in (untrusting.services.uplink.last_error or ""),
+            15,
+            "the edge's refusal of an unknown CA",
+        )
+        assert not untrusting.services.uplink.connected
+    finally:
+        await stop_server(untrusting, utask)
+    e, etask = await start_server(
+        dirs / "edge",
+        patients=1,
+        upstream=f"wss://127.0.0.1:{port}",
+        node_id="ward-a-gw",
+        upstream_secret=cred.secret,
+        upstream_cafile=str(cafile),
+    )
+    try:
+        await _connected(cloud, e)
+        _, _, pid = e.device(0)
+        await wait_until(lambda: cloud.services.edges.owner(pid) == "ward-a-gw", 10, "claim")
+    finally:
+        await stop_server(e, etask)
+        await stop_server(cloud, ctask)

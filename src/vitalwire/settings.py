@@ -153,6 +153,9 @@ class Settings(BaseSettings):
     #: That device's secret at the upstream (or ``upstream_secret_file``: a file holding it).
     upstream_secret: str = ""
     upstream_secret_file: str | None = None
+    #: CA certificate(s) (PEM) to trust for a ``wss://`` upstream (a hospital's own CA); unset:
+    #: the system trust store (which ``SSL_CERT_FILE`` may name).
+    upstream_cafile: str | None = None
     #: Events sent to the upstream and not yet acknowledged by it, at most (flow control).
     upstream_window: int = Field(20_000, ge=100, le=1_000_000)
     #: A call from the upstream (a command, an acknowledgement) is answered within this, or the

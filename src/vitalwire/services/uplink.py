@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -41,6 +40,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from vitalwire import wire
 from vitalwire.core import errors as e
 from vitalwire.core import events as ev
+from vitalwire.sdk import tls
 from vitalwire.services.auth import Principal
 from vitalwire.services.ingest import Unavailable
 
@@ -165,7 +165,7 @@ class Uplink:
     async def _session(self, secret: str) -> None:
         opts: dict[str, Any] = {}
         if self.url.startswith("wss://"):
-            opts["ssl"] = ssl.create_default_context()
+            opts["ssl"] = tls.client_context(self.svc.settings.upstream_cafile)
         async with connect(
             self.url,
             open_timeout=10,
