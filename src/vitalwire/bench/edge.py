@@ -47,6 +47,7 @@ import httpx
 import msgspec
 
 from vitalwire.bench import load as ld
+from vitalwire.bench.netproxy import Proxy
 from vitalwire.bench.runner import _free_port, machine, percentiles
 
 #: the issue's bounds: what the relay adds at p99; the catch-up's speed-up over real time
@@ -59,80 +60,6 @@ DRAIN_S = 60.0
 POLL_S = 0.1
 
 Progress = Callable[[str], None]
-
-
-# -------------------------------------------------------------------------------------------------
-# the WAN: a TCP proxy that can be cut (as tests/netproxy.py)
-# -------------------------------------------------------------------------------------------------
-
-
-class Proxy:
-    """Forwards 127.0.0.1:``port`` to the target; :meth:`cut` resets every connection and
-    refuses new ones until :meth:`restore`."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.down = False
-        self.bytes_up = 0
-        self._server: asyncio.Server | None = None
-        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def cut(self) -> None:
-        self.down = True
-        for a, b in list(self._links):
-            for w in (a, b):
-                w.transport.abort()
-        self._links.clear()
-
-    def restore(self) -> None:
-        self.down = False
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.down:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        link = (writer, up_writer)
-        self._links.add(link)
-        await asyncio.gather(
-            self._pipe(reader, up_writer, True),
-            self._pipe(up_reader, writer, False),
-            return_exceptions=True,
-        )
-        self._links.discard(link)
-        for w in (writer, up_writer):
-            with contextlib.suppress(Exception):
-                w.close()
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool
-    ) -> None:
-        while True:
-            data = await reader.read(1 << 18)
-            if not data:
-                break
-            if up:
-                self.bytes_up += len(data)
-            writer.write(data)
-            await writer.drain()
-        with contextlib.suppress(Exception):
-            writer.write_eof()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -557,7 +484,7 @@ async def bench_edge(
         proc: Any = None
         try:
             await cloud.start()
-            proxy = Proxy(cloud.port)
+            proxy = Proxy("127.0.0.1", cloud.port)
             await proxy.start()
             edge = Server(
                 "edge",
