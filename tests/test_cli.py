@@ -381,6 +381,7 @@ async def test_serve_and_demo_help_show_every_default() -> None:
             "--upstream": "none: not an edge node",
             "--node-id": "none",
             "--upstream-secret-file": "none",
+            "--cluster": "one node",
         },
         "demo": {
             "--host": "127.0.0.1",

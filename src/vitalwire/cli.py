@@ -119,8 +119,18 @@ def serve(
         str | None,
         typer.Option(
             envvar="VITALWIRE_NODE_ID",
-            help="This edge node's name at the cloud (a device of kind edge there).",
+            help="This node's name: at the cloud (an edge node), or in a cluster.",
             show_default="none",
+        ),
+    ] = None,
+    cluster: Annotated[
+        bool | None,
+        typer.Option(
+            "--cluster",
+            envvar="VITALWIRE_CLUSTER",
+            help="One of several nodes on the same PostgreSQL store and Redis bus "
+            "(docs/howto-cluster.md).",
+            show_default="one node",
         ),
     ] = None,
     upstream_secret_file: Annotated[
@@ -143,6 +153,7 @@ def serve(
         upstream=upstream,
         node_id=node_id,
         upstream_secret_file=upstream_secret_file,
+        cluster=cluster,
     )
     if settings.upstream_secret_file and not Path(settings.upstream_secret_file).is_file():
         raise CliError(f"--upstream-secret-file {settings.upstream_secret_file}: no such file")
@@ -272,7 +283,13 @@ SIM_CREDENTIALS = Path("vitalwire-sim-credentials.json")
 @app.command()
 @one_line_errors
 def simulate(
-    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
+    url: Annotated[
+        str,
+        typer.Option(
+            help="Server base URL; several, comma-separated, for a cluster's nodes (a device "
+            "tries the next when one fails)."
+        ),
+    ] = "http://127.0.0.1:8000",
     devices: Annotated[int, typer.Option(help="Number of simulated devices.")] = 12,
     rate: Annotated[float, typer.Option(help="Readings per second per device.")] = 1.0,
     scenario: Annotated[

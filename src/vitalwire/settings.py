@@ -162,6 +162,16 @@ class Settings(BaseSettings):
     #: cloud tells its clinician the ward did not answer.
     upstream_call_timeout_s: float = Field(10.0, gt=0, le=120)
 
+    #: Several nodes (docs/howto-cluster.md): this node is one of a cluster on the same
+    #: PostgreSQL store and Redis bus; ``node_id`` names it (default: host name and process id).
+    cluster: bool = False
+    #: A node's right to write a patient's stream lasts this long unless renewed (every third
+    #: of it): how long a dead node's patients wait before another node takes them without a
+    #: device of theirs connecting to it.
+    lease_ttl_s: float = Field(5.0, ge=1, le=300)
+    #: A request run on the node that writes the patient's stream is answered within this.
+    cluster_call_timeout_s: float = Field(10.0, gt=0, le=120)
+
     @model_validator(mode="after")
     def _frame_limits(self) -> Settings:
         if (self.certfile is None) != (self.keyfile is None):
@@ -172,11 +182,26 @@ class Settings(BaseSettings):
                 f"{given} needs {missing}: TLS takes a certificate and its private key "
                 f"(--certfile and --keyfile, or VITALWIRE_CERTFILE and VITALWIRE_KEYFILE)"
             )
-        if bool(self.upstream) != bool(self.node_id):
-            given, missing = ("upstream", "node_id") if self.upstream else ("node_id", "upstream")
+        if self.cluster and not self.db.startswith("postgresql"):
             raise ValueError(
-                f"{given} needs {missing}: an edge node names its cloud (--upstream) and itself "
-                f"(--node-id)"
+                "cluster needs a PostgreSQL store (--db postgresql://...), got "
+                f"{self.db.split(':')[0]}"
+            )
+        if self.cluster and not self.bus.startswith(("redis://", "rediss://")):
+            raise ValueError(
+                f"cluster needs a Redis bus (--bus redis://...), got {self.bus.split(':')[0]}"
+            )
+        if self.cluster and self.upstream:
+            raise ValueError("cluster and upstream cannot be combined yet: an edge is one node")
+        if self.upstream and not self.node_id:
+            raise ValueError(
+                "upstream needs node_id: an edge node names its cloud (--upstream) and itself "
+                "(--node-id)"
+            )
+        if self.node_id and not (self.upstream or self.cluster):
+            raise ValueError(
+                "node_id needs upstream or cluster: it names an edge node at its cloud "
+                "(--upstream) or a node of a cluster (--cluster)"
             )
         if self.hard_frame_bytes < self.max_frame_bytes:
             raise ValueError(

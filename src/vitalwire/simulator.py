@@ -80,6 +80,12 @@ class SimDevice:
     patient_id: str | None = None
 
 
+def addresses(url: str) -> list[str]:
+    """``--url``: one address, or several separated by commas (a cluster's nodes: a device
+    whose connection fails or ends tries the next)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 def _check_scenario(scenario: str) -> None:
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
@@ -713,7 +719,9 @@ async def run_device(
         password = mqtt.passwords.get(device.device_id)
         client = MqttDevice(mqtt.url, device.device_id, password, mqtt.prefix, clock)
     else:
-        client = DeviceClient(url, device.device_id, device.secret, report=report, clock=clock)
+        client = DeviceClient(
+            addresses(url), device.device_id, device.secret, report=report, clock=clock
+        )
     if hasattr(client, "on_command"):  # stand-ins for DeviceClient in tests may have no commands
         _Commands(client, model, state, clock, seed).register()
     wake = state.wake
@@ -1042,7 +1050,7 @@ async def replay_file(
         raise ValueError(f"speed must be 0 (as fast as possible) or positive, got {speed}")
     rows = read_bidmc(path)
     realtime = 0 < speed < math.inf
-    client = DeviceClient(url, device.device_id, device.secret, clock=clock)
+    client = DeviceClient(addresses(url), device.device_id, device.secret, clock=clock)
     loop = asyncio.get_running_loop()
     await client.start(wait=False)
     try:

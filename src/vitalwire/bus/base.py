@@ -31,6 +31,10 @@ class Bus(Protocol):
     async def publish(self, events: Sequence[Event]) -> None:
         """Publish committed events (in offset order per stream)."""
 
+    def catch_up(self, events: Sequence[Event]) -> None:
+        """Deliver committed events read from the store, skipping the ones already delivered
+        (a node taking a stream over: services/cluster.py)."""
+
     async def history(self, stream: str, after: int) -> list[Event] | None:
         """Events of ``stream`` with offset > ``after`` from the recent history, oldest first.
 

@@ -35,5 +35,11 @@ class MemoryBus:
         if self._listener is not None:
             self._listener(events)
 
+    def catch_up(self, events: Sequence[Event]) -> None:
+        """Deliver committed events read from the store (one process: never needed, kept for
+        the interface)."""
+        if self._listener is not None:
+            self._listener(events)
+
     async def history(self, stream: str, after: int) -> list[Event] | None:
         return self.recent.after(stream, after)

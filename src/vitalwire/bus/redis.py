@@ -148,6 +148,10 @@ class RedisBus:
         #: batches never written to Redis (the pending bound was reached)
         self.dropped = 0
         self._failing = False
+        #: Several nodes (services/cluster.py): reads committed events of a stream from the
+        #: store, ``(stream, after, upto) -> events``, for a gap that Redis cannot fill (a node
+        #: killed before its last batches reached Redis; the events are in the store).
+        self.fill: Any = None
 
     def _key(self, stream: str) -> str:
         return f"{self.prefix}:history:{stream}"
@@ -274,7 +278,14 @@ class RedisBus:
                 self._key(e.stream), min=f"{e.offset}-0", max=f"{e.offset}-0"
             )
             mine = _entry(e).encode()
-            if not (rows and rows[0][1].get(b"e") == mine):
+            if not rows:
+                oldest = await self._redis.xrange(self._key(e.stream), count=1)
+                if oldest and int(oldest[0][0].split(b"-")[0]) <= e.offset:
+                    # a hole at its offset: another node took the stream over and wrote past
+                    # it first (docs/architecture.md). The event is in the store: readers find
+                    # the hole and read it there.
+                    continue
+            if rows[0][1].get(b"e") != mine:
                 stale.add(e.stream)
         if not stale:
             return
@@ -331,6 +342,8 @@ class RedisBus:
             if offset > nxt:
                 # a gap: this process missed batches (its channel connection dropped)
                 missed = await self._from_redis(stream, nxt - 1, offset - 1)
+                if missed is None and self.fill is not None:
+                    missed = await self.fill(stream, nxt - 1, offset - 1)
                 if missed is None:
                     log.warning(
                         "Redis bus: %s offsets %d..%d are no longer in Redis; clients that "
@@ -343,6 +356,12 @@ class RedisBus:
                     events.extend(missed)
             expect[stream] = offset + 1
             events.append(_event(stream, offset, entry))
+        self._deliver(events)
+
+    def catch_up(self, events: list[Event]) -> None:
+        """Deliver committed events read elsewhere (the store) as if they came from the
+        channel: the ones this process delivered already are skipped, and the same events
+        arriving later on the channel are then skipped in turn."""
         self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:
@@ -384,7 +403,10 @@ class RedisBus:
                 return None
             last = await self._redis.xrange(self._key(stream), min=f"{after}-0", max=f"{after}-0")
             return [] if last else None
-        first = int(rows[0][0].split(b"-")[0])
-        if first != after + 1:
+        offsets = [int(i.split(b"-")[0]) for i, _ in rows]
+        if offsets[0] != after + 1 or offsets[-1] - offsets[0] != len(offsets) - 1:
+            # the history starts later, or has a hole: the node that wrote a stream before
+            # this one died before its last events reached Redis (they are in the store)
             return None
-        return [_event(stream, int(i.split(b"-")[0]), fields[b"e"]) for i, fields in rows]
+        pairs = zip(offsets, rows, strict=True)
+        return [_event(stream, o, fields[b"e"]) for o, (_, fields) in pairs]

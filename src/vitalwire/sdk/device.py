@@ -52,7 +52,7 @@ import sqlite3
 import ssl as ssl_module
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,12 +129,19 @@ class ReportByException:
         self._last_ts = ts
 
 
+def _device_url(url: str) -> str:
+    """``http(s)://host[:port]`` or a ``ws(s)://`` URL -> the ``/ws/device`` URL."""
+    url = url.rstrip("/")
+    url += "" if url.endswith("/ws/device") else "/ws/device"
+    return url.replace("http://", "ws://").replace("https://", "wss://")
+
+
 class DeviceClient:
     """A device's connection to vitalwire. Use as an async context manager or start()/close()."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         device_id: str,
         secret: str,
         *,
@@ -148,10 +155,12 @@ class DeviceClient:
         spool_path: str | None = None,
         ssl: ssl_module.SSLContext | None = None,
     ) -> None:
-        self.url = url.rstrip("/") + (
-            "" if url.rstrip("/").endswith("/ws/device") else "/ws/device"
-        )
-        self.url = self.url.replace("http://", "ws://").replace("https://", "wss://")
+        #: Every address of the service (several nodes, or a load balancer's): a device whose
+        #: connection fails or ends tries the next one (docs/howto-cluster.md).
+        self.urls = [_device_url(u) for u in ([url] if isinstance(url, str) else url)]
+        if not self.urls:
+            raise ValueError("url: give at least one address")
+        self.url = self.urls[0]
         self.device_id = device_id
         self.secret = secret
         self.firmware = firmware
@@ -570,6 +579,12 @@ class DeviceClient:
                 self._connected.clear()
             if self._closing:
                 return
+            if len(self.urls) > 1:  # the next address: this one failed, or its node went away
+                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+                if self.url != self.urls[0]:
+                    # a node down: the next one at once (the back-off grows once per round)
+                    await asyncio.sleep(self.backoff_initial_s * random.random())
+                    continue
             if self._reconnect_fast:  # reconnect_now(): come back at once
                 self._reconnect_fast = False
                 delay = self.backoff_initial_s

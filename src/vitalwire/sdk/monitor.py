@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +89,7 @@ class MonitorClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: str | None = None,
         username: str | None = None,
@@ -100,11 +100,18 @@ class MonitorClient:
         ssl: ssl_module.SSLContext | None = None,
         batch: bool = True,
     ) -> None:
-        base = _base(url)
+        bases = [_base(u) for u in ([url] if isinstance(url, str) else url)]
+        if not bases:
+            raise ValueError("url: give at least one address")
         #: Ask the server to send queued events several to a frame (cheaper on both sides).
         self.batch = batch
-        self.http_url = base.replace("ws://", "http://").replace("wss://", "https://")
-        self.ws_url = base.replace("http://", "ws://").replace("https://", "wss://") + "/ws"
+        #: Every address of the service (several nodes): a connection that fails or ends is
+        #: followed by one to the next, which resumes each stream from its offset.
+        self.ws_urls = [
+            b.replace("http://", "ws://").replace("https://", "wss://") + "/ws" for b in bases
+        ]
+        self.http_url = bases[0].replace("ws://", "http://").replace("wss://", "https://")
+        self.ws_url = self.ws_urls[0]
         #: TLS context for https/wss: certificates are always verified, by default against
         #: :func:`vitalwire.sdk.tls.client_context` (system store, SSL_CERT_FILE, --cacert)
         self.ssl = ssl
@@ -315,6 +322,13 @@ class MonitorClient:
             if self._closing or not self.reconnect:
                 self._events.put_nowait(ConnectionError("connection closed"))
                 return
+            if len(self.ws_urls) > 1:  # the next address: this one failed or its node went away
+                self.ws_url = self.ws_urls[
+                    (self.ws_urls.index(self.ws_url) + 1) % len(self.ws_urls)
+                ]
+                if self.ws_url != self.ws_urls[0]:
+                    await asyncio.sleep(self.backoff_initial_s * random.random())
+                    continue
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.backoff_max_s)
 

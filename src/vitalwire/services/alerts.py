@@ -89,17 +89,48 @@ class AlertService:
         #: On a cloud: the edge nodes that own some patients (services/edges.py). Requests on
         #: those patients go down to their edge, which raises and ends their alerts.
         self.remote: Any = None
+        #: In a cluster: whether this node writes a patient's stream (only those engines tick)
+        self.holds: Callable[[str], bool] | None = None
 
-    async def load(self) -> None:
-        """Per-patient limits and observations from the store; open alerts back into engines."""
+    async def load(self, engines: bool = True) -> None:
+        """Per-patient limits and observations from the store; open alerts back into engines.
+
+        ``engines=False`` (a node of a cluster): only which patient each open alert is of; a
+        patient's engine is built when this node takes the patient's stream (take_over)."""
         for pid, row in (await self.store.patient_settings()).items():
-            if row["limits"]:
-                self._limits[pid] = Limits.from_dict(json.loads(row["limits"]))
-            if row["observations"]:
-                self._observations[pid] = json.loads(row["observations"])
+            self._settings_from(pid, row)
         for row in await self.store.open_alerts():
             self._alert_patient[row["alert_id"]] = row["patient_id"]
-            self.engine(row["patient_id"]).restore(json.loads(row["last"]))
+            if engines:
+                self.engine(row["patient_id"]).restore(json.loads(row["last"]))
+
+    def _settings_from(self, pid: str, row: dict[str, Any] | None) -> None:
+        self._limits.pop(pid, None)
+        self._observations.pop(pid, None)
+        if row and row["limits"]:
+            self._limits[pid] = Limits.from_dict(json.loads(row["limits"]))
+        if row and row["observations"]:
+            self._observations[pid] = json.loads(row["observations"])
+
+    # -- several nodes (services/cluster.py) ------------------------------------------------------
+
+    async def take_over(self, pid: str) -> None:
+        """This node now writes ``pid``'s stream: its engine as the store has it (limits,
+        observations, open alerts with their state, acknowledgement and escalation). What an
+        engine holds only in memory (a condition's delay that had started, NEWS2's inputs)
+        starts again with the next readings here."""
+        self._settings_from(pid, (await self.store.patient_settings(pid)).get(pid))
+        self._engines.pop(pid, None)
+        engine = self.engine(pid)
+        for row in await self.store.open_alerts(pid):
+            self._alert_patient[row["alert_id"]] = pid
+            engine.restore(json.loads(row["last"]))
+
+    def let_go(self, pid: str) -> None:
+        """Another node writes ``pid``'s stream now: its engine there raises and ends alerts."""
+        self._engines.pop(pid, None)
+        for key in [k for k in self._offline_since if k[0] == pid]:
+            del self._offline_since[key]
 
     def engine(self, pid: str) -> PatientAlerts:
         engine = self._engines.get(pid)
@@ -154,8 +185,11 @@ class AlertService:
         events: list[Event] = []
         rows: list[AlertRow] = []
         count = 0
+        holds = self.holds
         for key, since in list(self._offline_since.items()):
-            if now - since >= self.offline_grace_s:
+            if holds is not None and not holds(key[0]):
+                del self._offline_since[key]
+            elif now - since >= self.offline_grace_s:
                 del self._offline_since[key]
                 pid, device = key
                 e, r = self._to_events(
@@ -165,6 +199,8 @@ class AlertService:
                 rows.extend(r)
         pids = list(self._engines)
         for pid in pids[part::parts] if parts > 1 else pids:
+            if holds is not None and not holds(pid):
+                continue
             engine = self._engines[pid]
             changes = engine.tick(now)
             if changes:
@@ -200,7 +236,7 @@ class AlertService:
         if pid is None:
             raise NotFound(f"alert {alert_id} is not open", field="alert_id")
         self._check(who, policy.ACKNOWLEDGE, pid)
-        if self.remote is not None and (node := self.remote.owner(pid)) is not None:
+        if self.remote is not None and (node := await self.remote.route(pid)) is not None:
             args = {"alert_id": alert_id}
             return await self.remote.call(node, "ack_alert", who, pid, args, origin)
         now = self.clock()
@@ -394,7 +430,7 @@ class AlertService:
         """Override a patient's limits (validated against the physical bounds); audited."""
         await self.require_patient(pid)
         self._check(who, policy.SET_LIMITS, pid)
-        if self.remote is not None and (node := self.remote.owner(pid)) is not None:
+        if self.remote is not None and (node := await self.remote.route(pid)) is not None:
             args = {"overrides": overrides}
             return await self.remote.call(node, "set_limits", who, pid, args, origin)
         engine = self.engine(pid)
@@ -419,7 +455,7 @@ class AlertService:
         """Set NEWS2 observations no device measures (oxygen, consciousness, SpO2 scale)."""
         await self.require_patient(pid)
         self._check(who, policy.OBSERVE, pid)
-        if self.remote is not None and (node := self.remote.owner(pid)) is not None:
+        if self.remote is not None and (node := await self.remote.route(pid)) is not None:
             args = {"observations": obs}
             return await self.remote.call(node, "set_observations", who, pid, args, origin)
         given = {k: v for k, v in obs.items() if v is not None}

@@ -132,10 +132,28 @@ class CommandService:
 
     async def load(self) -> None:
         """Reload commands that were not finished; resolve the ones caught mid-flight honestly."""
+        await self._restore(await self.store.open_commands(), "server restarted")
+
+    async def take_over(self, pid: str) -> None:
+        """This node now writes ``pid``'s stream (services/cluster.py): the patient's open
+        commands as the store has them. One the previous node had sent and not seen answered
+        is re-queued if idempotent, else timed out (the device may or may not have run it)."""
+        self.let_go(pid)
+        await self._restore(await self.store.open_commands(pid), "the patient's node changed")
+
+    def let_go(self, pid: str) -> None:
+        """Another node writes ``pid``'s stream now: it holds the patient's open commands."""
+        for cid, st in list(self._open.items()):
+            if st.patient_id == pid:
+                del self._open[cid]
+                if st.idempotency_key:
+                    self._keyed.pop((st.requested_by, st.idempotency_key), None)
+
+    async def _restore(self, open_rows: list[dict[str, Any]], why: str) -> None:
         events: list[Event] = []
         rows: list[CommandRow] = []
         now = self.clock()
-        for r in await self.store.open_commands():
+        for r in open_rows:
             st = CommandState(
                 r["command_id"],
                 r["patient_id"],
@@ -162,18 +180,13 @@ class CommandService:
                         st,
                         "requeue",
                         now,
-                        "server restarted before the device answered; re-queued (idempotent)",
+                        f"{why} before the device answered; re-queued (idempotent)",
                         events,
                         rows,
                     )
                 else:
                     self._try_move(
-                        st,
-                        "timeout",
-                        now,
-                        "server restarted before the device answered",
-                        events,
-                        rows,
+                        st, "timeout", now, f"{why} before the device answered", events, rows
                     )
         if rows:
             await self.writer.commit(events, commands=rows)
@@ -198,7 +211,10 @@ class CommandService:
             )
         ev.check_id("patient_id", req.patient_id)
         self.authorize(who, req.patient_id, spec)
-        if self.remote is not None and (node := self.remote.owner(req.patient_id)) is not None:
+        if (
+            self.remote is not None
+            and (node := await self.remote.route(req.patient_id)) is not None
+        ):
             # an edge node's patient: its edge queues and delivers it (services/edges.py)
             body = msgspec.to_builtins(req)
             body.pop("id", None)

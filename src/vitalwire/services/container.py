@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,12 +20,14 @@ from typing import Any
 
 from vitalwire.bus import Bus, open_bus
 from vitalwire.core import access as policy
+from vitalwire.core import events as ev
 from vitalwire.core.alerts import AlertConfig, Timeliness
 from vitalwire.core.commands import CommandSpec
 from vitalwire.services.access import Access
 from vitalwire.services.alerts import AlertService
 from vitalwire.services.auth import Principal, TokenService
 from vitalwire.services.clients import ClientSession
+from vitalwire.services.cluster import Cluster, Remotes
 from vitalwire.services.commands import CommandService
 from vitalwire.services.history import History
 from vitalwire.services.ingest import Ingest
@@ -90,6 +94,8 @@ class Services:
     edges: Any = None
     #: this node's link to its cloud when it is an edge node (services/uplink.py)
     uplink: Any = None
+    #: this node's leases and request channel when it is one of a cluster (services/cluster.py)
+    cluster: Any = None
 
 
 @contextlib.asynccontextmanager
@@ -131,7 +137,7 @@ async def open_services(
         access = Access(store, writer, clock, settings.break_glass_s)
         await access.refresh()
         alerts = AlertService(store, streams, writer, clock, alert_config, access)
-        await alerts.load()
+        await alerts.load(engines=not settings.cluster)
         ingest = Ingest(
             store,
             streams,
@@ -149,7 +155,8 @@ async def open_services(
             identity_conflict_window_s=settings.identity_conflict_window_s,
             identity_cooldown_s=settings.identity_cooldown_s,
         )
-        ingest.expect_back(streams.online_devices(), restarted_at)
+        if not settings.cluster:  # a cluster's reaper finds the devices of a node that died
+            ingest.expect_back(streams.online_devices(), restarted_at)
         registry.on_new_patients = access.refresh
         await registry.start_following()
         commands = CommandService(
@@ -175,13 +182,16 @@ async def open_services(
 
         svc.edges = EdgeHub(svc)
         await svc.edges.load()
-        alerts.remote = commands.remote = svc.edges
+        if settings.cluster:  # several nodes (services/cluster.py)
+            svc.cluster = _cluster(svc)
+        alerts.remote = commands.remote = Remotes(svc.edges, svc.cluster)
         registry.edge_owner = svc.edges.owner
         svc.metrics = Metrics(svc)
         # access taken back ends what depended on it in every open session, at once
         access.on_change = lambda: access.recheck(svc.clients)
         writer.start()
-        await commands.load()
+        if svc.cluster is None:  # a cluster's node loads a patient's commands as it takes it
+            await commands.load()
         # what start-up built lives as long as the process: keep it out of every collection
         # (the collector's pauses are the tail of the latency otherwise)
         gc.collect()
@@ -206,6 +216,8 @@ async def open_services(
 
             svc.mqtt = MqttBridge(svc)
             chores.append(asyncio.create_task(run_bridge(svc.mqtt), name="mqtt"))
+        if svc.cluster is not None:
+            chores.append(asyncio.create_task(svc.cluster.run(), name="cluster"))
         if settings.upstream:  # an edge node: forward to the cloud (services/uplink.py)
             from vitalwire.services.uplink import Uplink
 
@@ -222,11 +234,29 @@ async def open_services(
             try:
                 await asyncio.wait_for(writer.stop(), STOP_TIMEOUT_S)
                 await asyncio.wait_for(streams.save_snapshots(clock()), STOP_TIMEOUT_S)
+                if svc.cluster is not None:  # other nodes take its patients at once
+                    await asyncio.wait_for(svc.cluster.release(), STOP_TIMEOUT_S)
             except TimeoutError:
                 log.error("shutdown: the store did not answer; uncommitted rows were not acked")
     finally:
         await bus.close()
         await store.close()
+
+
+def _cluster(svc: Services) -> Cluster:
+    """Make this node one of a cluster: its writer fences every patient stream with its lease,
+    its devices' hellos take their patient's stream, its engines tick only for its streams."""
+    name = svc.settings.node_id or f"{socket.gethostname()}-{os.getpid()}"
+    cluster = Cluster(svc, name)
+    svc.writer.lease_of = cluster.lease_of
+    svc.writer.on_fenced = cluster.on_fenced
+    svc.writer.sequenced = frozenset({ev.ALERTS_STREAM})
+    svc.ingest.claim = lambda pid: cluster.ensure(pid, force=True)
+    svc.alerts.holds = cluster.holds
+    svc.streams.taps.append(cluster.on_events)
+    if hasattr(svc.bus, "fill"):
+        svc.bus.fill = svc.streams.fill
+    return cluster
 
 
 async def _every(

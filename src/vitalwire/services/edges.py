@@ -64,6 +64,25 @@ _ERROR_CLASSES: dict[str, type[e.PeerError]] = {
 }
 
 
+def notify_watchers(watchers: dict[str, list[Any]], event: Event) -> None:
+    """A command event of a command sent to another node (an edge, or the cluster node that
+    writes the patient's stream): to the watchers of that command, forgotten once final."""
+    data = event.data
+    cid = data.get("command_id")
+    mine = watchers.get(cid) if cid else None
+    if not mine:
+        return
+    for w in mine:
+        w.push_direct(event)
+    if data.get("status") in ("completed", "failed", "expired", "timed_out"):
+        del watchers[cid]
+
+
+def error_from(code: str, message: str, field: str | None) -> e.PeerError:
+    """A request's error as the node that ran it named it (uplink.error_code), raised here."""
+    return _ERROR_CLASSES.get(code, e.PeerError)(message, field=field)
+
+
 @dataclass(eq=False)
 class EdgeLink:
     """One connected edge node."""
@@ -119,6 +138,11 @@ class EdgeHub:
                 f"protocol must be {wire.EDGE_PROTOCOL}, got {msg.protocol}", field="protocol"
             )
         ev.check_id("node", msg.node)
+        if self.svc.cluster is not None:
+            raise Unavailable(
+                "this node is one of a cluster, which does not take edge nodes yet: connect "
+                "the edge to a single-node cloud (docs/howto-cluster.md)"
+            )
         row = await self.svc.registry.authenticate_device(msg.node, msg.secret)
         if row["kind"] != EDGE_KIND:
             raise e.Unauthenticated(
@@ -286,15 +310,7 @@ class EdgeHub:
         )
 
     def _notify(self, event: Event) -> None:
-        data = event.data
-        cid = data.get("command_id")
-        watchers = self._watchers.get(cid) if cid else None
-        if not watchers:
-            return
-        for w in watchers:
-            w.push_direct(event)
-        if data.get("status") in ("completed", "failed", "expired", "timed_out"):
-            del self._watchers[cid]
+        notify_watchers(self._watchers, event)
 
     # -- requests sent down -------------------------------------------------------------------
 
@@ -341,8 +357,7 @@ class EdgeHub:
         if fut is None or fut.done():
             return  # answered after the caller gave up
         if msg.error is not None:
-            cls = _ERROR_CLASSES.get(msg.error.code, e.PeerError)
-            fut.set_exception(cls(msg.error.message, field=msg.error.field))
+            fut.set_exception(error_from(msg.error.code, msg.error.message, msg.error.field))
         else:
             fut.set_result(msg.result)
 

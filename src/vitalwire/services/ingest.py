@@ -29,7 +29,7 @@ import logging
 import math
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,9 +191,13 @@ class Ingest:
         self._high: dict[str, int] = {}  # highest seq received (accepted or rejected) per device
         self._durable: dict[str, int] = {}  # highest seq committed per device
         self.sessions: dict[str, DeviceSession] = {}
-        # devices shown online when the server (re)started: offline unless they come back
-        self._expected: dict[str, str] = {}
-        self._expected_since = 0.0
+        # devices shown online when the server (re)started, or when this node took their
+        # patient's stream over from a node that died: offline unless they come back.
+        # device -> (patient, since)
+        self._expected: dict[str, tuple[str, float]] = {}
+        #: Several nodes (services/cluster.py): take the patient's stream before a device's
+        #: session opens (its readings are written on this node)
+        self.claim: Callable[[str], Awaitable[object]] | None = None
         #: registry changes applied per device (bindings, revocations): a hello that read the
         #: device's row or binding before one was applied reads them again
         self._changes: dict[str, int] = {}
@@ -233,14 +237,19 @@ class Ingest:
                 row = await self._enabled_device(did)
             else:
                 row = await self.registry.authenticate_device(did, msg.secret)
-            if did not in self._high:
+            if did not in self._high or self.claim is not None:
+                # in a cluster the device may have written on another node since: the store's
+                # high seq (written with its readings) says what is durable
                 last = await self.store.device_last_seq(did)
-                self._high.setdefault(did, last)
-                self._durable.setdefault(did, last)
+                self._high[did] = max(self._high.get(did, 0), last)
+                self._durable[did] = max(self._durable.get(did, 0), last)
             binding = await self.store.active_binding(did)
             if self._changes.get(did, 0) == changes:
                 break  # else a registry change of this device was applied meanwhile: read again
         self._refuse_in_cooldown(did, binding.patient_id if binding else None)
+        if self.claim is not None and binding is not None:
+            # several nodes: readings are written where their device is (services/cluster.py)
+            await self.claim(binding.patient_id)
         self._recent.setdefault(did, _Recent())
         old = self.sessions.get(did)
         if old is not None:
@@ -540,8 +549,19 @@ class Ingest:
     def expect_back(self, devices: list[tuple[str, str]], since: float) -> None:
         """After a restart: these devices were online; if one does not reconnect within its
         silence window, :meth:`check_silence` marks it offline so no snapshot shows it live."""
-        self._expected = {did: pid for pid, did in devices}
-        self._expected_since = since
+        self._expected = {did: (pid, since) for pid, did in devices}
+
+    def expect(self, pid: str, devices: list[str]) -> None:
+        """This node took ``pid``'s stream over (services/cluster.py): its devices that the
+        stream shows online are expected here, like after a restart."""
+        now = self.clock()
+        for did in devices:
+            self._expected.setdefault(did, (pid, now))
+
+    def let_go(self, pid: str) -> None:
+        """Another node writes ``pid``'s stream now: its devices are not expected here."""
+        for did in [d for d, (p, _) in self._expected.items() if p == pid]:
+            del self._expected[did]
 
     def check_silence(self) -> list[str]:
         """Mark devices silent past their interval ``offline`` (a gap marker); return their ids.
@@ -551,12 +571,19 @@ class Ingest:
         """
         now = self.clock()
         gone = []
-        if self._expected and now - self._expected_since > SILENCE_FACTOR * self.max_silence_s:
-            for did, pid in self._expected.items():
-                if did not in self.sessions:
-                    self._status_of(pid, did, "offline", "not back after server restart")
-                    gone.append(did)
-            self._expected = {}
+        if self._expected:
+            window = SILENCE_FACTOR * self.max_silence_s
+            for did, (pid, since) in list(self._expected.items()):
+                if now - since > window:
+                    del self._expected[did]
+                    if did not in self.sessions:
+                        why = (
+                            "not back after server restart"
+                            if self.claim is None
+                            else "not back after its node stopped"
+                        )
+                        self._status_of(pid, did, "offline", why)
+                        gone.append(did)
         for session in self.sessions.values():
             if not session.silent and now - session.last_data > session.silence_s:
                 session.silent = True

@@ -170,6 +170,33 @@ class Streams:
         about to be: the writer retries until it is)."""
         return self._submitted.get(stream, 0)
 
+    async def take_over(self, stream: str, head: int) -> None:
+        """This node now writes ``stream``, whose last committed offset is ``head`` (several
+        nodes: services/cluster.py). The events up to ``head`` that this node has not seen yet
+        (still on their way over the bus, or never published by a node that died) are read
+        from the store and delivered first, in order; the next event written here is
+        ``head + 1``."""
+        have = self.head(stream)
+        while have < head:
+            page = await self.store.events_after(stream, have, min(STORE_PAGE, head - have))
+            if not page:
+                break
+            self.bus.catch_up(page)
+            have = max(page[-1].offset, self.head(stream))
+        self._assigned[stream] = self._submitted[stream] = head
+
+    async def fill(self, stream: str, after: int, upto: int) -> list[Event] | None:
+        """Committed events ``after < offset <= upto`` from the store (the bus's gaps)."""
+        out: list[Event] = []
+        cursor = after
+        while cursor < upto:
+            page = await self.store.events_after(stream, cursor, min(STORE_PAGE, upto - cursor))
+            if not page or page[0].offset != cursor + 1:
+                return None
+            out.extend(page)
+            cursor = page[-1].offset
+        return out
+
     def take_mirrored(self, stream: str, last: int) -> None:
         """A cloud takes an edge's events of ``stream`` up to offset ``last``, with the edge's
         own offsets (services/edges.py): the next events it hands the writer carry them.

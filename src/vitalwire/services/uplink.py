@@ -74,6 +74,32 @@ _ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
+def error_code(exc: e.PeerError) -> str:
+    """The wire code of a request's error (its class on the other side: edges.error_from)."""
+    return next((c for cls, c in _ERROR_CODES if isinstance(exc, cls)), "bad_request")
+
+
+async def run_request(
+    svc: Services, who: Principal, op: str, pid: str, args: dict[str, Any], origin: str | None
+) -> Any:
+    """Run a request another node authorised for ``who`` (a cloud for its edge, or a node of
+    the cluster for the node that writes the patient's stream) through this node's services.
+
+    ``op``: ``command``, ``ack_alert``, ``set_limits`` or ``set_observations``."""
+    ev.check_id("patient_id", pid)
+    if op == "command":
+        body = {**args, "patient_id": pid, "type": "command"}
+        req = msgspec.convert(body, wire.SendCommand)
+        return await svc.commands.send(who, req, None, origin)
+    if op == "ack_alert":
+        return await svc.alerts.acknowledge(who, str(args.get("alert_id", "")), origin)
+    if op == "set_limits":
+        return await svc.alerts.set_limits(who, pid, args.get("overrides") or {}, origin)
+    if op == "set_observations":
+        return await svc.alerts.set_observations(who, pid, args.get("observations") or {}, origin)
+    raise e.InvalidMessage(f"unknown op {op!r:.40}", field="op")
+
+
 def upstream_url(url: str) -> str:
     """The cloud's ``/ws/edge`` for ``--upstream``: the path is added when none is given."""
     parts = urlsplit(url)
@@ -337,32 +363,17 @@ class Uplink:
                     await asyncio.wait_for(self._wake.wait(), STATUS_EVERY_S)
 
     async def _call(self, ws: ClientConnection, msg: wire.EdgeCall) -> None:
-        svc = self.svc
         who = Principal(f"{msg.who}@upstream", msg.role, upstream=True)
         origin = f"upstream:{msg.origin}" if msg.origin else "upstream"
         try:
-            ev.check_id("patient_id", msg.patient_id)
-            if msg.op == "command":
-                body = {**msg.args, "patient_id": msg.patient_id, "type": "command"}
-                req = msgspec.convert(body, wire.SendCommand)
-                result: Any = await svc.commands.send(who, req, None, origin)
-            elif msg.op == "ack_alert":
-                alert_id = str(msg.args.get("alert_id", ""))
-                result = await svc.alerts.acknowledge(who, alert_id, origin)
-            elif msg.op == "set_limits":
-                overrides = msg.args.get("overrides") or {}
-                result = await svc.alerts.set_limits(who, msg.patient_id, overrides, origin)
-            elif msg.op == "set_observations":
-                obs = msg.args.get("observations") or {}
-                result = await svc.alerts.set_observations(who, msg.patient_id, obs, origin)
-            else:
-                raise e.InvalidMessage(f"unknown op {msg.op!r:.40}", field="op")
+            result = await run_request(self.svc, who, msg.op, msg.patient_id, msg.args, origin)
             reply = wire.EdgeReply(msg.id, result)
         except msgspec.ValidationError as exc:
             reply = wire.EdgeReply(msg.id, error=wire.Error("invalid_message", str(exc)))
         except e.PeerError as exc:
-            code = next((c for cls, c in _ERROR_CODES if isinstance(exc, cls)), "bad_request")
-            reply = wire.EdgeReply(msg.id, error=wire.Error(code, exc.message, exc.field))
+            reply = wire.EdgeReply(
+                msg.id, error=wire.Error(error_code(exc), exc.message, exc.field)
+            )
         except Exception:
             log.exception("upstream call %s failed", msg.op)
             reply = wire.EdgeReply(msg.id, error=wire.Error("internal", "internal error"))

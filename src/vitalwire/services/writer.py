@@ -105,6 +105,10 @@ class BatchWriter:
         #: for them: their units were dropped (not acknowledged, not shown; devices resend).
         self.on_fenced: Callable[[set[str]], None] | None = None
         self.fenced_units = 0
+        #: Streams several nodes write, whose offsets the store assigns at the commit
+        #: (``Batch.sequenced``): they are not published on the bus (every node reads them
+        #: from the store in offset order: services/cluster.py).
+        self.sequenced: frozenset[str] = frozenset()
 
     @property
     def pending_rows(self) -> int:
@@ -263,6 +267,8 @@ class BatchWriter:
                 elif (lease := self.lease_of(e.stream)) is not None:
                     fence[e.stream] = (lease[0], lease[1], e.offset, e.offset)
             batch.fence = fence or None
+        if self.sequenced:
+            batch.sequenced = self.sequenced
         return batch
 
     async def _commit(self, units: list[_Unit]) -> None:
@@ -294,7 +300,10 @@ class BatchWriter:
             self.on_commit(len(batch), time.perf_counter() - started)
         self._wake_room()
         if batch.events:
-            await self.bus.publish(batch.events)
+            if self.sequenced:
+                await self.bus.publish([e for e in batch.events if e.stream not in self.sequenced])
+            else:
+                await self.bus.publish(batch.events)
         for unit in units:
             if unit.on_durable is not None:
                 unit.on_durable()

@@ -380,12 +380,14 @@ class SqlStore:
     # -- the event log ------------------------------------------------------------------------
 
     async def write_batch(self, batch: Batch) -> None:
-        if self._fast is not None and batch.fence is None:
+        if self._fast is not None and batch.fence is None and not batch.sequenced:
             await self._fast.write(self._fast_work(batch))
         else:
             async with self.engine.begin() as conn:
                 if batch.fence:
                     await self._check_fence(conn, batch.fence)
+                if batch.sequenced:
+                    await self._sequence(conn, batch)
                 if batch.readings:
                     unbound = [
                         _reading_row(r) for r in batch.readings if r.unbound_data is not None
@@ -412,13 +414,15 @@ class SqlStore:
                     await conn.execute(insert(t.audit), [_audit_row(a) for a in batch.audit])
         self.transactions += 1
 
-    async def open_commands(self) -> list[dict[str, Any]]:
+    async def open_commands(self, patient_id: str | None = None) -> list[dict[str, Any]]:
         done = ("completed", "failed", "expired", "timed_out")
         q = (
             select(t.commands)
             .where(t.commands.c.status.not_in(done))
             .order_by(t.commands.c.created_at)
         )
+        if patient_id is not None:
+            q = q.where(t.commands.c.patient_id == patient_id)
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(q)]
 
@@ -505,8 +509,10 @@ class SqlStore:
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(q)]
 
-    async def open_alerts(self) -> list[dict[str, Any]]:
+    async def open_alerts(self, patient_id: str | None = None) -> list[dict[str, Any]]:
         q = select(t.alerts).where(t.alerts.c.state != "resolved").order_by(t.alerts.c.raised_at)
+        if patient_id is not None:
+            q = q.where(t.alerts.c.patient_id == patient_id)
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(q)]
 
@@ -732,9 +738,12 @@ class SqlStore:
             value = await conn.scalar(select(func.max(t.registry_changes.c.id)))
             return int(value or 0)
 
-    async def patient_settings(self) -> dict[str, dict[str, Any]]:
+    async def patient_settings(self, patient_id: str | None = None) -> dict[str, dict[str, Any]]:
+        q = select(t.patient_settings)
+        if patient_id is not None:
+            q = q.where(t.patient_settings.c.patient_id == patient_id)
         async with self.engine.connect() as conn:
-            rows = await conn.execute(select(t.patient_settings))
+            rows = await conn.execute(q)
             return {r.patient_id: dict(r._mapping) for r in rows}
 
     async def set_patient_settings(
@@ -783,6 +792,51 @@ class SqlStore:
                 lost.add(stream)
         if lost:
             raise Fenced(lost)
+
+    async def _sequence(self, conn: Any, batch: Batch) -> None:
+        """In the batch's transaction: give the events of each ``batch.sequenced`` stream the
+        offsets after its counter (a ``stream_leases`` row of no node), moved past them by an
+        UPDATE whose row lock is held to the commit: another node's batch of the stream waits
+        for this one, so the stream's offsets are committed in order, without a gap."""
+        c = t.stream_leases.c
+        for stream in sorted(batch.sequenced):
+            mine = [e for e in batch.events if e.stream == stream]
+            if not mine:
+                continue
+            bump = update(t.stream_leases).where(c.stream == stream)
+            bump = bump.values(head=c.head + len(mine)).returning(c.head)
+            last = (await conn.execute(bump)).scalar()
+            if last is None:  # the stream's first sequenced write: its counter starts at its head
+                head = (
+                    await conn.execute(
+                        select(func.max(t.events.c.offset)).where(t.events.c.stream == stream)
+                    )
+                ).scalar()
+                await conn.execute(
+                    self._insert_ignore(t.stream_leases).values(
+                        stream=stream, node="", epoch=0, head=int(head or 0), expires_at=0.0
+                    )
+                )
+                last = (await conn.execute(bump)).scalar()
+            first = int(last) - len(mine) + 1
+            for i, e in enumerate(mine):
+                e.offset = first + i
+                e._frame = None  # noqa: SLF001 (encoded, if ever, with the old offset)
+
+    async def lapsed_leases(self, now: float, limit: int = 1000) -> list[Lease]:
+        """Leases of patient streams that lapsed (their node died or left), oldest first."""
+        c = t.stream_leases.c
+        q = (
+            select(t.stream_leases)
+            .where(c.expires_at < now, c.node != "", c.stream.startswith("patient:"))
+            .order_by(c.expires_at)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [
+            Lease(r.stream, r.node, int(r.epoch), int(r.head), float(r.expires_at)) for r in rows
+        ]
 
     async def acquire_stream(
         self, stream: str, node: str, now: float, ttl_s: float, *, force: bool = False

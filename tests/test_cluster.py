@@ -1,0 +1,416 @@
+"""Three vitalwire nodes as real processes on one PostgreSQL database and one Redis prefix
+(docs/howto-cluster.md): any device or clinician on any node, requests routed to the node that
+writes the patient's stream, and a node killed with SIGKILL under load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, free_port, provision_db
+from tests.test_bus import _drop_keys, _need_redis
+from tests.test_store import fresh_postgres_db
+from vitalwire.core import events as ev
+from vitalwire.sdk.device import DeviceClient
+from vitalwire.sdk.monitor import MonitorClient, StreamEvent
+from vitalwire.store import open_store
+
+
+class Cluster:
+    """Three nodes; ``urls(i)``: every node's address, node ``i``'s first."""
+
+    def __init__(self, tmp: Path, db: str, prefix: str, n: int = 3, redis_port: int = 6379) -> None:
+        bus = f"redis://127.0.0.1:{redis_port}/0?prefix={prefix}"
+        self.nodes: list[ServerProcess] = []
+        for i in range(n):
+            (tmp / f"n{i}").mkdir()
+            self.nodes.append(
+                ServerProcess(
+                    db,
+                    free_port(),
+                    tmp / f"n{i}",
+                    cluster="1",
+                    node_id=f"n{i}",
+                    bus=bus,
+                    lease_ttl_s="2",
+                    device_max_silence_s="5",
+                )
+            )
+
+    async def start(self) -> None:
+        await asyncio.gather(*(n.start() for n in self.nodes))
+
+    def urls(self, first: int) -> list[str]:
+        n = len(self.nodes)
+        return [self.nodes[(first + k) % n].url for k in range(n)]
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+async def _until(predicate: Any, timeout: float, what: str) -> None:
+    async def wait() -> None:
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(wait(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def _store_events(db: str, stream: str) -> list[tuple[int, str, Any]]:
+    store = open_store(db)
+    await store.open()
+    try:
+        events = await store.events_after(stream, 0, 1_000_000)
+    finally:
+        await store.close()
+    return [(e.offset, e.kind, e.data) for e in events]
+
+
+class Watcher:
+    """A clinician's live view: every event it was given, per stream."""
+
+    def __init__(self, urls: list[str], user: dict[str, str]) -> None:
+        self.client = MonitorClient(urls, username=user["username"], password=user["password"])
+        self.seen: dict[str, list[StreamEvent]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, streams: list[str]) -> None:
+        await self.client.connect()
+        await self.client.subscribe(streams)
+        self._task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        async for e in self.client.events():
+            self.seen.setdefault(e.stream, []).append(e)
+
+    def head(self, stream: str) -> int:
+        got = self.seen.get(stream)
+        return got[-1].offset if got else 0
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.close()
+
+
+async def _login(url: str, user: dict[str, str]) -> dict[str, str]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        r = await http.post(
+            "/auth/login", json={"username": user["username"], "password": user["password"]}
+        )
+        assert r.status_code == 200, r.text
+        return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+async def _check(
+    db: str, devices: list[dict[str, str]], sent: Counter[str], watchers: list[Watcher]
+) -> None:
+    """What a cluster must keep whatever happened to its nodes: in the store, each patient
+    stream's offsets contiguous and every (device, seq) once, in order; every watcher saw every
+    event of every stream once, as stored; the ``alerts`` stream holds every alert change of
+    every patient stream once."""
+    streams = [ev.patient_stream(d["patient_id"]) for d in devices]
+    for d, stream in zip(devices, streams, strict=True):
+        stored = await _store_events(db, stream)
+        assert [o for o, _, _ in stored] == list(range(1, len(stored) + 1)), stream
+        seqs = [x["seq"] for _, k, x in stored if k == ev.READING]
+        assert seqs == list(range(1, sent[d["device_id"]] + 1)), stream
+    for stream in [*streams, ev.ALERTS_STREAM]:
+        stored = await _store_events(db, stream)
+        for w in watchers:
+
+            async def caught_up(w: Watcher = w, s: str = stream, n: int = len(stored)) -> bool:
+                return w.head(s) >= n
+
+            await _until(caught_up, 20, f"{stream} on a watcher")
+            got = [(e.offset, e.kind, e.data) for e in w.seen[stream]]
+            assert got == stored, stream
+    every: Counter[tuple[str, str]] = Counter()
+    for stream in streams:
+        every.update(
+            (x["alert_id"], x["action"])
+            for _, k, x in await _store_events(db, stream)
+            if k == ev.ALERT
+        )
+    alerts = await _store_events(db, ev.ALERTS_STREAM)
+    assert Counter((x["alert_id"], x["action"]) for _, _, x in alerts) == every
+
+
+async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: Path) -> None:
+    prefix = await _need_redis()
+    async with fresh_postgres_db() as db:
+        creds = await provision_db(db, patients=4)
+        cluster = Cluster(tmp_path, db, prefix)
+        devices: list[DeviceClient] = []
+        watchers: list[Watcher] = []
+        feeding: asyncio.Task[None] | None = None
+        try:
+            await cluster.start()
+            clinician = next(u for u in creds.users if u["role"] == "clinician")
+            # device i connects to node i first; P1's device is on n0, the node killed below
+            sent: Counter[str] = Counter()
+            for i, d in enumerate(creds.devices[:3]):
+                c = DeviceClient(cluster.urls(i), d["device_id"], d["secret"])
+                c.on_command("report_now", lambda cmd: {"reported": True})
+                devices.append(c)
+            pids = [d["patient_id"] for d in creds.devices[:3]]
+            streams = [ev.patient_stream(p) for p in pids]
+            # one clinician on n1, one on n0 (moved to n1 when n0 dies), both watching all
+            for first in (1, 0):
+                w = Watcher(cluster.urls(first), clinician)
+                await w.start([*streams, ev.ALERTS_STREAM])
+                watchers.append(w)
+            # P4's device knows n0 alone: when n0 dies, another node takes P4's stream (its
+            # lease lapsed) and marks the device offline when it does not come back
+            d4 = creds.devices[3]
+            lone = DeviceClient([cluster.nodes[0].url], d4["device_id"], d4["secret"])
+            for c in [*devices, lone]:
+                await c.start()
+                await c.wait_connected(10)
+            lone.send(spo2=97.0, hr=70, rr=14)
+            await lone.flush(10)
+            spo2 = {pids[0]: 80.0}  # P1's SpO2 under the critical limit: one alarm, raised once
+
+            async def feed() -> None:
+                while True:
+                    for c, pid in zip(devices, pids, strict=True):
+                        c.send(spo2=spo2.get(pid, 97.0), hr=72, rr=16)
+                        sent[c.device_id] += 1
+                    await asyncio.sleep(0.05)
+
+            feeding = asyncio.create_task(feed())
+
+            # a clinician on n2 commands P1's device, which is on n0
+            auth = await _login(cluster.nodes[2].url, clinician)
+            async with httpx.AsyncClient(base_url=cluster.nodes[2].url, timeout=30) as http:
+                r = await http.post(
+                    f"/patients/{pids[0]}/commands", json={"name": "report_now"}, headers=auth
+                )
+                assert r.status_code == 200, r.text
+                cid = r.json()["command"]["command_id"]
+
+                async def command_done() -> bool:
+                    got = [
+                        e.data["status"]
+                        for e in watchers[0].seen.get(streams[0], [])
+                        if e.kind == ev.COMMAND and e.data.get("command_id") == cid
+                    ]
+                    return "completed" in got
+
+                await _until(command_done, 30, "the command's result on n1's watcher")
+
+                # ...and acknowledges P1's alarm, raised on n0, from n2
+                async def alarm() -> str | None:
+                    for e in watchers[0].seen.get(streams[0], []):
+                        if e.kind == ev.ALERT and e.data.get("action") == "raised":
+                            return str(e.data["alert_id"])
+                    return None
+
+                await _until(alarm, 30, "P1's alarm")
+                alert_id = await alarm()
+                r = await http.post(f"/alerts/{alert_id}/acknowledge", headers=auth)
+                assert r.status_code == 200, r.text
+                assert r.json()["changes"][0]["state"] == "acknowledged", r.text
+
+            # n0 dies under load: its device moves to n1 and resends; its watcher resumes there
+            def readings(w: Watcher) -> int:
+                return sum(e.kind == ev.READING for e in w.seen.get(streams[0], []))
+
+            async def loaded() -> bool:
+                return readings(watchers[1]) >= 60
+
+            await _until(loaded, 30, "P1's readings before the kill")
+            before = readings(watchers[1])
+            assert await cluster.nodes[0].signal(signal.SIGKILL) == -signal.SIGKILL
+
+            async def flowing_again() -> bool:
+                return readings(watchers[1]) >= before + 60
+
+            await _until(flowing_again, 30, "P1's readings through another node")
+            assert watchers[1].client.reconnects >= 1
+            assert devices[0].url != devices[0].urls[0]  # the device moved on
+
+            p4 = ev.patient_stream(d4["patient_id"])
+
+            async def p4_offline() -> bool:
+                return any(
+                    e.kind == ev.DEVICE_STATUS and e.data.get("status") == "offline"
+                    for e in watchers[0].seen.get(p4, [])
+                )
+
+            await watchers[0].client.subscribe([p4])
+            await _until(p4_offline, 40, "P4's device marked offline by another node")
+            await lone.close()
+            feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
+            for c in devices:
+                await c.flush(30)
+
+            await _check(db, creds.devices[:3], sent, watchers)
+            # the alarm was raised once, acknowledged once, and the alerts stream holds every
+            # alert change of every patient stream once
+            p1 = await _store_events(db, streams[0])
+            changes = [(x["alert_id"], x["action"]) for _, k, x in p1 if k == ev.ALERT]
+            assert changes.count((alert_id, "raised")) == 1, changes
+            assert changes.count((alert_id, "acknowledged")) == 1, changes
+        finally:
+            await _end(feeding, watchers, devices, cluster)
+            await _drop_keys(prefix)
+
+
+async def _end(
+    feeding: asyncio.Task[None] | None,
+    watchers: list[Watcher],
+    devices: list[DeviceClient],
+    cluster: Cluster,
+) -> None:
+    if feeding is not None:
+        feeding.cancel()
+        await asyncio.gather(feeding, return_exceptions=True)
+    for w in watchers:
+        await w.close()
+    for c in devices:
+        with contextlib.suppress(Exception):
+            await c.close()
+    cluster.stop()
+
+
+def test_cluster_settings_name_what_they_need() -> None:
+    from pydantic import ValidationError
+
+    from vitalwire.settings import Settings
+
+    with pytest.raises(ValidationError, match="cluster needs a PostgreSQL store"):
+        Settings(cluster=True, db="sqlite:///x.db", bus="redis://127.0.0.1:6379/0")
+    with pytest.raises(ValidationError, match="cluster needs a Redis bus"):
+        Settings(cluster=True, db="postgresql://h/db", bus="memory://")
+    with pytest.raises(ValidationError, match="node_id needs upstream or cluster"):
+        Settings(node_id="n1")
+    s = Settings(cluster=True, db="postgresql://h/db", bus="redis://h:6379/0", node_id="n1")
+    assert s.lease_ttl_s == 5.0 and s.node_id == "n1"
+
+
+class PrivateRedis:
+    """A Redis server of the test's own (no persistence), to restart it under load."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        async def answers() -> bool:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            w.close()
+            return True
+
+        await _until(answers, 10, "the private Redis")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+async def test_a_rolling_restart_of_every_node_and_a_redis_restart_under_load(
+    tmp_path: Path,
+) -> None:
+    await _need_redis()  # the machine's Redis stands for "Redis is installed here"
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    redis = PrivateRedis(tmp_path)
+    await redis.start()
+    async with fresh_postgres_db() as db:
+        creds = await provision_db(db, patients=3)
+        cluster = Cluster(tmp_path, db, "roll", redis_port=redis.port)
+        devices: list[DeviceClient] = []
+        watchers: list[Watcher] = []
+        feeding: asyncio.Task[None] | None = None
+        sent: Counter[str] = Counter()
+        try:
+            await cluster.start()
+            clinician = next(u for u in creds.users if u["role"] == "clinician")
+            for i, d in enumerate(creds.devices[:3]):
+                devices.append(DeviceClient(cluster.urls(i), d["device_id"], d["secret"]))
+            pids = [d["patient_id"] for d in creds.devices[:3]]
+            streams = [ev.patient_stream(p) for p in pids]
+            w = Watcher(cluster.urls(2), clinician)
+            await w.start([*streams, ev.ALERTS_STREAM])
+            watchers.append(w)
+            for c in devices:
+                await c.start()
+                await c.wait_connected(10)
+
+            async def feed() -> None:
+                while True:
+                    for c, pid in zip(devices, pids, strict=True):
+                        c.send(spo2=80.0 if pid == pids[0] else 97.0, hr=72, rr=16)
+                        sent[c.device_id] += 1
+                    await asyncio.sleep(0.05)
+
+            feeding = asyncio.create_task(feed())
+
+            async def flowing(n: int = 40) -> None:
+                start = [w.head(s) for s in streams]
+
+                async def moved() -> bool:
+                    return all(w.head(s) >= h + n for s, h in zip(streams, start, strict=True))
+
+                await _until(moved, 40, "every patient's readings flowing")
+
+            await flowing()
+            for node in cluster.nodes:  # one at a time: drain (SIGTERM), then start again
+                # uvicorn drains, then ends by the signal it caught
+                assert await node.signal(signal.SIGTERM) in (0, -signal.SIGTERM)
+                await flowing()
+                await node.start()
+                await flowing()
+            redis.stop()
+            await redis.start()
+            await flowing()
+            feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
+            for c in devices:
+                await c.flush(30)
+            await _check(db, creds.devices[:3], sent, watchers)
+            p1 = await _store_events(db, streams[0])
+            raised = [x["alert_id"] for _, k, x in p1 if k == ev.ALERT and x["action"] == "raised"]
+            assert len(raised) == 1, raised  # the alarm outlived every node's restart, once
+        finally:
+            await _end(feeding, watchers, devices, cluster)
+            redis.stop()
