@@ -291,6 +291,48 @@ async def test_history_from_an_earlier_store_is_started_over_but_a_resend_is_not
         await d.close()
 
 
+async def test_a_stream_taken_over_by_another_node_keeps_its_history_and_fills_the_hole(
+    prefix: str,
+) -> None:
+    """Several nodes (services/cluster.py): node a wrote 1..3 and was killed before 4..5
+    reached Redis; node b took the stream at head 5 and writes 6.. The hole is filled from the
+    store (``fill``) at every other process, the history in Redis answers "not here" across
+    it, and a's late publication of 4..5 neither wipes b's history nor reaches anyone twice."""
+    stored = {o: e for o, e in enumerate(_events("patient:A", range(1, 8)), start=1)}
+
+    async def fill(stream: str, after: int, upto: int) -> list[Event]:
+        return [stored[o] for o in range(after + 1, upto + 1)]
+
+    a, _ = await _open(prefix, size=100)
+    b, _ = await _open(prefix, size=100)
+    c, got_c = await _open(prefix, size=100)
+    c.fill = fill  # type: ignore[attr-defined]
+    try:
+        await a.publish([stored[o] for o in (1, 2, 3)])
+        await wait_until(lambda: len(got_c.events) == 3, what="1..3 at c")
+        await b.publish([stored[o] for o in (6, 7)])  # b took over at 5
+        await wait_until(lambda: len(got_c.events) == 7, what="4..7 at c")
+        assert [e.offset for e in got_c.events] == [1, 2, 3, 4, 5, 6, 7]
+        assert await c.history("patient:A", 0) is not None
+        fresh, _ = await _open(prefix, size=100)
+        try:  # Redis holds 1..3 and 6..7: across the hole it says "read the store"
+            assert await fresh.history("patient:A", 3) is None
+            assert [e.offset for e in await fresh.history("patient:A", 5) or []] == [6, 7]
+        finally:
+            await fresh.close()
+        await a.publish([stored[o] for o in (4, 5)])  # a, paused, publishes late: refused
+        await a.close()  # its round reached Redis (and was refused there)
+        later, _ = await _open(prefix, size=100)
+        try:  # b's history is still there
+            assert [e.offset for e in await later.history("patient:A", 5) or []] == [6, 7]
+        finally:
+            await later.close()
+        assert [e.offset for e in got_c.events] == [1, 2, 3, 4, 5, 6, 7]
+    finally:
+        await b.close()
+        await c.close()
+
+
 async def test_server_on_the_redis_bus_serves_its_clients_and_other_processes(
     tmp_path: Path, prefix: str
 ) -> None:

@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import ServerProcess, free_port, provision_db
 from tests.test_bus import _drop_keys, _need_redis
 from tests.test_store import fresh_postgres_db
+from vitalwire.bench.netproxy import Proxy
 from vitalwire.core import events as ev
 from vitalwire.sdk.device import DeviceClient
 from vitalwire.sdk.monitor import MonitorClient, StreamEvent
@@ -82,8 +83,10 @@ async def _store_events(db: str, stream: str) -> list[tuple[int, str, Any]]:
 class Watcher:
     """A clinician's live view: every event it was given, per stream."""
 
-    def __init__(self, urls: list[str], user: dict[str, str]) -> None:
-        self.client = MonitorClient(urls, username=user["username"], password=user["password"])
+    def __init__(self, urls: list[str], user: dict[str, str], ssl: Any = None) -> None:
+        self.client = MonitorClient(
+            urls, username=user["username"], password=user["password"], ssl=ssl
+        )
         self.seen: dict[str, list[StreamEvent]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -137,7 +140,7 @@ async def _check(
                 return w.head(s) >= n
 
             await _until(caught_up, 20, f"{stream} on a watcher")
-            got = [(e.offset, e.kind, e.data) for e in w.seen[stream]]
+            got = [(e.offset, e.kind, e.data) for e in w.seen.get(stream, [])]
             assert got == stored, stream
     every: Counter[tuple[str, str]] = Counter()
     for stream in streams:
@@ -414,3 +417,137 @@ async def test_a_rolling_restart_of_every_node_and_a_redis_restart_under_load(
         finally:
             await _end(feeding, watchers, devices, cluster)
             redis.stop()
+
+
+async def test_the_store_cut_off_under_load_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    """PostgreSQL unreachable for longer than the leases last (every connection reset, new
+    ones refused: what a restart or a failover looks like from the nodes), under load: the
+    nodes wait and recover; nothing acknowledged is lost, nothing is written twice."""
+    prefix = await _need_redis()
+    async with fresh_postgres_db() as db:
+        creds = await provision_db(db, patients=2)
+        host, _, rest = db.rpartition("@")[2].partition("/")
+        pg = Proxy(host.split(":")[0], int(host.split(":")[1]))
+        await pg.start()
+        cluster = Cluster(tmp_path, db.replace(host, f"127.0.0.1:{pg.port}"), prefix, n=2)
+        devices: list[DeviceClient] = []
+        watchers: list[Watcher] = []
+        feeding: asyncio.Task[None] | None = None
+        sent: Counter[str] = Counter()
+        try:
+            await cluster.start()
+            clinician = next(u for u in creds.users if u["role"] == "clinician")
+            for i, d in enumerate(creds.devices[:2]):
+                devices.append(DeviceClient(cluster.urls(i), d["device_id"], d["secret"]))
+            streams = [ev.patient_stream(d["patient_id"]) for d in creds.devices[:2]]
+            w = Watcher(cluster.urls(1), clinician)
+            await w.start([*streams, ev.ALERTS_STREAM])
+            watchers.append(w)
+            for c in devices:
+                await c.start()
+                await c.wait_connected(10)
+
+            async def feed() -> None:
+                while True:
+                    for c in devices:
+                        c.send(spo2=97.0, hr=72, rr=16)
+                        sent[c.device_id] += 1
+                    await asyncio.sleep(0.05)
+
+            feeding = asyncio.create_task(feed())
+
+            async def flowing(n: int = 40) -> None:
+                start = [w.head(s) for s in streams]
+
+                async def moved() -> bool:
+                    return all(w.head(s) >= h + n for s, h in zip(streams, start, strict=True))
+
+                await _until(moved, 60, "every patient's readings flowing")
+
+            await flowing()
+            pg.cut()  # the outage lasts 3 s: longer than a lease (2 s)
+            await asyncio.sleep(1)  # what was committed before the cut has arrived by now
+            held = [w.head(s) for s in streams]
+            await asyncio.sleep(2)
+            assert [w.head(s) for s in streams] == held  # nothing shown that is not durable
+            pg.restore()
+            await flowing()
+            feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
+            for c in devices:
+                await c.flush(60)
+            await _check(db, creds.devices[:2], sent, watchers)
+        finally:
+            await _end(feeding, watchers, devices, cluster)
+            await pg.close()
+            await _drop_keys(prefix)
+
+
+async def test_three_nodes_behind_nginx_a_node_killed(tmp_path: Path) -> None:
+    """The shipped nginx config with one ``server`` line per node, TLS ending at nginx: devices
+    and a clinician know nginx's one address; the node writing a patient's stream is killed
+    and nginx sends the reconnections to the live nodes."""
+    from tests.test_proxy_nginx import need_nginx, nginx_in_front
+
+    need_nginx()
+    prefix = await _need_redis()
+    async with fresh_postgres_db() as db:
+        creds = await provision_db(db, patients=3)
+        cluster = Cluster(tmp_path, db, prefix)
+        devices: list[DeviceClient] = []
+        watchers: list[Watcher] = []
+        feeding: asyncio.Task[None] | None = None
+        sent: Counter[str] = Counter()
+        try:
+            await cluster.start()
+            nodes = [n.url.removeprefix("http://") for n in cluster.nodes]
+            async with nginx_in_front(tmp_path / "nginx", nodes) as nx:
+                clinician = next(u for u in creds.users if u["role"] == "clinician")
+                for d in creds.devices[:3]:
+                    devices.append(
+                        DeviceClient(nx.https, d["device_id"], d["secret"], ssl=nx.context)
+                    )
+                streams = [ev.patient_stream(d["patient_id"]) for d in creds.devices[:3]]
+                w = Watcher([nx.https], clinician, ssl=nx.context)
+                await w.start([*streams, ev.ALERTS_STREAM])
+                watchers.append(w)
+                for c in devices:
+                    await c.start()
+                    await c.wait_connected(10)
+
+                async def feed() -> None:
+                    while True:
+                        for c in devices:
+                            c.send(spo2=97.0, hr=72, rr=16)
+                            sent[c.device_id] += 1
+                        await asyncio.sleep(0.05)
+
+                feeding = asyncio.create_task(feed())
+
+                async def flowing(n: int = 40) -> None:
+                    start = [w.head(s) for s in streams]
+
+                    async def moved() -> bool:
+                        return all(w.head(s) >= h + n for s, h in zip(streams, start, strict=True))
+
+                    await _until(moved, 40, "every patient's readings flowing")
+
+                await flowing()
+                store = open_store(db)
+                await store.open()
+                try:
+                    lease = await store.stream_lease(streams[0])
+                finally:
+                    await store.close()
+                assert lease is not None
+                victim = cluster.nodes[int(lease.node.removeprefix("n"))]
+                assert await victim.signal(signal.SIGKILL) == -signal.SIGKILL
+                await flowing()
+                feeding.cancel()
+                await asyncio.gather(feeding, return_exceptions=True)
+                for c in devices:
+                    await c.flush(30)
+                await _check(db, creds.devices[:3], sent, watchers)
+        finally:
+            await _end(feeding, watchers, devices, cluster)
+            await _drop_keys(prefix)

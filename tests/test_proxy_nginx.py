@@ -12,6 +12,7 @@ certificate and node. Without ``/usr/sbin/nginx`` the tests skip saying why; und
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -65,10 +66,18 @@ def need_nginx() -> None:
 
 
 def render_site(
-    text: str, *, https_port: int, http_port: int, node: str, certfile: Path, keyfile: Path
+    text: str,
+    *,
+    https_port: int,
+    http_port: int,
+    node: str | list[str],
+    certfile: Path,
+    keyfile: Path,
 ) -> str:
-    """The shipped config with each ``site:`` line set for this test; fails on a ``site:`` line
-    it does not know, so a new one in the config is not silently left at its example value."""
+    """The shipped config with each ``site:`` line set for this test (``node``: one node's
+    address, or several: one ``server`` line each); fails on a ``site:`` line it does not know,
+    so a new one in the config is not silently left at its example value."""
+    nodes = [node] if isinstance(node, str) else node
     out = []
     for line in text.splitlines():
         if "# site:" not in line or line.lstrip().startswith("#"):
@@ -88,7 +97,7 @@ def render_site(
         elif directive.startswith("ssl_certificate_key "):
             line = re.sub(r"ssl_certificate_key \S+;", f"ssl_certificate_key {keyfile};", line)
         elif directive.startswith("server ") and "max_fails" in directive:
-            line = re.sub(r"server \S+", f"server {node}", line, count=1)
+            line = "\n".join(re.sub(r"server \S+", f"server {n}", line, count=1) for n in nodes)
         else:
             raise AssertionError(f"a site: line the test does not know: {line.strip()}")
         out.append(line)
@@ -128,10 +137,24 @@ class Proxied:
         return (self.prefix / "access.log").read_text()
 
 
-@pytest.fixture
-async def proxied(tmp_path: Path) -> AsyncIterator[Proxied]:
+@dataclass
+class Nginx:
+    """nginx running with the shipped config in front of some nodes."""
+
+    https: str
+    http: str
+    context: ssl.SSLContext
+    prefix: Path
+
+
+@contextlib.asynccontextmanager
+async def nginx_in_front(
+    prefix: Path, nodes: list[str], https_port: int = 0, http_port: int = 0
+) -> AsyncIterator[Nginx]:
+    """Debian's nginx with the shipped config (its ``site:`` lines set for the test: a test CA's
+    certificate, the ports (0: free ones), one ``server`` line per node) as a child process in
+    ``prefix``."""
     need_nginx()
-    prefix = tmp_path / "nginx"
     prefix.mkdir()
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -139,49 +162,59 @@ async def proxied(tmp_path: Path) -> AsyncIterator[Proxied]:
     cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
     cert.private_key_pem.write_to_path(str(keyfile))
     ca.cert_pem.write_to_path(str(cafile))
-    https_port, http_port = free_port(), free_port()
+    https_port, http_port = https_port or free_port(), http_port or free_port()
     https = f"https://127.0.0.1:{https_port}"
-    srv, task = await start_server(tmp_path, patients=2, public_url=https)
-    proc: subprocess.Popen[bytes] | None = None
+    (prefix / "vitalwire.conf").write_text(
+        render_site(
+            SITE_CONF.read_text(),
+            https_port=https_port,
+            http_port=http_port,
+            node=nodes,
+            certfile=certfile,
+            keyfile=keyfile,
+        )
+    )
+    (prefix / "nginx.conf").write_text(main_conf(prefix))
+    proc = subprocess.Popen(
+        [
+            str(NGINX),
+            "-e",
+            str(prefix / "error.log"),
+            "-p",
+            str(prefix),
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-g",
+            f"daemon off; pid {prefix / 'nginx.pid'};",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        node = srv.url.removeprefix("http://")
-        (prefix / "vitalwire.conf").write_text(
-            render_site(
-                SITE_CONF.read_text(),
-                https_port=https_port,
-                http_port=http_port,
-                node=node,
-                certfile=certfile,
-                keyfile=keyfile,
-            )
-        )
-        (prefix / "nginx.conf").write_text(main_conf(prefix))
-        proc = subprocess.Popen(
-            [
-                str(NGINX),
-                "-e",
-                str(prefix / "error.log"),
-                "-p",
-                str(prefix),
-                "-c",
-                str(prefix / "nginx.conf"),
-                "-g",
-                f"daemon off; pid {prefix / 'nginx.pid'};",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         context = tls.client_context(str(cafile))
         await _until_serving(proc, https, context, prefix / "error.log")
-        yield Proxied(srv, https, f"http://127.0.0.1:{http_port}", context, prefix)
+        yield Nginx(https, f"http://127.0.0.1:{http_port}", context, prefix)
     finally:
-        if proc is not None and proc.poll() is None:
+        if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # nginx's fast shutdown
             try:
                 await asyncio.to_thread(proc.wait, 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await asyncio.to_thread(proc.wait, 10)
+
+
+@pytest.fixture
+async def proxied(tmp_path: Path) -> AsyncIterator[Proxied]:
+    need_nginx()
+    https_port, http_port = free_port(), free_port()
+    https = f"https://127.0.0.1:{https_port}"
+    srv, task = await start_server(tmp_path, patients=2, public_url=https)
+    try:
+        node = srv.url.removeprefix("http://")
+        async with nginx_in_front(tmp_path / "nginx", [node], https_port, http_port) as nx:
+            yield Proxied(srv, nx.https, nx.http, nx.context, nx.prefix)
+    finally:
         await stop_server(srv, task)
 
 

@@ -143,3 +143,52 @@ async def test_the_writer_drops_only_the_units_of_a_stream_it_lost(store: Store)
     finally:
         await writer.stop()
         await bus.close()
+
+
+async def test_a_sequenced_stream_gets_its_offsets_from_the_store_in_commit_order(
+    store: Store,  # noqa: F811
+) -> None:
+    """The ``alerts`` stream of a cluster: every node writes it, the store numbers its events
+    in the write transaction. Placeholder offsets are replaced, other streams are untouched."""
+    await store.write_batch(Batch(events=_events("alerts", 1, 2)))  # one node wrote before
+    for n in (3, 1, 4):
+        b = Batch(events=[*_events("alerts", 1, n), *_events("patient:P1", 1, 1)])
+        b.events[-1].offset = await _head(store, "patient:P1") + 1
+        b.sequenced = frozenset({"alerts"})
+        await store.write_batch(b)
+        assert [e.offset for e in b.events if e.stream == "alerts"][-1] == await _head(
+            store, "alerts"
+        )
+    assert await _offsets(store, "alerts") == list(range(1, 11))
+    assert await _offsets(store, "patient:P1") == [1, 2, 3]
+
+
+async def test_concurrent_writers_of_a_sequenced_stream_leave_no_gap_and_no_repeat(
+    store: Store,  # noqa: F811
+) -> None:
+    import asyncio
+
+    async def writer(tag: str) -> None:
+        for i in range(20):
+            b = Batch(
+                events=[
+                    Event.new("alerts", 0, "alert", 1.0, {"w": tag, "i": i, "k": k})
+                    for k in range(3)
+                ],
+                sequenced=frozenset({"alerts"}),
+            )
+            await store.write_batch(b)
+
+    await asyncio.gather(writer("a"), writer("b"), writer("c"))
+    events = await store.events_after("alerts", 0, 1000)
+    assert [e.offset for e in events] == list(range(1, 181))
+    # each batch's events stay together and in their order
+    for first in range(0, 180, 3):
+        group = [events[first + k].data for k in range(3)]
+        assert [d["k"] for d in group] == [0, 1, 2]
+        assert len({(d["w"], d["i"]) for d in group}) == 1
+
+
+async def _head(s: Store, stream: str) -> int:
+    offsets = await _offsets(s, stream)
+    return offsets[-1] if offsets else 0

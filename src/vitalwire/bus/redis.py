@@ -397,6 +397,8 @@ class RedisBus:
         rows = await self._redis.xrange(
             self._key(stream), min=f"({after}-0", max="+" if upto is None else f"{upto}-0"
         )
+        if upto is not None and len(rows) != upto - after:
+            return None  # a bounded read (a gap to fill) must find every event of it
         if not rows:
             # nothing after `after`: the history reaches back if it holds `after` itself
             if after == 0:
