@@ -9,6 +9,7 @@ import contextlib
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -550,4 +551,89 @@ async def test_three_nodes_behind_nginx_a_node_killed(tmp_path: Path) -> None:
                 await _check(db, creds.devices[:3], sent, watchers)
         finally:
             await _end(feeding, watchers, devices, cluster)
+            await _drop_keys(prefix)
+
+
+async def test_administration_on_one_node_writes_where_the_patients_stream_is(
+    tmp_path: Path,
+) -> None:
+    """Binding events and a discharge's end of the open alerts go to the node that writes the
+    patient's stream, once: a change made through another node's API, and one made offline
+    with ``vitalwire admin`` that every node reads from the store."""
+    prefix = await _need_redis()
+    async with fresh_postgres_db() as db:
+        creds = await provision_db(db, patients=2)
+        cluster = Cluster(tmp_path, db, prefix, n=2)
+        devices: list[DeviceClient] = []
+        try:
+            await cluster.start()
+            admin = next(u for u in creds.users if u["role"] == "admin")
+            d1, d2 = creds.devices[:2]
+            p1, p2 = ev.patient_stream(d1["patient_id"]), ev.patient_stream(d2["patient_id"])
+            # P1's device on n0; P2's device on n1, in alarm (SpO2 80)
+            for d, first in ((d1, 0), (d2, 1)):
+                devices.append(DeviceClient(cluster.urls(first), d["device_id"], d["secret"]))
+            for c in devices:
+                await c.start()
+                await c.wait_connected(10)
+            for _ in range(3):
+                devices[0].send(spo2=97.0, hr=70, rr=14)
+                devices[1].send(spo2=80.0, hr=70, rr=14)
+            for c in devices:
+                await c.flush(10)
+
+            async def kinds(stream: str, kind: str) -> list[Any]:
+                return [x for _, k, x in await _store_events(db, stream) if k == kind]
+
+            async def p2_alarm() -> bool:
+                return any(x["action"] == "raised" for x in await kinds(p2, ev.ALERT))
+
+            await _until(p2_alarm, 20, "P2's alarm")
+            auth = await _login(cluster.nodes[0].url, admin)
+            async with httpx.AsyncClient(base_url=cluster.nodes[0].url, timeout=30) as http:
+                r = await http.post("/admin/devices", json={"device_id": "spare-1"}, headers=auth)
+                assert r.status_code == 201, r.text
+                # through n0's API, for P1 (written by n0) and... bound to P2 (written by n1)
+                r = await http.put(
+                    "/admin/bindings/spare-1", json={"patient_id": d2["patient_id"]}, headers=auth
+                )
+                assert r.status_code == 200, r.text
+
+                async def bound() -> bool:
+                    return len(await kinds(p2, ev.BINDING)) >= 1
+
+                await _until(bound, 20, "the bind event in P2's stream")
+            # offline, on the store: every node reads it, one writes it
+            unbind = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "vitalwire.cli",
+                "admin",
+                "unbind",
+                "spare-1",
+                "--db",
+                db,
+                stdout=asyncio.subprocess.DEVNULL,
+            )
+            assert await unbind.wait() == 0
+
+            async def unbound() -> bool:
+                return len(await kinds(p2, ev.BINDING)) >= 2
+
+            await _until(unbound, 20, "the unbind event in P2's stream")
+            auth1 = await _login(cluster.nodes[0].url, admin)
+            async with httpx.AsyncClient(base_url=cluster.nodes[0].url, timeout=30) as http:
+                r = await http.post(f"/admin/patients/{d2['patient_id']}/discharge", headers=auth1)
+                assert r.status_code == 200, r.text
+                assert r.json()["alerts_ended"] == 1, r.text  # P2's engine is on n1
+            binding = [(x["device"], x["action"]) for x in await kinds(p2, ev.BINDING)]
+            assert binding.count(("spare-1", "bind")) == 1, binding
+            assert binding.count(("spare-1", "unbind")) == 1, binding
+            ends = [x for x in await kinds(p2, ev.ALERT) if x["action"] != "raised"]
+            assert len(ends) == 1, ends
+            for stream in (p1, p2):
+                stored = await _store_events(db, stream)
+                assert [o for o, _, _ in stored] == list(range(1, len(stored) + 1))
+        finally:
+            await _end(None, [], devices, cluster)
             await _drop_keys(prefix)

@@ -215,7 +215,12 @@ class AlertService:
     async def discharge(self, pid: str, by: str) -> int:
         """``pid`` was discharged: their open alerts resolve (core ``PatientAlerts.discharge``)
         and their engine is dropped, with any device-offline grace still running. Returns how
-        many alerts ended, once durable."""
+        many alerts ended, once durable.
+
+        In a cluster the node that writes the patient's stream does it (services/cluster.py)."""
+        if self.remote is not None and (node := await self.remote.route(pid)) is not None:
+            who = Principal(by, "admin", upstream=True)
+            return int(await self.remote.call(node, "discharge", who, pid, {"by": by}, None))
         for key in [k for k in self._offline_since if k[0] == pid]:
             del self._offline_since[key]
         engine = self._engines.pop(pid, None)

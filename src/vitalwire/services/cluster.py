@@ -186,6 +186,35 @@ class Cluster:
             await self.svc.store.release_streams(self.node, dict(self.held))
             self.held.clear()
 
+    # -- what other paths write into a patient's stream -----------------------------------------
+
+    def binding_event(self, pid: str, did: str, action: str, at: float, made_here: bool) -> None:
+        """A device was bound to or unbound from ``pid`` (Registry.binding_writer): its event
+        is written by the node that writes the stream. A change made through this node goes
+        there; one made offline (``vitalwire admin``), which every node reads from the store,
+        is written by the node that holds the stream, or that takes it because nobody does."""
+        task = asyncio.create_task(self._binding(pid, did, action, at, made_here))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _binding(self, pid: str, did: str, action: str, at: float, made_here: bool) -> None:
+        try:
+            if not made_here:
+                if await self.ensure(pid):
+                    self.svc.registry.write_binding_event(pid, did, action, at)
+                return
+            node = await self.route(pid)
+            if node is None:
+                self.svc.registry.write_binding_event(pid, did, action, at)
+            else:
+                who = Principal(f"node:{self.node}", "admin", upstream=True)
+                args = {"device": did, "action": action, "at": at}
+                await self.call(node, "binding", who, pid, args, None)
+        except Exception:
+            log.exception(
+                "the %s event of device %s for patient %s was not written", action, did, pid
+            )
+
     # -- requests -------------------------------------------------------------------------------
 
     async def route(self, pid: str) -> str | None:
@@ -317,7 +346,7 @@ class Cluster:
                 raise Unavailable(f"patient {pid}'s stream moved to another node; try again")
             args = msg.get("args") or {}
             reply["result"] = await run_request(
-                self.svc, who, str(msg.get("op")), pid, args, msg.get("origin")
+                self.svc, who, str(msg.get("op")), pid, args, msg.get("origin"), internal=True
             )
         except msgspec.ValidationError as exc:
             reply["error"] = {"code": "invalid_message", "message": str(exc)}

@@ -253,6 +253,7 @@ def _cluster(svc: Services) -> Cluster:
     svc.writer.sequenced = frozenset({ev.ALERTS_STREAM})
     svc.ingest.claim = lambda pid: cluster.ensure(pid, force=True)
     svc.alerts.holds = cluster.holds
+    svc.registry.binding_writer = cluster.binding_event
     svc.streams.taps.append(cluster.on_events)
     if hasattr(svc.bus, "fill"):
         svc.bus.fill = svc.streams.fill

@@ -63,6 +63,10 @@ class Registry:
         self.on_revoked: Callable[[str, str], Awaitable[None]] | None = None
         #: patients were created (by any process): the access cache loads them
         self.on_new_patients: Callable[[], Awaitable[None]] | None = None
+        #: Several nodes (services/cluster.py): writes a binding event where the patient's
+        #: stream is written, ``(patient, device, action, at, made_here)``; ``made_here``: the
+        #: change was made through this node (else every node read it from the store)
+        self.binding_writer: Callable[[str, str, str, float, bool], None] | None = None
         self._seen: int | None = None  # the last registry change followed
         self._following = asyncio.Lock()  # one reader at a time: each change applies once
 
@@ -143,8 +147,8 @@ class Registry:
         now = self.clock()
         previous = await self.store.bind(did, pid, now, announced=self.live)
         if previous is not None and previous.patient_id != pid:
-            self._binding_event(previous.patient_id, did, "unbind", now)
-        self._binding_event(pid, did, "bind", now)
+            self._binding_event(previous.patient_id, did, "unbind", now, True)
+        self._binding_event(pid, did, "bind", now, True)
         if self.on_binding_change is not None:
             self.on_binding_change(did, pid, previous.patient_id if previous else None)
         return previous
@@ -162,7 +166,7 @@ class Registry:
         now = self.clock()
         previous = await self.store.unbind(did, now, announced=self.live)
         if previous is not None:
-            self._binding_event(previous.patient_id, did, "unbind", now)
+            self._binding_event(previous.patient_id, did, "unbind", now, True)
         if self.on_binding_change is not None:
             self.on_binding_change(did, None, previous.patient_id if previous else None)
         return previous
@@ -201,13 +205,13 @@ class Registry:
             if c.kind == "bind" and pid is not None:
                 if not c.announced:  # made offline: the events are for this server to write
                     if old is not None and old != pid:
-                        self._binding_event(old, did, "unbind", now)
-                    self._binding_event(pid, did, "bind", now)
+                        self._binding_event(old, did, "unbind", now, False)
+                    self._binding_event(pid, did, "bind", now, False)
                 if self.on_binding_change is not None:
                     self.on_binding_change(did, pid, old)
             elif c.kind == "unbind":
                 if not c.announced and old is not None:
-                    self._binding_event(old, did, "unbind", now)
+                    self._binding_event(old, did, "unbind", now, False)
                 if self.on_binding_change is not None:
                     self.on_binding_change(did, None, old)
             elif c.kind in ("disable", "secret"):
@@ -222,9 +226,17 @@ class Registry:
             await self.on_new_patients()
         return changes
 
-    def _binding_event(self, pid: str, did: str, action: str, now: float) -> None:
+    def _binding_event(self, pid: str, did: str, action: str, now: float, made_here: bool) -> None:
         if self.streams is None or self.writer is None:
             return  # offline administration (CLI on the store): the server is not running here
+        if self.binding_writer is not None:
+            self.binding_writer(pid, did, action, now, made_here)
+        else:
+            self.write_binding_event(pid, did, action, now)
+
+    def write_binding_event(self, pid: str, did: str, action: str, now: float) -> None:
+        """The ``binding`` event of ``pid``'s stream, written by this node."""
+        assert self.streams is not None and self.writer is not None
         event = self.streams.new_event(
             ev.patient_stream(pid), ev.BINDING, now, {"device": did, "action": action}
         )

@@ -80,13 +80,29 @@ def error_code(exc: e.PeerError) -> str:
 
 
 async def run_request(
-    svc: Services, who: Principal, op: str, pid: str, args: dict[str, Any], origin: str | None
+    svc: Services,
+    who: Principal,
+    op: str,
+    pid: str,
+    args: dict[str, Any],
+    origin: str | None,
+    *,
+    internal: bool = False,
 ) -> Any:
     """Run a request another node authorised for ``who`` (a cloud for its edge, or a node of
     the cluster for the node that writes the patient's stream) through this node's services.
 
-    ``op``: ``command``, ``ack_alert``, ``set_limits`` or ``set_observations``."""
+    ``op``: ``command``, ``ack_alert``, ``set_limits`` or ``set_observations``; between the
+    nodes of a cluster (``internal``) also ``discharge`` (the patient's open alerts end) and
+    ``binding`` (a device bound or unbound: the stream's event)."""
     ev.check_id("patient_id", pid)
+    if internal and op == "discharge":
+        return await svc.alerts.discharge(pid, str(args.get("by", who.name)))
+    if internal and op == "binding":
+        did, action = str(args.get("device", "")), str(args.get("action", ""))
+        ev.check_id("device_id", did)
+        svc.registry.write_binding_event(pid, did, action, float(args.get("at", svc.clock())))
+        return None
     if op == "command":
         body = {**args, "patient_id": pid, "type": "command"}
         req = msgspec.convert(body, wire.SendCommand)
