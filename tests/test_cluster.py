@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ async def _check(
 async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: Path) -> None:
     prefix = await _need_redis()
     async with fresh_postgres_db() as db:
-        creds = await provision_db(db, patients=4)
+        creds = await provision_db(db, patients=5)
         cluster = Cluster(tmp_path, db, prefix)
         devices: list[DeviceClient] = []
         watchers: list[Watcher] = []
@@ -187,6 +188,16 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
                 await c.wait_connected(10)
             lone.send(spo2=97.0, hr=70, rr=14)
             await lone.flush(10)
+            # P5's device was on n0 and left: n0 still writes P5's stream, and queues there a
+            # command sent meanwhile; n0 dies before the device is back
+            d5 = creds.devices[4]
+            away = DeviceClient(cluster.urls(0), d5["device_id"], d5["secret"])
+            away.on_command("report_now", lambda cmd: {"reported": True})
+            await away.start()
+            await away.wait_connected(10)
+            away.send(spo2=97.0, hr=70, rr=14)
+            await away.flush(10)
+            await away.close()
             spo2 = {pids[0]: 80.0}  # P1's SpO2 under the critical limit: one alarm, raised once
 
             async def feed() -> None:
@@ -229,6 +240,35 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
                 r = await http.post(f"/alerts/{alert_id}/acknowledge", headers=auth)
                 assert r.status_code == 200, r.text
                 assert r.json()["changes"][0]["state"] == "acknowledged", r.text
+                r = await http.post(
+                    f"/patients/{d5['patient_id']}/commands",
+                    json={"name": "report_now"},
+                    headers=auth,
+                )
+                assert r.status_code == 200, r.text
+                assert r.json()["command"]["status"] == "queued", r.text
+                queued = r.json()["command"]["command_id"]
+                # limits set on n2 for P2 (written by n1) apply there, and n0 shows them
+                r = await http.put(
+                    f"/patients/{pids[1]}/limits",
+                    json={"limits": {"spo2": {"low": 93}}},
+                    headers=auth,
+                )
+                assert r.status_code == 200, r.text
+                r = await http.put(
+                    f"/patients/{pids[1]}/limits",
+                    json={"limits": {"spo2": {"low": 140}}},
+                    headers=auth,
+                )
+                assert r.status_code == 422 and "spo2" in r.json()["message"], r.text
+            auth0 = await _login(cluster.nodes[0].url, clinician)
+            async with httpx.AsyncClient(base_url=cluster.nodes[0].url, timeout=30) as http:
+
+                async def limits_shown() -> bool:
+                    r = await http.get(f"/patients/{pids[1]}/limits", headers=auth0)
+                    return bool(r.json()["limits"]["spo2"]["low"] == 93)
+
+                await _until(limits_shown, 10, "P2's new limits on n0")
 
             # n0 dies under load: its device moves to n1 and resends; its watcher resumes there
             def readings(w: Watcher) -> int:
@@ -259,6 +299,27 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
             await watchers[0].client.subscribe([p4])
             await _until(p4_offline, 40, "P4's device marked offline by another node")
             await lone.close()
+            # P5's device comes back to another node: the command n0 queued reaches it there
+            away = DeviceClient(cluster.urls(1), d5["device_id"], d5["secret"])
+            away.on_command("report_now", lambda cmd: {"reported": True})
+            await away.start()
+            p5 = ev.patient_stream(d5["patient_id"])
+
+            async def p5_done() -> bool:
+                return "completed" in [
+                    x["status"]
+                    for _, k, x in await _store_events(db, p5)
+                    if k == ev.COMMAND and x["command_id"] == queued
+                ]
+
+            await _until(p5_done, 30, "the command queued on n0, completed through n1")
+            await away.close()
+            statuses = [
+                x["status"]
+                for _, k, x in await _store_events(db, p5)
+                if k == ev.COMMAND and x["command_id"] == queued
+            ]
+            assert statuses == ["queued", "sent", "acknowledged", "completed"], statuses
             feeding.cancel()
             await asyncio.gather(feeding, return_exceptions=True)
             for c in devices:
@@ -636,4 +697,67 @@ async def test_administration_on_one_node_writes_where_the_patients_stream_is(
                 assert [o for o, _, _ in stored] == list(range(1, len(stored) + 1))
         finally:
             await _end(None, [], devices, cluster)
+            await _drop_keys(prefix)
+
+
+async def test_a_node_whose_stream_was_taken_takes_the_resent_readings_again(
+    tmp_path: Path,
+) -> None:
+    """Another node took a patient's stream while this node had its readings in flight: the
+    store refused them (fenced), the node closed the device (1001) and forgot them; the device,
+    which knows this node alone, comes back, resends, and they are stored, once."""
+    prefix = await _need_redis()
+    async with fresh_postgres_db() as db:
+        creds = await provision_db(db, patients=1)
+        cluster = Cluster(tmp_path, db, prefix, n=1)
+        d = creds.devices[0]
+        stream = ev.patient_stream(d["patient_id"])
+        device = DeviceClient(cluster.urls(0), d["device_id"], d["secret"])
+        feeding: asyncio.Task[None] | None = None
+        sent = 0
+        store = open_store(db)
+        try:
+            await cluster.start()
+            await store.open()
+            await device.start()
+            await device.wait_connected(10)
+
+            async def feed() -> None:
+                nonlocal sent
+                while True:
+                    device.send(spo2=97.0, hr=72, rr=16)
+                    sent += 1
+                    await asyncio.sleep(0.01)
+
+            feeding = asyncio.create_task(feed())
+
+            async def some() -> bool:
+                return device.acked >= 50
+
+            await _until(some, 20, "readings acknowledged")
+            # another node takes the stream (as a device's hello there would)
+            taken = await store.acquire_stream(stream, "elsewhere", time.time(), 30, force=True)
+            assert taken is not None
+
+            async def back() -> bool:
+                lease = await store.stream_lease(stream)
+                return lease is not None and lease.node == "n0" and device.acked >= 150
+
+            await _until(back, 30, "the device back on n0, which took its stream again")
+            feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
+            await device.flush(30)
+            assert device.acked == sent
+            stored = await _store_events(db, stream)
+            assert [o for o, _, _ in stored] == list(range(1, len(stored) + 1))
+            seqs = [x["seq"] for _, k, x in stored if k == ev.READING]
+            assert seqs == list(range(1, sent + 1))
+        finally:
+            if feeding is not None:
+                feeding.cancel()
+                await asyncio.gather(feeding, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await device.close()
+            await store.close()
+            cluster.stop()
             await _drop_keys(prefix)

@@ -363,8 +363,9 @@ class Cluster:
 
     def on_events(self, events: Any) -> None:
         """A tap on every published event: remember alerts raised on other nodes (so that an
-        acknowledgement made here finds its patient) and tell the watchers of a routed
-        command about its progress."""
+        acknowledgement made here finds its patient), tell the watchers of a routed command
+        about its progress, and take the limits and observations set on the node that writes
+        a patient's stream (what this node shows of them)."""
         for event in events:
             if event.kind == ev.ALERT:
                 pid = ev.stream_patient(event.stream)
@@ -372,6 +373,10 @@ class Cluster:
                     self.svc.alerts.remember(str(event.data.get("alert_id")), pid)
             elif event.kind == ev.COMMAND and self._watchers:
                 notify_watchers(self._watchers, event)
+            elif event.kind == ev.SETTINGS:
+                pid = ev.stream_patient(event.stream)
+                if pid is not None and not self.holds(pid):  # limits shown as they are there
+                    self.svc.alerts.adopt_settings(pid, event.data)
 
     async def tail_alerts(self) -> None:
         """The ``alerts`` stream, read from the store in offset order (every node writes it)."""

@@ -250,6 +250,7 @@ def _cluster(svc: Services) -> Cluster:
     cluster = Cluster(svc, name)
     svc.writer.lease_of = cluster.lease_of
     svc.writer.on_fenced = cluster.on_fenced
+    svc.writer.on_dropped = svc.ingest.dropped
     svc.writer.sequenced = frozenset({ev.ALERTS_STREAM})
     svc.ingest.claim = lambda pid: cluster.ensure(pid, force=True)
     svc.alerts.holds = cluster.holds

@@ -551,6 +551,25 @@ class Ingest:
         silence window, :meth:`check_silence` marks it offline so no snapshot shows it live."""
         self._expected = {did: (pid, since) for pid, did in devices}
 
+    def dropped(self, rows: list[ReadingRow]) -> None:
+        """The writer dropped these readings (their stream is written by another node now:
+        BatchWriter.on_dropped): forget having taken them, so that their device's resend of
+        them is taken again (here or on the other node) instead of being seen as a repeat."""
+        first: dict[str, int] = {}
+        for r in rows:
+            if r.seq < first.get(r.device_id, r.seq + 1):
+                first[r.device_id] = r.seq
+        for did, seq in first.items():
+            high = self._high.get(did)
+            if high is None or high < seq:
+                continue
+            self._high[did] = max(self._durable.get(did, 0), seq - 1)
+            recent = self._recent.get(did)
+            if recent is not None:
+                for s in range(max(self._high[did] + 1, high - RECENT_READINGS + 1), high + 1):
+                    if recent.seqs[s & _SLOT] == s:
+                        recent.seqs[s & _SLOT] = 0
+
     def expect(self, pid: str, devices: list[str]) -> None:
         """This node took ``pid``'s stream over (services/cluster.py): its devices that the
         stream shows online are expected here, like after a restart."""

@@ -104,6 +104,9 @@ class BatchWriter:
         #: Called with the streams whose lease this node lost, when the store refused a batch
         #: for them: their units were dropped (not acknowledged, not shown; devices resend).
         self.on_fenced: Callable[[set[str]], None] | None = None
+        #: Called with the reading rows of the units dropped that way (ingest forgets it took
+        #: them, so that their devices' resends are taken again: Ingest.dropped).
+        self.on_dropped: Callable[[list[ReadingRow]], None] | None = None
         self.fenced_units = 0
         #: Streams several nodes write, whose offsets the store assigns at the commit
         #: (``Batch.sequenced``): they are not published on the bus (every node reads them
@@ -283,6 +286,10 @@ class BatchWriter:
                 kept = [u for u in units if not any(e.stream in exc.streams for e in u.events)]
                 self.fenced_units += len(units) - len(kept)
                 log.warning("lost the lease of %s: %d units dropped", exc, len(units) - len(kept))
+                if self.on_dropped is not None:
+                    gone = [r for u in units if u not in kept for r in u.readings]
+                    if gone:
+                        self.on_dropped(gone)
                 if self.on_fenced is not None:
                     self.on_fenced(exc.streams)
                 units = kept
