@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ from vitalwire.store import open_store
 class Cluster:
     """Three nodes; ``urls(i)``: every node's address, node ``i``'s first."""
 
-    def __init__(self, tmp: Path, db: str, prefix: str, n: int = 3, redis_port: int = 6379) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        db: str,
+        prefix: str,
+        n: int = 3,
+        redis_port: int = 6379,
+        **settings: str,
+    ) -> None:
         bus = f"redis://127.0.0.1:{redis_port}/0?prefix={prefix}"
         self.nodes: list[ServerProcess] = []
         for i in range(n):
@@ -46,6 +55,7 @@ class Cluster:
                     bus=bus,
                     lease_ttl_s="2",
                     device_max_silence_s="5",
+                    **settings,
                 )
             )
 
@@ -758,6 +768,78 @@ async def test_a_node_whose_stream_was_taken_takes_the_resent_readings_again(
                 await asyncio.gather(feeding, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await device.close()
+            await store.close()
+            cluster.stop()
+            await _drop_keys(prefix)
+
+
+async def test_mqtt_devices_one_bridging_node_at_a_time_and_it_killed(tmp_path: Path) -> None:
+    """Every node is configured with the broker; one bridges it at a time (a lease). Killed,
+    another node takes the bridge after the lease time, from the broker's persistent session:
+    every reading the device published is stored once and acknowledged."""
+    from tests.test_mqtt import Device, need_broker, reading
+    from vitalwire.transports import mqtt
+
+    need_broker()
+    prefix = await _need_redis()
+    topics = "vwtest-" + uuid.uuid4().hex[:10]
+    async with fresh_postgres_db() as db:
+        creds = await provision_db(db, patients=1)
+        cluster = Cluster(
+            tmp_path,
+            db,
+            prefix,
+            n=2,
+            mqtt_url="mqtt://127.0.0.1:1883",
+            mqtt_topic_prefix=topics,
+            mqtt_client_id=topics + "-server",
+            mqtt_session_expiry_s="300",
+        )
+        d = creds.devices[0]
+        stream = ev.patient_stream(d["patient_id"])
+        store = open_store(db)
+        try:
+            await cluster.start()
+            await store.open()
+
+            async def bridging() -> str | None:
+                lease = await store.stream_lease("singleton:mqtt")
+                if lease is None or lease.expires_at < time.time():
+                    return None
+                return lease.node
+
+            await _until(bridging, 20, "a node to bridge the broker")
+            first = await bridging()
+            async with Device(topics, d["device_id"]) as dev:
+                seq = 0
+
+                async def publish(n: int) -> None:
+                    nonlocal seq
+                    for _ in range(n):
+                        seq += 1
+                        await dev.publish(mqtt.READINGS, reading(seq, spo2=97, pulse=70))
+                        await asyncio.sleep(0.02)
+
+                await publish(30)
+
+                async def acked() -> bool:
+                    return dev.acked() == seq
+
+                await _until(acked, 20, "the first readings acknowledged")
+                victim = cluster.nodes[int(str(first).removeprefix("n"))]
+                assert await victim.signal(signal.SIGKILL) == -signal.SIGKILL
+                await publish(60)  # while no node bridges, then through the other
+
+                async def moved() -> bool:
+                    node = await bridging()
+                    return node is not None and node != first
+
+                await _until(moved, 30, "another node to bridge the broker")
+                await _until(acked, 30, "every reading acknowledged through the other node")
+            stored = await _store_events(db, stream)
+            assert [o for o, _, _ in stored] == list(range(1, len(stored) + 1))
+            assert [x["seq"] for _, k, x in stored if k == ev.READING] == list(range(1, 91))
+        finally:
             await store.close()
             cluster.stop()
             await _drop_keys(prefix)

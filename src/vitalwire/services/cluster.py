@@ -42,6 +42,7 @@ import itertools
 import json
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from vitalwire.core import errors as e
@@ -358,6 +359,50 @@ class Cluster:
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.publish(self._channel(str(msg.get("from"))), json.dumps(reply))
+
+    # -- one node at a time ----------------------------------------------------------------------
+
+    async def run_singleton(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` on one node of the cluster at a time: the node holding the lease of
+        ``singleton:NAME`` (the MQTT bridge: every node is configured with the broker, one
+        bridges it; when that node dies, another takes the lease after ``lease_ttl_s`` and
+        bridges from the broker's persistent session, which kept what came meanwhile)."""
+        stream = f"singleton:{name}"
+        store, clock = self.svc.store, self.svc.clock
+        while True:
+            lease = None
+            try:
+                lease = await store.acquire_stream(stream, self.node, clock(), self.ttl_s)
+            except Exception as exc:
+                log.warning("%s: the store did not answer (%s)", name, exc)
+            if lease is None:
+                await asyncio.sleep(self.ttl_s / 3 * random.uniform(0.8, 1.2))
+                continue
+            log.info("%s runs on this node (epoch %d)", name, lease.epoch)
+            task = asyncio.create_task(job(), name=name)
+            renewed = clock()
+            try:
+                while not task.done():
+                    await asyncio.wait({task}, timeout=self.ttl_s / 3)
+                    if task.done():
+                        break
+                    try:
+                        held = {stream: lease.epoch}
+                        if await store.renew_streams(self.node, held, clock(), self.ttl_s):
+                            log.warning("%s moved to another node", name)
+                            break
+                        renewed = clock()
+                    except Exception as exc:
+                        log.warning("%s: renewal failed (%s)", name, exc)
+                        if clock() - renewed > self.ttl_s:
+                            break  # another node may run it now: stop here
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await store.release_streams(self.node, {stream: lease.epoch})
+                raise
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     # -- what every node reads ------------------------------------------------------------------
 

@@ -214,8 +214,21 @@ async def open_services(
         if settings.mqtt_url:  # MQTT devices (transports/mqtt.py)
             from vitalwire.transports.mqtt import MqttBridge, run_bridge
 
-            svc.mqtt = MqttBridge(svc)
-            chores.append(asyncio.create_task(run_bridge(svc.mqtt), name="mqtt"))
+            if svc.cluster is None:
+                svc.mqtt = MqttBridge(svc)
+                chores.append(asyncio.create_task(run_bridge(svc.mqtt), name="mqtt"))
+            else:  # one node of the cluster bridges the broker at a time
+
+                async def bridge() -> None:
+                    svc.mqtt = MqttBridge(svc)
+                    try:
+                        await run_bridge(svc.mqtt)
+                    finally:
+                        svc.mqtt = None
+
+                chores.append(
+                    asyncio.create_task(svc.cluster.run_singleton("mqtt", bridge), name="mqtt")
+                )
         if svc.cluster is not None:
             chores.append(asyncio.create_task(svc.cluster.run(), name="cluster"))
         if settings.upstream:  # an edge node: forward to the cloud (services/uplink.py)
