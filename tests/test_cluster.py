@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, free_port, provision_db
+from tests.conftest import RunningServer, ServerProcess, free_port, login_token, provision_db
 from tests.test_bus import _drop_keys, _need_redis
 from tests.test_store import fresh_postgres_db
 from vitalwire.bench.netproxy import Proxy
@@ -336,6 +336,16 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
                 await c.flush(30)
 
             await _check(db, creds.devices[:3], sent, watchers)
+            # GET /cluster: who writes what; n0's leases lapsed or were taken
+            auth1 = await _login(cluster.nodes[1].url, clinician)
+            async with httpx.AsyncClient(base_url=cluster.nodes[1].url, timeout=10) as http:
+                view = (await http.get("/cluster", headers=auth1)).json()
+                metrics = (await http.get("/metrics")).text
+            assert view["cluster"] is True and view["node"] == "n1", view
+            alive = {n["node"] for n in view["nodes"] if n["alive"]}
+            assert "n0" not in alive and alive <= {"n1", "n2"}, view
+            assert sum(n["streams"] for n in view["nodes"] if n["alive"]) >= 3, view
+            assert "vitalwire_cluster_streams_held" in metrics
             # the alarm was raised once, acknowledged once, and the alerts stream holds every
             # alert change of every patient stream once
             p1 = await _store_events(db, streams[0])
@@ -362,6 +372,14 @@ async def _end(
         with contextlib.suppress(Exception):
             await c.close()
     cluster.stop()
+
+
+async def test_one_node_says_it_is_not_a_cluster(server: RunningServer) -> None:
+    token = await login_token(server, "clinician")
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        r = await http.get("/cluster", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json() == {"cluster": False, "node": None, "nodes": []}
+        assert (await http.get("/cluster")).status_code == 401
 
 
 def test_cluster_settings_name_what_they_need() -> None:

@@ -98,6 +98,20 @@ class _Live(Collector):
                 for row in rows:
                     family.add_metric([row["node"]], float(row.get(key) or 0))
                 yield family
+        if svc.cluster is not None:  # one node of several (docs/howto-cluster.md)
+            c = svc.cluster
+            yield gauge(
+                "cluster_streams_held", "Patient streams this node writes now.", len(c.held)
+            )
+            yield counter("cluster_streams_taken", "Patient streams this node took.", c.taken)
+            yield counter(
+                "cluster_streams_lost", "Patient streams another node took from this one.", c.lost
+            )
+            yield counter(
+                "cluster_requests_routed",
+                "Requests sent to the node that writes the patient's stream.",
+                c.routed,
+            )
         if svc.uplink is not None:  # an edge node: its own link to the cloud
             up = svc.uplink
             yield gauge("uplink_connected", "1 while the uplink is connected.", up.connected)

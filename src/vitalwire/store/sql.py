@@ -20,6 +20,7 @@ from sqlalchemy import (
     Connection,
     and_,
     bindparam,
+    case,
     delete,
     event,
     func,
@@ -822,6 +823,21 @@ class SqlStore:
             for i, e in enumerate(mine):
                 e.offset = first + i
                 e._frame = None  # noqa: SLF001 (encoded, if ever, with the old offset)
+
+    async def lease_summary(self) -> list[tuple[str, str, int, float]]:
+        """Per node and kind of lease (``patient`` or ``singleton:NAME``): how many, and the
+        latest expiry (GET /cluster)."""
+        c = t.stream_leases.c
+        kind = case((c.stream.startswith("patient:"), "patient"), else_=c.stream)
+        q = (
+            select(c.node, kind, func.count(), func.max(c.expires_at))
+            .where(c.node != "")
+            .group_by(c.node, kind)
+            .order_by(c.node, kind)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [(str(n), str(k), int(count), float(exp)) for n, k, count, exp in rows]
 
     async def lapsed_leases(self, now: float, limit: int = 1000) -> list[Lease]:
         """Leases of patient streams that lapsed (their node died or left), oldest first."""

@@ -228,6 +228,50 @@ async def edges(who: Annotated[Principal, Depends(principal)], request: Request)
     return {"edges": svc.edges.status(), "uplink": uplink}
 
 
+class ClusterNode(BaseModel):
+    """A node that holds leases: how many patient streams it writes, whether it runs one of the
+    once-per-cluster jobs (``singletons``: ``mqtt``), and whether its leases are alive."""
+
+    node: str
+    streams: int
+    singletons: list[str]
+    #: False once all its leases lapsed (it died or stopped, and nobody took them yet)
+    alive: bool
+    expires_at: float
+
+
+class ClusterView(BaseModel):
+    """Several nodes (docs/howto-cluster.md): this node's name and every node with leases."""
+
+    cluster: bool
+    node: str | None = None
+    nodes: list[ClusterNode] = []
+
+
+@router.get("/cluster", response_model=ClusterView, responses=error_responses(401, 422))
+async def cluster(who: Annotated[Principal, Depends(principal)], request: Request) -> Any:
+    """The cluster as the store's leases show it: which node writes how many patient streams,
+    which runs the MQTT bridge, and which are alive. One node (no ``--cluster``):
+    ``{"cluster": false}``."""
+    svc = services(request)
+    if svc.cluster is None:
+        return {"cluster": False}
+    now = svc.clock()
+    nodes: dict[str, dict[str, Any]] = {}
+    for node, kind, count, expires in await svc.store.lease_summary():
+        row = nodes.setdefault(
+            node, {"node": node, "streams": 0, "singletons": [], "expires_at": 0.0}
+        )
+        if kind == "patient":
+            row["streams"] += count
+        elif expires > now:
+            row["singletons"].append(kind.removeprefix("singleton:"))
+        row["expires_at"] = max(row["expires_at"], expires)
+    for row in nodes.values():
+        row["alive"] = row["expires_at"] > now
+    return {"cluster": True, "node": svc.cluster.node, "nodes": list(nodes.values())}
+
+
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
 async def readyz(request: Request) -> Any:
     """200 when the store answers, its migrations are the code's and the bus answers; 503 naming
