@@ -269,6 +269,7 @@ def _cluster(svc: Services) -> Cluster:
     svc.alerts.holds = cluster.holds
     svc.registry.binding_writer = cluster.binding_event
     svc.streams.taps.append(cluster.on_events)
+    svc.streams.saves = cluster.held.__contains__
     if hasattr(svc.bus, "fill"):
         svc.bus.fill = svc.streams.fill
     return cluster

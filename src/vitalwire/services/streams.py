@@ -59,6 +59,9 @@ class Streams:
         #: called after each published batch of events, whatever their streams (the edge's
         #: uplink wakes on it: services/uplink.py)
         self.taps: list[Any] = []
+        #: Several nodes: the streams whose snapshots this node saves (the ones it writes; every
+        #: node has every picture, one saves it). None: all.
+        self.saves: Any = None
 
     async def load(self) -> None:
         """Read each stream's head; rebuild its live picture from the saved snapshot and the
@@ -99,6 +102,8 @@ class Streams:
         # By the stream's hash (stable within the process), so a stream that ends or a new one
         # moves no other stream to another share.
         items = list(self._states.items())
+        if self.saves is not None:
+            items = [(s, st) for s, st in items if self.saves(s)]
         share = [(s, st) for s, st in items if hash(s) % parts == part] if parts > 1 else items
         for i, (s, st) in enumerate(share):
             if st.offset != self._saved.get(s):
