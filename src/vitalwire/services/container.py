@@ -208,7 +208,7 @@ async def open_services(
                 _every(REGISTRY_REFRESH_S, registry.follow_changes, delay_first=True),
                 name="registry",
             ),
-            asyncio.create_task(_every(3600.0, lambda: prune(svc)), name="retention"),
+            asyncio.create_task(_retention(svc), name="retention"),
             asyncio.create_task(_save_snapshots(streams, clock), name="snapshots"),
         ]
         if settings.mqtt_url:  # MQTT devices (transports/mqtt.py)
@@ -286,6 +286,18 @@ async def _every(
         except Exception:
             log.exception("periodic job failed")
         await asyncio.sleep(interval)
+
+
+async def _retention(svc: Services) -> None:
+    """Hourly: events past the retention period go (in a cluster, one node does it)."""
+
+    def job() -> Awaitable[None]:
+        return _every(3600.0, lambda: prune(svc))
+
+    if svc.cluster is None:
+        await job()
+    else:
+        await svc.cluster.run_singleton("retention", job)
 
 
 async def _save_snapshots(
