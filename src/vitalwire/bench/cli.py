@@ -746,3 +746,90 @@ def bench_edge_cmd(
     print_edge(r, Console(width=max(console.width, 140)))
     if json_path:
         json_path.write_text(json.dumps(r, indent=2) + "\n")
+
+
+@bench_app.command("cluster")
+def bench_cluster_cmd(
+    nodes: Annotated[
+        int, typer.Option(min=1, help="Cluster nodes beside the 1-node baseline.")
+    ] = 2,
+    devices: Annotated[int, typer.Option(min=1, help="Device connections.")] = 2000,
+    rate: Annotated[float, typer.Option(min=0.1, help="Readings per second per device.")] = 1.0,
+    clients: Annotated[int, typer.Option(min=1, help="Client connections.")] = 200,
+    patients_per_client: Annotated[int, typer.Option(min=1, help="Patients each watches.")] = 20,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of load per target.")] = 20.0,
+    workers: Annotated[int, typer.Option(min=1, help="Load generator processes.")] = 2,
+    generator: Annotated[
+        LoadGenerator, typer.Option(help="Load generator workers: python or node.")
+    ] = LoadGenerator.python,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds not in the latency.")] = 0.0,
+    saturate: Annotated[
+        bool, typer.Option(help="Each target's highest rate held (p99 <= 50 ms, 0 lost).")
+    ] = False,
+    refine: Annotated[int, typer.Option(min=0, max=6, help="With --saturate.")] = 2,
+    repeat: Annotated[int, typer.Option(min=1, max=5, help="With --saturate.")] = 1,
+    failover: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Instead of the load: SIGKILL the node holding the most devices this many "
+            "times (restarting it each time) under a light load; time until its devices' "
+            "readings flow through another node.",
+        ),
+    ] = 0,
+    failover_devices: Annotated[int, typer.Option(min=1, help="With --failover.")] = 20,
+    failover_rate: Annotated[float, typer.Option(min=0.1, help="With --failover (Hz).")] = 5.0,
+    lease_ttl: Annotated[
+        float | None,
+        typer.Option(help="The nodes' lease_ttl_s (default: the setting's).", show_default=False),
+    ] = None,
+    postgres: Annotated[
+        str, typer.Option(help="A database URL of the PostgreSQL server the bench uses.")
+    ] = "postgresql://postgres@127.0.0.1:5432/postgres",
+    redis: Annotated[str, typer.Option(help="The Redis the nodes' bus uses.")] = (
+        "redis://127.0.0.1:6379/0"
+    ),
+    json_path: JsonOpt = None,
+) -> None:
+    """The load spread round robin over N `serve --cluster` nodes (fresh PostgreSQL database,
+    fresh Redis prefix), beside the same load on one cluster node; or --failover K."""
+    from vitalwire.bench.cluster import ServiceUnavailable, print_cluster, run_cluster
+    from vitalwire.bench.load import Shape, node_path
+    from vitalwire.bench.runner import write_json
+
+    if generator is LoadGenerator.node:
+        try:
+            node_path()
+        except RuntimeError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--generator") from None
+    if warmup >= duration:
+        raise typer.BadParameter(
+            f"must be less than --duration ({duration:g} s), got {warmup:g}", param_hint="--warmup"
+        )
+    if failover and nodes < 2:
+        raise typer.BadParameter("failover needs at least 2 nodes", param_hint="--nodes")
+    shape = Shape(
+        devices, rate, clients, patients_per_client, duration, workers, generator.value, warmup
+    )
+    try:
+        r = asyncio.run(
+            run_cluster(
+                shape,
+                nodes,
+                saturate,
+                refine,
+                repeat,
+                failover,
+                failover_devices,
+                failover_rate,
+                lease_ttl,
+                postgres,
+                redis,
+            )
+        )
+    except ServiceUnavailable as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    if json_path:
+        write_json(json_path, r)
+    print_cluster(r, Console(width=max(console.width, 170)))

@@ -763,6 +763,11 @@ function guarded(c, conn, handler) {
   };
 }
 
+/** Several nodes of one cluster (`target.urls`): connection `i` goes to the `i`-th, round robin. */
+function urlFor(target, i) {
+  return target.urls && target.urls.length ? target.urls[i % target.urls.length] : target.url;
+}
+
 async function openClient(target, shape, c, tracker) {
   const onClose = closedAbnormally(`client ${c}`);
   if (target.kind === "mqtt") {
@@ -787,7 +792,7 @@ async function openClient(target, shape, c, tracker) {
     return ws;
   }
   const index = new Map(tracker.devices.map((d, j) => [`patient:${target.devices[d][2]}`, j]));
-  const ws = await WebSocket.connect(target.url, "/ws", onClose);
+  const ws = await WebSocket.connect(urlFor(target, c), "/ws", onClose);
   ws.send(JSON.stringify({ type: "auth", token: target.token }));
   const auth = await ws.recvJson();
   if (auth.type === "error") throw new Error(`auth refused: ${auth.code}: ${auth.message}`);
@@ -840,7 +845,7 @@ async function openDevice(target, d) {
     };
   }
   const [did, secret] = target.devices[d];
-  const ws = await WebSocket.connect(target.url, "/ws/device", () => {});
+  const ws = await WebSocket.connect(urlFor(target, d), "/ws/device", () => {});
   ws.send(JSON.stringify({ type: "hello", device_id: did, secret }));
   const welcome = await ws.recvJson();
   if (welcome.type !== "welcome") {

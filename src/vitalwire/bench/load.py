@@ -70,6 +70,13 @@ class Target:
     qos: int = 0
     devices: tuple[tuple[str, str, str], ...] = ()  # (device id, secret, patient id)
     token: str = ""
+    #: several nodes of one vitalwire cluster: device and client ``i`` connect to
+    #: ``urls[i % len(urls)]`` (round robin); empty: every connection goes to ``url``
+    urls: tuple[str, ...] = ()
+
+    def url_for(self, i: int) -> str:
+        """The address connection ``i`` (a device's or a client's index) goes to."""
+        return self.urls[i % len(self.urls)] if self.urls else self.url
 
 
 @dataclass
@@ -192,7 +199,7 @@ async def _open_device(target: Target, d: int) -> Any:
         return _NaiveSender(ws, patient_name(d))
     did, secret, _pid = target.devices[d]
     ws = await connect(
-        _ws_url(target.url) + "/ws/device", proxy=None, compression=None, max_size=2**22
+        _ws_url(target.url_for(d)) + "/ws/device", proxy=None, compression=None, max_size=2**22
     )
     await ws.send(json.dumps({"type": "hello", "device_id": did, "secret": secret}))
     welcome = json.loads(await ws.recv())
@@ -337,7 +344,7 @@ async def _client(
 
             await graphql_client(target, watched, tracker, ready)
         else:
-            await _vitalwire_client(target, watched, tracker, ready)
+            await _vitalwire_client(target, c, watched, tracker, ready)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -346,13 +353,13 @@ async def _client(
 
 
 async def _vitalwire_client(
-    target: Target, watched: list[int], tracker: _Tracker, ready: asyncio.Event
+    target: Target, c: int, watched: list[int], tracker: _Tracker, ready: asyncio.Event
 ) -> None:
     from websockets.asyncio.client import connect
 
     index = {f"patient:{target.devices[d][2]}": d for d in watched}
     async with connect(
-        _ws_url(target.url) + "/ws", proxy=None, compression=None, max_size=2**24
+        _ws_url(target.url_for(c)) + "/ws", proxy=None, compression=None, max_size=2**24
     ) as ws:
         await ws.send(json.dumps({"type": "auth", "token": target.token}))
         await ws.recv()
