@@ -66,6 +66,15 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 #: The ``meta`` key whose value changes with every change of the care teams (a random token).
 ACCESS_VERSION_KEY = "access_version"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: The fenced write's check on PostgreSQL: every stream of the batch in one statement, its
+#: fences as arrays (one statement text whatever the batch: prepared once per connection).
+_FENCE_PG = text(
+    "UPDATE stream_leases AS l SET head = f.last "
+    "FROM unnest(CAST(:s AS text[]), CAST(:n AS text[]), CAST(:e AS bigint[]), "
+    "CAST(:f AS bigint[]), CAST(:l AS bigint[])) AS f(stream, node, epoch, first, last) "
+    "WHERE l.stream = f.stream AND l.node = f.node AND l.epoch = f.epoch "
+    "AND l.head = f.first - 1 RETURNING l.stream"
+)
 
 
 def _async_url(url: str) -> str:
@@ -774,23 +783,37 @@ class SqlStore:
         is the offset before the batch's first; move the head to the batch's last. Otherwise
         raise :class:`Fenced` (the transaction rolls back: nothing of the batch is written).
 
-        The UPDATE takes the lease row's lock until the commit, so a node acquiring the lease
+        On PostgreSQL one statement for the whole batch (an UPDATE joined to the batch's fences,
+        returning the streams it moved): a statement per stream cost about 0.45 ms each, 90 ms
+        for a batch of 200 streams, which held a cluster node to a quarter of a ward.
+        The UPDATE takes the lease rows' locks until the commit, so a node acquiring a lease
         meanwhile waits for this write and then sees its head."""
         c = t.stream_leases.c
-        lost: set[str] = set()
-        for stream, (node, epoch, first, last) in sorted(fence.items()):
-            result = await conn.execute(
-                update(t.stream_leases)
-                .where(
-                    c.stream == stream,
-                    c.node == node,
-                    c.epoch == epoch,
-                    c.head == first - 1,
+        rows = [(s, n, e, first, last) for s, (n, e, first, last) in sorted(fence.items())]
+        moved: set[str] = set()
+        if self.backend == "sqlite":  # no VALUES with column names there; one writer anyway
+            for s, n, e, first, last in rows:
+                result = await conn.execute(
+                    update(t.stream_leases)
+                    .where(c.stream == s, c.node == n, c.epoch == e, c.head == first - 1)
+                    .values(head=last)
                 )
-                .values(head=last)
+                if result.rowcount == 1:
+                    moved.add(s)
+            rows = []
+        if rows:  # PostgreSQL: the batch's fences as five arrays, one statement text
+            result = await conn.execute(
+                _FENCE_PG,
+                {
+                    "s": [r[0] for r in rows],
+                    "n": [r[1] for r in rows],
+                    "e": [r[2] for r in rows],
+                    "f": [r[3] for r in rows],
+                    "l": [r[4] for r in rows],
+                },
             )
-            if result.rowcount != 1:
-                lost.add(stream)
+            moved.update(r[0] for r in result)
+        lost = set(fence) - moved
         if lost:
             raise Fenced(lost)
 
