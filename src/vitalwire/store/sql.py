@@ -66,6 +66,10 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 #: The ``meta`` key whose value changes with every change of the care teams (a random token).
 ACCESS_VERSION_KEY = "access_version"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: Lock lease rows in the streams' order (every multi-row locker of stream_leases does).
+_LOCK_LEASES_PG = text(
+    "SELECT 1 FROM stream_leases WHERE stream = ANY(CAST(:s AS text[])) ORDER BY stream FOR UPDATE"
+)
 #: The fenced write's check on PostgreSQL: every stream of the batch in one statement, its
 #: fences as arrays (one statement text whatever the batch: prepared once per connection).
 _FENCE_PG = text(
@@ -802,6 +806,10 @@ class SqlStore:
                     moved.add(s)
             rows = []
         if rows:  # PostgreSQL: the batch's fences as five arrays, one statement text
+            # the rows' locks first, in the streams' order, as renew_streams takes them: two
+            # transactions locking lease rows in different orders deadlock, and PostgreSQL
+            # finds that only after deadlock_timeout (1 s: a stall of every reading)
+            await conn.execute(_LOCK_LEASES_PG, {"s": [r[0] for r in rows]})
             result = await conn.execute(
                 _FENCE_PG,
                 {
@@ -932,7 +940,9 @@ class SqlStore:
         streams = sorted(held)
         async with self.engine.begin() as conn:
             for i in range(0, len(streams), 500):
-                part = streams[i : i + 500]
+                part = streams[i : i + 500]  # sorted: the rows are locked in order (above)
+                if self.backend == "postgresql":
+                    await conn.execute(_LOCK_LEASES_PG, {"s": part})
                 rows = await conn.execute(
                     update(t.stream_leases)
                     .where(c.node == node, c.stream.in_(part))
