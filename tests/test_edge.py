@@ -69,6 +69,12 @@ async def test_edge_streams_reach_the_cloud_with_the_edges_offsets(dirs: Path) -
                 for i in range(20):
                     dev.send(spo2=97, hr=70 + i)
                 await dev.flush(10)
+
+            def offline() -> bool:  # the device's goodbye is committed at the edge
+                picture = e.services.streams.picture(stream)
+                return picture is not None and picture.devices[did].get("status") == "offline"
+
+            await wait_until(offline, 10, "the device offline at the edge")
             want = await _events(e.services.store, stream)
             await wait_until(
                 lambda: cloud.services.streams.head(stream) >= want[-1][0], 10, "the mirror"
