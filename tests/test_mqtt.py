@@ -570,6 +570,156 @@ async def test_a_broker_restart_under_load_loses_nothing_acknowledged(tmp_path: 
         broker.kill()
 
 
+async def test_readings_published_while_vitalwire_is_away_land_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The bridge's session outlives its connection (clean start off, session expiry): what the
+    broker queued for it while vitalwire was stopped is delivered, stored once and acked."""
+    need_broker()
+    prefix = "vwtest-" + uuid.uuid4().hex[:10]
+    async with bridged(tmp_path, prefix=prefix, mqtt_session_expiry_s=60) as (srv, _):
+        did, _, pid = srv.device(0)
+    # vitalwire is stopped: its subscriptions stay in the broker, which queues for it
+    async with Device(prefix, did) as dev:
+        await dev.publish(mqtt.READINGS, reading(1, spo2=97))
+        await dev.publish(
+            mqtt.READINGS, {"type": "readings", "items": [item(2, spo2=96), item(3, spo2=95)]}
+        )
+        assert dev.acked() == 0
+        async with bridged(tmp_path, prefix=prefix, mqtt_session_expiry_s=1) as (srv, _):
+            # (the test server's start rotates the devices' secrets, which ends the session the
+            # queued readings opened: the device's presence opens it again, with its ack)
+            await dev.publish(mqtt.STATUS, b"online")
+            await wait_until(lambda: dev.acked() == 3, 15, "ack of what was queued")
+            assert [d["seq"] for d in await stream_events(srv, pid, "reading")] == [1, 2, 3]
+            assert dev.of(mqtt.ERRORS) == []
+
+
+async def test_a_shared_subscription_takes_the_readings(tmp_path: Path) -> None:
+    """``mqtt_shared``: readings come through ``$share/vitalwire/...``; presence is read as
+    before (not shared)."""
+    need_broker()
+    async with bridged(tmp_path, mqtt_shared=True) as (srv, prefix):
+        did, _, pid = srv.device(0)
+        async with Device(prefix, did) as dev:
+            await dev.publish(mqtt.STATUS, b"online", retain=True)
+            await wait_until(lambda: did in srv.services.ingest.sessions, 10, "a session")
+            await dev.publish(mqtt.READINGS, reading(1, spo2=97))
+            await dev.publish(mqtt.READINGS, reading(2, spo2=96))
+            await wait_until(lambda: dev.acked() == 2, 10, "ack of seq 2")
+            assert [d["seq"] for d in await stream_events(srv, pid, "reading")] == [1, 2]
+
+
+async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One MQTT packet read by the scripted broker: (first byte, the rest)."""
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, await reader.readexactly(length)
+
+
+def _publish(name: bytes, payload: bytes, pid: int = 0, props: bytes = b"") -> bytes:
+    """A PUBLISH as a broker sends it (QoS 1 when ``pid``), MQTT 5 properties ``props``."""
+    body = len(name).to_bytes(2, "big") + name + (pid.to_bytes(2, "big") if pid else b"")
+    body += mqtt.varint(len(props)) + props + payload
+    return bytes([0x32 if pid else 0x30]) + mqtt.varint(len(body)) + body
+
+
+async def test_the_bridges_reader_takes_packets_however_the_socket_cuts_them() -> None:
+    """The bridge's MQTT 5 connection (BrokerLink) against a scripted broker on a real socket:
+    the CONNECT asks for the persistent session; PUBLISH packets (QoS 0 and 1, with and
+    without properties, a remaining length of one and of two bytes) are taken whole and in
+    order whether they arrive a byte at a time or all at once; each QoS 1 one is PUBACKed
+    after it was taken, none while reading is paused; vitalwire's own publishes keep to the
+    broker's Receive Maximum."""
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await accepted.put((r, w))
+
+    broker = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    port = broker.sockets[0].getsockname()[1]
+    taken: list[tuple[bytes, bytes]] = []
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_connection(
+        lambda: mqtt.BrokerLink(lambda t, p: taken.append((t, p))), "127.0.0.1", port
+    )
+    reader, writer = await asyncio.wait_for(accepted.get(), 10)
+    try:
+        subs = [("p/devices/+/readings", 1), ("$share/vitalwire/p/devices/+/status", 1)]
+        start = asyncio.create_task(link.start("vw", "user", "pw", 30, 600, 1000, subs))
+        first, connect = await asyncio.wait_for(_packet(reader), 10)
+        assert first == 0x10 and connect[:7] == b"\x00\x04MQTT\x05"
+        assert connect[7] == 0x80 | 0x40  # user name and password; clean start off
+        props, pos = mqtt.properties(connect, 10)
+        assert props == {0x11: 600, 0x21: 1000}  # session expiry, Receive Maximum
+        assert connect[pos:] == b"\x00\x02vw\x00\x04user\x00\x02pw"
+        writer.write(b"\x20\x06\x01\x00\x03\x21\x00\x02")  # session present, Receive Maximum 2
+        first, sub = await asyncio.wait_for(_packet(reader), 10)
+        assert first == 0x82 and sub[2] == 0  # no properties
+        assert sub.endswith(b"p/devices/+/readings\x01\x00#$share/vitalwire/p/devices/+/status\x01")
+        writer.write(b"\x90\x05" + sub[:2] + b"\x00\x01\x01")  # both granted QoS 1
+        await asyncio.wait_for(start, 10)
+        assert link.up and link.session_present
+
+        big = b'{"type":"readings","items":[' + b"1" * 300 + b"]}"
+        stream = b"".join(
+            [
+                _publish(b"p/devices/d1/readings", b'{"seq":1}', pid=7),
+                _publish(b"p/devices/d1/status", b"online"),  # QoS 0: no PUBACK
+                _publish(
+                    b"p/devices/d2/readings", b"x", pid=8, props=b"\x01\x01\x26\x00\x01k\x00\x01v"
+                ),
+                _publish(b"p/devices/d3/readings", big, pid=9),
+            ]
+        )
+        want = [
+            (b"p/devices/d1/readings", b'{"seq":1}'),
+            (b"p/devices/d1/status", b"online"),
+            (b"p/devices/d2/readings", b"x"),
+            (b"p/devices/d3/readings", big),
+        ]
+        for i in range(len(stream)):
+            link.data_received(stream[i : i + 1])
+        assert taken == want
+        link.data_received(stream)
+        assert taken == want * 2
+        for pid in (7, 8, 9, 7, 8, 9):
+            assert await asyncio.wait_for(_packet(reader), 10) == (0x40, pid.to_bytes(2, "big"))
+
+        link.pause()  # backpressure: read, not taken, not PUBACKed
+        link.data_received(_publish(b"p/devices/d4/readings", b"late", pid=10))
+        assert len(taken) == 8
+        link.publish(b"\x00\x05p/ack", b"a1")  # goes out at once: PUBACKs did not
+        link.resume()
+        assert taken[-1] == (b"p/devices/d4/readings", b"late")
+        first, body = await asyncio.wait_for(_packet(reader), 10)
+        assert first == 0x32 and body.endswith(b"p/ack\x00\x02\x00a1")  # 1: the SUBSCRIBE's
+        assert await asyncio.wait_for(_packet(reader), 10) == (0x40, b"\x00\x0a")
+
+        # the broker's Receive Maximum of 2: a third publish waits for a PUBACK (the PUBACK
+        # vitalwire writes meanwhile goes out before it)
+        link.publish(b"\x00\x05p/ack", b"a2")
+        link.publish(b"\x00\x05p/ack", b"a3")
+        link.data_received(_publish(b"p/devices/d4/readings", b"next", pid=11))
+        first, body = await asyncio.wait_for(_packet(reader), 10)
+        assert first == 0x32 and body.endswith(b"a2")
+        assert await asyncio.wait_for(_packet(reader), 10) == (0x40, b"\x00\x0b")
+        writer.write(b"\x40\x02\x00\x02")  # PUBACK of a1
+        first, body = await asyncio.wait_for(_packet(reader), 10)
+        assert first == 0x32 and body.endswith(b"a3")
+    finally:
+        link.close()
+        writer.close()
+        broker.close()
+        await broker.wait_closed()
+
+
 async def test_simulated_devices_stream_through_the_broker(tmp_path: Path) -> None:
     """What `vitalwire simulate --mqtt` runs: every reading sent is acked and stored once."""
     need_broker()

@@ -553,4 +553,3 @@ async def _bench_mqtt(
         "met": None if mq is None else mq["latency_ms"]["p99"] <= P99_TARGET_MS and mq["lost"] == 0,
         "machine": machine(),
     }
-

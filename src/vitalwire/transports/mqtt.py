@@ -1,7 +1,8 @@
 """The MQTT bridge: devices that publish to a broker instead of opening ``/ws/device``.
 
-How it works: vitalwire connects to the broker (``mqtt_url``) as one MQTT 5 client with a fixed
-client id and a session that outlives a disconnect (clean start off, ``mqtt_session_expiry_s``),
+How it works: vitalwire connects to the broker (``mqtt_url``) as one MQTT 5 client
+(:class:`BrokerLink`, on asyncio's protocol layer) with a fixed client id and a session that
+outlives a disconnect (clean start off, ``mqtt_session_expiry_s``),
 and subscribes with QoS 1 to every device's ``readings``, ``status`` and ``command_results``
 topics (``$share/vitalwire/...`` when ``mqtt_shared``). The device id is the topic's; the broker
 has authenticated the device and its ACL lets it publish only on its own topics
@@ -11,13 +12,17 @@ same codec, bounds, seq rules, deduplication, alerts and streams, and the sessio
 published on the device's topics: ``ack`` (after the commit that made the readings durable) on
 ``acks``, ``error`` on ``errors``, ``command`` on ``commands``, all QoS 1. Messages are taken
 one at a time in the order the broker delivers them, so one device's readings keep their order:
-a reading of an open session is taken inside paho's read of the socket (every waiting packet
-per wake-up, :func:`_read_in_bursts`); a message that must wait (a first message opens its
-session in the store; backpressure) goes to one consumer task, and every later one behind it.
+a reading of an open session is taken inside the read of the socket (every packet of a read is
+parsed there, :meth:`BrokerLink.data_received`); a message that must wait (a first message
+opens its session in the store; backpressure) goes to one consumer task, and every later one
+behind it.
 
 The broker's PUBACK to a device says the broker has the message; vitalwire's ``ack`` says the
 readings up to that seq are durable in vitalwire's store (the device may drop them from its
-spool). A device resends what is not acknowledged (docs/howto-mqtt.md).
+spool). A device resends what is not acknowledged (docs/howto-mqtt.md). vitalwire's own PUBACK to
+the broker says no more than the broker's: the bridge has taken the message (into the ingest, or
+into the queue of the consumer task, in order); it is written after that, never before, and not
+for a packet left unread by backpressure.
 
 Rate limit: a device may publish ``device_msgs_per_s`` messages per second (burst
 ``device_msgs_burst``) on its ``readings`` and ``command_results`` topics, as on ``/ws/device``.
@@ -86,49 +91,369 @@ def topic(prefix: str, device_id: str, kind: str) -> str:
     return f"{prefix}/devices/{device_id}/{kind}"
 
 
-#: Packets read per wake-up of the broker's socket, at most.
-READ_BURST = 256
-#: QoS 1 messages the broker may have in flight to vitalwire (MQTT 5 Receive Maximum). The other
-#: way stays at paho's 20: its bookkeeping walks every message in flight at each PUBACK.
+#: QoS 1 messages the broker may have in flight to vitalwire (MQTT 5 Receive Maximum).
 RECEIVE_MAXIMUM = 1000
 #: Messages waiting for the async path (a first message, backpressure) before reading pauses.
 PENDING_MAX = 5000
+#: Topics whose parse the bridge keeps (a ward's devices have three each), at most.
+TOPICS_KEPT = 100_000
 
 
-def _read_in_bursts(client: Any) -> tuple[int, Callable[[], None]] | None:
-    """Read every packet waiting on the broker's socket at each wake-up, not one.
+# -- the broker connection: MQTT 5 on asyncio's protocol layer -------------------------------------
 
-    aiomqtt reads with paho's ``loop_read()``, which takes about one packet per call (as many as
-    messages are in flight): one per turn of the event loop, which at a ward's rate (a reading
-    and the PUBACK of its ack per device per second) puts the bridge behind by seconds. This
-    replaces aiomqtt's reader for the socket with one that reads until the socket is empty."""
-    from paho.mqtt.enums import MQTTErrorCode
+#: Outgoing QoS 1 messages in flight to the broker at once, at most (less if the broker's CONNACK
+#: says so): a PUBACK frees its slot in a set, so a wide window costs nothing per message.
+SEND_WINDOW = 1000
+#: Seconds the bridge's writes (PUBACKs, acks, errors, commands) wait to go out together.
+WRITE_DELAY_S = 0.002
+#: Seconds to wait for the TCP connection, the CONNACK and the SUBACK.
+CONNECT_TIMEOUT_S = 10.0
+#: Property ids of MQTT 5 -> the size of their value (0: a variable byte integer; -1: a UTF-8
+#: string or binary data, two length bytes first; -2: a user property, two strings).
+_PROPERTY_SIZES = {
+    0x01: 1, 0x02: 4, 0x03: -1, 0x08: -1, 0x09: -1, 0x0B: 0, 0x11: 4, 0x12: -1, 0x13: 2,
+    0x15: -1, 0x16: -1, 0x17: 1, 0x18: 4, 0x19: 1, 0x1A: -1, 0x1C: -1, 0x1F: -1, 0x21: 2,
+    0x22: 2, 0x23: 2, 0x24: 1, 0x25: 1, 0x26: -2, 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1,
+}  # fmt: skip
 
-    paho = client._client  # noqa: SLF001
-    disconnected = client._disconnected  # noqa: SLF001
-    sock = paho.socket()
-    if sock is None:
-        return None
-    with contextlib.suppress(OSError):  # acks and commands go out at once, not after Nagle's wait
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def read() -> None:
+class MqttProtocolError(ConnectionError):
+    """The broker refused the connection or a subscription, or broke the protocol."""
+
+
+def varint(n: int) -> bytes:
+    """An MQTT variable byte integer (a packet's remaining length, a property length)."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _utf8(s: str) -> bytes:
+    b = s.encode()
+    return len(b).to_bytes(2, "big") + b
+
+
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it); raises IndexError when the bytes end inside it."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            raise MqttProtocolError("a variable byte integer longer than 4 bytes")
+
+
+def properties(data: bytes, pos: int) -> tuple[dict[int, Any], int]:
+    """MQTT 5 properties at ``pos`` (their length first): {id: value}, and where they end."""
+    length, pos = _varint_at(data, pos)
+    end = pos + length
+    props: dict[int, Any] = {}
+    while pos < end:
+        pid = data[pos]
+        size = _PROPERTY_SIZES.get(pid)
+        pos += 1
+        if size is None:
+            raise MqttProtocolError(f"unknown MQTT 5 property 0x{pid:02x}")
+        if size > 0:
+            value: Any = int.from_bytes(data[pos : pos + size], "big")
+            pos += size
+        elif size == 0:
+            value, pos = _varint_at(data, pos)
+        else:
+            for _ in range(-size):
+                n = int.from_bytes(data[pos : pos + 2], "big")
+                value = data[pos + 2 : pos + 2 + n]
+                pos += 2 + n
+        props[pid] = value
+    if pos != end:
+        raise MqttProtocolError("MQTT 5 properties overrun their length")
+    return props, end
+
+
+class BrokerLink(asyncio.Protocol):
+    """The bridge's MQTT 5 connection: CONNECT, SUBSCRIBE, QoS 0/1 PUBLISH both ways, PUBACK,
+    PINGREQ, DISCONNECT; nothing else is needed (no QoS 2: vitalwire subscribes with QoS 1, so
+    the broker sends at most that; no topic aliases: vitalwire allows none, so every PUBLISH
+    names its topic).
+
+    Every complete packet that arrives is parsed in :meth:`data_received` (one call of the
+    event loop per read of the socket, however many packets it holds): a PUBLISH goes to
+    ``on_publish(topic, payload)``, and its PUBACK is written after that returns, the PUBACKs of
+    one read in one write. ``pause()``/``resume()``: backpressure (the packets already read wait
+    in the buffer, un-PUBACKed)."""
+
+    def __init__(self, on_publish: Callable[[bytes, bytes], None]) -> None:
+        self.on_publish = on_publish
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.up = False  # CONNACK accepted: vitalwire may publish
+        self.session_present = False
+        self.keepalive = 0
+        self._buf = b""
+        self._paused = False
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}  # 0: CONNACK; else SUBACK's id
+        self._pid = 0
+        self._window = SEND_WINDOW
+        self._inflight: set[int] = set()
+        self._queued: deque[tuple[bytes, bytes]] = deque()  # (topic field, payload) past it
+        self._out: list[bytes] = []
+        self._ping_at: float | None = None
+        self._keeper: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # acks and PUBACKs go out at once, not after Nagle's wait
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        self.up = False
+        lost = exc or ConnectionError("the broker closed the connection")
+        if not self.closed.done():
+            self.closed.set_exception(lost)
+            self.closed.exception()  # retrieved: whoever waits on it sees it anyway
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(lost)
+        if self._keeper is not None:
+            self._keeper.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._buf:
+            data = self._buf + data
+        self._buf = data
+        if not self._paused:
+            self._parse()
+
+    def _parse(self) -> None:
+        data = self._buf
+        n = len(data)
+        pos = 0
+        acks: list[bytes] = []
+        on_publish = self.on_publish
         try:
-            for _ in range(READ_BURST):
-                if paho._sock is None:  # noqa: SLF001
-                    return
-                rc = paho._packet_read()  # noqa: SLF001
-                if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                    return
-                if rc > 0:
-                    paho._loop_rc_handle(rc)  # noqa: SLF001
-                    return
-        except Exception as exc:  # as aiomqtt's reader: a broken connection ends the session
-            if not disconnected.done():
-                disconnected.set_exception(exc)
+            while pos < n and not self._paused:
+                first = data[pos]
+                # the remaining length: one byte below 128 (a reading), else up to four
+                length = data[pos + 1] if pos + 1 < n else 0x80
+                if length < 0x80:
+                    start = pos + 2
+                else:
+                    try:
+                        length, start = _varint_at(data, pos + 1)
+                    except IndexError:
+                        break  # the header is not all here yet
+                end = start + length
+                if end > n:
+                    break
+                if first >> 4 == 3:  # PUBLISH
+                    tlen = (data[start] << 8) | data[start + 1]
+                    p = start + 2 + tlen
+                    name = data[start + 2 : p]
+                    qos = (first >> 1) & 3
+                    if qos:
+                        if qos != 1:
+                            raise MqttProtocolError("a QoS 2 PUBLISH on a QoS 1 subscription")
+                        pid = data[p : p + 2]
+                        p += 2
+                    if p < end and data[p] == 0:  # no properties: the payload follows
+                        p += 1
+                    else:
+                        _, p = properties(data, p)
+                    if p > end:
+                        raise MqttProtocolError("a PUBLISH shorter than its headers")
+                    on_publish(name, data[p:end])
+                    if qos:
+                        acks.append(b"\x40\x02" + pid)
+                else:
+                    self._control(first, data[start:end])
+                pos = end
+        except (MqttProtocolError, IndexError) as exc:
+            log.warning(
+                "mqtt: %s; reconnecting",
+                exc if isinstance(exc, MqttProtocolError) else "a malformed packet",
+            )
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        finally:
+            self._buf = data[pos:] if pos < n else b""
+            if acks:
+                self._write(b"".join(acks))
 
-    asyncio.get_running_loop().add_reader(sock.fileno(), read)
-    return sock.fileno(), read
+    def _control(self, first: int, body: bytes) -> None:
+        kind = first >> 4
+        if kind == 4:  # PUBACK of one of vitalwire's messages
+            pid = (body[0] << 8) | body[1]
+            self._inflight.discard(pid)
+            while self._queued and len(self._inflight) < self._window:
+                self._send_publish(*self._queued.popleft())
+        elif kind == 13:  # PINGRESP
+            self._ping_at = None
+        elif kind == 2:  # CONNACK: what it grants holds for the packets right behind it
+            if len(body) < 2:
+                raise MqttProtocolError("a CONNACK without a reason code")
+            if body[1] < 0x80:
+                got, _ = properties(body, 2)
+                self.session_present = bool(body[0] & 1)
+                self._window = min(SEND_WINDOW, got.get(0x21, 65535))
+                self.keepalive = got.get(0x13, self.keepalive)  # the broker's keep alive wins
+                self.up = True
+            self._resolve(0, body)
+        elif kind == 9:  # SUBACK
+            self._resolve((body[0] << 8) | body[1], body)
+        elif kind == 14:  # DISCONNECT from the broker
+            code = body[0] if body else 0
+            raise MqttProtocolError(f"the broker disconnected (reason 0x{code:02x})")
+        else:
+            raise MqttProtocolError(f"an unexpected packet of type {kind} from the broker")
+
+    def _resolve(self, key: int, body: bytes) -> None:
+        fut = self._waiting.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(body)
+
+    async def _wait(self, key: int) -> bytes:
+        fut = self._waiting[key] = asyncio.get_running_loop().create_future()
+        return await asyncio.wait_for(fut, CONNECT_TIMEOUT_S)
+
+    # -- writing --
+
+    def _write(self, data: bytes) -> None:
+        """Writes of :data:`WRITE_DELAY_S` go out as one: PUBACKs and acks are not what a
+        reading waits for, and one write a few ms saves a system call per packet here and in
+        the broker."""
+        out = self._out
+        out.append(data)
+        if len(out) == 1:
+            asyncio.get_running_loop().call_later(WRITE_DELAY_S, self._flush)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and out:
+            self.transport.write(b"".join(out))
+
+    def _next_pid(self) -> int:
+        while True:
+            self._pid = self._pid % 65535 + 1
+            if self._pid not in self._inflight:
+                return self._pid
+
+    def publish(self, topic_field: bytes, payload: bytes) -> None:
+        """QoS 1 (``topic_field``: the topic with its two length bytes), not waiting for the
+        PUBACK; past the window it waits in a queue, in order."""
+        if len(self._inflight) >= self._window or self._queued:
+            self._queued.append((topic_field, payload))
+        else:
+            self._send_publish(topic_field, payload)
+
+    def _send_publish(self, topic_field: bytes, payload: bytes) -> None:
+        pid = self._next_pid()
+        self._inflight.add(pid)
+        size = len(topic_field) + 3 + len(payload)
+        self._write(
+            b"".join((b"\x32", varint(size), topic_field, pid.to_bytes(2, "big"), b"\x00", payload))
+        )
+
+    def pause(self) -> None:
+        """Read no more (what is read waits, un-PUBACKed) until :meth:`resume`."""
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self._ping_at is not None:  # its PINGRESP may be among what was not read
+                self._ping_at = time.monotonic()
+            self._parse()
+            if self.transport is not None and not self._paused:
+                self.transport.resume_reading()
+
+    # -- the session --
+
+    async def start(
+        self,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        keepalive: int,
+        session_expiry_s: int,
+        receive_maximum: int,
+        subscriptions: list[tuple[str, int]],
+    ) -> None:
+        """CONNECT (MQTT 5, clean start off) and SUBSCRIBE; raises MqttProtocolError when the
+        broker refuses either."""
+        assert self.transport is not None
+        flags = (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+        props = b"\x11" + session_expiry_s.to_bytes(4, "big")
+        props += b"\x21" + receive_maximum.to_bytes(2, "big")
+        body = _utf8("MQTT") + bytes([5, flags]) + keepalive.to_bytes(2, "big")
+        body += varint(len(props)) + props + _utf8(client_id)
+        if username is not None:
+            body += _utf8(username)
+        if password is not None:
+            body += _utf8(password)  # binary data: the same two length bytes
+        self.keepalive = keepalive
+        self._write(b"\x10" + varint(len(body)) + body)
+        connack = await self._wait(0)
+        if not self.up:
+            raise MqttProtocolError(
+                f"the broker refused the connection (reason 0x{connack[1]:02x})"
+            )
+        pid = self._next_pid()
+        body = pid.to_bytes(2, "big") + b"\x00"
+        body += b"".join(_utf8(t) + bytes([qos]) for t, qos in subscriptions)
+        self._write(b"\x82" + varint(len(body)) + body)
+        suback = await self._wait(pid)
+        try:
+            _, pos = properties(suback, 2)
+        except IndexError:
+            raise MqttProtocolError("a SUBACK shorter than its properties") from None
+        refused = [
+            t for (t, _), code in zip(subscriptions, suback[pos:], strict=False) if code >= 0x80
+        ]
+        if refused or len(suback) - pos != len(subscriptions):
+            raise MqttProtocolError(f"the broker refused the subscriptions {refused}")
+        if self.keepalive:
+            self._keeper = asyncio.create_task(self._keep_alive(), name="mqtt-keepalive")
+
+    async def _keep_alive(self) -> None:
+        """A PINGREQ every half keep alive; no PINGRESP within one: the connection is dead."""
+        interval = self.keepalive / 2
+        while self.transport is not None:
+            await asyncio.sleep(interval)
+            if self._paused:  # the PINGRESP waits unread in the socket: not a dead broker
+                continue
+            now = time.monotonic()
+            if self._ping_at is not None:
+                if now - self._ping_at >= self.keepalive and self.transport is not None:
+                    log.warning("mqtt: no PINGRESP from the broker in %s s", self.keepalive)
+                    self.transport.abort()
+                    return
+                continue
+            self._ping_at = now
+            self._write(b"\xc0\x00")
+
+    def close(self) -> None:
+        """DISCONNECT (normal: the session stays for its expiry) and close."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+        if self.transport is not None:
+            self._flush()
+            self.transport.write(b"\xe0\x00")
+            self.transport.close()
 
 
 def _bound(s: Any) -> str:
@@ -155,7 +480,6 @@ class MqttBridge:
         self.sessions: dict[str, DeviceSession] = {}
         self.connected = asyncio.Event()
         self.received = 0
-        self._client: Any = None  # the connected aiomqtt client
         #: the rate limit: a bucket per registered device (kept across its sessions), the clock
         self.buckets: dict[str, TokenBucket] = {}
         self.clock: Callable[[], float] = time.monotonic
@@ -164,57 +488,62 @@ class MqttBridge:
         #: messages waiting for the async path (topic, payload), in the broker's order
         self._pending: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
-        self._reader: tuple[int, Callable[[], None]] | None = None  # the socket's, and its reader
+        self._link: BrokerLink | None = None  # the connection to the broker
         self._paused = False
+        #: topic -> the device id when it is a device's readings topic, else None
+        self._dids: dict[bytes, str | None] = {}
+        #: (device, kind) -> its topic as a PUBLISH names it (two length bytes first)
+        self._topics: dict[tuple[str, str], bytes] = {}
 
     # -- the connection -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        import aiomqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         s = self.svc.settings
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = s.mqtt_session_expiry_s
-        # QoS 1 messages the broker may send before their PUBACKs: without it Mosquitto allows
-        # its max_inflight_messages (20), a round trip per 20 readings (the bound on memory is
-        # ours: reading stops while PENDING_MAX messages wait, see _on_message)
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
         share = "$share/vitalwire/" if s.mqtt_shared else ""
         subs = [(f"{share}{self.prefix}/devices/+/{k}", 1) for k in (READINGS, COMMAND_RESULTS)]
         # presence is retained: every node reads every device's (a shared one would split it)
         subs.append((f"{self.prefix}/devices/+/{STATUS}", 1))
+        loop = asyncio.get_running_loop()
         delay = RECONNECT_S[0]
         consumer = asyncio.create_task(self._consume(), name="mqtt-consume")
         try:
             while True:
-                client = aiomqtt.Client(
-                    **self.conn,
-                    identifier=s.mqtt_client_id,
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                    clean_start=False,
-                    properties=props,
-                    keepalive=max(5, int(s.heartbeat_s)),
-                )
-                # every message, from the first the broker delivers: in paho's read, in order
-                client._client.on_message = self._on_message  # noqa: SLF001
+                link: BrokerLink | None = None
                 try:
-                    async with client:
-                        self._reader = _read_in_bursts(client)
-                        await client.subscribe(subs)
-                        self._client = client
-                        self.connected.set()
-                        delay = RECONNECT_S[0]
-                        log.info(
-                            "mqtt: connected to %s:%s", self.conn["hostname"], self.conn["port"]
-                        )
-                        async for _ in client.messages:  # none come here: this waits for the end
-                            pass
-                except aiomqtt.MqttError as exc:
+                    _, link = await asyncio.wait_for(
+                        loop.create_connection(
+                            lambda: BrokerLink(self._on_publish),
+                            self.conn["hostname"],
+                            self.conn["port"],
+                        ),
+                        CONNECT_TIMEOUT_S,
+                    )
+                    # every message, from the first the broker delivers (a session's queue
+                    # comes right after the CONNACK), goes through _on_publish, in order
+                    self._link, self._paused = link, False
+                    await link.start(
+                        s.mqtt_client_id,
+                        self.conn["username"],
+                        self.conn["password"],
+                        keepalive=max(5, int(s.heartbeat_s)),
+                        session_expiry_s=s.mqtt_session_expiry_s,
+                        # QoS 1 messages the broker may send before their PUBACKs: without it
+                        # Mosquitto allows its max_inflight_messages (20), a round trip per 20
+                        # readings (the bound on memory is ours: reading stops while
+                        # PENDING_MAX messages wait, see _on_publish)
+                        receive_maximum=RECEIVE_MAXIMUM,
+                        subscriptions=subs,
+                    )
+                    self.connected.set()
+                    delay = RECONNECT_S[0]
+                    log.info("mqtt: connected to %s:%s", self.conn["hostname"], self.conn["port"])
+                    await link.closed  # raises when the connection ends
+                except (OSError, TimeoutError) as exc:
                     log.warning("mqtt: broker unreachable (%s); retrying in %.1f s", exc, delay)
                 finally:
-                    self._client = self._reader = None
+                    if link is not None:
+                        link.close()
+                    self._link = None
                     self.connected.clear()
                     # vitalwire cannot hear its MQTT devices now: they are offline to it, and a
                     # command made meanwhile stays queued; each comes back at its next message
@@ -225,20 +554,20 @@ class MqttBridge:
         finally:
             consumer.cancel()
 
-    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
-        """paho's callback, on this loop (aiomqtt reads the socket here). A reading of a device
-        with a session, while the store keeps up, is taken at once; anything else (a first
-        message, presence, a command result, backpressure) waits for :meth:`_consume`, and so
-        does every message after it, so one device's messages keep their order."""
-        name, payload = message.topic, message.payload
+    def _on_publish(self, name: bytes, payload: bytes) -> None:
+        """A message from the broker, inside the read of its socket (its PUBACK goes out when
+        this returns). A reading of a device with a session, while the store keeps up, is taken
+        at once; anything else (a first message, presence, a command result, backpressure)
+        waits for :meth:`_consume`, and so does every message after it, so one device's
+        messages keep their order."""
         pending = self._pending
         if pending or not self._take_now(name, payload):
-            pending.append((name, payload))
+            pending.append((name.decode(errors="replace"), payload))
             self._wake.set()
-            if len(pending) >= PENDING_MAX and self._reader is not None:
+            if len(pending) >= PENDING_MAX and self._link is not None:
                 # backpressure: read no more until the queue is half empty; the broker holds
                 # the rest (its window, then its queue for this session)
-                asyncio.get_running_loop().remove_reader(self._reader[0])
+                self._link.pause()
                 self._paused = True
 
     async def _consume(self) -> None:
@@ -251,8 +580,8 @@ class MqttBridge:
                 pending.popleft()  # only now: what arrives meanwhile queues behind it
                 if self._paused and len(pending) <= PENDING_MAX // 2:
                     self._paused = False
-                    if self._reader is not None:
-                        asyncio.get_running_loop().add_reader(*self._reader)
+                    if self._link is not None:
+                        self._link.resume()
 
     def stop(self) -> None:
         for did in list(self.sessions):
@@ -299,20 +628,25 @@ class MqttBridge:
                 f"status must be online or offline, got {body[:20]!r}", field="status"
             )
 
-    def _take_now(self, name: str, payload: Any) -> bool:
+    def _take_now(self, name: bytes, payload: bytes) -> bool:
         """:meth:`take` for a reading that needs no wait; False (nothing done) otherwise."""
-        parts = name.split("/")
-        if len(parts) < 4 or parts[-1] != READINGS or parts[-3] != "devices":
+        dids = self._dids
+        did = dids.get(name, False)
+        if did is False:
+            parts = name.decode(errors="replace").split("/")
+            ok = len(parts) >= 4 and parts[-1] == READINGS and parts[-3] == "devices"
+            if len(dids) >= TOPICS_KEPT:
+                dids.clear()
+            did = dids[name] = parts[-2] if ok else None
+        if did is None:
             return False
-        did = parts[-2]
         session = self.sessions.get(did)
         svc = self.svc
         if session is None or svc.writer.pending_rows > svc.settings.max_pending_rows:
             return False
         self.received += 1
         try:
-            bodies = self._bodies(payload if isinstance(payload, bytes | str) else b"")
-            self._ingest(did, session, bodies)
+            self._ingest(did, session, self._bodies(payload))
         except PeerError as exc:
             self._error(did, exc)
         except Exception:
@@ -449,10 +783,15 @@ class MqttBridge:
 
     def _send(self, did: str, kind: str, frame: str) -> None:
         """QoS 1, without waiting for the broker's PUBACK (the loop never waits on it)."""
-        client = self._client
-        if client is None:
+        link = self._link
+        if link is None or not link.up:
             return  # acks are sent again on reconnect; commands stay sent and time out
-        client._client.publish(topic(self.prefix, did, kind), frame, 1)  # noqa: SLF001
+        field = self._topics.get((did, kind))
+        if field is None:
+            if len(self._topics) >= TOPICS_KEPT:
+                self._topics.clear()
+            field = self._topics[did, kind] = _utf8(topic(self.prefix, did, kind))
+        link.publish(field, frame.encode())
 
 
 # -- the broker's identities (``vitalwire admin mqtt-acl``) ---------------------------------------
