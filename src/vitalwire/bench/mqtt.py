@@ -42,7 +42,15 @@ import msgspec
 
 from vitalwire.bench import load as ld
 from vitalwire.bench.runner import _metrics, _pid_of, machine, percentiles, server_process
-from vitalwire.transports.mqtt import ACKS, READINGS, STATUS, parse_url, topic
+from vitalwire.transports.mqtt import (
+    ACKS,
+    READINGS,
+    STATUS,
+    parse_url,
+    topic,
+    utf8_string,
+    varint,
+)
 
 #: the issue's bound for the MQTT path (device publish -> client socket)
 P99_TARGET_MS = 15.0
@@ -56,22 +64,8 @@ KEEPALIVE_S = 600  # no PINGREQ is sent: a device publishes far more often than 
 # -------------------------------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(s: str) -> bytes:
-    b = s.encode()
-    return len(b).to_bytes(2, "big") + b
-
-
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + varint(len(body)) + body
 
 
 _ack = msgspec.json.Decoder()
@@ -85,7 +79,7 @@ class MqttDevice(asyncio.Protocol):
     def __init__(self, prefix: str, device_id: str) -> None:
         self.device_id = device_id
         self.prefix = prefix
-        self._readings = _utf8(topic(prefix, device_id, READINGS))
+        self._readings = utf8_string(topic(prefix, device_id, READINGS))
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._pid = 0
@@ -171,18 +165,18 @@ class MqttDevice(asyncio.Protocol):
         await loop.create_connection(lambda: dev, host, port)
         assert dev.transport is not None
         connect = (
-            _utf8("MQTT")
+            utf8_string("MQTT")
             + bytes([4, 0x02])  # MQTT 3.1.1, clean session
             + KEEPALIVE_S.to_bytes(2, "big")
-            + _utf8(f"{prefix}-{device_id}")
+            + utf8_string(f"{prefix}-{device_id}")
         )
         dev.transport.write(_packet(0x10, connect))
         await dev._wait(0, "CONNECT")
         pid = dev._next_id()
-        sub = pid.to_bytes(2, "big") + _utf8(topic(prefix, device_id, ACKS)) + b"\x01"
+        sub = pid.to_bytes(2, "big") + utf8_string(topic(prefix, device_id, ACKS)) + b"\x01"
         dev.transport.write(_packet(0x82, sub))
         await dev._wait(pid, "SUBSCRIBE")
-        dev._publish(_utf8(topic(prefix, device_id, STATUS)), b"online")
+        dev._publish(utf8_string(topic(prefix, device_id, STATUS)), b"online")
         return dev
 
     def _publish(self, topic_field: bytes, payload: bytes) -> None:

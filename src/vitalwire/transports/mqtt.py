@@ -131,7 +131,8 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _utf8(s: str) -> bytes:
+def utf8_string(s: str) -> bytes:
+    """An MQTT UTF-8 string: its length in two bytes, then the bytes."""
     b = s.encode()
     return len(b).to_bytes(2, "big") + b
 
@@ -399,12 +400,12 @@ class BrokerLink(asyncio.Protocol):
         flags = (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
         props = b"\x11" + session_expiry_s.to_bytes(4, "big")
         props += b"\x21" + receive_maximum.to_bytes(2, "big")
-        body = _utf8("MQTT") + bytes([5, flags]) + keepalive.to_bytes(2, "big")
-        body += varint(len(props)) + props + _utf8(client_id)
+        body = utf8_string("MQTT") + bytes([5, flags]) + keepalive.to_bytes(2, "big")
+        body += varint(len(props)) + props + utf8_string(client_id)
         if username is not None:
-            body += _utf8(username)
+            body += utf8_string(username)
         if password is not None:
-            body += _utf8(password)  # binary data: the same two length bytes
+            body += utf8_string(password)  # binary data: the same two length bytes
         self.keepalive = keepalive
         self._write(b"\x10" + varint(len(body)) + body)
         connack = await self._wait(0)
@@ -414,7 +415,7 @@ class BrokerLink(asyncio.Protocol):
             )
         pid = self._next_pid()
         body = pid.to_bytes(2, "big") + b"\x00"
-        body += b"".join(_utf8(t) + bytes([qos]) for t, qos in subscriptions)
+        body += b"".join(utf8_string(t) + bytes([qos]) for t, qos in subscriptions)
         self._write(b"\x82" + varint(len(body)) + body)
         suback = await self._wait(pid)
         try:
@@ -790,7 +791,7 @@ class MqttBridge:
         if field is None:
             if len(self._topics) >= TOPICS_KEPT:
                 self._topics.clear()
-            field = self._topics[did, kind] = _utf8(topic(self.prefix, did, kind))
+            field = self._topics[did, kind] = utf8_string(topic(self.prefix, did, kind))
         link.publish(field, frame.encode())
 
 
