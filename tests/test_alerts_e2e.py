@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from tests.conftest import RunningServer, need_data, start_server, stop_server, wait_until
 from vitalwire import wire
 from vitalwire.sdk import DeviceClient, MonitorClient
+from vitalwire.services import alerts as alerts_service
 from vitalwire.settings import Settings
 from vitalwire.simulator import read_bidmc
 
@@ -294,6 +295,40 @@ async def test_device_offline_waits_for_its_grace_and_unbinding_ends_it(clocked:
     assert ("device_offline", "raised") in await alerts()
     await svc.registry.unbind(did)  # the patient no longer has this device
     assert ("device_offline", "resolved") in await alerts()
+
+
+async def test_a_ward_wide_outage_raises_device_offline_a_bounded_number_per_tick(
+    clocked: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every device of a ward gone at once: no tick raises more than OFFLINE_PER_TICK of their
+    device_offline alerts (one here, for two devices); the device gone longest goes first."""
+    srv, clock = clocked
+    svc = srv.services
+    monkeypatch.setattr(alerts_service, "OFFLINE_PER_TICK", 1)
+    gone = [srv.device(1), srv.device(0)]  # in the order they leave
+    for did, secret, _ in gone:
+        async with DeviceClient(srv.url, did, secret, clock=clock) as dev:
+            dev.send(hr=70)
+            await dev.flush()
+        await wait_until(lambda d=did: d not in svc.ingest.sessions, 5, "device gone")
+        clock.now += 1
+    assert svc.alerts.offline_pending == 2
+    clock.now += 10  # both past their grace
+
+    async def offline_raised() -> list[str]:
+        await svc.writer.flush()
+        found = []
+        for _, _, pid in gone:
+            events = await svc.store.events_after(f"patient:{pid}", 0, 1000)
+            if any(e.kind == "alert" and e.data["condition"] == "device_offline" for e in events):
+                found.append(pid)
+        return found
+
+    svc.alerts.tick()
+    assert await offline_raised() == [gone[0][2]] and svc.alerts.offline_pending == 1
+    svc.alerts.tick()
+    assert await offline_raised() == [gone[0][2], gone[1][2]]
+    assert svc.alerts.offline_pending == 0
 
 
 async def test_acknowledging_a_resolved_alert_is_a_conflict(clocked: Any) -> None:

@@ -303,17 +303,23 @@ async def _mqtt_worker(
 
 def _device_sessions(url: str, want: int, timeout: float) -> None:
     """Wait until vitalwire has ``want`` device sessions (the MQTT devices' ``online``; 0: the
-    devices of the path before have gone)."""
+    devices of the path before have gone, and vitalwire has raised their ``device_offline``
+    alerts, which come ``offline_grace_s`` after they left: a ward's worth of alerts raised in
+    the next path's first seconds would be measured as that path's)."""
     import httpx
 
     deadline = time.monotonic() + timeout
-    n = -1
+    n = pending = -1
     while time.monotonic() < deadline:
-        n = int(httpx.get(url + "/metrics.json", timeout=30).json()["device_connections"])
-        if n == want:
+        m = httpx.get(url + "/metrics.json", timeout=30).json()
+        n, pending = int(m["device_connections"]), int(m["offline_pending"])
+        if n == want and (want or pending == 0):
             return
         time.sleep(0.1)
-    raise RuntimeError(f"vitalwire had {n} device sessions, not {want}, after {timeout:.0f} s")
+    raise RuntimeError(
+        f"vitalwire had {n} device sessions, not {want}, and {pending} devices waiting to be "
+        f"marked offline, after {timeout:.0f} s"
+    )
 
 
 def run_mqtt_load(

@@ -175,6 +175,7 @@ async def metrics_json(request: Request) -> dict[str, Any]:
         "transactions": svc.store.transactions,
         "pending_rows": svc.writer.pending_rows,
         "device_connections": len(svc.ingest.sessions),
+        "offline_pending": svc.alerts.offline_pending,
         "conflicting_seqs": svc.ingest.conflicting_seqs,
         "client_connections": len(svc.clients),
         "subscriptions": svc.streams.subscriber_count(),
