@@ -390,3 +390,66 @@ async def test_the_redis_bus_bounds_its_own_history_in_bytes_and_reads_the_rest_
         assert [e.offset for e in await b.history("patient:A", 1) or []] == [2, 3, 4]
     finally:
         await b.close()
+
+
+# -- what the history holds of an event ------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [{}, {"note": "x" * 100}, {"note": "y" * 400}])
+def test_an_event_shed_costs_what_the_history_estimates(extra: dict[str, Any]) -> None:
+    """The estimate the byte bound counts with (event_cost) stays within a quarter of what a
+    shed event holds, measured with tracemalloc, for small and large bodies."""
+    import tracemalloc
+
+    def made(i: int) -> Event:
+        data = {"device": f"dev-{i:05d}", "seq": i, "ts": 1.7e9 + i, "spo2": 97.0, "hr": 72.0}
+        e = Event.new(f"patient:P{i % 500:04d}", i, "reading", 1.7e9 + i, data | extra)
+        assert e.frame and e.coalesce_key  # as fan-out leaves it
+        e.shed()
+        return e
+
+    n = 5000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        held = [made(i) for i in range(n)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    measured = sum(s.size_diff for s in after.compare_to(before, "filename")) / n - 8  # list
+    estimated = event_cost(held[0])
+    assert 0.75 * estimated <= measured <= 1.25 * estimated, (measured, estimated)
+
+
+async def test_events_fanned_out_keep_only_their_json_and_replay_the_same_frames(
+    tmp_path: Path,
+) -> None:
+    """After the fold and fan-out, an event in the history holds neither its decoded body nor
+    its frame; a replay sends the frame the live subscriber got, and does not keep it."""
+    from vitalwire.services.streams import Streams
+    from vitalwire.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'shed.db'}")
+    await store.open()
+    bus = open_bus("memory://")
+    streams = Streams(store, bus)
+    await bus.open(streams.on_events)
+    got: list[str] = []
+
+    class Sub:
+        def push(self, event: Event) -> None:
+            got.append(event.frame)
+
+    try:
+        streams.attach("patient:A", Sub())
+        events = [Event.new("patient:A", i, "reading", 1.0 + i, {"hr": 60 + i}) for i in (1, 2)]
+        await bus.publish(events)
+        held = list(bus.recent.ring("patient:A") or ())
+        assert [e.offset for e in held] == [1, 2]
+        assert all(e._data is None and e._frame is None for e in held)
+        assert [e.replay_frame() for e in held] == got
+        assert all(e._frame is None for e in held)  # the replay kept nothing
+        assert [e.data["hr"] for e in held] == [61, 62]  # decoded again on demand
+    finally:
+        await bus.close()
+        await store.close()

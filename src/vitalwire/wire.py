@@ -464,13 +464,19 @@ class Event(msgspec.Struct, gc=False):
 
     @property
     def frame(self) -> str:
+        """The frame sent to clients, encoded once for all of them."""
         if self._frame is None:
-            self._frame = _encoder.encode(
-                EventFrame(
-                    self.stream, self.offset, self.kind, self.ts, msgspec.Raw(self.data_json)
-                )
-            ).decode()
+            self._frame = self.replay_frame()
         return self._frame
+
+    def replay_frame(self) -> str:
+        """The frame, not kept (a replay from the bus history, whose events have shed theirs:
+        :meth:`shed`)."""
+        if self._frame is not None:
+            return self._frame
+        return _encoder.encode(
+            EventFrame(self.stream, self.offset, self.kind, self.ts, msgspec.Raw(self.data_json))
+        ).decode()
 
     @property
     def coalesce_key(self) -> tuple[str, object, frozenset[str]]:
@@ -480,6 +486,16 @@ class Event(msgspec.Struct, gc=False):
             metrics = frozenset(self.data.keys() - _READING_META)
             self._coalesce = (self.stream, self.data.get("device"), metrics)
         return self._coalesce
+
+    def shed(self) -> None:
+        """Drop what ``data_json`` gives again on demand: the decoded body, the frame and the
+        coalescing key. Called once the event is folded and fanned out (the clients' queues hold
+        their frame already); the bus history then keeps it for replays, which encode its frame
+        again (about a microsecond), and these three would be more than half of what it holds
+        (docs/architecture.md)."""
+        self._data = None
+        self._frame = None
+        self._coalesce = None
 
     @classmethod
     def new(cls, stream: str, offset: int, kind: str, ts: float, data: dict[str, Any]) -> Event:

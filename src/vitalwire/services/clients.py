@@ -368,7 +368,7 @@ class ClientSession:
             )
             last = offset
             for e in replay or ():
-                frames.append(e.frame)
+                frames.append(e.replay_frame())
                 last = e.offset
             self._last[s] = last
         self.send(encode_text(reply))

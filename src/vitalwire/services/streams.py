@@ -270,6 +270,8 @@ class Streams:
                     sub.push(e)
         for tap in self.taps:
             tap(events)
+        for e in events:
+            e.shed()  # what the bus history keeps of it: the JSON and the frame
 
     def attach(self, stream: str, sub: Subscriber) -> tuple[int, dict[str, Any]]:
         """Register ``sub`` for live events and return the (offset, snapshot) it starts from.

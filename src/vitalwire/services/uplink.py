@@ -365,7 +365,7 @@ class Uplink:
                 self._sent[stream] = events[-1].offset
                 budget -= len(events)
                 for x in events:
-                    frame = x.frame
+                    frame = x.replay_frame()
                     if frames and (len(frames) >= BATCH or size + len(frame) > BATCH_BYTES):
                         await ws.send(wire.edge_events_frame(frames, self.backlog()))
                         frames = []
