@@ -122,6 +122,47 @@ class Watcher:
         await self.client.close()
 
 
+class Feed:
+    """``devices`` each sending a reading every 50 ms, counted per device (``sent``): SpO2 97,
+    or ``spo2[device id]``."""
+
+    def __init__(self, devices: list[DeviceClient], spo2: dict[str, float] | None = None) -> None:
+        self.devices = devices
+        self.spo2 = spo2 or {}
+        self.sent: Counter[str] = Counter()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            for c in self.devices:
+                c.send(spo2=self.spo2.get(c.device_id, 97.0), hr=72, rr=16)
+                self.sent[c.device_id] += 1
+            await asyncio.sleep(0.05)
+
+    async def stop(self, flush_s: float | None = None) -> None:
+        """Stop sending; with ``flush_s``, then wait for every reading's ack."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+        if flush_s is not None:
+            for c in self.devices:
+                await c.flush(flush_s)
+
+
+async def _flowing(w: Watcher, streams: list[str], timeout: float, n: int = 40) -> None:
+    """Wait until ``w`` has seen ``n`` more events of every one of ``streams``."""
+    start = [w.head(s) for s in streams]
+
+    async def moved() -> bool:
+        return all(w.head(s) >= h + n for s, h in zip(streams, start, strict=True))
+
+    await _until(moved, timeout, "every patient's readings flowing")
+
+
 async def _login(url: str, user: dict[str, str]) -> dict[str, str]:
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         r = await http.post(
@@ -172,12 +213,11 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
         cluster = Cluster(tmp_path, db, prefix)
         devices: list[DeviceClient] = []
         watchers: list[Watcher] = []
-        feeding: asyncio.Task[None] | None = None
+        feed: Feed | None = None
         try:
             await cluster.start()
             clinician = next(u for u in creds.users if u["role"] == "clinician")
             # device i connects to node i first; P1's device is on n0, the node killed below
-            sent: Counter[str] = Counter()
             for i, d in enumerate(creds.devices[:3]):
                 c = DeviceClient(cluster.urls(i), d["device_id"], d["secret"])
                 c.on_command("report_now", lambda cmd: {"reported": True})
@@ -208,16 +248,9 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
             away.send(spo2=97.0, hr=70, rr=14)
             await away.flush(10)
             await away.close()
-            spo2 = {pids[0]: 80.0}  # P1's SpO2 under the critical limit: one alarm, raised once
-
-            async def feed() -> None:
-                while True:
-                    for c, pid in zip(devices, pids, strict=True):
-                        c.send(spo2=spo2.get(pid, 97.0), hr=72, rr=16)
-                        sent[c.device_id] += 1
-                    await asyncio.sleep(0.05)
-
-            feeding = asyncio.create_task(feed())
+            # P1's SpO2 under the critical limit: one alarm, raised once
+            feed = Feed(devices, spo2={devices[0].device_id: 80.0})
+            feed.start()
 
             # a clinician on n2 commands P1's device, which is on n0
             auth = await _login(cluster.nodes[2].url, clinician)
@@ -330,12 +363,8 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
                 if k == ev.COMMAND and x["command_id"] == queued
             ]
             assert statuses == ["queued", "sent", "acknowledged", "completed"], statuses
-            feeding.cancel()
-            await asyncio.gather(feeding, return_exceptions=True)
-            for c in devices:
-                await c.flush(30)
-
-            await _check(db, creds.devices[:3], sent, watchers)
+            await feed.stop(flush_s=30)
+            await _check(db, creds.devices[:3], feed.sent, watchers)
             # GET /cluster: who writes what; n0's leases lapsed or were taken
             auth1 = await _login(cluster.nodes[1].url, clinician)
             async with httpx.AsyncClient(base_url=cluster.nodes[1].url, timeout=10) as http:
@@ -353,19 +382,18 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
             assert changes.count((alert_id, "raised")) == 1, changes
             assert changes.count((alert_id, "acknowledged")) == 1, changes
         finally:
-            await _end(feeding, watchers, devices, cluster)
+            await _end(feed, watchers, devices, cluster)
             await _drop_keys(prefix)
 
 
 async def _end(
-    feeding: asyncio.Task[None] | None,
+    feed: Feed | None,
     watchers: list[Watcher],
     devices: list[DeviceClient],
     cluster: Cluster,
 ) -> None:
-    if feeding is not None:
-        feeding.cancel()
-        await asyncio.gather(feeding, return_exceptions=True)
+    if feed is not None:
+        await feed.stop()
     for w in watchers:
         await w.close()
     for c in devices:
@@ -453,8 +481,7 @@ async def test_a_rolling_restart_of_every_node_and_a_redis_restart_under_load(
         cluster = Cluster(tmp_path, db, "roll", redis_port=redis.port)
         devices: list[DeviceClient] = []
         watchers: list[Watcher] = []
-        feeding: asyncio.Task[None] | None = None
-        sent: Counter[str] = Counter()
+        feed: Feed | None = None
         try:
             await cluster.start()
             clinician = next(u for u in creds.users if u["role"] == "clinician")
@@ -468,44 +495,25 @@ async def test_a_rolling_restart_of_every_node_and_a_redis_restart_under_load(
             for c in devices:
                 await c.start()
                 await c.wait_connected(10)
-
-            async def feed() -> None:
-                while True:
-                    for c, pid in zip(devices, pids, strict=True):
-                        c.send(spo2=80.0 if pid == pids[0] else 97.0, hr=72, rr=16)
-                        sent[c.device_id] += 1
-                    await asyncio.sleep(0.05)
-
-            feeding = asyncio.create_task(feed())
-
-            async def flowing(n: int = 40) -> None:
-                start = [w.head(s) for s in streams]
-
-                async def moved() -> bool:
-                    return all(w.head(s) >= h + n for s, h in zip(streams, start, strict=True))
-
-                await _until(moved, 40, "every patient's readings flowing")
-
-            await flowing()
+            feed = Feed(devices, spo2={devices[0].device_id: 80.0})
+            feed.start()
+            await _flowing(w, streams, 40)
             for node in cluster.nodes:  # one at a time: drain (SIGTERM), then start again
                 # uvicorn drains, then ends by the signal it caught
                 assert await node.signal(signal.SIGTERM) in (0, -signal.SIGTERM)
-                await flowing()
+                await _flowing(w, streams, 40)
                 await node.start()
-                await flowing()
+                await _flowing(w, streams, 40)
             redis.stop()
             await redis.start()
-            await flowing()
-            feeding.cancel()
-            await asyncio.gather(feeding, return_exceptions=True)
-            for c in devices:
-                await c.flush(30)
-            await _check(db, creds.devices[:3], sent, watchers)
+            await _flowing(w, streams, 40)
+            await feed.stop(flush_s=30)
+            await _check(db, creds.devices[:3], feed.sent, watchers)
             p1 = await _store_events(db, streams[0])
             raised = [x["alert_id"] for _, k, x in p1 if k == ev.ALERT and x["action"] == "raised"]
             assert len(raised) == 1, raised  # the alarm outlived every node's restart, once
         finally:
-            await _end(feeding, watchers, devices, cluster)
+            await _end(feed, watchers, devices, cluster)
             redis.stop()
 
 
@@ -522,8 +530,7 @@ async def test_the_store_cut_off_under_load_loses_and_doubles_nothing(tmp_path: 
         cluster = Cluster(tmp_path, db.replace(host, f"127.0.0.1:{pg.port}"), prefix, n=2)
         devices: list[DeviceClient] = []
         watchers: list[Watcher] = []
-        feeding: asyncio.Task[None] | None = None
-        sent: Counter[str] = Counter()
+        feed: Feed | None = None
         try:
             await cluster.start()
             clinician = next(u for u in creds.users if u["role"] == "clinician")
@@ -536,39 +543,20 @@ async def test_the_store_cut_off_under_load_loses_and_doubles_nothing(tmp_path: 
             for c in devices:
                 await c.start()
                 await c.wait_connected(10)
-
-            async def feed() -> None:
-                while True:
-                    for c in devices:
-                        c.send(spo2=97.0, hr=72, rr=16)
-                        sent[c.device_id] += 1
-                    await asyncio.sleep(0.05)
-
-            feeding = asyncio.create_task(feed())
-
-            async def flowing(n: int = 40) -> None:
-                start = [w.head(s) for s in streams]
-
-                async def moved() -> bool:
-                    return all(w.head(s) >= h + n for s, h in zip(streams, start, strict=True))
-
-                await _until(moved, 60, "every patient's readings flowing")
-
-            await flowing()
+            feed = Feed(devices)
+            feed.start()
+            await _flowing(w, streams, 60)
             pg.cut()  # the outage lasts 3 s: longer than a lease (2 s)
             await asyncio.sleep(1)  # what was committed before the cut has arrived by now
             held = [w.head(s) for s in streams]
             await asyncio.sleep(2)
             assert [w.head(s) for s in streams] == held  # nothing shown that is not durable
             pg.restore()
-            await flowing()
-            feeding.cancel()
-            await asyncio.gather(feeding, return_exceptions=True)
-            for c in devices:
-                await c.flush(60)
-            await _check(db, creds.devices[:2], sent, watchers)
+            await _flowing(w, streams, 60)
+            await feed.stop(flush_s=60)
+            await _check(db, creds.devices[:2], feed.sent, watchers)
         finally:
-            await _end(feeding, watchers, devices, cluster)
+            await _end(feed, watchers, devices, cluster)
             await pg.close()
             await _drop_keys(prefix)
 
@@ -586,8 +574,7 @@ async def test_three_nodes_behind_nginx_a_node_killed(tmp_path: Path) -> None:
         cluster = Cluster(tmp_path, db, prefix)
         devices: list[DeviceClient] = []
         watchers: list[Watcher] = []
-        feeding: asyncio.Task[None] | None = None
-        sent: Counter[str] = Counter()
+        feed: Feed | None = None
         try:
             await cluster.start()
             nodes = [n.url.removeprefix("http://") for n in cluster.nodes]
@@ -604,25 +591,9 @@ async def test_three_nodes_behind_nginx_a_node_killed(tmp_path: Path) -> None:
                 for c in devices:
                     await c.start()
                     await c.wait_connected(10)
-
-                async def feed() -> None:
-                    while True:
-                        for c in devices:
-                            c.send(spo2=97.0, hr=72, rr=16)
-                            sent[c.device_id] += 1
-                        await asyncio.sleep(0.05)
-
-                feeding = asyncio.create_task(feed())
-
-                async def flowing(n: int = 40) -> None:
-                    start = [w.head(s) for s in streams]
-
-                    async def moved() -> bool:
-                        return all(w.head(s) >= h + n for s, h in zip(streams, start, strict=True))
-
-                    await _until(moved, 40, "every patient's readings flowing")
-
-                await flowing()
+                feed = Feed(devices)
+                feed.start()
+                await _flowing(w, streams, 40)
                 store = open_store(db)
                 await store.open()
                 try:
@@ -632,14 +603,11 @@ async def test_three_nodes_behind_nginx_a_node_killed(tmp_path: Path) -> None:
                 assert lease is not None
                 victim = cluster.nodes[int(lease.node.removeprefix("n"))]
                 assert await victim.signal(signal.SIGKILL) == -signal.SIGKILL
-                await flowing()
-                feeding.cancel()
-                await asyncio.gather(feeding, return_exceptions=True)
-                for c in devices:
-                    await c.flush(30)
-                await _check(db, creds.devices[:3], sent, watchers)
+                await _flowing(w, streams, 40)
+                await feed.stop(flush_s=30)
+                await _check(db, creds.devices[:3], feed.sent, watchers)
         finally:
-            await _end(feeding, watchers, devices, cluster)
+            await _end(feed, watchers, devices, cluster)
             await _drop_keys(prefix)
 
 
