@@ -73,9 +73,13 @@ MAX_WAVEFORM_HZ = 1000
 MAX_WAVEFORM_SAMPLES = 2000
 WAVEFORM_KINDS = ("pleth", "ecg", "resp")
 #: Readings per device whose fingerprint is kept to tell a resend from a conflicting reading
-#: (a power of two; 16 bytes each, allocated at the device's first hello).
+#: (a power of two; 8 bytes each, allocated at the device's first hello).
 RECENT_READINGS = 256
 _SLOT = RECENT_READINGS - 1
+#: What a slot keeps of a seq and of a payload's hash: their low 32 bits (a seq is compared with
+#: the one in its slot, never more than RECENT_READINGS apart; a payload that differs and still
+#: matches the kept hash is one in about four billion, and is then taken for a resend: dropped).
+_LOW = 0xFFFFFFFF
 _astuple = msgspec.structs.astuple
 
 
@@ -93,16 +97,16 @@ class _Recent:
     __slots__ = ("seqs", "prints")
 
     def __init__(self) -> None:
-        self.seqs = array("q", bytes(8 * RECENT_READINGS))  # 0: no reading in the slot
-        self.prints = array("q", bytes(8 * RECENT_READINGS))
+        self.seqs = array("I", bytes(4 * RECENT_READINGS))  # 0: no reading in the slot
+        self.prints = array("I", bytes(4 * RECENT_READINGS))
 
     def resend(self, body: ReadingBody) -> bool | None:
         """True: the reading taken under ``body.seq`` had this payload; False: another one;
         None: it is no longer (or never was) remembered."""
         slot = body.seq & _SLOT
-        if self.seqs[slot] != body.seq:
+        if self.seqs[slot] != body.seq & _LOW:
             return None
-        return self.prints[slot] == hash(_astuple(body))
+        return self.prints[slot] == hash(_astuple(body)) & _LOW
 
 
 @dataclass(slots=True, eq=False)
@@ -337,14 +341,14 @@ class Ingest:
             except InvalidReading as exc:
                 if high < seq <= MAX_SEQ:
                     high = seq
-                    seqs[seq & _SLOT], prints[seq & _SLOT] = seq, hash(_astuple(body))
+                    seqs[seq & _SLOT], prints[seq & _SLOT] = seq & _LOW, hash(_astuple(body)) & _LOW
                 session.rejected += 1
                 errors.append(
                     Error(code="invalid_reading", message=exc.message, field=exc.field, seq=seq)
                 )
                 continue
             high = seq
-            seqs[seq & _SLOT], prints[seq & _SLOT] = seq, hash(_astuple(body))
+            seqs[seq & _SLOT], prints[seq & _SLOT] = seq & _LOW, hash(_astuple(body)) & _LOW
             data: dict[str, object] = {"device": did, "seq": seq, "ts": body.ts}
             data.update(values)
             if body.probe is not None:
@@ -567,7 +571,7 @@ class Ingest:
             recent = self._recent.get(did)
             if recent is not None:
                 for s in range(max(self._high[did] + 1, high - RECENT_READINGS + 1), high + 1):
-                    if recent.seqs[s & _SLOT] == s:
+                    if recent.seqs[s & _SLOT] == s & _LOW:
                         recent.seqs[s & _SLOT] = 0
 
     def expect(self, pid: str, devices: list[str]) -> None:
