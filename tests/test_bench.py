@@ -56,6 +56,32 @@ def test_bench_ingest_and_commands_write_their_figures(tmp_path: Path) -> None:
     assert commands["baseline_ping_round_trip_ms"]["n"] == 5
 
 
+def test_bench_ingest_on_postgresql(tmp_path: Path) -> None:
+    """--postgres: the server and the baseline on fresh databases of that PostgreSQL server
+    (dropped afterwards); an unreachable server is said in one line."""
+    import asyncio
+
+    from tests.test_store import POSTGRES, fresh_postgres_db
+
+    async def reachable() -> None:
+        async with fresh_postgres_db():
+            pass  # skips (fails in CI) when PostgreSQL cannot be reached
+
+    asyncio.run(reachable())
+    admin = POSTGRES.rsplit("/", 1)[0] + "/postgres"
+    runner = CliRunner()
+    out = tmp_path / "ingest-pg.json"
+    args = ["bench", "ingest", "--devices", "2", "--readings", "400", "--json", str(out)]
+    r = runner.invoke(app, [*args, "--postgres", admin])
+    assert r.exit_code == 0, r.output
+    ingest = json.loads(out.read_text())
+    assert (ingest["store"], ingest["readings"]) == ("postgresql", 400)
+    assert ingest["vitalwire_readings_per_s"] > 0
+    assert ingest["baseline_direct_store_readings_per_s"] > 0
+    r = runner.invoke(app, [*args, "--postgres", "postgresql://postgres@127.0.0.1:1/postgres"])
+    assert r.exit_code == 1 and "PostgreSQL is not reachable" in r.output, r.output
+
+
 def test_bench_catchup_replays_every_missed_event_once(tmp_path: Path) -> None:
     """2 patients x 30 s at 1 Hz: a client that went away gets every missed event back, once."""
     runner = CliRunner()

@@ -264,6 +264,14 @@ def bench_ingest_cmd(
     devices: Annotated[int, typer.Option(help="Device connections.")] = 20,
     readings: Annotated[int, typer.Option(help="Readings in all.")] = 20_000,
     batch: Annotated[int, typer.Option(help="Readings per device frame.")] = 200,
+    postgres: Annotated[
+        str | None,
+        typer.Option(
+            help="Store on this PostgreSQL server instead of SQLite: its admin URL "
+            "(postgresql://user@host:port/postgres); fresh databases, dropped afterwards.",
+            show_default=False,
+        ),
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Durable ingest (readings acknowledged per second) beside a direct store write."""
@@ -271,8 +279,13 @@ def bench_ingest_cmd(
 
     from vitalwire.bench.runner import bench_ingest, write_json
 
-    r = asyncio.run(bench_ingest(devices, readings, batch))
-    t = Table(title=f"ingest: {r['readings']} readings from {devices} devices")
+    try:
+        r = asyncio.run(bench_ingest(devices, readings, batch, postgres))
+    except RuntimeError as exc:  # the PostgreSQL server unreachable, said as such
+        console.print(f"[red]the ingest bench failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    store = "PostgreSQL" if postgres else "SQLite"
+    t = Table(title=f"ingest: {r['readings']} readings from {devices} devices ({store})")
     t.add_column("")
     t.add_column("readings/s", justify="right")
     t.add_row(
@@ -280,7 +293,7 @@ def bench_ingest_cmd(
         f"{r['vitalwire_readings_per_s']:,.0f}",
     )
     t.add_row(
-        "baseline: same rows straight into SQLite",
+        f"baseline: same rows straight into {store}",
         f"{r['baseline_direct_store_readings_per_s']:,.0f}",
     )
     t.add_row("ratio", f"{r['ratio']:.2f}")

@@ -77,11 +77,12 @@ def _free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def server_process(
-    folder: Path, patients: int, env: dict[str, str] | None = None
+    folder: Path, patients: int, env: dict[str, str] | None = None, db: str | None = None
 ) -> AsyncIterator[ServerProcess]:
-    """``vitalwire serve`` on a fresh SQLite file with ``patients`` provisioned patients;
-    ``env`` (``VITALWIRE_*`` settings) wins over the environment."""
-    db = f"sqlite:///{folder / 'bench.db'}"
+    """``vitalwire serve`` on a fresh SQLite file (or the empty database ``db``) with
+    ``patients`` provisioned patients; ``env`` (``VITALWIRE_*`` settings) wins over the
+    environment."""
+    db = db or f"sqlite:///{folder / 'bench.db'}"
     store = open_store(db)
     await store.open()
     try:
@@ -137,37 +138,52 @@ async def server_process(
 
 
 async def bench_ingest(
-    devices: int = 20, readings: int = 20_000, batch: int = 200
+    devices: int = 20, readings: int = 20_000, batch: int = 200, postgres: str | None = None
 ) -> dict[str, Any]:
-    """Durable ingest through the server vs the same rows written directly into a store."""
-    per_device = readings // devices
+    """Durable ingest through the server vs the same rows written directly into a store: a
+    fresh SQLite file, or with ``postgres`` (a server's admin URL) fresh databases there, one
+    for the server and one for the baseline, dropped afterwards."""
+    if postgres is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return await _bench_ingest(devices, readings, batch, Path(tmp), None, None)
+    from vitalwire.bench.cluster import fresh_database
+
     with tempfile.TemporaryDirectory() as tmp:
-        async with server_process(Path(tmp), devices) as srv:
-            clients = [
-                DeviceClient(
-                    srv.url,
-                    d["device_id"],
-                    d["secret"],
-                    max_batch=batch,
-                    buffer_size=per_device + 10,
-                )
-                for d in srv.creds.devices
-            ]
+        async with fresh_database(postgres) as db, fresh_database(postgres) as direct:
+            return await _bench_ingest(devices, readings, batch, Path(tmp), db, direct)
+
+
+async def _bench_ingest(
+    devices: int, readings: int, batch: int, tmp: Path, db: str | None, direct: str | None
+) -> dict[str, Any]:
+    per_device = readings // devices
+    async with server_process(tmp, devices, db=db) as srv:
+        clients = [
+            DeviceClient(
+                srv.url,
+                d["device_id"],
+                d["secret"],
+                max_batch=batch,
+                buffer_size=per_device + 10,
+            )
+            for d in srv.creds.devices
+        ]
+        for c in clients:
+            await c.start()
+        t0 = time.perf_counter()
+        now = time.time()
+        for i in range(per_device):
             for c in clients:
-                await c.start()
-            t0 = time.perf_counter()
-            now = time.time()
-            for i in range(per_device):
-                for c in clients:
-                    c.send(spo2=97, pulse=70 + i % 20, hr=70 + i % 20, rr=16, ts=now)
-            await asyncio.gather(*(c.flush(timeout=600) for c in clients))
-            elapsed = time.perf_counter() - t0
-            for c in clients:
-                await c.close()
-        total = per_device * devices
-        base = await _direct_store(Path(tmp), total, batch_rows=500)
+                c.send(spo2=97, pulse=70 + i % 20, hr=70 + i % 20, rr=16, ts=now)
+        await asyncio.gather(*(c.flush(timeout=600) for c in clients))
+        elapsed = time.perf_counter() - t0
+        for c in clients:
+            await c.close()
+    total = per_device * devices
+    base = await _direct_store(tmp, total, batch_rows=500, db=direct)
     return {
         "scenario": "ingest",
+        "store": "postgresql" if db else "sqlite",
         "devices": devices,
         "readings": total,
         "vitalwire_readings_per_s": total / elapsed,
@@ -177,9 +193,10 @@ async def bench_ingest(
     }
 
 
-async def _direct_store(folder: Path, total: int, batch_rows: int) -> float:
-    """Rows/s writing the same readings + events straight into SQLite (no server)."""
-    store = open_store(f"sqlite:///{folder / 'direct.db'}")
+async def _direct_store(folder: Path, total: int, batch_rows: int, db: str | None = None) -> float:
+    """Rows/s writing the same readings + events straight into the store (no server): a SQLite
+    file in ``folder``, or the empty database ``db``."""
+    store = open_store(db or f"sqlite:///{folder / 'direct.db'}")
     await store.open()
     try:
         t0 = time.perf_counter()
