@@ -328,6 +328,10 @@ async def device_readings(srv: RunningServer, i: int, n: int, start: float) -> N
         for k in range(n):
             dev.send(hr=start + k, spo2=97.5)
         await dev.flush()
+    # the device's going offline is an event too: in the stream before the caller reads its head
+    svc = srv.services
+    await wait_until(lambda: did not in svc.ingest.sessions, 5, "the device's goodbye")
+    await svc.writer.flush()
 
 
 async def test_one_subscription_for_several_patients_resumes_each_stream(
