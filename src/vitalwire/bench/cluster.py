@@ -38,7 +38,14 @@ from typing import Any
 import httpx
 
 from vitalwire.bench.load import PidProbe, Shape, Target, proc_cpu_s, proc_rss_kb, run_load
-from vitalwire.bench.runner import _clinician, _free_port, machine, percentiles
+from vitalwire.bench.runner import (
+    BENCH_LIMITS,
+    _clinician,
+    _free_port,
+    machine,
+    percentiles,
+    stop_process,
+)
 from vitalwire.provision import WardCredentials, provision_ward
 from vitalwire.settings import Settings
 
@@ -46,18 +53,9 @@ from vitalwire.settings import Settings
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/0"
 
-#: The bench's limits, as for a single server (runner.server_process): the load generator is
-#: far faster than real devices, and its clients all log in as one user from one address.
-BENCH_ENV = {
-    "VITALWIRE_JWT_SECRET": "bench-cluster-" + "x" * 40,  # the same on every node
-    "VITALWIRE_DEVICE_MSGS_PER_S": "1000000",
-    "VITALWIRE_DEVICE_MSGS_BURST": "1000000",
-    "VITALWIRE_MAX_CONNECTIONS_PER_USER": "100000",
-    "VITALWIRE_CLIENT_MSGS_PER_S": "1000000",
-    "VITALWIRE_CLIENT_MSGS_BURST": "1000000",
-    "VITALWIRE_PRE_AUTH_PER_ADDRESS": "100000",
-    "VITALWIRE_PRE_AUTH_TOTAL": "100000",
-}
+#: The bench's limits, as for a single server (runner.BENCH_LIMITS), and one secret for every
+#: node.
+BENCH_ENV = {"VITALWIRE_JWT_SECRET": "bench-cluster-" + "x" * 40, **BENCH_LIMITS}
 
 
 class ServiceUnavailable(RuntimeError):
@@ -186,13 +184,7 @@ class Node:
         await asyncio.to_thread(self.proc.wait, 30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 @dataclass

@@ -48,7 +48,7 @@ import msgspec
 
 from vitalwire.bench import load as ld
 from vitalwire.bench.netproxy import Proxy
-from vitalwire.bench.runner import _free_port, machine, percentiles
+from vitalwire.bench.runner import BENCH_LIMITS, _free_port, machine, percentiles, stop_process
 
 #: the issue's bounds: what the relay adds at p99; the catch-up's speed-up over real time
 P99_ADDED_TARGET_MS = 100.0
@@ -70,13 +70,7 @@ Progress = Callable[[str], None]
 def _server_env(extra: dict[str, str]) -> dict[str, str]:
     return {
         "VITALWIRE_JWT_SECRET": "bench-" + "x" * 40,
-        "VITALWIRE_DEVICE_MSGS_PER_S": "1000000",
-        "VITALWIRE_DEVICE_MSGS_BURST": "1000000",
-        "VITALWIRE_MAX_CONNECTIONS_PER_USER": "100000",
-        "VITALWIRE_CLIENT_MSGS_PER_S": "1000000",
-        "VITALWIRE_CLIENT_MSGS_BURST": "1000000",
-        "VITALWIRE_PRE_AUTH_PER_ADDRESS": "100000",
-        "VITALWIRE_PRE_AUTH_TOTAL": "100000",
+        **BENCH_LIMITS,
         # one client watches every device's patient
         "VITALWIRE_MAX_STREAMS_PER_CONNECTION": "100000",
         **os.environ,
@@ -128,13 +122,7 @@ class Server:
         return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 async def _provision(cloud_db: str, edge_db: str, devices: int) -> tuple[Any, Any, str]:

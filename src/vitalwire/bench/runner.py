@@ -75,6 +75,33 @@ def _free_port() -> int:
         return port
 
 
+#: The limits every server a bench starts runs with (``VITALWIRE_*``; the environment and a
+#: mode's own settings win over them).
+BENCH_LIMITS = {
+    # the load generator sends far faster than one real device may
+    "VITALWIRE_DEVICE_MSGS_PER_S": "1000000",
+    "VITALWIRE_DEVICE_MSGS_BURST": "1000000",
+    # the bench's clients all log in as one user; they stand for many
+    "VITALWIRE_MAX_CONNECTIONS_PER_USER": "100000",
+    "VITALWIRE_CLIENT_MSGS_PER_S": "1000000",
+    "VITALWIRE_CLIENT_MSGS_BURST": "1000000",
+    # every device and client connects from this one address, all at once
+    "VITALWIRE_PRE_AUTH_PER_ADDRESS": "100000",
+    "VITALWIRE_PRE_AUTH_TOTAL": "100000",
+}
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM ``proc`` if it runs and wait for it; SIGKILL it after 30 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 @contextlib.asynccontextmanager
 async def server_process(
     folder: Path, patients: int, env: dict[str, str] | None = None, db: str | None = None
@@ -92,16 +119,7 @@ async def server_process(
     port = _free_port()
     env = {
         "VITALWIRE_JWT_SECRET": "bench-" + "x" * 40,
-        # the load generator sends far faster than one real device may
-        "VITALWIRE_DEVICE_MSGS_PER_S": "1000000",
-        "VITALWIRE_DEVICE_MSGS_BURST": "1000000",
-        # the bench's clients all log in as one user; they stand for many
-        "VITALWIRE_MAX_CONNECTIONS_PER_USER": "100000",
-        "VITALWIRE_CLIENT_MSGS_PER_S": "1000000",
-        "VITALWIRE_CLIENT_MSGS_BURST": "1000000",
-        # every device and client connects from this one address, all at once
-        "VITALWIRE_PRE_AUTH_PER_ADDRESS": "100000",
-        "VITALWIRE_PRE_AUTH_TOTAL": "100000",
+        **BENCH_LIMITS,
         **os.environ,
         **(env or {}),
     }
@@ -133,8 +151,7 @@ async def server_process(
                 raise RuntimeError("server did not start")
         yield ServerProcess(url, proc, creds)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
 
 
 async def bench_ingest(
