@@ -22,7 +22,7 @@ from tests.test_store import fresh_postgres_db
 from vitalwire.services.history import MAX_BUCKETS, History
 from vitalwire.store import schema as t
 from vitalwire.store.base import Batch
-from vitalwire.store.rollups import GRAIN, grain_of, rollup_rows
+from vitalwire.store.rollups import GRAIN, RollupBook, grain_of, rollup_rows
 from vitalwire.store.sql import SqlStore
 from vitalwire.wire import Event
 
@@ -81,7 +81,12 @@ def _events(seed: int, n: int = 900) -> list[list[Event]]:
     return batches
 
 
-async def _stored(store: SqlStore) -> dict[tuple[str, int, str], tuple[Any, ...]]:
+async def _stored(
+    store: SqlStore, *, flush: bool = True
+) -> dict[tuple[str, int, str], tuple[Any, ...]]:
+    """The stored roll-ups; ``flush``: after the store wrote all it holds in memory."""
+    if flush:
+        await store.flush_rollups()
     r = t.vital_rollups
     async with store.engine.connect() as conn:
         rows = await conn.execute(select(r))
@@ -111,10 +116,33 @@ def _assert_rollups_equal(got: dict[Any, tuple[Any, ...]], events: list[Event]) 
         assert total == pytest.approx(w["vsum"], rel=1e-12), key
 
 
+async def _marks(store: SqlStore) -> dict[str, int]:
+    m = t.rollup_marks
+    async with store.engine.connect() as conn:
+        return dict((await conn.execute(select(m.c.stream, m.c.rolled_offset))).all())
+
+
+async def _assert_marks_hold(store: SqlStore) -> dict[str, int]:
+    """The invariant: the roll-ups hold exactly each stream's readings up to its mark."""
+    marks = await _marks(store)
+    rolled = [e for e in await _all_events(store) if e.offset <= marks.get(e.stream, 0)]
+    _assert_rollups_equal(await _stored(store, flush=False), rolled)
+    return marks
+
+
 async def test_rollups_follow_every_batch_and_late_readings(store: SqlStore) -> None:
+    marks_seen: list[dict[str, int]] = []
     for batch in _events(seed=1):
         await store.write_batch(Batch(events=batch))
+        if len(marks_seen) < 40 or batch[0].offset % 7 == 0:
+            marks_seen.append(await _assert_marks_hold(store))
+    # grains were written as they ended, a stream at a time: the marks moved many times
+    assert len({m.get(STREAM) for m in marks_seen}) > 5
+    assert len(store.rollups) > 0  # the last grains are still in memory
     got = await _stored(store)
+    assert len(store.rollups) == 0
+    heads = await store.stream_heads()
+    assert await _marks(store) == heads
     _assert_rollups_equal(got, await _all_events(store))
     # late readings did land in older grains, merged there
     late = [e for b in _events(seed=1) for e in b if e.kind == "reading"]
@@ -215,6 +243,85 @@ def test_bucket_rounding_keeps_at_most_max_buckets() -> None:
     assert History.bucket_plan(GRAIN * 5, 0, 3600) == (300.0, "epoch")
 
 
+def _second_store(store: SqlStore) -> SqlStore:
+    """Another node (or the same one restarted) on ``store``'s database."""
+    return SqlStore(store.url, dedicated_writer=store._dedicated_writer)  # noqa: SLF001
+
+
+async def _history_equals_raw(store: SqlStore) -> None:
+    """Day-ish buckets from roll-ups + the events above the mark = the raw computation."""
+    history = History(store, _Access(), lambda: BASE + 3000)  # type: ignore[arg-type]
+    who = SimpleNamespace(name="u")
+    frm, to = grain_of(BASE) - 600, grain_of(BASE) + 2400
+    history.use_rollups = True
+    fast = await history.vitals(who, "P1", frm, to, None, 120, None, 100, None)  # type: ignore[arg-type]
+    history.use_rollups = False
+    slow = await history.vitals(who, "P1", frm, to, None, 120, None, 100, None)  # type: ignore[arg-type]
+    assert fast.alignment == "epoch" and fast.buckets
+    assert _round(fast) == _round(slow)
+
+
+@pytest.mark.parametrize("startup", [True, False], ids=["restarted", "taken-over"])
+async def test_readings_a_killed_node_held_in_memory_are_caught_up(
+    store: SqlStore, startup: bool
+) -> None:
+    """A node killed before it flushed: the readings it held in memory are rolled up from the
+    events table by the next node's flush (a backlog found at start-up, or the first flush of
+    a stream taken over, whose base is not the stored mark); meanwhile and after, the history
+    equals the raw computation and the marks' invariant holds."""
+    await store.create_patient("P1", "One", "ward-a", BASE)
+    batches = _events(seed=5)
+    half = len(batches) // 2
+    for batch in batches[:half]:
+        await store.write_batch(Batch(events=batch))
+    assert len(store.rollups) > 0
+    marks = await _assert_marks_hold(store)
+    heads = await store.stream_heads()
+    assert any(marks.get(s, 0) < h for s, h in heads.items())  # readings only in memory
+    store.rollups = RollupBook()  # killed: what it held is gone (close() flushes nothing)
+    other = _second_store(store)
+    await other.open()
+    try:
+        if startup:
+            await other.stream_heads()  # what a node does as it starts
+            assert len(other.rollups) == len(heads)
+        await _history_equals_raw(other)
+        for batch in batches[half:]:
+            await other.write_batch(Batch(events=batch))
+            await _assert_marks_hold(other)
+        await _history_equals_raw(other)
+        got = await _stored(other)
+        assert await _marks(other) == await other.stream_heads()
+        _assert_rollups_equal(got, await _all_events(other))
+    finally:
+        await other.close()
+
+
+async def test_two_nodes_writing_a_stream_in_turn_count_each_reading_once(
+    store: SqlStore,
+) -> None:
+    """A stream's lease moving back and forth between two nodes: each node's memory misses the
+    other's offsets, so what it holds is caught up from the events instead of written as it
+    is; flushes of both come in any order. Every reading is rolled up once."""
+    other = _second_store(store)
+    await other.open()
+    rnd = random.Random(6)
+    try:
+        nodes = [store, other]
+        for i, batch in enumerate(_events(seed=6, n=1200)):
+            if i % rnd.randint(2, 9) == 0:
+                nodes.reverse()
+            await nodes[0].write_batch(Batch(events=batch))
+            if i % 5 == 0:
+                await _assert_marks_hold(store)
+        await nodes[1].flush_rollups()
+        got = await _stored(nodes[0])
+        assert await _marks(store) == await store.stream_heads()
+        _assert_rollups_equal(got, await _all_events(store))
+    finally:
+        await other.close()
+
+
 async def test_retention_cuts_the_rollups_of_the_removed_range(store: SqlStore) -> None:
     batches = _events(seed=3)
     for batch in batches:
@@ -234,14 +341,25 @@ async def test_retention_cuts_the_rollups_of_the_removed_range(store: SqlStore) 
     assert ("patient:P3", grain_of(BASE - 898), "hr") in got
 
 
+def _migrate(conn: Any, direction: str, revision: str) -> None:
+    """alembic upgrade or downgrade of the store on ``conn`` to ``revision``."""
+    from alembic import command
+    from alembic.config import Config
+
+    from vitalwire.store.sql import _MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    getattr(command, direction)(cfg, revision)
+
+
 async def test_migration_0010_backfills_a_store_written_before_it(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from vitalwire.store.sql import _MIGRATIONS, _async_url
+    from vitalwire.store.sql import _async_url
 
     for backend in ("sqlite", "postgresql"):
         async with contextlib.AsyncExitStack() as stack:
@@ -251,15 +369,9 @@ async def test_migration_0010_backfills_a_store_written_before_it(
                 url = f"sqlite:///{tmp_path / 'old.db'}"
             engine = create_async_engine(_async_url(url))
 
-            def to_0009(conn: Any) -> None:
-                cfg = Config()
-                cfg.set_main_option("script_location", str(_MIGRATIONS))
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "0009")
-
             events = [e for b in _events(seed=4, n=400) for e in b]
             async with engine.begin() as conn:
-                await conn.run_sync(to_0009)
+                await conn.run_sync(_migrate, "upgrade", "0009")
                 rows = [
                     {
                         "stream": e.stream,
@@ -276,9 +388,52 @@ async def test_migration_0010_backfills_a_store_written_before_it(
             await s.open()
             try:
                 assert await s.migration_current()
-                _assert_rollups_equal(await _stored(s), events)
+                _assert_rollups_equal(await _stored(s, flush=False), events)
+                # migration 0012: every stream was rolled up, so its mark is its head
+                assert await _marks(s) == await s.stream_heads()
+                assert len(s.rollups) == 0
             finally:
                 await s.close()
+
+
+async def test_migration_0012_downgrade_rolls_up_what_is_above_the_marks(
+    tmp_path: Path,
+) -> None:
+    """The versions before 0012 expect every stored reading rolled up: the downgrade rolls up
+    what only a node's memory held (here, a node killed before it flushed)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from vitalwire.store.sql import _async_url
+
+    for backend in ("sqlite", "postgresql"):
+        async with contextlib.AsyncExitStack() as stack:
+            if backend == "postgresql":
+                url = await stack.enter_async_context(fresh_postgres_db())
+            else:
+                url = f"sqlite:///{tmp_path / 'down.db'}"
+            s = SqlStore(url)
+            await s.open()
+            for batch in _events(seed=7, n=500):
+                await s.write_batch(Batch(events=batch))
+            assert len(s.rollups) > 0
+            s.rollups = RollupBook()  # killed before it flushed
+            await s.close()
+            engine = create_async_engine(_async_url(url))
+
+            async with engine.begin() as conn:
+                await conn.run_sync(_migrate, "downgrade", "0011")
+                r = t.vital_rollups
+                got = {
+                    (x.stream, x.start, x.metric): tuple(x)[3:]
+                    for x in await conn.execute(select(r))
+                }
+                rows = await conn.execute(select(t.events))
+                events = [
+                    Event.from_stored(x.stream, x.offset, x.kind, x.ts, x.data.encode())
+                    for x in rows
+                ]
+            await engine.dispose()
+            _assert_rollups_equal(got, events)
 
 
 async def test_a_resent_reading_is_counted_once(tmp_path: Path) -> None:

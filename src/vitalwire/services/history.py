@@ -19,13 +19,14 @@ store/rollups.py), or any bucket over a range longer than 3 h, is rounded **up**
 of the grain (and up again, a grain at a time, until the range makes at most ``MAX_BUCKETS``);
 such buckets are aligned on multiples of their width (epoch seconds), the first and the last
 clipped to ``[from, to)``. The whole grains inside the range are read from the stored roll-ups
-(one range scan of their primary key), the partial grains at the range's edges from the raw
-readings. The answer is the one the raw computation gives over the same boundaries (min, max,
-count and last exactly; the mean up to float rounding: sums are added in another order). A
-smaller bucket over at most 3 h is computed in Python over the range's rows, aligned on
-``from`` as before (measured on SQLite, 86,400 rows of 1 Hz, 2 metrics: 350-470 ms; that is
-why roll-ups exist). docs/api.md, "Vitals history", documents the route; docs/benchmarks.md,
-"Vitals history", has the figures.
+(one range scan of their primary key) up to the stream's roll-up mark, and the readings above
+the mark (not rolled up yet: about the last minute) from the raw events; the partial grains at
+the range's edges from the raw readings. The answer is the one the raw computation gives over
+the same boundaries (min, max, count and last exactly; the mean up to float rounding: sums are
+added in another order). A smaller bucket over at most 3 h is computed in Python over the
+range's rows, aligned on ``from`` as before (measured on SQLite, 86,400 rows of 1 Hz, 2
+metrics: 350-470 ms; that is why roll-ups exist). docs/api.md, "Vitals history", documents the
+route; docs/benchmarks.md, "Vitals history", has the figures.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from vitalwire.services.access import Access
 from vitalwire.services.auth import Principal
 from vitalwire.store import Store
 from vitalwire.store.rollups import GRAIN
+from vitalwire.store.rollups import merge as _merge
 from vitalwire.transports.paging import DEFAULT_PAGE, MAX_PAGE, decode_cursor, encode_cursor
 
 #: The longest range one request covers (seconds): 7 days.
@@ -62,20 +64,6 @@ _META: Final = frozenset({"device", "seq", "ts", "late", "probe"})
 
 #: One metric's running summary: [min, max, sum, count, last_ts, last_offset, last].
 Acc = list[Any]
-
-
-def _merge(acc: Acc | None, other: Acc) -> Acc:
-    if acc is None:
-        return list(other)
-    if other[0] < acc[0]:
-        acc[0] = other[0]
-    if other[1] > acc[1]:
-        acc[1] = other[1]
-    acc[2] += other[2]
-    acc[3] += other[3]
-    if (other[4], other[5]) > (acc[4], acc[5]):
-        acc[4], acc[5], acc[6] = other[4], other[5], other[6]
-    return acc
 
 
 def _out(a: Acc) -> dict[str, Any]:
@@ -384,8 +372,9 @@ class History:
         self._emit(result, origin, result.bucket, stats)
 
     async def _rolled_buckets(self, result: VitalsResult, stream: str) -> None:
-        """Epoch-aligned buckets: the whole grains from the roll-ups, the partial grains at the
-        range's edges from the raw rows."""
+        """Epoch-aligned buckets: the whole grains from the roll-ups and, above the stream's
+        roll-up mark (what is not rolled up yet: about the last minute), from the raw events;
+        the partial grains at the range's edges from the raw rows."""
         assert result.bucket is not None
         width, frm, to, wanted = result.bucket, result.t_from, result.t_to, result.metrics
         first = math.ceil(frm / GRAIN) * GRAIN  # the whole grains: [first, end)
@@ -399,13 +388,29 @@ class History:
             await self._scan(stream, frm, first, wanted, 0.0, width, stats)
         if end < to:
             await self._scan(stream, end, to, wanted, 0.0, width, stats)
-        for start, m, lo, hi, total, n, lts, loff, last in await self.store.rollups_between(
-            stream, int(first), int(end), wanted
-        ):
+        mark, rows = await self.store.rollups_between(stream, int(first), int(end), wanted)
+        for start, m, lo, hi, total, n, lts, loff, last in rows:
             per = stats.get(k := int(start // width))
             if per is None:
                 per = stats[k] = {}
             per[m] = _merge(per.get(m), [lo, hi, total, n, lts, loff, last])
+        after = mark
+        while True:  # the events above the mark, in offset order (the primary key)
+            events = await self.store.events_after(stream, after, SCAN_CHUNK)
+            for e in events:
+                if e.kind != ev.READING or not first <= e.ts < end:
+                    continue
+                data = e.data
+                per = stats.get(k := int(e.ts // width))
+                if per is None:
+                    per = stats[k] = {}
+                for m in wanted:
+                    v = data.get(m)
+                    if v is not None and _number(v):
+                        per[m] = _merge(per.get(m), [v, v, v, 1, e.ts, e.offset, v])
+            if len(events) < SCAN_CHUNK:
+                break
+            after = events[-1].offset
         self._emit(result, 0.0, width, stats)
 
 

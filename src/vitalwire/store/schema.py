@@ -143,6 +143,15 @@ vital_rollups = Table(
     sqlite_with_rowid=False,
 )
 
+# Each stream's roll-up mark (store/rollups.py; migration 0012): ``vital_rollups`` holds exactly
+# the stream's readings at offsets up to ``rolled_offset``; readers take the events above it raw.
+rollup_marks = Table(
+    "rollup_marks",
+    metadata,
+    Column("stream", String(80), primary_key=True),
+    Column("rolled_offset", BigInteger, nullable=False),
+)
+
 # The latest state of every alert ever raised (its history of changes is in the patient's stream).
 alerts = Table(
     "alerts",

@@ -7,6 +7,8 @@ an fsync per commit (docs/reliability.md).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import time
 from pathlib import Path
@@ -82,43 +84,24 @@ _FENCE_PG = text(
     "AND l.head = f.first - 1 RETURNING l.stream"
 )
 
-#: A batch of readings' events on PostgreSQL in one statement: the devices' high seqs, the events
-#: and their roll-ups (store/rollups.py: the same merge as ``rollups.upsert``), each as arrays
-#: joined by ``unnest``; one statement text, prepared once per connection. Built row by row
-#: through SQLAlchemy (one statement per table, their parameters made on the event loop's
-#: thread), a ward's batch took about 10 ms (docs/benchmarks.md, "The PostgreSQL store").
+#: A batch of readings' events on PostgreSQL in one statement: the devices' high seqs and the
+#: events, each as arrays joined by ``unnest``; one statement text, prepared once per connection.
+#: Built row by row through SQLAlchemy (one statement per table, their parameters made on the
+#: event loop's thread), a ward's batch took about 10 ms (docs/benchmarks.md, "The PostgreSQL
+#: store"). The roll-ups due ride in the same transaction (:data:`rollups.PG_FLUSH`).
 _READINGS_PG = text(
     "WITH seqs AS ("
     "INSERT INTO device_seqs (device_id, high_seq) "
     "SELECT * FROM unnest(CAST(:sd AS text[]), CAST(:sq AS bigint[])) "
     "ON CONFLICT (device_id) DO UPDATE "
     "SET high_seq = greatest(device_seqs.high_seq, excluded.high_seq)"
-    "), evs AS ("
+    ") "
     'INSERT INTO events (stream, "offset", kind, ts, data) '
     "SELECT * FROM unnest(CAST(:es AS text[]), CAST(:eo AS bigint[]), CAST(:ek AS text[]), "
     "CAST(:et AS float8[]), CAST(:ed AS text[]))"
-    ") "
-    "INSERT INTO vital_rollups "
-    "(stream, start, metric, vmin, vmax, vsum, n, last_ts, last_offset, vlast) "
-    "SELECT * FROM unnest(CAST(:rs AS text[]), CAST(:rt AS bigint[]), CAST(:rm AS text[]), "
-    "CAST(:rlo AS float8[]), CAST(:rhi AS float8[]), CAST(:rsum AS float8[]), "
-    "CAST(:rn AS bigint[]), CAST(:rlts AS float8[]), CAST(:rloff AS bigint[]), "
-    "CAST(:rlast AS float8[])) "
-    "ON CONFLICT (stream, start, metric) DO UPDATE SET "
-    "vmin = least(vital_rollups.vmin, excluded.vmin), "
-    "vmax = greatest(vital_rollups.vmax, excluded.vmax), "
-    "vsum = vital_rollups.vsum + excluded.vsum, "
-    "n = vital_rollups.n + excluded.n, "
-    "last_ts = CASE WHEN (excluded.last_ts, excluded.last_offset) > "
-    "(vital_rollups.last_ts, vital_rollups.last_offset) "
-    "THEN excluded.last_ts ELSE vital_rollups.last_ts END, "
-    "last_offset = CASE WHEN (excluded.last_ts, excluded.last_offset) > "
-    "(vital_rollups.last_ts, vital_rollups.last_offset) "
-    "THEN excluded.last_offset ELSE vital_rollups.last_offset END, "
-    "vlast = CASE WHEN (excluded.last_ts, excluded.last_offset) > "
-    "(vital_rollups.last_ts, vital_rollups.last_offset) "
-    "THEN excluded.vlast ELSE vital_rollups.vlast END"
 )
+_PG_FLUSH = text(rollups.PG_FLUSH)
+_PG_NEW_MARKS = text(rollups.PG_NEW_MARKS)
 
 
 def _readings_pg_params(batch: Batch) -> dict[str, list[Any]] | None:
@@ -133,7 +116,6 @@ def _readings_pg_params(batch: Batch) -> dict[str, list[Any]] | None:
         if r.seq > high.get(r.device_id, 0):
             high[r.device_id] = r.seq
     evs = batch.events
-    rolled = rollups.rollup_rows(evs)
     seqs = sorted(high.items())  # rows locked in one order, as the general path does
     return {
         "sd": [d for d, _ in seqs],
@@ -143,16 +125,6 @@ def _readings_pg_params(batch: Batch) -> dict[str, list[Any]] | None:
         "ek": [e.kind for e in evs],
         "et": [e.ts for e in evs],
         "ed": [e.data_json.decode() for e in evs],
-        "rs": [r["stream"] for r in rolled],
-        "rt": [r["start"] for r in rolled],
-        "rm": [r["metric"] for r in rolled],
-        "rlo": [r["vmin"] for r in rolled],
-        "rhi": [r["vmax"] for r in rolled],
-        "rsum": [r["vsum"] for r in rolled],
-        "rn": [r["n"] for r in rolled],
-        "rlts": [r["last_ts"] for r in rolled],
-        "rloff": [r["last_offset"] for r in rolled],
-        "rlast": [r["vlast"] for r in rolled],
     }
 
 
@@ -254,6 +226,8 @@ def _audit_row(a: AuditRow) -> dict[str, Any]:
     }
 
 
+log = logging.getLogger(__name__)
+
 _READING0 = ReadingRow("d", 1, "p", 1, 0.0, 0.0, None)
 _EVENT0 = Event.from_stored("s", 1, "reading", 0.0, b"{}")
 _ROLLUP_COLUMNS = tuple("start metric vmin vmax vsum n last_ts last_offset vlast".split())
@@ -337,6 +311,11 @@ class SqlStore:
         self._dedicated_writer = dedicated_writer
         self._fast_sql: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._reading_batch = ""  # the statement taking a batch's readings and events at once
+        #: the roll-ups of what this node committed and has not flushed (store/rollups.py)
+        self.rollups = rollups.RollupBook()
+        self._marked: set[str] = set()  # streams known to have a rollup_marks row (PostgreSQL)
+        #: held by retention while it rebuilds roll-ups: batches flush none meanwhile
+        self._flush_lock = asyncio.Lock()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -373,7 +352,7 @@ class SqlStore:
                 ),
                 "events": compile_json_rows(insert(t.events), _event_row(_EVENT0)),
                 "seqs": compile_json_rows(_seq_upsert(sqlite), {"device_id": "d", "high_seq": 1}),
-                "rollups": compile_json_rows(rollups.upsert(sqlite), _ROLLUP0),
+                "rollups": compile_json_rows(rollups.upsert(sqlite), _ROLLUP0),  # retention
                 "alerts": compile_positional(_alert_upsert(sqlite), _alert_row(_ALERT0)),
                 "commands": compile_positional(_command_upsert(sqlite), _command_row(_COMMAND0)),
                 "audit": compile_positional(insert(t.audit), _audit_row(_AUDIT0)),
@@ -387,21 +366,27 @@ class SqlStore:
             if self._fast_sql["seqs"][1] != ("device_id", "high_seq"):
                 raise RuntimeError(f"seqs: parameter order {self._fast_sql['seqs'][1]}")
             # a batch's readings, events and high seqs: one statement, so one call into SQLite
+            # ... and the roll-ups due (store/rollups.py: the rows, the catch-ups, the marks)
             self._reading_batch, setup = batch_view(
                 "reading_batch",
                 {
-                    name: self._fast_sql[name][0]
-                    for name in ("readings", "events", "seqs", "rollups")
+                    **{n: self._fast_sql[n][0] for n in ("readings", "events", "seqs")},
+                    "flush_rows": rollups.SQLITE_FLUSH_ROWS,
+                    "flush_catch_up": rollups.SQLITE_FLUSH_CATCH_UP,
+                    "flush_marks": rollups.SQLITE_FLUSH_MARKS,
                 },
             )
             self._fast = SqliteBatchWriter(database, synchronous=self._synchronous, setup=setup)
             await self._fast.open()
 
-    def _fast_work(self, batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """The batch as (SQL, parameter tuples) in write order, built on the caller's thread."""
+    def _fast_work(
+        self, batch: Batch, flushes: list[rollups.Flush]
+    ) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """The batch and the roll-ups due as (SQL, parameter tuples) in write order, built on
+        the caller's thread."""
         work: list[tuple[str, list[tuple[Any, ...]]]] = []
         sql = self._fast_sql
-        readings = events = seqs = rolled = None
+        readings = events = seqs = rolled = marks = None
         if batch.readings:
             high: dict[str, int] = {}
             unbound: list[tuple[Any, ...]] = []
@@ -427,11 +412,11 @@ class SqlStore:
             events = json_rows(
                 [(e.stream, e.offset, e.kind, e.ts, e.data_json.decode()) for e in batch.events]
             )
-            keys = sql["rollups"][1]  # the events' roll-ups, in the same statement
-            if rows := rollups.rollup_rows(batch.events):
-                rolled = json_rows([tuple(r[k] for k in keys) for r in rows])
-        if readings is not None or events is not None or seqs is not None:
-            work.append((self._reading_batch, [(readings, events, seqs, rolled)]))
+        if flushes:
+            rows, due = rollups.sqlite_flush_params(flushes)
+            rolled, marks = json_rows(rows), json_rows(due)
+        if readings is not None or events is not None or seqs is not None or marks is not None:
+            work.append((self._reading_batch, [(readings, events, seqs, rolled, marks, marks)]))
         for name, rows, to_row in (
             ("alerts", batch.alerts, _alert_row),
             ("commands", batch.commands, _command_row),
@@ -456,6 +441,11 @@ class SqlStore:
         return bool(current == self._head)
 
     async def close(self) -> None:
+        if self._engine is not None:
+            try:  # what this node holds in memory, so a restart has nothing to catch up
+                await self.flush_rollups()
+            except Exception:
+                log.warning("roll-ups not flushed at close: caught up at the next start")
         if self._fast is not None:
             await self._fast.close()
             self._fast = None
@@ -469,20 +459,61 @@ class SqlStore:
     # -- the event log ------------------------------------------------------------------------
 
     async def write_batch(self, batch: Batch) -> None:
-        if self._fast is not None and batch.fence is None and not batch.sequenced:
-            await self._fast.write(self._fast_work(batch))
-        else:
-            one = None
-            if self.backend == "postgresql" and not batch.sequenced:
-                one = _readings_pg_params(batch)
-            async with self.engine.begin() as conn:
-                if batch.fence:
-                    await self._check_fence(conn, batch.fence)
-                if one is not None:  # the usual batch on PostgreSQL: one statement
-                    await conn.execute(_READINGS_PG, one)
-                else:
-                    await self._write_rows(conn, batch)
+        """Commit ``batch``, and with it the roll-ups due (store/rollups.py); then count its
+        readings into this node's roll-ups."""
+        flushes: list[rollups.Flush] = []
+        if not self._flush_lock.locked():  # retention rebuilding roll-ups: none flushed now
+            flushes = self.rollups.take(time.time())
+        await self._write_batch(batch, flushes)
         self.transactions += 1
+        if flushes:
+            self.rollups.done(flushes)
+            self._marked.update(f.stream for f in flushes)
+        self.rollups.note(batch.events)
+
+    async def flush_rollups(self) -> int:
+        """Write every roll-up this node holds, open grains too (at shutdown, and for tests);
+        returns the streams flushed."""
+        async with self._flush_lock:
+            flushes = self.rollups.take(time.time(), everything=True)
+            if flushes:
+                await self._write_batch(Batch(), flushes)
+                self.rollups.done(flushes)
+                self._marked.update(f.stream for f in flushes)
+        return len(flushes)
+
+    async def _write_batch(self, batch: Batch, flushes: list[rollups.Flush]) -> None:
+        if self._fast is not None and batch.fence is None and not batch.sequenced:
+            await self._fast.write(self._fast_work(batch, flushes))
+            return
+        one = None
+        if self.backend == "postgresql" and not batch.sequenced and batch.events:
+            one = _readings_pg_params(batch)
+        async with self.engine.begin() as conn:
+            if batch.fence:
+                await self._check_fence(conn, batch.fence)
+            if one is not None:  # the usual batch on PostgreSQL: one statement
+                await conn.execute(_READINGS_PG, one)
+            else:
+                await self._write_rows(conn, batch)
+            if flushes:
+                await self._flush(conn, flushes)
+
+    async def _flush(self, conn: Any, flushes: list[rollups.Flush]) -> None:
+        """The roll-ups due, in the caller's transaction (the async engine's path)."""
+        if self.backend == "postgresql":
+            new = sorted({f.stream for f in flushes} - self._marked)
+            if new:
+                await conn.execute(_PG_NEW_MARKS, {"s": new})
+            await conn.execute(_PG_FLUSH, rollups.pg_flush_params(flushes))
+            return
+        rows, due = rollups.sqlite_flush_params(flushes)
+        for sql, param in (
+            (rollups.SQLITE_FLUSH_ROWS, rows),
+            (rollups.SQLITE_FLUSH_CATCH_UP, due),
+            (rollups.SQLITE_FLUSH_MARKS, due),
+        ):
+            await conn.exec_driver_sql(sql, (json_rows(param),))
 
     async def _write_rows(self, conn: Any, batch: Batch) -> None:
         """The batch's rows, a statement per table (in the caller's transaction)."""
@@ -499,8 +530,6 @@ class SqlStore:
             )
         if batch.events:
             await conn.execute(insert(t.events), [_event_row(e) for e in batch.events])
-            if rolled := rollups.rollup_rows(batch.events):
-                await conn.execute(rollups.upsert(self._dialect), rolled)
         # in order: later changes of one alert or command win
         if batch.alerts:
             rows = [_alert_row(a) for a in batch.alerts]
@@ -1060,11 +1089,25 @@ class SqlStore:
         return Lease(row.stream, row.node, int(row.epoch), int(row.head), float(row.expires_at))
 
     async def stream_heads(self) -> dict[str, int]:
+        """Every stream's last offset. Read at start-up, so it also finds the patient streams
+        whose roll-up mark is behind their head (a node killed before it flushed) and queues
+        their catch-up (store/rollups.py)."""
+        m = t.rollup_marks
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 select(t.events.c.stream, func.max(t.events.c.offset)).group_by(t.events.c.stream)
             )
-            return {stream: int(head) for stream, head in rows}
+            heads = {stream: int(head) for stream, head in rows}
+            marks = dict((await conn.execute(select(m.c.stream, m.c.rolled_offset))).all())
+        self._marked.update(marks)
+        self.rollups.backlog(
+            {
+                s: head
+                for s, head in heads.items()
+                if s.startswith("patient:") and head > marks.get(s, 0)
+            }
+        )
+        return heads
 
     async def events_after(self, stream: str, after: int, limit: int) -> list[Event]:
         q = (
@@ -1167,54 +1210,80 @@ class SqlStore:
 
     async def delete_events_before(self, ts: float) -> int:
         """Delete events older than ``ts``, always keeping each stream's last event: it holds
-        the stream's head, so offsets keep growing after a restart."""
+        the stream's head, so offsets keep growing after a restart.
+
+        The roll-ups of every grain the range touches go, and are made again from the readings
+        those grains keep (each stream's head; the part of the cut grain at or after ``ts``)
+        that are at or below the stream's mark (the rest is rolled up by a later flush). First
+        this node flushes what it holds (so no reading deleted here stays in its memory), and
+        no flush may move a mark meanwhile: this node flushes none while it runs, and on
+        PostgreSQL the marks are locked, so other nodes' flushes skip them (caught up later).
+        Other nodes hold in memory only readings received in the last minute or so, far newer
+        than any retention cut."""
         e, last = t.events, t.events.alias("last")
         head = select(func.max(last.c.offset)).where(last.c.stream == e.c.stream).scalar_subquery()
         before = bindparam("before", type_=t.events.c.ts.type)
         drop = e.delete().where(e.c.ts < before, e.c.offset < head)
-        # the roll-ups of every grain the range touches go, and are made again from the
-        # readings those grains keep (each stream's head; the part of the cut grain at or after
-        # ``ts``). Receive times in the past never change, so reading those first is safe.
         r = t.vital_rollups
-        cut = rollups.grain_of(ts)
-        async with self.engine.connect() as conn:
-            heads = await conn.execute(
-                select(e.c.stream, e.c.offset, e.c.kind, e.c.ts, e.c.data).where(
-                    e.c.kind == READING, e.c.ts < ts, e.c.offset == head
-                )
-            )
-            keep = [Event.from_stored(s, o, k, x, d.encode()) for s, o, k, x, d in heads]
-            if cut < ts:
-                streams = await conn.scalars(select(r.c.stream).where(r.c.start == cut).distinct())
-                for stream in list(streams):
-                    keep += await self.readings_between(
-                        stream, ts, cut + rollups.GRAIN, None, 1_000_000
-                    )
-        rolled = rollups.rollup_rows(keep)
         undo = r.delete().where(r.c.start < bindparam("before", type_=r.c.start.type))
-        if self._fast is not None:
-            work: list[tuple[str, list[tuple[Any, ...]]]] = []
-            for stmt in (drop, undo):
-                text, keys = compile_positional(stmt, {"before": ts})
-                work.append((text, [tuple(ts for _ in keys)]))
-            if rolled:
-                text, keys = self._fast_sql["rollups"]
-                work.append((text, [(json_rows([tuple(x[k] for k in keys) for x in rolled]),)]))
-            return (await self._fast.write_counts(work))[0]
-        async with self.engine.begin() as conn:
-            deleted = await conn.execute(drop, {"before": ts})
-            await conn.execute(undo, {"before": ts})
-            if rolled:
-                await conn.execute(rollups.upsert(self._dialect), rolled)
-        return int(deleted.rowcount or 0)
+        await self.flush_rollups()
+        async with self._flush_lock:
+            if self._fast is not None:
+                async with self.engine.connect() as conn:
+                    rolled = await self._rollups_kept(conn, ts)
+                work: list[tuple[str, list[tuple[Any, ...]]]] = []
+                for stmt in (drop, undo):
+                    text, keys = compile_positional(stmt, {"before": ts})
+                    work.append((text, [tuple(ts for _ in keys)]))
+                if rolled:
+                    text, keys = self._fast_sql["rollups"]
+                    work.append((text, [(json_rows([tuple(x[k] for k in keys) for x in rolled]),)]))
+                return (await self._fast.write_counts(work))[0]
+            async with self.engine.begin() as conn:
+                if self.backend == "postgresql":
+                    m = t.rollup_marks
+                    await conn.execute(select(m.c.stream).order_by(m.c.stream).with_for_update())
+                rolled = await self._rollups_kept(conn, ts)
+                deleted = await conn.execute(drop, {"before": ts})
+                await conn.execute(undo, {"before": ts})
+                if rolled:
+                    await conn.execute(rollups.upsert(self._dialect), rolled)
+            return int(deleted.rowcount or 0)
+
+    async def _rollups_kept(self, conn: Any, ts: float) -> list[dict[str, Any]]:
+        """Retention: the roll-up rows of what ``delete_events_before(ts)`` keeps in the grains
+        it cuts, at or below each stream's mark. Receive times in the past never change, so
+        reading these before the delete is safe."""
+        e, last, r = t.events, t.events.alias("last"), t.vital_rollups
+        head = select(func.max(last.c.offset)).where(last.c.stream == e.c.stream).scalar_subquery()
+        cut = rollups.grain_of(ts)
+        heads = await conn.execute(
+            select(e.c.stream, e.c.offset, e.c.kind, e.c.ts, e.c.data).where(
+                e.c.kind == READING, e.c.ts < ts, e.c.offset == head
+            )
+        )
+        keep = [Event.from_stored(s, o, k, x, d.encode()) for s, o, k, x, d in heads]
+        if cut < ts:
+            streams = await conn.scalars(select(r.c.stream).where(r.c.start == cut).distinct())
+            for stream in list(streams):
+                keep += await self.readings_between(
+                    stream, ts, cut + rollups.GRAIN, None, 1_000_000
+                )
+        m = t.rollup_marks
+        marks = dict((await conn.execute(select(m.c.stream, m.c.rolled_offset))).all())
+        return rollups.rollup_rows([x for x in keep if x.offset <= marks.get(x.stream, 0)])
 
     async def rollups_between(
         self, stream: str, start_from: int, start_to: int, metrics: list[str]
-    ) -> list[tuple[int, str, float, float, float, int, float, int, float]]:
+    ) -> tuple[int, list[tuple[int, str, float, float, float, int, float, int, float]]]:
         """Roll-ups of ``stream`` with ``start_from <= start < start_to`` for ``metrics``, as
-        (start, metric, min, max, sum, count, last_ts, last_offset, last) in start order: one
-        range scan of the table's primary key (stream, start, metric)."""
-        r = t.vital_rollups
+        (start, metric, min, max, sum, count, last_ts, last_offset, last) in start order (one
+        range scan of the table's primary key (stream, start, metric)), and the stream's mark:
+        they hold its readings at offsets up to the mark, none above it. Rows and mark are
+        moved in one transaction; the mark is read before and after the rows, and read again
+        if a flush came in between (marks only go up)."""
+        r, m = t.vital_rollups, t.rollup_marks
+        mark_q = select(m.c.rolled_offset).where(m.c.stream == stream)
         q = (
             select(*(r.c[k] for k in _ROLLUP_COLUMNS))
             .where(
@@ -1226,7 +1295,13 @@ class SqlStore:
             .order_by(r.c.start)
         )
         async with self.engine.connect() as conn:
-            return [tuple(row) for row in await conn.execute(q)]  # type: ignore[misc]
+            before = await conn.scalar(mark_q)
+            while True:
+                rows = [tuple(row) for row in await conn.execute(q)]
+                after = await conn.scalar(mark_q)
+                if after == before:
+                    return int(after or 0), rows  # type: ignore[return-value]
+                before = after
 
     async def device_last_seq(self, device_id: str) -> int:
         async with self.engine.connect() as conn:
