@@ -533,3 +533,49 @@ def test_bench_history_at_a_tiny_shape(db: str, tmp_path: Path) -> None:
     assert all(0 < k["p50"] <= k["p99"] for k in kinds.values())
     assert list(work.iterdir()) == []  # the store was deleted
     assert "day buckets (roll-ups)" in r.output
+
+
+def test_the_book_writes_each_ended_minute_once_spread_and_a_few_streams_a_batch() -> None:
+    """A node's roll-ups in memory: a stream's minute is written once it has ended, at the
+    stream's own point in the next ``SPREAD_S`` (so a minute's turn is no burst), at most
+    ``FLUSH_STREAMS`` streams and about ``FLUSH_ROWS`` rows a batch; a quiet stream's last
+    minute ``STALE_S`` after it ended."""
+    from vitalwire.store import rollups as r
+
+    t0 = 1_800_000_000.0  # a grain's start
+    assert grain_of(t0) == t0
+    book = r.RollupBook()
+    streams = [f"patient:Q{i}" for i in range(300)]
+    for sec in range(61):  # a minute at 1 Hz, then the next minute's first reading
+        book.note(
+            Event.new(s, sec + 1, "reading", t0 + sec, {"hr": 60 + sec, "spo2": 97.0})
+            for s in streams
+        )
+    assert book.take(t0 + 60.0) == []  # nothing is due at the turn itself
+    written: dict[str, r.Flush] = {}
+    due_over_time = []
+    for step in range(1, 31):
+        now = t0 + 60 + step * r.SPREAD_S / 30
+        while flushes := book.take(now):
+            assert len(flushes) <= r.FLUSH_STREAMS
+            assert sum(len(f.rows) for f in flushes) <= r.FLUSH_ROWS
+            book.done(flushes)
+            for f in flushes:
+                assert f.stream not in written  # once
+                written[f.stream] = f
+        due_over_time.append(len(written))
+    assert len(written) == len(streams)
+    # spread: about a thirtieth of the streams each step, none all at once
+    assert max(b - a for a, b in zip([0, *due_over_time], due_over_time, strict=False)) < 40
+    for f in written.values():
+        assert (f.base, f.upto) == (0, 60)  # the first minute's 60 readings, not the 61st
+        rows = {m: row for _start, m, *row in f.rows}
+        assert {row[3] for row in rows.values()} == {60}
+        assert rows["hr"][:2] == [60, 119] and rows["hr"][6] == 119  # min, max, last
+        assert all(start == t0 for start, *_ in f.rows)
+    # the 61st reading's minute, the stream quiet since: written 5 s after that minute ended
+    assert book.take(t0 + 120 + r.STALE_S - 0.5) == []
+    late = book.take(t0 + 121 + r.STALE_S)
+    assert len(late) == r.FLUSH_STREAMS and all(f.base == 60 and f.upto == 61 for f in late)
+    book.done(late)
+    assert len(book) == len(streams) - r.FLUSH_STREAMS

@@ -314,6 +314,15 @@ class RollupBook:
         st.cut = cut
         self._queue(stream, due)
 
+    def holds_before(self, ts: float) -> bool:
+        """Whether this node holds readings of a grain that starts before ``ts``
+        (retention, once an hour: in practice it holds only the last minute or so)."""
+        return any(
+            start < ts
+            for st in self._streams.values()
+            for start, _ in (*st.open, *(st.closed or ()))
+        )
+
     def backlog(self, streams: dict[str, int]) -> None:
         """Streams (→ head) whose stored mark is behind their head with no node holding the
         difference (start-up): each is caught up by a flush of its own."""

@@ -1215,7 +1215,8 @@ class SqlStore:
         The roll-ups of every grain the range touches go, and are made again from the readings
         those grains keep (each stream's head; the part of the cut grain at or after ``ts``)
         that are at or below the stream's mark (the rest is rolled up by a later flush). First
-        this node flushes what it holds (so no reading deleted here stays in its memory), and
+        this node flushes what it holds if any of it is of a grain the cut touches (so no
+        reading deleted here stays in its memory), and
         no flush may move a mark meanwhile: this node flushes none while it runs, and on
         PostgreSQL the marks are locked, so other nodes' flushes skip them (caught up later).
         Other nodes hold in memory only readings received in the last minute or so, far newer
@@ -1226,7 +1227,8 @@ class SqlStore:
         drop = e.delete().where(e.c.ts < before, e.c.offset < head)
         r = t.vital_rollups
         undo = r.delete().where(r.c.start < bindparam("before", type_=r.c.start.type))
-        await self.flush_rollups()
+        if self.rollups.holds_before(rollups.grain_of(ts) + rollups.GRAIN):
+            await self.flush_rollups()
         async with self._flush_lock:
             if self._fast is not None:
                 async with self.engine.connect() as conn:
