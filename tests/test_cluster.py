@@ -24,9 +24,11 @@ from tests.test_bus import _drop_keys, _need_redis
 from tests.test_store import fresh_postgres_db
 from vitalwire.bench.netproxy import Proxy
 from vitalwire.core import events as ev
+from vitalwire.core.metrics import METRIC_BY_NAME
 from vitalwire.sdk.device import DeviceClient
 from vitalwire.sdk.monitor import MonitorClient, StreamEvent
 from vitalwire.store import open_store
+from vitalwire.store.rollups import rollup_rows
 
 
 class Cluster:
@@ -204,6 +206,33 @@ async def _check(
         )
     alerts = await _store_events(db, ev.ALERTS_STREAM)
     assert Counter((x["alert_id"], x["action"]) for _, _, x in alerts) == every
+    for stream in streams:
+        await _rolled_up_to_the_mark(db, stream)
+
+
+async def _rolled_up_to_the_mark(db: str, stream: str, everything: bool = False) -> None:
+    """The stream's roll-ups hold exactly its readings up to its mark (store/rollups.py),
+    whatever the nodes did; ``everything``: after a node started on the store (it catches up
+    what nodes killed before they flushed held) and flushed, the mark is the stream's head."""
+    store = open_store(db)
+    await store.open()
+    try:
+        if everything:
+            await store.stream_heads()  # what a starting node does: the catch-ups are queued
+            await store.flush_rollups()
+        mark, rows = await store.rollups_between(stream, 0, 2**62, list(METRIC_BY_NAME))
+        events = await store.events_after(stream, 0, mark) if mark else []
+        if everything:
+            assert mark == (await store.stream_heads())[stream] and mark > 0, stream
+        want = {(r["start"], r["metric"]): r for r in rollup_rows(events)}
+        got = {(start, m): (lo, hi, n, last, sum_) for start, m, lo, hi, sum_, n, *_, last in rows}
+        assert set(got) == set(want), stream
+        for key, (lo, hi, n, last, sum_) in got.items():
+            w = want[key]
+            assert (lo, hi, n, last) == (w["vmin"], w["vmax"], w["n"], w["vlast"]), (stream, key)
+            assert sum_ == pytest.approx(w["vsum"], rel=1e-9), (stream, key)
+    finally:
+        await store.close()
 
 
 async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: Path) -> None:
@@ -384,6 +413,10 @@ async def test_three_nodes_any_connection_any_node_and_a_node_killed(tmp_path: P
         finally:
             await _end(feed, watchers, devices, cluster)
             await _drop_keys(prefix)
+        # every node was killed at the end, n0 under load: a node starting on the store rolls
+        # up from the events what they held in memory, and every reading is rolled up once
+        for stream in streams:
+            await _rolled_up_to_the_mark(db, stream, everything=True)
 
 
 async def _end(
