@@ -1,9 +1,10 @@
 """``vitalwire bench history``: vitals history on a store holding days of 1 Hz readings.
 
 Builds a store of ``patients`` × ``hours`` of 1 Hz readings (hr, spo2, pulse, rr: four metrics a
-pulse oximeter and ECG send) through the store's own write path (``write_batch``: events and
-their roll-ups in one transaction, as the server writes them), a minute of every patient per
-batch, so the rows of one patient interleave with the others' as on a ward. Then times, through
+pulse oximeter and ECG send) through the store's own write path (``write_batch``, as the
+server writes them: the events, and with them the roll-ups of the minutes that ended; all it
+holds in memory written at the end, as a server does when it stops), a minute of every patient
+per batch, so the rows of one patient interleave with the others' as on a ward. Then times, through
 the history service (:class:`vitalwire.services.history.History`, the code behind
 ``GET /patients/{id}/vitals`` without HTTP and JSON), requests of each kind for random patients:
 
@@ -114,6 +115,7 @@ async def _build(store: SqlStore, patients: int, hours: float, seed: int) -> dic
             state[pid] = [hr, spo2, rr]
         await store.write_batch(batch)
         events += len(batch.events)
+    await store.flush_rollups()
     build_s = time.perf_counter() - started
     return {"patients": pids, "events": events, "build_s": build_s}
 
