@@ -322,6 +322,35 @@ async def test_two_nodes_writing_a_stream_in_turn_count_each_reading_once(
         await other.close()
 
 
+async def test_flushes_of_everything_beside_the_writes_lose_and_double_nothing(
+    store: SqlStore,
+) -> None:
+    """What a stop or retention does (write all the node holds) while batches keep coming:
+    the book's take, commit and done of one never interleave with another's."""
+    import asyncio
+
+    finished = asyncio.Event()
+    flushed = 0
+
+    async def write() -> None:
+        for batch in _events(seed=8, n=1500):
+            await store.write_batch(Batch(events=batch))
+            await asyncio.sleep(0)
+        finished.set()
+
+    async def flush_all() -> None:
+        nonlocal flushed
+        while not finished.is_set():
+            flushed += await store.flush_rollups()
+            await asyncio.sleep(0)
+
+    await asyncio.gather(write(), flush_all())
+    assert flushed > 20
+    got = await _stored(store)
+    assert await _marks(store) == await store.stream_heads()
+    _assert_rollups_equal(got, await _all_events(store))
+
+
 async def test_retention_cuts_the_rollups_of_the_removed_range(store: SqlStore) -> None:
     batches = _events(seed=3)
     for batch in batches:

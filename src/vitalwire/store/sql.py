@@ -316,6 +316,8 @@ class SqlStore:
         self._marked: set[str] = set()  # streams known to have a rollup_marks row (PostgreSQL)
         #: held by retention while it rebuilds roll-ups: batches flush none meanwhile
         self._flush_lock = asyncio.Lock()
+        #: held by each write for its take, commit, done and note of the roll-ups' book
+        self._book_lock = asyncio.Lock()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -460,21 +462,24 @@ class SqlStore:
 
     async def write_batch(self, batch: Batch) -> None:
         """Commit ``batch``, and with it the roll-ups due (store/rollups.py); then count its
-        readings into this node's roll-ups."""
-        flushes: list[rollups.Flush] = []
-        if not self._flush_lock.locked():  # retention rebuilding roll-ups: none flushed now
-            flushes = self.rollups.take(time.time())
-        await self._write_batch(batch, flushes)
-        self.transactions += 1
-        if flushes:
-            self.rollups.done(flushes)
-            self._marked.update(f.stream for f in flushes)
-        self.rollups.note(batch.events)
+        readings into this node's roll-ups. The book's take, done and note of one batch are
+        never interleaved with another write's (``_book_lock``: uncontended, as the writer
+        commits one batch at a time, except while :meth:`flush_rollups` writes)."""
+        async with self._book_lock:
+            flushes: list[rollups.Flush] = []
+            if not self._flush_lock.locked():  # retention rebuilding roll-ups: none flushed
+                flushes = self.rollups.take(time.time())
+            await self._write_batch(batch, flushes)
+            self.transactions += 1
+            if flushes:
+                self.rollups.done(flushes)
+                self._marked.update(f.stream for f in flushes)
+            self.rollups.note(batch.events)
 
     async def flush_rollups(self) -> int:
         """Write every roll-up this node holds, open grains too (at shutdown, and for tests);
         returns the streams flushed."""
-        async with self._flush_lock:
+        async with self._book_lock:
             flushes = self.rollups.take(time.time(), everything=True)
             if flushes:
                 await self._write_batch(Batch(), flushes)
@@ -1230,6 +1235,8 @@ class SqlStore:
         if self.rollups.holds_before(rollups.grain_of(ts) + rollups.GRAIN):
             await self.flush_rollups()
         async with self._flush_lock:
+            async with self._book_lock:
+                pass  # a batch in flight, flushing, is committed: the next ones flush none
             if self._fast is not None:
                 async with self.engine.connect() as conn:
                     rolled = await self._rollups_kept(conn, ts)
