@@ -487,6 +487,9 @@ async def test_a_resent_reading_is_counted_once(tmp_path: Path) -> None:
             assert srv.services.ingest.sessions[did].duplicates == len(hrs)
         hrs.append(66.0)
         await srv.services.writer.flush()
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            metrics = (await http.get("/metrics.json")).json()
+        assert metrics["rollups_held"] == 1  # this minute's readings, in memory for now
         stored = await _stored(srv.services.store)  # type: ignore[arg-type]
         counts = [v[3] for (s, _start, m), v in stored.items() if s == f"patient:{pid}"]
         assert sum(counts) == len(hrs), stored

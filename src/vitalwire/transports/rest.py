@@ -176,6 +176,8 @@ async def metrics_json(request: Request) -> dict[str, Any]:
         "pending_rows": svc.writer.pending_rows,
         "device_connections": len(svc.ingest.sessions),
         "offline_pending": svc.alerts.offline_pending,
+        # patient streams whose latest readings are rolled up in memory only (store/rollups.py)
+        "rollups_held": len(held) if (held := getattr(svc.store, "rollups", None)) else 0,
         "conflicting_seqs": svc.ingest.conflicting_seqs,
         "client_connections": len(svc.clients),
         "subscriptions": svc.streams.subscriber_count(),
