@@ -611,3 +611,15 @@ def test_the_book_writes_each_ended_minute_once_spread_and_a_few_streams_a_batch
     assert len(late) == r.FLUSH_STREAMS and all(f.base == 60 and f.upto == 61 for f in late)
     book.done(late)
     assert len(book) == len(streams) - r.FLUSH_STREAMS
+    # a backlog found at start-up: catch-ups from the events, a few a batch
+    book = r.RollupBook()
+    book.backlog({s: 90 for s in streams[:10]})
+    seen = []
+    while flushes := book.take(t0):
+        assert len(flushes) <= r.FLUSH_CATCH_UPS
+        assert all((f.base, f.upto, f.rows) == (r.CATCH_UP, 90, []) for f in flushes)
+        book.done(flushes)
+        seen += [f.stream for f in flushes]
+    assert seen == streams[:10] and len(book) == 0
+    book.backlog({s: 90 for s in streams[:10]})  # at a stop: all at once
+    assert len(book.take(t0, everything=True)) == 10

@@ -69,6 +69,11 @@ SPREAD_S: Final = 30.0
 #: (a stream's are never split).
 FLUSH_STREAMS: Final = 32
 FLUSH_ROWS: Final = 128
+#: At most this many known catch-ups a batch (a backlog found at start-up, a gap in a stream's
+#: offsets): each reads and rolls up about a minute and a half of its stream's events in SQL,
+#: about 2 ms a stream on SQLite at 1 Hz, where a row written from memory costs about 18 µs.
+#: After a crash, a hospital's 10,000 streams are caught up 4 a batch instead of 32 at 70 ms.
+FLUSH_CATCH_UPS: Final = 4
 #: A flush whose ``base`` is this always catches up from the events table (a backlog found at
 #: start-up: no node holds those readings in memory).
 CATCH_UP: Final = -1
@@ -344,12 +349,15 @@ class RollupBook:
         while later and (everything or later[0][0] <= now):
             self._ready.append(heapq.heappop(later)[1])
         out: list[Flush] = []
-        rows = 0
+        rows = catch_ups = 0
         for s in self._ready:
             if not everything and (len(out) >= FLUSH_STREAMS or rows >= FLUSH_ROWS):
                 break
             st = self._streams[s]
             if st.base == CATCH_UP:
+                if not everything and catch_ups >= FLUSH_CATCH_UPS:
+                    break
+                catch_ups += 1
                 out.append(Flush(s, CATCH_UP, st.last, []))
                 continue
             assert st.closed is not None
