@@ -124,8 +124,9 @@ stream_leases = Table(
     Index("ix_stream_leases_node", "node"),
 )
 
-# Roll-ups of a stream's readings per 60 s grain and metric, written with the events they sum up
-# (store/rollups.py; migration 0010): vitals history serves its buckets from them.
+# Roll-ups of a stream's readings per 60 s grain and metric, written once a grain has ended, up
+# to the stream's mark in rollup_marks (store/rollups.py; migrations 0010, 0012): vitals history
+# serves its buckets from them.
 vital_rollups = Table(
     "vital_rollups",
     metadata,
