@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import paho.mqtt.client as paho
 import pytest
 
@@ -37,7 +38,7 @@ from tests.conftest import (
 )
 from vitalwire import wire
 from vitalwire.sdk import MonitorClient
-from vitalwire.simulator import MqttOptions, SimDevice, run_ward
+from vitalwire.simulator import MqttDevice, MqttOptions, SimDevice, run_ward
 from vitalwire.transports import mqtt
 
 BROKER = ("127.0.0.1", 1883)
@@ -149,9 +150,9 @@ class Device:
             assert isinstance(m.payload, bytes)
             self.got.append((m.topic.value.rsplit("/", 1)[1], json.loads(m.payload)))
 
-    async def publish(self, kind: str, body: Any, retain: bool = False) -> None:
+    async def publish(self, kind: str, body: Any, retain: bool = False, qos: int = 1) -> None:
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        await self.client.publish(self.topic(kind), payload, qos=1, retain=retain)
+        await self.client.publish(self.topic(kind), payload, qos=qos, retain=retain)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [m for k, m in self.got if k == kind]
@@ -335,6 +336,154 @@ async def test_a_device_over_its_rate_is_refused_until_it_publishes_again(
             assert [d["seq"] for d in await stream_events(srv, other_pid, "reading")] == [1, 2]
             assert dev_b.of(mqtt.ERRORS) == []
             assert bridge.connected.is_set() and did in srv.services.ingest.sessions
+
+
+async def test_a_gap_after_the_high_seq_is_refused_until_the_device_publishes_again(
+    tmp_path: Path,
+) -> None:
+    """A QoS 1 message that skips seqs may follow messages the broker dropped: it is refused
+    (``seq_gap``, naming the seq to publish again from) and so is every later one, until the
+    device publishes again from its first reading not acknowledged; a device whose seqs skip
+    on purpose publishes the refused reading again and it is taken; QoS 0 is not held; a
+    refusal no resend answers lapses after ``mqtt_resend_wait_s`` and the gap is taken."""
+    need_broker()
+    async with bridged(tmp_path, mqtt_resend_wait_s=15) as (srv, prefix):
+        bridge = srv.services.mqtt
+        now = [1000.0]
+        bridge.clock = lambda: now[0]
+        did, _, pid = srv.device(0)
+
+        def errors() -> list[tuple[str, int, str]]:
+            return [(e["code"], e["seq"], e["message"]) for e in dev.of(mqtt.ERRORS)]
+
+        async with Device(prefix, did) as dev:
+            await dev.publish(mqtt.READINGS, reading(1, spo2=97))
+            await dev.publish(mqtt.READINGS, reading(2, spo2=96))
+            await wait_until(lambda: dev.acked() == 2, 10, "ack of seq 2")
+            await dev.publish(mqtt.READINGS, reading(5, spo2=95))  # 3 and 4 never arrived
+            await dev.publish(mqtt.READINGS, reading(6, spo2=94))  # in flight behind it
+            await wait_until(lambda: len(dev.of(mqtt.ERRORS)) == 2, 10, "two refusals")
+            (code, seq, msg), (code2, seq2, msg2) = errors()
+            assert (code, seq, dev.of(mqtt.ERRORS)[0]["field"]) == ("seq_gap", 3, "seq")
+            assert "seq 5 leaves a gap after seq 2" in msg and "from seq 3" in msg
+            assert (code2, seq2) == ("seq_gap", 3) and "got seq 6" in msg2
+            assert dev.acked() == 2  # no ack covers what the broker may have dropped
+            items = [item(s, spo2=90 + s) for s in (3, 4, 5, 6)]  # the spool, from seq 3
+            await dev.publish(mqtt.READINGS, {"type": "readings", "items": items})
+            await wait_until(lambda: dev.acked() == 6, 10, "ack of seq 6")
+            assert bridge.refusals == {} and bridge.gaps_refused == 1
+
+            # seqs that skip on purpose: the refused reading, published again, is taken
+            await dev.publish(mqtt.READINGS, reading(10, spo2=93))
+            await wait_until(lambda: len(dev.of(mqtt.ERRORS)) == 3, 10, "a third refusal")
+            assert errors()[2][:2] == ("seq_gap", 7)
+            await dev.publish(mqtt.READINGS, reading(10, spo2=93))
+            await wait_until(lambda: dev.acked() == 10, 10, "ack of seq 10")
+
+            # QoS 0 promises nothing: what arrives is taken, gap and all
+            await dev.publish(mqtt.READINGS, reading(20, spo2=92), qos=0)
+            await wait_until(lambda: dev.acked() == 20, 10, "ack of seq 20")
+
+            # a device with no spool: refused until mqtt_resend_wait_s, then taken
+            await dev.publish(mqtt.READINGS, reading(30, spo2=91))
+            await dev.publish(mqtt.READINGS, reading(31, spo2=91))
+            await wait_until(lambda: len(dev.of(mqtt.ERRORS)) == 5, 10, "two more refusals")
+            assert [e[:2] for e in errors()[3:]] == [("seq_gap", 21), ("seq_gap", 21)]
+            now[0] += 14.9
+            await dev.publish(mqtt.READINGS, reading(32, spo2=91))
+            await wait_until(lambda: len(dev.of(mqtt.ERRORS)) == 6, 10, "refused still")
+            now[0] += 0.1
+            await dev.publish(mqtt.READINGS, reading(33, spo2=91))
+            await wait_until(lambda: dev.acked() == 33, 10, "ack of seq 33")
+            assert len(dev.of(mqtt.ERRORS)) == 6
+            stored = [d["seq"] for d in await stream_events(srv, pid, "reading")]
+            assert stored == [1, 2, 3, 4, 5, 6, 10, 20, 33]
+            assert (bridge.gaps_refused, bridge.gaps_taken) == (3, 1)
+            async with httpx.AsyncClient(base_url=srv.url) as http:
+                metrics = (await http.get("/metrics")).text
+            assert "vitalwire_mqtt_gaps_refused_total 3.0" in metrics
+            assert "vitalwire_mqtt_gaps_taken_total 1.0" in metrics
+
+
+async def test_readings_a_restarted_broker_dropped_are_published_again_not_acked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker restarts without persistence and the device is back on it before vitalwire:
+    what it publishes meanwhile is PUBACKed by the broker and dropped (nobody subscribes). Its
+    next reading leaves a gap: refused, so the device publishes again from vitalwire's last
+    ack, and every reading is stored once, in order (taken, the ack would have covered the
+    dropped ones, which the device then deletes)."""
+    monkeypatch.setattr(mqtt, "RECONNECT_S", (2.0, 5.0))  # vitalwire comes back after the device
+    broker = Broker(tmp_path, "allow_anonymous true\n")
+    await broker.start()
+    try:
+        async with bridged(
+            tmp_path, f"mqtt://127.0.0.1:{broker.port}", mqtt_session_expiry_s=600
+        ) as (srv, prefix):
+            bridge = srv.services.mqtt
+            did, _, pid = srv.device(0)
+            async with Device(prefix, did, broker.port) as dev:
+                for s in (1, 2, 3):
+                    await dev.publish(mqtt.READINGS, reading(s, spo2=90 + s))
+                await wait_until(lambda: dev.acked() == 3, 10, "ack of seq 3")
+            broker.kill()
+            await broker.start()
+            async with Device(prefix, did, broker.port) as dev:
+                for s in (4, 5, 6):
+                    await dev.publish(mqtt.READINGS, reading(s, spo2=90 + s))  # PUBACKed
+                assert not bridge.connected.is_set()  # ... and dropped: nobody subscribes
+                await asyncio.wait_for(bridge.connected.wait(), 15)
+                await dev.publish(mqtt.READINGS, reading(7, spo2=97))
+                await wait_until(lambda: dev.of(mqtt.ERRORS) != [], 10, "the refusal")
+                assert [(e["code"], e["seq"]) for e in dev.of(mqtt.ERRORS)] == [("seq_gap", 4)]
+                assert dev.acked() <= 3
+                items = [item(s, spo2=90 + s) for s in range(4, 9)]  # the spool, from seq 4
+                await dev.publish(mqtt.READINGS, {"type": "readings", "items": items})
+                await wait_until(lambda: dev.acked() == 8, 10, "ack of seq 8")
+            seqs = [d["seq"] for d in await stream_events(srv, pid, "reading")]
+            assert seqs == list(range(1, 9))
+    finally:
+        broker.kill()
+
+
+async def test_the_simulated_mqtt_device_publishes_again_when_refused_for_a_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator's MQTT device reads its errors: a ``seq_gap`` makes it publish its spool
+    again at once (its periodic resend is put out of reach here), so the readings the
+    restarted broker dropped are stored, once and in order."""
+    monkeypatch.setattr(mqtt, "RECONNECT_S", (4.0, 5.0))  # vitalwire comes back after the device
+    broker = Broker(tmp_path, "allow_anonymous true\n")
+    await broker.start()
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    try:
+        async with bridged(tmp_path, url, mqtt_session_expiry_s=600) as (srv, prefix):
+            bridge = srv.services.mqtt
+            did, _, pid = srv.device(0)
+            dev = MqttDevice(url, did, prefix=prefix)
+            dev.RESEND_S = 600.0  # only the refusal can make it publish again in time
+            await dev.start()
+            try:
+                for _ in range(3):
+                    dev.send(spo2=97)
+                await dev.flush(10)
+                broker.kill()
+                await broker.start()
+                await wait_until(lambda: dev.connections == 2, 10, "the device back first")
+                for _ in range(3):
+                    dev.send(spo2=96)  # to a broker nobody subscribes to yet: dropped
+                assert not bridge.connected.is_set()
+                await asyncio.wait_for(bridge.connected.wait(), 15)
+                dev.send(spo2=95)
+                await dev.flush(10)
+                assert [(e["code"], e["seq"]) for e in dev.errors][:1] == [("seq_gap", 4)]
+                assert dev.acked == 7
+            finally:
+                await dev.close()
+            seqs = [d["seq"] for d in await stream_events(srv, pid, "reading")]
+            assert seqs == list(range(1, 8))
+    finally:
+        broker.kill()
 
 
 async def test_an_unknown_device_is_refused_with_an_error(tmp_path: Path) -> None:
@@ -644,10 +793,10 @@ async def test_the_bridges_reader_takes_packets_however_the_socket_cuts_them() -
 
     broker = await asyncio.start_server(on_client, "127.0.0.1", 0)
     port = broker.sockets[0].getsockname()[1]
-    taken: list[tuple[bytes, bytes]] = []
+    taken: list[tuple[bytes, bytes, int]] = []
     loop = asyncio.get_running_loop()
     _, link = await loop.create_connection(
-        lambda: mqtt.BrokerLink(lambda t, p: taken.append((t, p))), "127.0.0.1", port
+        lambda: mqtt.BrokerLink(lambda t, p, q: taken.append((t, p, q))), "127.0.0.1", port
     )
     reader, writer = await asyncio.wait_for(accepted.get(), 10)
     try:
@@ -678,11 +827,11 @@ async def test_the_bridges_reader_takes_packets_however_the_socket_cuts_them() -
                 _publish(b"p/devices/d3/readings", big, pid=9),
             ]
         )
-        want = [
-            (b"p/devices/d1/readings", b'{"seq":1}'),
-            (b"p/devices/d1/status", b"online"),
-            (b"p/devices/d2/readings", b"x"),
-            (b"p/devices/d3/readings", big),
+        want = [  # (topic, payload, QoS)
+            (b"p/devices/d1/readings", b'{"seq":1}', 1),
+            (b"p/devices/d1/status", b"online", 0),
+            (b"p/devices/d2/readings", b"x", 1),
+            (b"p/devices/d3/readings", big, 1),
         ]
         for i in range(len(stream)):
             link.data_received(stream[i : i + 1])
@@ -697,7 +846,7 @@ async def test_the_bridges_reader_takes_packets_however_the_socket_cuts_them() -
         assert len(taken) == 8
         link.publish(b"\x00\x05p/ack", b"a1")  # goes out at once: PUBACKs did not
         link.resume()
-        assert taken[-1] == (b"p/devices/d4/readings", b"late")
+        assert taken[-1] == (b"p/devices/d4/readings", b"late", 1)
         first, body = await asyncio.wait_for(_packet(reader), 10)
         assert first == 0x32 and body.endswith(b"p/ack\x00\x02\x00a1")  # 1: the SUBSCRIBE's
         assert await asyncio.wait_for(_packet(reader), 10) == (0x40, b"\x00\x0a")

@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     mqtt_shared: bool = False
     #: How long the broker keeps the bridge's session (and its queued messages) while it is away.
     mqtt_session_expiry_s: int = Field(3600, ge=0, le=7 * 86_400)
+    #: A QoS 1 readings message that leaves a gap after the device's high seq is refused
+    #: (``seq_gap``) until the device publishes again from its first reading not acknowledged;
+    #: after this long without such a resend its next message is taken, gap and all.
+    mqtt_resend_wait_s: float = Field(15.0, ge=1, le=3600)
     #: The edge tier (docs/howto-edge.md). ``upstream``: the cloud this node forwards its streams
     #: to and takes clinicians' requests from (``ws://`` or ``wss://`` host, ``/ws/edge`` is
     #: added when no path is given). Empty (the default): no uplink, this node is a cloud or a

@@ -794,8 +794,10 @@ class MqttDevice:
     interface :func:`run_device` uses of a :class:`DeviceClient` (no commands).
 
     It keeps every reading vitalwire has not acknowledged on its ``acks`` topic (in memory,
-    bounded) and publishes them again after a reconnect, or when no ack came for
-    :attr:`RESEND_S`; its last will is ``offline`` on its ``status`` topic, and it says
+    bounded) and publishes them again after a reconnect, when no ack came for
+    :attr:`RESEND_S`, and when vitalwire refused a reading with ``seq_gap`` or ``rate_limited``
+    (at most once a second: every message in flight behind the refused one is refused too);
+    its last will is ``offline`` on its ``status`` topic, and it says
     ``online`` on connect. Its seq starts after vitalwire's last durable one (the ack
     vitalwire publishes when the device's session opens)."""
 
@@ -827,6 +829,7 @@ class MqttDevice:
         self._spool: dict[int, bytes] = {}
         self._client: Any = None
         self._acks = asyncio.Event()
+        self._refused = asyncio.Event()  # seq_gap or rate_limited: publish again now
         self._task: asyncio.Task[None] | None = None
         self._stop = False
 
@@ -901,17 +904,34 @@ class MqttDevice:
             self._acks.set()
         elif kind == "errors":
             self.errors.append(msg)
+            if msg.get("code") in ("seq_gap", "rate_limited"):
+                self._refused.set()
 
     async def _resend(self) -> None:
-        """Everything not acknowledged, at once and then whenever acks stop for RESEND_S."""
+        """Everything not acknowledged, at once; then whenever acks stop for RESEND_S, or
+        vitalwire refused a reading until the device publishes again (at most once a
+        second)."""
+        loop = asyncio.get_running_loop()
         while True:
             for seq in sorted(self._spool):
                 self._publish(self._spool[seq])
+            sent_at = loop.time()
             self._acks.clear()
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    await asyncio.wait_for(self._acks.wait(), self.RESEND_S)
-                    self._acks.clear()
+            self._refused.clear()
+            while True:
+                waits = [asyncio.ensure_future(e.wait()) for e in (self._acks, self._refused)]
+                done, _ = await asyncio.wait(
+                    waits, timeout=self.RESEND_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                for w in waits:
+                    w.cancel()
+                if not done:
+                    break  # no ack for RESEND_S
+                if self._refused.is_set():
+                    # the refusals of the messages already in flight follow: one resend
+                    await asyncio.sleep(max(0.0, sent_at + 1.0 - loop.time()))
+                    break
+                self._acks.clear()
 
     def _publish(self, body: bytes) -> None:
         if self._client is not None:

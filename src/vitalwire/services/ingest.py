@@ -291,6 +291,10 @@ class Ingest:
             raise Unauthenticated(f"device {did} is disabled", field="device_id")
         return row
 
+    def high_seq(self, device_id: str) -> int:
+        """The highest seq received from the device (accepted or rejected; 0: none known)."""
+        return self._high.get(device_id, 0)
+
     def readings(self, session: DeviceSession, bodies: list[ReadingBody]) -> list[Error]:
         """Accept a frame of readings; return one error per rejected reading.
 

@@ -70,6 +70,17 @@ class _Live(Collector):
         yield counter(
             "conflicting_seqs", "Readings refused: seq already used.", svc.ingest.conflicting_seqs
         )
+        if svc.mqtt is not None:  # the MQTT bridge (docs/howto-mqtt.md)
+            yield counter(
+                "mqtt_gaps_refused",
+                "MQTT readings messages refused for a gap after the device's high seq.",
+                svc.mqtt.gaps_refused,
+            )
+            yield counter(
+                "mqtt_gaps_taken",
+                "MQTT seq gaps taken after no resend came within mqtt_resend_wait_s.",
+                svc.mqtt.gaps_taken,
+            )
         yield counter(
             "slow_consumer_closes",
             "Clients closed because their send queue was full (this process).",

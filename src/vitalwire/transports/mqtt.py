@@ -31,6 +31,12 @@ by accepted ones would let the cumulative ``ack`` cover readings never stored; s
 (``rate_limited`` on ``errors``, naming the bound and the first refused ``seq``) also refuses the
 device's later readings until it publishes again from that seq. Other devices, and the device's
 own messages within the bound, are not touched.
+
+Gaps: the broker may drop messages it has PUBACKed to a device (a restart without persistence,
+a lost session, a full queue, a node that died before its commit). A QoS 1 readings message
+that leaves a gap after the device's high seq is refused the same way (``seq_gap``) until the
+device publishes again from its first reading not acknowledged (:class:`Refusal`), so no ``ack``
+covers what the broker dropped.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -186,11 +193,11 @@ class BrokerLink(asyncio.Protocol):
 
     Every complete packet that arrives is parsed in :meth:`data_received` (one call of the
     event loop per read of the socket, however many packets it holds): a PUBLISH goes to
-    ``on_publish(topic, payload)``, and its PUBACK is written after that returns, the PUBACKs of
-    one read in one write. ``pause()``/``resume()``: backpressure (the packets already read wait
-    in the buffer, un-PUBACKed)."""
+    ``on_publish(topic, payload, qos)``, and its PUBACK is written after that returns, the
+    PUBACKs of one read in one write. ``pause()``/``resume()``: backpressure (the packets
+    already read wait in the buffer, un-PUBACKed)."""
 
-    def __init__(self, on_publish: Callable[[bytes, bytes], None]) -> None:
+    def __init__(self, on_publish: Callable[[bytes, bytes, int], None]) -> None:
         self.on_publish = on_publish
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -274,7 +281,7 @@ class BrokerLink(asyncio.Protocol):
                         _, p = properties(data, p)
                     if p > end:
                         raise MqttProtocolError("a PUBLISH shorter than its headers")
-                    on_publish(name, data[p:end])
+                    on_publish(name, data[p:end], qos)
                     if qos:
                         acks.append(b"\x40\x02" + pid)
                 else:
@@ -457,13 +464,55 @@ class BrokerLink(asyncio.Protocol):
             self.transport.close()
 
 
+#: The codes of a refusal of a device's readings (see :class:`Refusal`).
+RATE_LIMITED, SEQ_GAP = "rate_limited", "seq_gap"
+
+
+@dataclass(slots=True)
+class Refusal:
+    """A device's readings refused until it publishes again: a message whose first seq is at
+    most ``upto`` is taken (the device publishes again from its first reading not acknowledged,
+    which is at most the first refused seq), a later one is refused with the same ``code``.
+
+    ``rate_limited``: a message past the rate limit; ``start`` = ``upto`` = its first seq.
+
+    ``seq_gap``: a QoS 1 message whose first seq is past the device's high seq + 1. Between a
+    device and vitalwire the broker may drop messages it has PUBACKed: a broker restarted
+    without persistence, a session it lost or let expire, a queue past
+    ``max_queued_messages``, a node that took messages and died before their commit. Taking
+    the later readings would let the cumulative ``ack`` cover the lost ones, which the device
+    would then drop from its spool. So the gap is refused once (``start`` = high seq + 1,
+    ``upto`` = the first refused seq): a device with a spool publishes again from its first
+    reading not acknowledged and loses nothing; one whose seqs skip on purpose publishes the
+    same readings again and they are taken. A device without a spool never publishes again:
+    after ``mqtt_resend_wait_s`` (``at``: when the refusal began) its next message is taken,
+    gap and all. QoS 0 messages are not held to this: the device asked for no delivery
+    guarantee, and vitalwire takes what arrives."""
+
+    code: str
+    start: int
+    upto: int
+    at: float
+
+
+def _gap_error(high: int, first: int) -> wire.Error:
+    return wire.Error(
+        code=SEQ_GAP,
+        message=f"seq {first} leaves a gap after seq {high}, the last this device published "
+        f"that reached vitalwire (the broker may have dropped messages); readings from seq "
+        f"{high + 1} were not taken: publish again from the first reading not acknowledged",
+        field="seq",
+        seq=high + 1,
+    )
+
+
 def _bound(s: Any) -> str:
     return f"{s.device_msgs_per_s:g}/s, burst {s.device_msgs_burst}"
 
 
 def _rate_error(s: Any, seq: int) -> wire.Error:
     return wire.Error(
-        code="rate_limited",
+        code=RATE_LIMITED,
         message=f"messages must be at most {_bound(s)}; readings from seq {seq} were not "
         "taken: publish them again",
         seq=seq,
@@ -484,10 +533,14 @@ class MqttBridge:
         #: the rate limit: a bucket per registered device (kept across its sessions), the clock
         self.buckets: dict[str, TokenBucket] = {}
         self.clock: Callable[[], float] = time.monotonic
-        #: devices refused at the rate limit -> the seq they must publish again from
-        self.refused_from: dict[str, int] = {}
-        #: messages waiting for the async path (topic, payload), in the broker's order
-        self._pending: deque[tuple[str, bytes]] = deque()
+        #: devices whose readings are refused until they publish again (rate limit, seq gap)
+        self.refusals: dict[str, Refusal] = {}
+        #: QoS 1 messages refused for a gap after their device's high seq; such refusals that
+        #: lapsed (no resend within ``mqtt_resend_wait_s``: the gap was taken)
+        self.gaps_refused = 0
+        self.gaps_taken = 0
+        #: messages waiting for the async path (topic, payload, QoS), in the broker's order
+        self._pending: deque[tuple[str, bytes, int]] = deque()
         self._wake = asyncio.Event()
         self._link: BrokerLink | None = None  # the connection to the broker
         self._paused = False
@@ -555,15 +608,15 @@ class MqttBridge:
         finally:
             consumer.cancel()
 
-    def _on_publish(self, name: bytes, payload: bytes) -> None:
+    def _on_publish(self, name: bytes, payload: bytes, qos: int) -> None:
         """A message from the broker, inside the read of its socket (its PUBACK goes out when
         this returns). A reading of a device with a session, while the store keeps up, is taken
         at once; anything else (a first message, presence, a command result, backpressure)
         waits for :meth:`_consume`, and so does every message after it, so one device's
         messages keep their order."""
         pending = self._pending
-        if pending or not self._take_now(name, payload):
-            pending.append((name.decode(errors="replace"), payload))
+        if pending or not self._take_now(name, payload, qos):
+            pending.append((name.decode(errors="replace"), payload, qos))
             self._wake.set()
             if len(pending) >= PENDING_MAX and self._link is not None:
                 # backpressure: read no more until the queue is half empty; the broker holds
@@ -590,8 +643,9 @@ class MqttBridge:
 
     # -- messages -------------------------------------------------------------------------------
 
-    async def take(self, name: str, payload: Any) -> None:
-        """One message from the broker, by its topic; never raises for a peer's error."""
+    async def take(self, name: str, payload: Any, qos: int = 1) -> None:
+        """One message from the broker, by its topic (``qos``: as the broker delivered it);
+        never raises for a peer's error."""
         parts = name.split("/")
         if len(parts) < 4 or parts[-3] != "devices":
             return
@@ -607,7 +661,7 @@ class MqttBridge:
             if kind == STATUS:
                 await self._presence(did, raw)
             elif kind == READINGS:
-                await self._readings(did, raw)
+                await self._readings(did, raw, qos)
             elif kind == COMMAND_RESULTS:
                 await self._command_result(did, raw)
         except PeerError as exc:
@@ -629,7 +683,7 @@ class MqttBridge:
                 f"status must be online or offline, got {body[:20]!r}", field="status"
             )
 
-    def _take_now(self, name: bytes, payload: bytes) -> bool:
+    def _take_now(self, name: bytes, payload: bytes, qos: int) -> bool:
         """:meth:`take` for a reading that needs no wait; False (nothing done) otherwise."""
         dids = self._dids
         did = dids.get(name, False)
@@ -647,7 +701,7 @@ class MqttBridge:
             return False
         self.received += 1
         try:
-            self._ingest(did, session, self._bodies(payload))
+            self._ingest(did, session, self._bodies(payload), qos)
         except PeerError as exc:
             self._error(did, exc)
         except Exception:
@@ -665,7 +719,7 @@ class MqttBridge:
             f"type must be reading or readings on the {READINGS} topic", field="type"
         )
 
-    async def _readings(self, did: str, raw: bytes | str) -> None:
+    async def _readings(self, did: str, raw: bytes | str, qos: int) -> None:
         svc = self.svc
         bodies = self._bodies(raw)
         session = await self._session(did)
@@ -675,44 +729,70 @@ class MqttBridge:
             # the devices' spools hold the rest; nothing unacknowledged is lost)
             with contextlib.suppress(TimeoutError):
                 await writer.wait_for_room(svc.settings.max_pending_rows, svc.settings.heartbeat_s)
-        self._ingest(did, session, bodies)
+        self._ingest(did, session, bodies, qos)
 
-    def _ingest(self, did: str, session: DeviceSession, bodies: list[wire.ReadingBody]) -> None:
-        if not self._within_rate(did, bodies):
+    def _ingest(
+        self, did: str, session: DeviceSession, bodies: list[wire.ReadingBody], qos: int
+    ) -> None:
+        if not self._admit(did, bodies, qos):
             return
         for err in self.svc.ingest.readings(session, bodies):
             self._publish(did, ERRORS, err)
-        owed = self.refused_from.get(did)
-        if owed is not None and max((b.seq for b in bodies), default=0) >= owed:
-            del self.refused_from[did]  # published again from the refused seq: taken
+        refusal = self.refusals.get(did)
+        if refusal is not None and max((b.seq for b in bodies), default=0) >= refusal.upto:
+            del self.refusals[did]  # published again from where it was refused: taken
 
-    def _within_rate(self, did: str, bodies: list[wire.ReadingBody]) -> bool:
-        """False (and the error published) when the device is over its rate, or has not yet
-        published again from the seq its last refusal named."""
+    def _admit(self, did: str, bodies: list[wire.ReadingBody], qos: int) -> bool:
+        """False (and the error published) when the message must not be taken: the device is
+        over its rate; a QoS 1 message leaves a gap after the device's high seq (the broker may
+        have dropped what came between, see :class:`Refusal`); or the device has not yet
+        published again from where its last refusal said."""
         taken = self._take_token(did)
-        owed = self.refused_from.get(did)
-        if taken and owed is None:
-            return True
-        first = min((b.seq for b in bodies), default=0)
+        refusal = self.refusals.get(did)
+        first = bodies[0].seq if len(bodies) == 1 else min((b.seq for b in bodies), default=0)
+        if taken and refusal is None:
+            high = self.svc.ingest.high_seq(did)
+            if not qos or first <= high + 1:
+                return True
+            self.gaps_refused += 1
+            refusal = self.refusals[did] = Refusal(SEQ_GAP, high + 1, first, self.clock())
+            self._publish(did, ERRORS, _gap_error(high, first))
+            return False
         if not taken:
-            owed = first if owed is None else min(owed, first)
-            self.refused_from[did] = owed
-            self._publish(did, ERRORS, _rate_error(self.svc.settings, owed))
+            if refusal is None:
+                refusal = Refusal(RATE_LIMITED, first, first, self.clock())
+            else:  # (a seq_gap refusal keeps its code: it may still lapse)
+                start, upto = min(refusal.start, first), min(refusal.upto, first)
+                refusal = Refusal(refusal.code, start, upto, refusal.at)
+            self.refusals[did] = refusal
+            self._publish(did, ERRORS, _rate_error(self.svc.settings, refusal.start))
             return False
-        if owed is not None and first > owed:
-            self._publish(
-                did,
-                ERRORS,
-                wire.Error(
-                    code="rate_limited",
-                    message=f"readings must be published again from seq {owed} (refused at "
-                    f"the rate limit), got seq {first}",
-                    field="seq",
-                    seq=owed,
-                ),
-            )
-            return False
-        return True
+        assert refusal is not None
+        if first <= refusal.upto:
+            return True  # published again from where it was refused
+        if (
+            refusal.code == SEQ_GAP
+            and self.clock() - refusal.at >= self.svc.settings.mqtt_resend_wait_s
+        ):
+            # no resend came: a device without a spool (the gap's readings are gone); take
+            # what it publishes now, the gap included
+            del self.refusals[did]
+            self.gaps_taken += 1
+            log.info("mqtt: %s did not publish again from seq %s; gap taken", did, refusal.start)
+            return True
+        why = "the rate limit" if refusal.code == RATE_LIMITED else "a gap in its seqs"
+        self._publish(
+            did,
+            ERRORS,
+            wire.Error(
+                code=refusal.code,
+                message=f"readings must be published again from seq {refusal.start} (refused "
+                f"at {why}), got seq {first}",
+                field="seq",
+                seq=refusal.start,
+            ),
+        )
+        return False
 
     def _take_token(self, did: str) -> bool:
         bucket = self.buckets.get(did)
