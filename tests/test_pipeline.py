@@ -140,7 +140,11 @@ BAD_FRAMES = [
 ]
 
 
-@pytest.mark.parametrize(("frame", "code", "field"), BAD_FRAMES)
+@pytest.mark.parametrize(
+    ("frame", "code", "field"),
+    BAD_FRAMES,
+    ids=[f"{i}-{code}-{field}" for i, (_, code, field) in enumerate(BAD_FRAMES)],  # no times
+)
 async def test_bad_frame_gets_error_and_connection_stays_usable(
     server: RunningServer, frame: str, code: str, field: str | None
 ) -> None:

@@ -571,6 +571,7 @@ async def test_a_fragmented_message_hands_the_rest_of_the_connection_to_websocke
         (_frame(9, b"p" * 126), 1002),  # a control frame over 125 bytes
         (_frame(1, "x" * 5000), 1009),  # past hard_frame_bytes
     ],
+    ids=["not-utf-8", "unmasked", "reserved-bit", "long-control", "past-hard-bytes"],
 )
 async def test_a_bad_frame_gets_websockets_own_close_code(
     tmp_path: Path, frame: bytes, code: int
