@@ -19,7 +19,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, ServerProcess, free_port, login_token, provision_db
+from tests.conftest import (
+    RunningServer,
+    ServerProcess,
+    free_port,
+    login_token,
+    provision_db,
+    wait_until,
+)
 from tests.test_bus import _drop_keys, _need_redis
 from tests.test_store import fresh_postgres_db
 from vitalwire.bench.netproxy import Proxy
@@ -792,11 +799,17 @@ async def test_a_node_whose_stream_was_taken_takes_the_resent_readings_again(
             await _drop_keys(prefix)
 
 
-async def test_mqtt_devices_one_bridging_node_at_a_time_and_it_killed(tmp_path: Path) -> None:
-    """Every node is configured with the broker; one bridges it at a time (a lease). Killed,
-    another node takes the bridge after the lease time, from the broker's persistent session:
-    every reading the device published is stored once and acknowledged."""
-    from tests.test_mqtt import Device, need_broker, reading
+async def test_mqtt_devices_one_bridging_node_at_a_time_and_it_killed_mid_stream(
+    tmp_path: Path,
+) -> None:
+    """Every node is configured with the broker; one bridges it at a time (a lease). Killed
+    while a device publishes, another node takes the bridge after the lease time, from the
+    broker's persistent session. The device resends from vitalwire's last ack when refused
+    for a gap (what the dead node took and never committed: the broker will not deliver it
+    again) and when acks stop: every reading is stored once, in order, and acknowledged."""
+    import asyncpg
+
+    from tests.test_mqtt import Device, need_broker
     from vitalwire.transports import mqtt
 
     need_broker()
@@ -817,6 +830,12 @@ async def test_mqtt_devices_one_bridging_node_at_a_time_and_it_killed(tmp_path: 
         d = creds.devices[0]
         stream = ev.patient_stream(d["patient_id"])
         store = open_store(db)
+        n = 150
+        t0 = time.time() - n * 0.02
+        bodies = [
+            {"type": "reading", "seq": s, "ts": t0 + s * 0.02, "spo2": 97, "pulse": 70}
+            for s in range(n + 1)
+        ]
         try:
             await cluster.start()
             await store.open()
@@ -830,34 +849,66 @@ async def test_mqtt_devices_one_bridging_node_at_a_time_and_it_killed(tmp_path: 
             await _until(bridging, 20, "a node to bridge the broker")
             first = await bridging()
             async with Device(topics, d["device_id"]) as dev:
-                seq = 0
+                sent = 0  # the last seq published
 
-                async def publish(n: int) -> None:
-                    nonlocal seq
-                    for _ in range(n):
-                        seq += 1
-                        await dev.publish(mqtt.READINGS, reading(seq, spo2=97, pulse=70))
-                        await asyncio.sleep(0.02)
+                async def device() -> None:
+                    """Publish 1..n at 50 a second; publish again from the last ack when
+                    refused for a gap, or when no new ack came for 2 s after the last seq."""
+                    nonlocal sent
+                    loop = asyncio.get_running_loop()
+                    seen_errors, acked, quiet_since = 0, 0, loop.time()
+                    while dev.acked() < n:
+                        errors = dev.of(mqtt.ERRORS)
+                        refused = any(e["code"] == "seq_gap" for e in errors[seen_errors:])
+                        seen_errors = len(errors)
+                        if dev.acked() > acked:
+                            acked, quiet_since = dev.acked(), loop.time()
+                        if refused or (sent >= n and loop.time() - quiet_since > 2):
+                            sent, quiet_since = dev.acked(), loop.time()
+                        if sent < n:
+                            sent += 1
+                            await dev.publish(mqtt.READINGS, bodies[sent])
+                        await asyncio.sleep(0.02)  # the device's rate, and its poll of acks
 
-                await publish(30)
-
-                async def acked() -> bool:
-                    return dev.acked() == seq
-
-                await _until(acked, 20, "the first readings acknowledged")
+                feeder = asyncio.create_task(device())
                 victim = cluster.nodes[int(str(first).removeprefix("n"))]
-                assert await victim.signal(signal.SIGKILL) == -signal.SIGKILL
-                await publish(60)  # while no node bridges, then through the other
+                blocker = await asyncpg.connect(db, timeout=10)
+                try:
+                    await wait_until(lambda: dev.acked() >= 30, 20, "30 readings acknowledged")
+                    # the victim's commits wait behind a lock: it takes (and PUBACKs to the
+                    # broker) readings it will never commit, which the broker will not deliver
+                    # to the next node
+                    tx = blocker.transaction()
+                    await tx.start()
+                    await blocker.execute("LOCK TABLE events IN SHARE MODE")
 
-                async def moved() -> bool:
-                    node = await bridging()
-                    return node is not None and node != first
+                    async def holding() -> bool:
+                        async with httpx.AsyncClient() as http:
+                            got = await http.get(victim.url + "/metrics.json", timeout=5)
+                        return int(got.json()["pending_rows"]) >= 10
 
-                await _until(moved, 30, "another node to bridge the broker")
-                await _until(acked, 30, "every reading acknowledged through the other node")
+                    await _until(holding, 20, "readings taken and held by the bridging node")
+                    assert await victim.signal(signal.SIGKILL) == -signal.SIGKILL
+                    await tx.rollback()
+                    acked_at_kill, sent_at_kill = dev.acked(), sent
+                    assert sent_at_kill < n  # the kill was mid-stream
+
+                    async def moved() -> bool:
+                        node = await bridging()
+                        return node is not None and node != first
+
+                    await _until(moved, 30, "another node to bridge the broker")
+                    await asyncio.wait_for(feeder, 60)
+                finally:
+                    feeder.cancel()
+                    await blocker.close()
+                assert 30 <= acked_at_kill < n and dev.acked() == n
+                refusals = [e["code"] for e in dev.of(mqtt.ERRORS)]
             stored = await _store_events(db, stream)
             assert [o for o, _, _ in stored] == list(range(1, len(stored) + 1))
-            assert [x["seq"] for _, k, x in stored if k == ev.READING] == list(range(1, 91))
+            assert [x["seq"] for _, k, x in stored if k == ev.READING] == list(range(1, n + 1))
+            # the next node refused the first reading after what the dead one held
+            assert "seq_gap" in refusals
         finally:
             await store.close()
             cluster.stop()
