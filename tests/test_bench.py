@@ -306,6 +306,14 @@ def test_bench_load_with_the_node_generator_at_a_tiny_size(tmp_path: Path) -> No
         assert lat["n"] == row["delivered"] and 0 < lat["p50"] <= lat["p99"] <= lat["max"], lat
         assert row["generator_cpu_s"] > 0
     assert rows[0]["store_rows_per_s"] > 0
+    # the replay history's memory, reported apart from the connections' (vitalwire only)
+    ours = rows[0]
+    assert ours["bus_history_mb"] > 0
+    beside = ours["rss_per_connection_beside_history_kb"]
+    connections = ours["shape"]["devices"] + ours["shape"]["clients"]
+    grown_kb = (ours["rss_per_connection_kb"] - beside) * connections  # the history's growth
+    assert 0 < grown_kb <= ours["bus_history_mb"] * 1024 + 0.01
+    assert all(r["bus_history_mb"] is None for r in rows[1:])
 
 
 def _mqtt_up() -> bool:

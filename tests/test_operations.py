@@ -106,11 +106,30 @@ async def test_metrics_json_keeps_the_bench_keys(server: RunningServer) -> None:
         "pending_rows",
         "device_connections",
         "conflicting_seqs",
+        "bus_history_kb",
         "client_connections",
         "subscriptions",
         "process_cpu_s",
         "process_rss_kb",
     }
+
+
+async def test_metrics_json_counts_the_bus_history_memory(server: RunningServer) -> None:
+    """``bus_history_kb``: the replay history's estimated memory, which grows by each event
+    committed (about 0.4 KB for a reading), whatever the connections."""
+    recent = server.services.bus.recent
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        before = (await http.get("/metrics.json")).json()["bus_history_kb"]
+        assert before == round(recent.bytes / 1024, 1)
+        did, secret, _ = server.device(1)
+        async with DeviceClient(server.url, did, secret) as dev:
+            for i in range(10):
+                dev.send(hr=70 + i, spo2=97, ts=time.time())
+            await dev.flush(timeout=30)
+        await server.services.writer.flush()
+        after = (await http.get("/metrics.json")).json()["bus_history_kb"]
+    assert after == round(recent.bytes / 1024, 1)
+    assert after - before >= 10 * 0.3  # ten readings' events at least
 
 
 async def test_metrics_token_guards_both_paths(tmp_path: Path) -> None:

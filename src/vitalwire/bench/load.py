@@ -475,6 +475,32 @@ class MetricsProbe:
 Probe = PidProbe | MetricsProbe
 
 
+def _history_kb(target: Target) -> float | None:
+    """The replay history's memory a vitalwire server reports (``/metrics.json``
+    ``bus_history_kb``); None for another target, a cluster, or a server that does not say."""
+    if target.kind != "vitalwire" or target.urls:
+        return None
+    import httpx
+
+    try:
+        r = httpx.get(target.url.rstrip("/") + "/metrics.json", timeout=30)
+        r.raise_for_status()
+        kb = r.json().get("bus_history_kb")
+    except (httpx.HTTPError, ValueError):
+        return None
+    return None if kb is None else float(kb)
+
+
+def _per_beside(
+    rss: int | None, rss0: int | None, hist: float | None, hist0: float | None, connections: int
+) -> float | None:
+    """:func:`_per` less what the bus's replay history grew by meanwhile: that memory is per
+    stream and bounded (``bus_history``, ``bus_history_bytes``), not per connection."""
+    if rss is None or rss0 is None or hist is None or hist0 is None:
+        return None
+    return (rss - rss0 - (hist - hist0)) / connections
+
+
 def _per(rss: int | None, rss0: int | None, connections: int) -> float | None:
     """KB of resident memory per connection over the figure before they opened (None unknown)."""
     return None if rss is None or rss0 is None else (rss - rss0) / connections
@@ -597,6 +623,7 @@ def run_load(target: Target, shape: Shape, server: int | Probe | None) -> dict[s
     dev_parts = [list(range(shape.devices))[i::workers] for i in range(workers)]
     cli_parts = [list(range(shape.clients))[i::workers] for i in range(workers)]
     rss0 = probe.rss_kb() if probe else None
+    hist0 = _history_kb(target) if probe else None
     timeout = shape.duration_s + 300  # from the start of the load
     # The load starts once every worker has opened all its connections, however long that took:
     # the idle memory is read then, and the server's CPU counted from then on.
@@ -666,6 +693,7 @@ def run_load(target: Target, shape: Shape, server: int | Probe | None) -> dict[s
     # report), not over the connect phase before it
     cpu1, wall = (probe.cpu_s() if probe else 0.0), time.monotonic() - load_t0
     rss1 = probe.rss_kb() if probe else None
+    hist1 = _history_kb(target) if hist0 is not None else None
     sent: dict[int, int] = {}
     received: dict[tuple[int, int], int] = {}
     latencies: list[float] = []
@@ -719,6 +747,9 @@ def run_load(target: Target, shape: Shape, server: int | Probe | None) -> dict[s
         "server_cpu_pct": 100 * (cpu1 - cpu0) / wall if probe else None,
         "server_rss_mb": rss1 / 1024 if rss1 is not None else None,
         "rss_per_connection_kb": _per(rss1, rss0, connections),
+        # the same without the replay history's growth over the load (per stream, bounded)
+        "bus_history_mb": None if hist1 is None else hist1 / 1024,
+        "rss_per_connection_beside_history_kb": _per_beside(rss1, rss0, hist1, hist0, connections),
         "rss_per_idle_connection_kb": _per(rss_idle, rss0, connections),
         "generator_cpu_s": sum(r["cpu_s"] for r in results),
         "connect_s": max(r["connect_s"] for r in results),

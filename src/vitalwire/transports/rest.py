@@ -179,6 +179,11 @@ async def metrics_json(request: Request) -> dict[str, Any]:
         # patient streams whose latest readings are rolled up in memory only (store/rollups.py)
         "rollups_held": len(held) if (held := getattr(svc.store, "rollups", None)) else 0,
         "conflicting_seqs": svc.ingest.conflicting_seqs,
+        # the bus's replay history of recent events (bounded by bus_history and
+        # bus_history_bytes; per stream, not per connection), estimated (bus/base.py)
+        "bus_history_kb": (
+            round(recent.bytes / 1024, 1) if (recent := getattr(svc.bus, "recent", None)) else 0
+        ),
         "client_connections": len(svc.clients),
         "subscriptions": svc.streams.subscriber_count(),
         # the process's CPU (every thread) and resident memory: what `vitalwire bench --url`
