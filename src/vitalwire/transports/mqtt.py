@@ -535,8 +535,8 @@ class MqttBridge:
         self.clock: Callable[[], float] = time.monotonic
         #: devices whose readings are refused until they publish again (rate limit, seq gap)
         self.refusals: dict[str, Refusal] = {}
-        #: QoS 1 messages refused for a gap after their device's high seq; such refusals that
-        #: lapsed (no resend within ``mqtt_resend_wait_s``: the gap was taken)
+        #: gaps refused (one per refusal, however many messages it then refused); such
+        #: refusals that lapsed (no resend within ``mqtt_resend_wait_s``: the gap was taken)
         self.gaps_refused = 0
         self.gaps_taken = 0
         #: messages waiting for the async path (topic, payload, QoS), in the broker's order
