@@ -806,7 +806,9 @@ async def test_mqtt_devices_one_bridging_node_at_a_time_and_it_killed_mid_stream
     while a device publishes, another node takes the bridge after the lease time, from the
     broker's persistent session. The device resends from vitalwire's last ack when refused
     for a gap (what the dead node took and never committed: the broker will not deliver it
-    again) and when acks stop: every reading is stored once, in order, and acknowledged."""
+    again) and when acks stop: every reading is stored once, in order, and acknowledged. A
+    clinician on the node that does not bridge commands the device, through the one that
+    does."""
     import asyncpg
 
     from tests.test_mqtt import Device, need_broker
@@ -904,6 +906,37 @@ async def test_mqtt_devices_one_bridging_node_at_a_time_and_it_killed_mid_stream
                     await blocker.close()
                 assert 30 <= acked_at_kill < n and dev.acked() == n
                 refusals = [e["code"] for e in dev.of(mqtt.ERRORS)]
+
+                # the killed node, back, does not bridge: a clinician on it commands the
+                # device, which only the bridging node hears; the result comes back the same way
+                await victim.start()
+                clinician = next(u for u in creds.users if u["role"] == "clinician")
+                auth = await _login(victim.url, clinician)
+                async with httpx.AsyncClient(base_url=victim.url, timeout=30) as http:
+                    r = await http.post(
+                        f"/patients/{d['patient_id']}/commands",
+                        json={"name": "report_now"},
+                        headers=auth,
+                    )
+                assert r.status_code == 200, r.text
+                cid = r.json()["command"]["command_id"]
+                await wait_until(
+                    lambda: any(c["command_id"] == cid for c in dev.of(mqtt.COMMANDS)),
+                    20,
+                    "the command, published to the device by the bridging node",
+                )
+                for status in ("acknowledged", "completed"):
+                    body = {"type": "command_result", "command_id": cid, "status": status}
+                    await dev.publish(mqtt.COMMAND_RESULTS, body)
+
+                async def completed() -> bool:
+                    return any(
+                        k == ev.COMMAND and x["command_id"] == cid and x["status"] == "completed"
+                        for _, k, x in await _store_events(db, stream)
+                    )
+
+                await _until(completed, 20, "the command completed")
+                assert await bridging() != first  # the bridge stayed where it moved
             stored = await _store_events(db, stream)
             assert [o for o, _, _ in stored] == list(range(1, len(stored) + 1))
             assert [x["seq"] for _, k, x in stored if k == ev.READING] == list(range(1, n + 1))
