@@ -643,7 +643,7 @@ class MqttBridge:
 
     # -- messages -------------------------------------------------------------------------------
 
-    async def take(self, name: str, payload: Any, qos: int = 1) -> None:
+    async def take(self, name: str, payload: Any, qos: int) -> None:
         """One message from the broker, by its topic (``qos``: as the broker delivered it);
         never raises for a peer's error."""
         parts = name.split("/")
