@@ -790,6 +790,14 @@ def bench_cluster_cmd(
             "readings flow through another node.",
         ),
     ] = 0,
+    stages: Annotated[
+        bool,
+        typer.Option(
+            help="Instead of the load beside one node: the CPU per reading of each stage (the "
+            "fold on every node, the deliveries, the writing node, PostgreSQL, Redis) from two "
+            "layouts of the shape on 2 nodes, and the model of N nodes on N cores.",
+        ),
+    ] = False,
     failover_devices: Annotated[int, typer.Option(min=1, help="With --failover.")] = 20,
     failover_rate: Annotated[float, typer.Option(min=0.1, help="With --failover (Hz).")] = 5.0,
     lease_ttl: Annotated[
@@ -805,7 +813,8 @@ def bench_cluster_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """The load spread round robin over N `serve --cluster` nodes (fresh PostgreSQL database,
-    fresh Redis prefix), beside the same load on one cluster node; or --failover K."""
+    fresh Redis prefix), beside the same load on one cluster node; or --failover K; or
+    --stages."""
     from vitalwire.bench.cluster import ServiceUnavailable, print_cluster, run_cluster
     from vitalwire.bench.load import Shape, node_path
     from vitalwire.bench.runner import write_json
@@ -821,6 +830,11 @@ def bench_cluster_cmd(
         )
     if failover and nodes < 2:
         raise typer.BadParameter("failover needs at least 2 nodes", param_hint="--nodes")
+    if stages and (failover or saturate):
+        raise typer.BadParameter(
+            "--stages is a measurement of its own: not with --failover or --saturate",
+            param_hint="--stages",
+        )
     shape = Shape(
         devices, rate, clients, patients_per_client, duration, workers, generator.value, warmup
     )
@@ -838,6 +852,7 @@ def bench_cluster_cmd(
                 lease_ttl,
                 postgres,
                 redis,
+                stages,
             )
         )
     except ServiceUnavailable as exc:

@@ -17,6 +17,12 @@ SIGKILL of the node holding the most devices, restarted each time. Per kill: the
 kill to the first reading sent after it by each of the killed node's devices reaching a watcher
 on another node; the kill's figure is its slowest device. At the end every device's readings
 are checked in the store: each seq once, none missing.
+
+``--stages`` measures what each stage of a reading costs, per reading, to feed the model of N
+nodes (docs/benchmarks.md, "Several nodes"): the same shape twice on 2 nodes, every device on
+node 1, its clients first on node 1 too (``together``: node 2 only takes the bus, so its CPU is
+the fold of every event into its live pictures), then on node 2 (``apart``: node 1 only writes,
+node 2 folds and delivers). See :func:`stage_costs` and :func:`node_model`.
 """
 
 from __future__ import annotations
@@ -381,6 +387,133 @@ async def load_row(
     return row
 
 
+# -------------------------------------------------------------------------------------------------
+# the stages: what each part of a reading's path costs, and the model of N nodes
+# -------------------------------------------------------------------------------------------------
+
+#: ``--stages``: (node of the devices, node of the clients) of each layout, on 2 nodes.
+STAGE_LAYOUTS = {"together": (0, 0), "apart": (0, 1)}
+#: The cluster sizes the model is given for.
+MODEL_NODES = (1, 2, 4, 8, 16)
+
+
+async def stage_row(
+    shape: Shape, layout: str, admin: str = POSTGRES_ADMIN, redis: str = REDIS
+) -> dict[str, Any]:
+    """The shape on a fresh 2-node cluster, its devices and clients where ``layout`` puts
+    them (:data:`STAGE_LAYOUTS`)."""
+    from vitalwire.sdk.monitor import login
+
+    dev_node, cli_node = STAGE_LAYOUTS[layout]
+    async with cluster(2, shape.devices, admin, redis) as cl:
+        user = _clinician(cl.creds)
+        assert user is not None, "provision_ward writes a clinician"
+        token = await login(cl.urls[cli_node], user["username"], user["password"])
+        devices = tuple(
+            (d["device_id"], d["secret"], d["patient_id"])
+            for d in cl.creds.devices[: shape.devices]
+        )
+        target = Target(
+            "vitalwire",
+            cl.urls[dev_node],
+            devices=devices,
+            token=token,
+            urls=(cl.urls[dev_node],),
+            client_urls=(cl.urls[cli_node],),
+        )
+        probe = ClusterProbe([x.pid for x in cl.nodes], db_name(cl.db), cl.urls)
+        before = await _rows_written(cl.urls)
+        row = await asyncio.to_thread(run_load, target, shape, probe)
+        after = await _rows_written(cl.urls)
+        dead = [x.node_id for x in cl.nodes if x.proc is None or x.proc.poll() is not None]
+    row |= probe.report()
+    row["target"] = f"2 nodes, {layout}"
+    row["layout"] = layout
+    row["nodes"] = 2
+    row["node_devices"] = [shape.devices if i == dev_node else 0 for i in range(2)]
+    row["node_clients"] = [shape.clients if i == cli_node else 0 for i in range(2)]
+    row["store_rows_per_s"] = (after - before) / shape.duration_s
+    row["nodes_died"] = dead
+    row["ratio_delivered_vs_one_node"] = None
+    row["machine"] = machine()
+    return row
+
+
+def stage_costs(together: dict[str, Any], apart: dict[str, Any]) -> dict[str, float]:
+    """Milliseconds of CPU per reading (per delivery for ``deliver_ms``) of each stage, from
+    the two layouts' rows (each node's CPU % over the load, readings and deliveries per s):
+
+    - ``fold_ms``: a node that neither writes the stream nor has a client watching it: what
+      it spends on each event it takes from the bus (decoding it, the replay history, the live
+      picture): node 2's CPU in ``together``, per reading.
+    - ``deliver_ms``: a delivery to a watching client (its frame, the socket write): what node
+      2 spends in ``apart`` beyond the fold, per delivery.
+    - ``write_ms``: the node a device is on: its socket, validation, the alert engine, the
+      fenced commit, the ack, the publish to Redis, and the fold of its own events: node 1's
+      CPU in ``apart``, per reading.
+    - ``postgres_ms``, ``redis_ms``: PostgreSQL's backends for the database and Redis, per
+      reading (the mean of the two layouts: the same work in both).
+    """
+
+    def per(cpu_pct: float, per_s: float) -> float:
+        return 10 * cpu_pct / per_s if per_s > 0 else float("nan")  # % of a core -> ms per item
+
+    fold = per(together["nodes_cpu_pct"][1], together["published_per_s"])
+    return {
+        "fold_ms": fold,
+        "deliver_ms": per(
+            apart["nodes_cpu_pct"][1] - together["nodes_cpu_pct"][1], apart["delivered_per_s"]
+        ),
+        "write_ms": per(apart["nodes_cpu_pct"][0], apart["published_per_s"]),
+        "postgres_ms": (
+            per(together["postgres_db_cpu_pct"], together["published_per_s"])
+            + per(apart["postgres_db_cpu_pct"], apart["published_per_s"])
+        )
+        / 2,
+        "redis_ms": (
+            per(together["redis_cpu_pct"], together["published_per_s"])
+            + per(apart["redis_cpu_pct"], apart["published_per_s"])
+        )
+        / 2,
+        "deliveries_per_reading": apart["delivered_per_s"] / apart["published_per_s"]
+        if apart["published_per_s"] > 0
+        else float("nan"),
+    }
+
+
+def node_model(costs: dict[str, float], nodes: tuple[int, ...] = MODEL_NODES) -> dict[str, Any]:
+    """What N nodes on N cores hold, in readings per second, from :func:`stage_costs`.
+
+    Each node writes 1/N of the readings (``write_ms`` less the fold of its own events, which
+    is counted once in ``fold_ms``), folds every reading of the cluster (``fold_ms``: every
+    node takes every event from the bus), and delivers 1/N of the deliveries. A node's core is
+    full at ``1000 / ((write - fold) / N + fold + deliveries * deliver / N)`` readings per
+    second. The fold alone fills a core at ``1000 / fold``, however many nodes; PostgreSQL
+    takes ``postgres_ms`` of its CPU per reading wherever it runs, Redis ``redis_ms``."""
+    fold = max(costs["fold_ms"], 0.0)
+    own = max(costs["write_ms"] - fold, 0.0)
+    deliver = max(costs["deliver_ms"], 0.0) * costs["deliveries_per_reading"]
+
+    def limit(ms: float) -> float | None:
+        return 1000 / ms if ms > 0 else None
+
+    return {
+        "nodes": {str(n): limit(own / n + fold + deliver / n) for n in nodes},
+        "fold_ceiling_per_s": limit(fold),
+        "postgres_per_core_per_s": limit(costs["postgres_ms"]),
+        "redis_per_core_per_s": limit(costs["redis_ms"]),
+    }
+
+
+async def bench_stages(
+    shape: Shape, admin: str = POSTGRES_ADMIN, redis: str = REDIS
+) -> dict[str, Any]:
+    """``--stages``: the two layouts, the stage costs and the model."""
+    rows = [await stage_row(shape, layout, admin, redis) for layout in STAGE_LAYOUTS]
+    costs = stage_costs(rows[0], rows[1])
+    return {"rows": rows, "stage_costs": costs, "model": node_model(costs)}
+
+
 def db_name(url: str) -> str:
     return url.rsplit("/", 1)[1].split("?", 1)[0]
 
@@ -638,15 +771,19 @@ async def run_cluster(
     lease_ttl_s: float | None = None,
     admin: str = POSTGRES_ADMIN,
     redis: str = REDIS,
+    stages: bool = False,
 ) -> dict[str, Any]:
     """``vitalwire bench cluster``: the load on 1 node and on ``nodes`` nodes (with
-    ``saturate``: each one's highest rate held), or with ``failover`` > 0 the failover only."""
+    ``saturate``: each one's highest rate held), or with ``failover`` > 0 the failover only, or
+    with ``stages`` the stage costs and the model of N nodes (2 nodes, whatever ``nodes``)."""
     from vitalwire.bench.runner import bench_saturate
 
     await check_services(admin, redis)
     load_before = list(os.getloadavg())
     out: dict[str, Any] = {"scenario": "cluster", "nodes": nodes}
-    if failover:
+    if stages:
+        out = {"scenario": "cluster-stages", "nodes": 2, **await bench_stages(shape, admin, redis)}
+    elif failover:
         out = await bench_failover(
             nodes, failover, failover_devices, failover_rate, 1.0, lease_ttl_s, admin, redis
         )
@@ -716,10 +853,15 @@ def print_cluster(r: dict[str, Any], console: Any) -> None:
     else:
         s = r["rows"][0]["shape"]
         ladder = "saturation: last rate with p99 <= 50 ms, " if r.get("saturate") else ""
+        where = (
+            "devices on node 1, clients on node 1 (together) or node 2 (apart)"
+            if r["scenario"] == "cluster-stages"
+            else "round robin over the nodes"
+        )
         t = Table(
             title=f"{ladder}cluster: {s['devices']} devices x {s['rate_hz']:g} Hz, "
-            f"{s['clients']} clients x {s['patients_per_client']} patients, round robin over "
-            f"the nodes ({s['generator']} load generator)"
+            f"{s['clients']} clients x {s['patients_per_client']} patients, {where} "
+            f"({s['generator']} load generator)"
         )
         cols = ("target", "rate Hz", "delivered/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms")
         cols += ("lost", "dup", "nodes CPU %", "nodes RSS MB", "PG CPU %", "Redis CPU %")
@@ -753,6 +895,8 @@ def print_cluster(r: dict[str, Any], console: Any) -> None:
                 console.print(f"[yellow]{row['target']}: {err}[/yellow]")
             if row["nodes_died"]:
                 console.print(f"[red]{row['target']}: nodes died: {row['nodes_died']}[/red]")
+    if r["scenario"] == "cluster-stages":
+        _print_stages(r, console, num)
     for step in r.get("ladder", []):
         lat = step["latency_ms"]
         console.print(
@@ -762,3 +906,32 @@ def print_cluster(r: dict[str, Any], console: Any) -> None:
     before = ", ".join(f"{x:.2f}" for x in r["load_average_before"])
     after = ", ".join(f"{x:.2f}" for x in r["load_average_after"])
     console.print(f"load average before: {before}; after: {after}")
+
+
+def _print_stages(r: dict[str, Any], console: Any, num: Any) -> None:
+    from rich.table import Table
+
+    c = r["stage_costs"]
+    t = Table(title="CPU per reading of each stage (ms of one core)")
+    for col in ("stage", "where", "ms"):
+        t.add_column(col, justify="right" if col == "ms" else "left")
+    t.add_row("fold", "every node, every reading of the cluster", num(c["fold_ms"], ".3f"))
+    t.add_row("deliver", "the watching client's node, per delivery", num(c["deliver_ms"], ".3f"))
+    t.add_row("write", "the device's node (with its own fold)", num(c["write_ms"], ".3f"))
+    t.add_row("PostgreSQL", "the database's backends", num(c["postgres_ms"], ".3f"))
+    t.add_row("Redis", "the bus", num(c["redis_ms"], ".3f"))
+    console.print(t)
+    m = r["model"]
+    t = Table(
+        title=f"model: readings/s that N nodes on N cores hold "
+        f"({c['deliveries_per_reading']:.2f} deliveries per reading)"
+    )
+    for col in m["nodes"]:
+        t.add_column(f"{col} node" + ("s" if col != "1" else ""), justify="right")
+    t.add_row(*(num(v) for v in m["nodes"].values()))
+    console.print(t)
+    console.print(
+        f"the fold alone fills a node's core at {num(m['fold_ceiling_per_s'])} readings/s; "
+        f"one core of PostgreSQL holds {num(m['postgres_per_core_per_s'])}, one of Redis "
+        f"{num(m['redis_per_core_per_s'])}"
+    )

@@ -768,6 +768,13 @@ function urlFor(target, i) {
   return target.urls && target.urls.length ? target.urls[i % target.urls.length] : target.url;
 }
 
+/** Client `i`'s node: `target.client_urls` round robin when given (the clients on other nodes
+ * than the devices), else as urlFor. */
+function clientUrlFor(target, i) {
+  const urls = target.client_urls;
+  return urls && urls.length ? urls[i % urls.length] : urlFor(target, i);
+}
+
 async function openClient(target, shape, c, tracker) {
   const onClose = closedAbnormally(`client ${c}`);
   if (target.kind === "mqtt") {
@@ -792,7 +799,7 @@ async function openClient(target, shape, c, tracker) {
     return ws;
   }
   const index = new Map(tracker.devices.map((d, j) => [`patient:${target.devices[d][2]}`, j]));
-  const ws = await WebSocket.connect(urlFor(target, c), "/ws", onClose);
+  const ws = await WebSocket.connect(clientUrlFor(target, c), "/ws", onClose);
   ws.send(JSON.stringify({ type: "auth", token: target.token }));
   const auth = await ws.recvJson();
   if (auth.type === "error") throw new Error(`auth refused: ${auth.code}: ${auth.message}`);

@@ -73,10 +73,20 @@ class Target:
     #: several nodes of one vitalwire cluster: device and client ``i`` connect to
     #: ``urls[i % len(urls)]`` (round robin); empty: every connection goes to ``url``
     urls: tuple[str, ...] = ()
+    #: the clients' nodes, when they are not ``urls`` (client ``i`` connects to
+    #: ``client_urls[i % len(client_urls)]``): ``bench cluster --stages`` puts every device on
+    #: one node and every client on another
+    client_urls: tuple[str, ...] = ()
 
     def url_for(self, i: int) -> str:
         """The address connection ``i`` (a device's or a client's index) goes to."""
         return self.urls[i % len(self.urls)] if self.urls else self.url
+
+    def client_url_for(self, i: int) -> str:
+        """The address client ``i`` connects to."""
+        if self.client_urls:
+            return self.client_urls[i % len(self.client_urls)]
+        return self.url_for(i)
 
 
 @dataclass
@@ -359,7 +369,7 @@ async def _vitalwire_client(
 
     index = {f"patient:{target.devices[d][2]}": d for d in watched}
     async with connect(
-        _ws_url(target.url_for(c)) + "/ws", proxy=None, compression=None, max_size=2**24
+        _ws_url(target.client_url_for(c)) + "/ws", proxy=None, compression=None, max_size=2**24
     ) as ws:
         await ws.send(json.dumps({"type": "auth", "token": target.token}))
         await ws.recv()
@@ -478,7 +488,7 @@ Probe = PidProbe | MetricsProbe
 def _history_kb(target: Target) -> float | None:
     """The replay history's memory a vitalwire server reports (``/metrics.json``
     ``bus_history_kb``); None for another target, a cluster, or a server that does not say."""
-    if target.kind != "vitalwire" or target.urls:
+    if target.kind != "vitalwire" or target.urls or target.client_urls:
         return None
     import httpx
 
