@@ -357,33 +357,58 @@ async def _rows_written(urls: list[str]) -> int:
 # -------------------------------------------------------------------------------------------------
 
 
-async def load_row(
-    shape: Shape, n: int, admin: str = POSTGRES_ADMIN, redis: str = REDIS
+async def _cluster_row(
+    shape: Shape,
+    n: int,
+    admin: str,
+    redis: str,
+    devices_on: tuple[int, ...] | None = None,
+    clients_on: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
-    """The shape against a fresh ``n``-node cluster, devices and clients round robin."""
+    """The shape against a fresh ``n``-node cluster: its devices round robin over the nodes
+    ``devices_on`` (indexes; None: every node), its clients over ``clients_on`` (None: as the
+    devices). The load's row with the probe's report, ``nodes``, ``store_rows_per_s`` and
+    ``nodes_died``."""
     from vitalwire.sdk.monitor import login
 
     async with cluster(n, shape.devices, admin, redis) as cl:
+        device_urls = tuple(cl.urls[i] for i in devices_on or range(n))
+        client_urls = tuple(cl.urls[i] for i in clients_on or ())
         user = _clinician(cl.creds)
         assert user is not None, "provision_ward writes a clinician"
-        token = await login(cl.nodes[0].url, user["username"], user["password"])
+        token = await login((client_urls or device_urls)[0], user["username"], user["password"])
         devices = tuple(
             (d["device_id"], d["secret"], d["patient_id"])
             for d in cl.creds.devices[: shape.devices]
         )
-        target = Target("vitalwire", cl.urls[0], devices=devices, token=token, urls=tuple(cl.urls))
+        target = Target(
+            "vitalwire",
+            device_urls[0],
+            devices=devices,
+            token=token,
+            urls=device_urls,
+            client_urls=client_urls,
+        )
         probe = ClusterProbe([x.pid for x in cl.nodes], db_name(cl.db), cl.urls)
         before = await _rows_written(cl.urls)
         row = await asyncio.to_thread(run_load, target, shape, probe)
         after = await _rows_written(cl.urls)
         dead = [x.node_id for x in cl.nodes if x.proc is None or x.proc.poll() is not None]
     row |= probe.report()
-    row["target"] = f"{n} node" + ("s" if n > 1 else "")
     row["nodes"] = n
-    row["node_devices"] = [len(range(i, shape.devices, n)) for i in range(n)]
-    row["node_clients"] = [len(range(i, shape.clients, n)) for i in range(n)]
     row["store_rows_per_s"] = (after - before) / shape.duration_s
     row["nodes_died"] = dead
+    return row
+
+
+async def load_row(
+    shape: Shape, n: int, admin: str = POSTGRES_ADMIN, redis: str = REDIS
+) -> dict[str, Any]:
+    """The shape against a fresh ``n``-node cluster, devices and clients round robin."""
+    row = await _cluster_row(shape, n, admin, redis)
+    row["target"] = f"{n} node" + ("s" if n > 1 else "")
+    row["node_devices"] = [len(range(i, shape.devices, n)) for i in range(n)]
+    row["node_clients"] = [len(range(i, shape.clients, n)) for i in range(n)]
     return row
 
 
@@ -402,38 +427,12 @@ async def stage_row(
 ) -> dict[str, Any]:
     """The shape on a fresh 2-node cluster, its devices and clients where ``layout`` puts
     them (:data:`STAGE_LAYOUTS`)."""
-    from vitalwire.sdk.monitor import login
-
     dev_node, cli_node = STAGE_LAYOUTS[layout]
-    async with cluster(2, shape.devices, admin, redis) as cl:
-        user = _clinician(cl.creds)
-        assert user is not None, "provision_ward writes a clinician"
-        token = await login(cl.urls[cli_node], user["username"], user["password"])
-        devices = tuple(
-            (d["device_id"], d["secret"], d["patient_id"])
-            for d in cl.creds.devices[: shape.devices]
-        )
-        target = Target(
-            "vitalwire",
-            cl.urls[dev_node],
-            devices=devices,
-            token=token,
-            urls=(cl.urls[dev_node],),
-            client_urls=(cl.urls[cli_node],),
-        )
-        probe = ClusterProbe([x.pid for x in cl.nodes], db_name(cl.db), cl.urls)
-        before = await _rows_written(cl.urls)
-        row = await asyncio.to_thread(run_load, target, shape, probe)
-        after = await _rows_written(cl.urls)
-        dead = [x.node_id for x in cl.nodes if x.proc is None or x.proc.poll() is not None]
-    row |= probe.report()
+    row = await _cluster_row(shape, 2, admin, redis, (dev_node,), (cli_node,))
     row["target"] = f"2 nodes, {layout}"
     row["layout"] = layout
-    row["nodes"] = 2
     row["node_devices"] = [shape.devices if i == dev_node else 0 for i in range(2)]
     row["node_clients"] = [shape.clients if i == cli_node else 0 for i in range(2)]
-    row["store_rows_per_s"] = (after - before) / shape.duration_s
-    row["nodes_died"] = dead
     row["ratio_delivered_vs_one_node"] = None
     row["machine"] = machine()
     return row
