@@ -85,6 +85,39 @@ async def test_a_write_that_would_leave_a_gap_or_repeat_an_offset_is_refused(
     assert await _offsets(store, "patient:P1") == [1, 2, 3]
 
 
+async def test_a_fenced_batch_of_readings_writes_nothing_of_itself_when_one_fence_fails(
+    store: Store,  # noqa: F811
+) -> None:
+    """The usual batch (readings, their events and their devices' high seqs; one statement on
+    PostgreSQL, fence included): a fence that fails leaves no high seq and no event behind,
+    and names only the stream lost."""
+    from vitalwire.store import ReadingRow
+
+    a1 = await store.acquire_stream("patient:P1", "node-a", 100.0, TTL)
+    a2 = await store.acquire_stream("patient:P2", "node-a", 100.0, TTL)
+    assert a1 is not None and a2 is not None
+
+    def readings(epoch1: int, epoch2: int, seq: int, first: int) -> Batch:
+        b = _fenced("node-a", epoch1, ("patient:P1", first, 1), ("patient:P2", first, 1))
+        assert b.fence is not None
+        b.fence["patient:P2"] = ("node-a", epoch2, first, first)
+        for stream, device in (("patient:P1", "mon-1"), ("patient:P2", "mon-2")):
+            b.readings.append(ReadingRow(device, seq, stream[8:], first, 1.0, 2.0))
+        return b
+
+    await store.write_batch(readings(a1.epoch, a2.epoch, 7, 1))
+    assert [await store.device_last_seq(d) for d in ("mon-1", "mon-2")] == [7, 7]
+    b = await store.acquire_stream("patient:P2", "node-b", 101.0, TTL, force=True)
+    assert b is not None
+    with pytest.raises(Fenced) as refused:
+        await store.write_batch(readings(a1.epoch, a2.epoch, 8, 2))
+    assert refused.value.streams == {"patient:P2"}
+    assert [await store.device_last_seq(d) for d in ("mon-1", "mon-2")] == [7, 7]
+    assert await _offsets(store, "patient:P1") == [1] and await _offsets(store, "patient:P2") == [1]
+    lease = await store.stream_lease("patient:P1")
+    assert lease is not None and lease.head == 1  # the fence that held moved nothing either
+
+
 async def test_renew_names_the_leases_lost_and_release_frees_them(store: Store) -> None:  # noqa: F811
     held = {}
     for s in ("patient:P1", "patient:P2"):
@@ -192,3 +225,50 @@ async def test_concurrent_writers_of_a_sequenced_stream_leave_no_gap_and_no_repe
 async def _head(s: Store, stream: str) -> int:
     offsets = await _offsets(s, stream)
     return offsets[-1] if offsets else 0
+
+
+async def test_a_renewal_never_waits_for_a_lease_row_another_transaction_holds() -> None:
+    """PostgreSQL: a renewal skips the lease rows locked meanwhile (a fenced write of the
+    node, another node's acquisition) instead of waiting for them, so it can never close a cycle
+    of lock waits with fenced writes; a skipped row still the node's is not reported lost."""
+    import asyncio
+
+    import asyncpg
+
+    from tests.test_store import fresh_postgres_db
+    from vitalwire.store.sql import SqlStore
+
+    async with fresh_postgres_db() as url:
+        s = SqlStore(url)
+        await s.open()
+        try:
+            held = {}
+            for stream in ("patient:P1", "patient:P2", "patient:P3"):
+                lease = await s.acquire_stream(stream, "node-a", 100.0, TTL)
+                assert lease is not None
+                held[stream] = lease.epoch
+            taken = await s.acquire_stream("patient:P3", "node-b", 101.0, TTL, force=True)
+            assert taken is not None
+            other = await asyncpg.connect(url)
+            try:
+                tx = other.transaction()
+                await tx.start()
+                # a writer holding P1's row and P3's (P3 is node b's now) until it commits
+                await other.execute(
+                    "SELECT 1 FROM stream_leases WHERE stream = ANY($1) FOR UPDATE",
+                    ["patient:P1", "patient:P3"],
+                )
+                lost = await asyncio.wait_for(s.renew_streams("node-a", held, 102.0, TTL), 5)
+                assert lost == {"patient:P3"}  # P1 skipped, still node a's: not lost
+                await tx.rollback()
+            finally:
+                await other.close()
+            leases = {st: await s.stream_lease(st) for st in held}
+            expires = {st: lease.expires_at for st, lease in leases.items() if lease is not None}
+            assert expires["patient:P2"] == 102.0 + TTL  # renewed
+            assert expires["patient:P1"] == 100.0 + TTL  # skipped: the next renewal extends it
+            assert await s.renew_streams("node-a", held, 103.0, TTL) == {"patient:P3"}
+            lease = await s.stream_lease("patient:P1")
+            assert lease is not None and lease.expires_at == 103.0 + TTL
+        finally:
+            await s.close()

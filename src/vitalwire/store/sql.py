@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
@@ -70,9 +70,15 @@ ACCESS_VERSION_KEY = "access_version"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 #: Leases renewed per transaction (see SqlStore.renew_streams).
 RENEW_ROWS = 100
-#: Lock lease rows in the streams' order (every multi-row locker of stream_leases does).
-_LOCK_LEASES_PG = text(
-    "SELECT 1 FROM stream_leases WHERE stream = ANY(CAST(:s AS text[])) ORDER BY stream FOR UPDATE"
+#: A renewal on PostgreSQL: extend the node's leases among ``:s``, skipping the rows another
+#: transaction holds (the writer's fence, an acquisition): a renewal never waits for a lease
+#: row, so it can never close a cycle of lock waits with the fenced writes (which lock their
+#: rows in whatever order the UPDATE's join takes them). A row skipped stays the node's; the
+#: next renewal extends it.
+_RENEW_PG = text(
+    "UPDATE stream_leases SET expires_at = :x WHERE stream IN ("
+    "SELECT stream FROM stream_leases WHERE stream = ANY(CAST(:s AS text[])) AND node = :node "
+    "FOR UPDATE SKIP LOCKED) RETURNING stream, epoch"
 )
 #: The fenced write's check on PostgreSQL: every stream of the batch in one statement, its
 #: fences as arrays (one statement text whatever the batch: prepared once per connection).
@@ -100,6 +106,35 @@ _READINGS_PG = text(
     "SELECT * FROM unnest(CAST(:es AS text[]), CAST(:eo AS bigint[]), CAST(:ek AS text[]), "
     "CAST(:et AS float8[]), CAST(:ed AS text[]))"
 )
+#: A fenced batch of readings on PostgreSQL: the fence (:data:`_FENCE_PG`) and the readings
+#: (:data:`_READINGS_PG`) in ONE statement, run outside an explicit transaction (a statement is
+#: its own): one round trip where BEGIN, the fence, the readings and COMMIT were four. ``held``
+#: divides by zero when the fence moved fewer heads than the batch has streams, which aborts the
+#: whole statement (fence, high seqs and events alike): :meth:`SqlStore._write_fenced_readings`
+#: then reads which leases were lost. ``count / cardinality`` is 1 when every fence held and 0
+#: otherwise (integer division; a stream is at most once in the arrays).
+_FENCED_READINGS_PG = text(
+    "WITH fence AS ("
+    "UPDATE stream_leases AS l SET head = f.last "
+    "FROM unnest(CAST(:s AS text[]), CAST(:n AS text[]), CAST(:e AS bigint[]), "
+    "CAST(:f AS bigint[]), CAST(:l AS bigint[])) AS f(stream, node, epoch, first, last) "
+    "WHERE l.stream = f.stream AND l.node = f.node AND l.epoch = f.epoch "
+    "AND l.head = f.first - 1 RETURNING 1"
+    "), held AS ("
+    "SELECT 1 / (count(*) / cardinality(CAST(:s AS text[])))::int AS ok FROM fence"
+    "), seqs AS ("
+    "INSERT INTO device_seqs (device_id, high_seq) "
+    "SELECT * FROM unnest(CAST(:sd AS text[]), CAST(:sq AS bigint[])) "
+    "WHERE (SELECT ok FROM held) = 1 "
+    "ON CONFLICT (device_id) DO UPDATE "
+    "SET high_seq = greatest(device_seqs.high_seq, excluded.high_seq)"
+    ") "
+    'INSERT INTO events (stream, "offset", kind, ts, data) '
+    "SELECT * FROM unnest(CAST(:es AS text[]), CAST(:eo AS bigint[]), CAST(:ek AS text[]), "
+    "CAST(:et AS float8[]), CAST(:ed AS text[])) WHERE (SELECT ok FROM held) = 1"
+)
+#: PostgreSQL's SQLSTATE for a division by zero (how :data:`_FENCED_READINGS_PG` says "fenced").
+_DIVISION_BY_ZERO = "22012"
 _PG_FLUSH = text(rollups.PG_FLUSH)
 _PG_NEW_MARKS = text(rollups.PG_NEW_MARKS)
 
@@ -494,6 +529,9 @@ class SqlStore:
         one = None
         if self.backend == "postgresql" and not batch.sequenced and batch.events:
             one = _readings_pg_params(batch)
+            if one is not None and not flushes:  # the usual batch: one statement, alone
+                await self._write_readings_pg(batch.fence, one)
+                return
         async with self.engine.begin() as conn:
             if batch.fence:
                 await self._check_fence(conn, batch.fence)
@@ -923,10 +961,6 @@ class SqlStore:
                     moved.add(s)
             rows = []
         if rows:  # PostgreSQL: the batch's fences as five arrays, one statement text
-            # the rows' locks first, in the streams' order, as renew_streams takes them: two
-            # transactions locking lease rows in different orders deadlock, and PostgreSQL
-            # finds that only after deadlock_timeout (1 s: a stall of every reading)
-            await conn.execute(_LOCK_LEASES_PG, {"s": [r[0] for r in rows]})
             result = await conn.execute(
                 _FENCE_PG,
                 {
@@ -941,6 +975,48 @@ class SqlStore:
         lost = set(fence) - moved
         if lost:
             raise Fenced(lost)
+
+    async def _write_readings_pg(
+        self, fence: dict[str, tuple[str, int, int, int]] | None, readings: dict[str, list[Any]]
+    ) -> None:
+        """A batch of readings' events on PostgreSQL, one statement committed alone (no BEGIN
+        and COMMIT round trips beside it): :data:`_READINGS_PG`, or with a ``fence``
+        :data:`_FENCED_READINGS_PG`. Raises :class:`Fenced` with the streams whose lease or
+        head no longer matches when the fence did not hold (nothing of the batch is written)."""
+        statement, params = _READINGS_PG, readings
+        if fence:
+            rows = sorted(fence.items())
+            statement = _FENCED_READINGS_PG
+            params = {
+                "s": [s for s, _ in rows],
+                "n": [f[0] for _, f in rows],
+                "e": [f[1] for _, f in rows],
+                "f": [f[2] for _, f in rows],
+                "l": [f[3] for _, f in rows],
+                **readings,
+            }
+        try:
+            async with self.engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(statement, params)
+        except DBAPIError as exc:
+            if not fence or getattr(exc.orig, "sqlstate", None) != _DIVISION_BY_ZERO:
+                raise
+            lost = await self._lost_fences(fence)
+            if not lost:  # cannot be (epochs and heads only grow): let the writer retry
+                raise RuntimeError("the fence failed but every lease still matches") from exc
+            raise Fenced(lost) from None
+
+    async def _lost_fences(self, fence: dict[str, tuple[str, int, int, int]]) -> set[str]:
+        """The streams of ``fence`` whose lease is no longer (node, epoch) with its head just
+        before the batch's first offset."""
+        c = t.stream_leases.c
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(c.stream, c.node, c.epoch, c.head).where(c.stream.in_(list(fence)))
+            )
+            now = {s: (n, int(e), int(h)) for s, n, e, h in rows}
+        return {s for s, (n, e, first, _) in fence.items() if now.get(s) != (n, e, first - 1)}
 
     async def _sequence(self, conn: Any, batch: Batch) -> None:
         """In the batch's transaction: give the events of each ``batch.sequenced`` stream the
@@ -1051,27 +1127,39 @@ class SqlStore:
     ) -> set[str]:
         """Extend ``node``'s leases (stream -> epoch); return the streams it no longer holds.
 
-        :data:`RENEW_ROWS` streams per transaction, their rows locked in order: the node's
-        writer fences the same rows in its transactions and waits for a renewal that holds
-        them, so a renewal holds few at a time (2,000 streams in one transaction held a
-        node's commits about 100 ms every renewal)."""
+        :data:`RENEW_ROWS` streams per transaction: the node's writer fences the same rows and
+        waits for a renewal that holds them, so a renewal holds few at a time (2,000 streams
+        in one transaction held a node's commits about 100 ms every renewal). On PostgreSQL a
+        renewal skips the rows locked meanwhile (:data:`_RENEW_PG`); a skipped row that is
+        still the node's, at the same epoch, is not lost: it is extended at the next renewal
+        (every third of the lease time)."""
         if not held:
             return set()
         c = t.stream_leases.c
         kept: set[str] = set()
         streams = sorted(held)
         for i in range(0, len(streams), RENEW_ROWS):
-            part = streams[i : i + RENEW_ROWS]  # sorted: the rows are locked in order (above)
+            part = streams[i : i + RENEW_ROWS]
             async with self.engine.begin() as conn:
                 if self.backend == "postgresql":
-                    await conn.execute(_LOCK_LEASES_PG, {"s": part})
-                rows = await conn.execute(
-                    update(t.stream_leases)
-                    .where(c.node == node, c.stream.in_(part))
-                    .values(expires_at=now + ttl_s)
-                    .returning(c.stream, c.epoch)
-                )
+                    rows = await conn.execute(
+                        _RENEW_PG, {"s": part, "node": node, "x": now + ttl_s}
+                    )
+                else:  # one writer: nothing to skip
+                    rows = await conn.execute(
+                        update(t.stream_leases)
+                        .where(c.node == node, c.stream.in_(part))
+                        .values(expires_at=now + ttl_s)
+                        .returning(c.stream, c.epoch)
+                    )
                 kept.update(s for s, epoch in rows if held.get(s) == epoch)
+        missing = [s for s in streams if s not in kept]
+        if missing and self.backend == "postgresql":  # skipped, or lost: read them unlocked
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(
+                    select(c.stream, c.node, c.epoch).where(c.stream.in_(missing))
+                )
+                kept.update(s for s, n, epoch in rows if n == node and held.get(s) == epoch)
         return set(streams) - kept
 
     async def release_streams(self, node: str, held: dict[str, int]) -> None:
