@@ -108,11 +108,12 @@ _READINGS_PG = text(
 )
 #: A fenced batch of readings on PostgreSQL: the fence (:data:`_FENCE_PG`) and the readings
 #: (:data:`_READINGS_PG`) in ONE statement, run outside an explicit transaction (a statement is
-#: its own): one round trip where BEGIN, the fence, the readings and COMMIT were four. ``held``
-#: divides by zero when the fence moved fewer heads than the batch has streams, which aborts the
-#: whole statement (fence, high seqs and events alike): :meth:`SqlStore._write_fenced_readings`
-#: then reads which leases were lost. ``count / cardinality`` is 1 when every fence held and 0
-#: otherwise (integer division; a stream is at most once in the arrays).
+#: its own): one round trip where BEGIN, the lease rows' lock, the fence, the readings and
+#: COMMIT were five. ``held`` divides by zero when the fence moved fewer heads than the batch
+#: has streams, which aborts the whole statement (fence, high seqs and events alike):
+#: :meth:`SqlStore._write_readings_pg` then reads which leases were lost. ``count /
+#: cardinality`` is 1 when every fence held and 0 otherwise (integer division; a stream is at
+#: most once in the arrays).
 _FENCED_READINGS_PG = text(
     "WITH fence AS ("
     "UPDATE stream_leases AS l SET head = f.last "
