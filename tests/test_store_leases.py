@@ -272,3 +272,42 @@ async def test_a_renewal_never_waits_for_a_lease_row_another_transaction_holds()
             assert lease is not None and lease.expires_at == 103.0 + TTL
         finally:
             await s.close()
+
+
+async def test_migration_0013_gives_the_fence_a_named_error_and_takes_it_back() -> None:
+    """PostgreSQL: the fence's check (``vitalwire_fence_held``) raises SQLSTATE VWF01 with a
+    message that says what happened, so that PostgreSQL's log does; the downgrade drops it."""
+    import asyncpg
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tests.test_history_rollups import _migrate
+    from tests.test_store import fresh_postgres_db
+    from vitalwire.store.sql import SqlStore, _async_url
+
+    async with fresh_postgres_db() as url:
+        s = SqlStore(url)
+        await s.open()
+        await s.close()
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT vitalwire_fence_held(2, 2)") == 1
+            with pytest.raises(asyncpg.PostgresError) as refused:
+                await conn.fetchval("SELECT vitalwire_fence_held(1, 3)")
+            assert refused.value.sqlstate == "VWF01"
+            assert "fenced: 2 of 3 streams" in str(refused.value)
+        finally:
+            await conn.close()
+        engine = create_async_engine(_async_url(url))
+        try:
+            async with engine.begin() as c:
+                await c.run_sync(_migrate, "downgrade", "0012")
+        finally:
+            await engine.dispose()
+        conn = await asyncpg.connect(url)
+        try:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM pg_proc WHERE proname = $1", "vitalwire_fence_held"
+            )
+            assert n == 0
+        finally:
+            await conn.close()

@@ -109,11 +109,10 @@ _READINGS_PG = text(
 #: A fenced batch of readings on PostgreSQL: the fence (:data:`_FENCE_PG`) and the readings
 #: (:data:`_READINGS_PG`) in ONE statement, run outside an explicit transaction (a statement is
 #: its own): one round trip where BEGIN, the lease rows' lock, the fence, the readings and
-#: COMMIT were five. ``held`` divides by zero when the fence moved fewer heads than the batch
-#: has streams, which aborts the whole statement (fence, high seqs and events alike):
-#: :meth:`SqlStore._write_readings_pg` then reads which leases were lost. ``count /
-#: cardinality`` is 1 when every fence held and 0 otherwise (integer division; a stream is at
-#: most once in the arrays).
+#: COMMIT were five. ``held`` raises the error ``VWF01`` (``vitalwire_fence_held``, migration
+#: 0013) when the fence moved fewer heads than the batch has streams (a stream is at most once
+#: in the arrays), which aborts the whole statement (fence, high seqs and events alike):
+#: :meth:`SqlStore._write_readings_pg` then reads which leases were lost.
 _FENCED_READINGS_PG = text(
     "WITH fence AS ("
     "UPDATE stream_leases AS l SET head = f.last "
@@ -122,7 +121,7 @@ _FENCED_READINGS_PG = text(
     "WHERE l.stream = f.stream AND l.node = f.node AND l.epoch = f.epoch "
     "AND l.head = f.first - 1 RETURNING 1"
     "), held AS ("
-    "SELECT 1 / (count(*) / cardinality(CAST(:s AS text[])))::int AS ok FROM fence"
+    "SELECT vitalwire_fence_held(count(*), cardinality(CAST(:s AS text[]))) AS ok FROM fence"
     "), seqs AS ("
     "INSERT INTO device_seqs (device_id, high_seq) "
     "SELECT * FROM unnest(CAST(:sd AS text[]), CAST(:sq AS bigint[])) "
@@ -134,8 +133,8 @@ _FENCED_READINGS_PG = text(
     "SELECT * FROM unnest(CAST(:es AS text[]), CAST(:eo AS bigint[]), CAST(:ek AS text[]), "
     "CAST(:et AS float8[]), CAST(:ed AS text[])) WHERE (SELECT ok FROM held) = 1"
 )
-#: PostgreSQL's SQLSTATE for a division by zero (how :data:`_FENCED_READINGS_PG` says "fenced").
-_DIVISION_BY_ZERO = "22012"
+#: The SQLSTATE of ``vitalwire_fence_held``'s error: :data:`_FENCED_READINGS_PG`'s "fenced".
+_FENCED_SQLSTATE = "VWF01"
 _PG_FLUSH = text(rollups.PG_FLUSH)
 _PG_NEW_MARKS = text(rollups.PG_NEW_MARKS)
 
@@ -1001,7 +1000,7 @@ class SqlStore:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 await conn.execute(statement, params)
         except DBAPIError as exc:
-            if not fence or getattr(exc.orig, "sqlstate", None) != _DIVISION_BY_ZERO:
+            if not fence or getattr(exc.orig, "sqlstate", None) != _FENCED_SQLSTATE:
                 raise
             lost = await self._lost_fences(fence)
             if not lost:  # cannot be (epochs and heads only grow): let the writer retry
