@@ -19,6 +19,7 @@ from sqlalchemy import insert, select
 from tests.conftest import RunningServer, login_token, start_server, stop_server
 from tests.test_pipeline import raw_device, reading, recv_json
 from tests.test_store import fresh_postgres_db
+from vitalwire.core.metrics import METRIC_BY_NAME
 from vitalwire.services.history import MAX_BUCKETS, History
 from vitalwire.store import schema as t
 from vitalwire.store.base import Batch
@@ -101,17 +102,23 @@ async def _all_events(store: SqlStore) -> list[Event]:
 
 
 def _assert_rollups_equal(got: dict[Any, tuple[Any, ...]], events: list[Event]) -> None:
+    """``got``: rows as stored, with the offsets' span (migration 0014) or without it."""
     want = {(r["stream"], r["start"], r["metric"]): r for r in rollup_rows(events)}
     assert set(got) == set(want)
-    for key, (lo, hi, total, n, lts, loff, last) in got.items():
+    for key, row in got.items():
+        lo, hi, total, n, lts, loff, last, first_o, last_o = (*row, None, None)[:9]
+        if len(row) == 7:
+            first_o, last_o = want[key]["lo_offset"], want[key]["hi_offset"]
         w = want[key]
-        assert (lo, hi, n, lts, loff, last) == (
+        assert (lo, hi, n, lts, loff, last, first_o, last_o) == (
             w["vmin"],
             w["vmax"],
             w["n"],
             w["last_ts"],
             w["last_offset"],
             w["vlast"],
+            w["lo_offset"],
+            w["hi_offset"],
         ), key
         assert total == pytest.approx(w["vsum"], rel=1e-12), key
 
@@ -452,9 +459,10 @@ async def test_migration_0012_downgrade_rolls_up_what_is_above_the_marks(
             async with engine.begin() as conn:
                 await conn.run_sync(_migrate, "downgrade", "0011")
                 r = t.vital_rollups
+                before_0014 = [c for c in r.c if c.name not in ("lo_offset", "hi_offset")]
                 got = {
                     (x.stream, x.start, x.metric): tuple(x)[3:]
-                    for x in await conn.execute(select(r))
+                    for x in await conn.execute(select(*before_0014))
                 }
                 rows = await conn.execute(select(t.events))
                 events = [
@@ -623,3 +631,133 @@ def test_the_book_writes_each_ended_minute_once_spread_and_a_few_streams_a_batch
     assert seen == streams[:10] and len(book) == 0
     book.backlog({s: 90 for s in streams[:10]})  # at a stop: all at once
     assert len(book.take(t0, everything=True)) == 10
+
+
+def _with_metric(e: Event) -> bool:
+    return any(
+        m in METRIC_BY_NAME and isinstance(v, int | float) and not isinstance(v, bool)
+        for m, v in e.data.items()
+    )
+
+
+# (from, to) in seconds after BASE: ranges on and off grain boundaries, inside one grain, over
+# everything, before and after the readings
+RANGES = [
+    (0.0, 1600.0),
+    (60.0, 120.0),
+    (-400.0, 30.0),
+    (7.3, 1500.1),
+    (250.0, 251.0),
+    (-1000.0, -500.0),
+    (1400.0, 5000.0),
+    (333.3, 900.9),
+]
+
+
+async def test_readings_between_finds_a_range_without_an_index_by_time(store: SqlStore) -> None:
+    """Migration 0014: a range's readings come from the roll-ups' offset spans (at or below
+    the mark) and the events after the mark. Late readings (receive times out of offset order),
+    ties on ts and marks at every position: each range, read whole or a page of 7 at a time
+    after the last position, is exactly the brute force's, in (ts, offset) order, none twice."""
+    written: list[Event] = []
+    checked = 0
+    marks_seen: set[int] = set()
+    for i, batch in enumerate(_events(seed=11, n=700)):
+        await store.write_batch(Batch(events=batch))
+        written += batch
+        if i % 9:
+            continue
+        marks_seen.add((await _marks(store)).get(STREAM, 0))
+        for a, b in RANGES:
+            frm, to = BASE + a, BASE + b
+            want = sorted(
+                (
+                    e
+                    for e in written
+                    if e.stream == STREAM
+                    and e.kind == "reading"
+                    and _with_metric(e)
+                    and frm <= e.ts < to
+                ),
+                key=lambda e: (e.ts, e.offset),
+            )
+            whole = await store.readings_between(STREAM, frm, to, None, 100_000)
+            pages: list[Event] = []
+            after: tuple[float, int] | None = None
+            while True:
+                page = await store.readings_between(STREAM, frm, to, after, 7)
+                pages += page
+                if len(page) < 7:
+                    break
+                after = (page[-1].ts, page[-1].offset)
+            for got in (whole, pages):
+                keys = [(e.ts, e.offset) for e in got]
+                assert keys == sorted(set(keys)), (a, b)  # ordered, none twice
+                assert all(e.kind == "reading" and frm <= e.ts < to for e in got)
+                assert [(e.offset, e.data) for e in got if _with_metric(e)] == [
+                    (e.offset, e.data) for e in want
+                ], (a, b)
+            checked += 1
+    assert checked > 40
+    assert len(marks_seen) > 3  # read with the mark at many places, not only at the head
+
+
+async def test_migration_0014_keeps_an_index_by_time_for_the_other_kinds_only(
+    tmp_path: Path,
+) -> None:
+    """The readings' index by (stream, kind, ts) is gone, a partial one for the other kinds
+    (device statuses, command lifecycles) serves their reads, and the downgrade puts the old
+    index back and drops the spans."""
+    from sqlalchemy import inspect, text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from vitalwire.store.sql import _async_url
+
+    for backend in ("sqlite", "postgresql"):
+        async with contextlib.AsyncExitStack() as stack:
+            if backend == "postgresql":
+                url = await stack.enter_async_context(fresh_postgres_db())
+            else:
+                url = f"sqlite:///{tmp_path / 'spans.db'}"
+            s = SqlStore(url)
+            await s.open()
+            for batch in _events(seed=5, n=200):
+                await s.write_batch(Batch(events=batch))
+            statuses = [e for b in _events(seed=5, n=200) for e in b if e.kind == "device_status"]
+            got = await s.status_between(STREAM, BASE - 1000, BASE + 5000)
+            assert [e.offset for e in got] == [
+                e.offset
+                for e in sorted(statuses, key=lambda e: (e.ts, e.offset))
+                if e.stream == STREAM
+            ]
+            await s.close()
+            engine = create_async_engine(_async_url(url))
+
+            def indexes(conn: Any) -> set[str]:
+                return {i["name"] for i in inspect(conn).get_indexes("events")}
+
+            def columns(conn: Any) -> set[str]:
+                return {c["name"] for c in inspect(conn).get_columns("vital_rollups")}
+
+            try:
+                async with engine.begin() as conn:
+                    names = await conn.run_sync(indexes)
+                    assert "ix_events_stream_kind_ts_other" in names
+                    assert "ix_events_stream_kind_ts" not in names
+                    if backend == "sqlite":  # the status read uses the partial index
+                        plan = await conn.execute(
+                            text(
+                                "EXPLAIN QUERY PLAN SELECT * FROM events WHERE stream = 'x' "
+                                "AND kind = 'device_status' AND kind != 'reading' AND ts >= 0"
+                            )
+                        )
+                        assert "ix_events_stream_kind_ts_other" in str(plan.all())
+                    await conn.run_sync(_migrate, "downgrade", "0013")
+                    names = await conn.run_sync(indexes)
+                    assert "ix_events_stream_kind_ts" in names
+                    assert "ix_events_stream_kind_ts_other" not in names
+                    assert not {"lo_offset", "hi_offset"} & await conn.run_sync(columns)
+                    await conn.run_sync(_migrate, "upgrade", "head")
+                    assert {"lo_offset", "hi_offset"} <= await conn.run_sync(columns)
+            finally:
+                await engine.dispose()

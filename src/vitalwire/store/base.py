@@ -193,8 +193,9 @@ class Store(Protocol):
     async def events_after(self, stream: str, after: int, limit: int) -> list[Event]: ...
     async def first_offset(self, stream: str) -> int | None: ...
     async def recent_events(self, stream: str, limit: int) -> list[Event]: ...
-    # vitals history: a stream's readings with ts_from <= ts < ts_to, ordered by (ts, offset),
-    # after the position (ts, offset) ``after`` when given; its device_status events in the range
+    # vitals history: a stream's readings (with a metric) with ts_from <= ts < ts_to, ordered by
+    # (ts, offset), after the position (ts, offset) ``after`` when given; its device_status
+    # events in the range
     async def readings_between(
         self,
         stream: str,
@@ -293,8 +294,8 @@ class Store(Protocol):
         self, stream: str, kind: str, ts_from: float, ts_to: float, limit: int
     ) -> list[Event]:
         """Events of ``kind`` in ``stream`` with ``ts_from <= ts <= ts_to`` in (ts, offset)
-        order, at most ``limit``: one range scan of ix_events_stream_kind_ts (a command's
-        lifecycle)."""
+        order, at most ``limit``, ``kind`` not a reading: one range scan of the partial index
+        ix_events_stream_kind_ts_other (a command's lifecycle)."""
         ...
 
     async def discharge_patient(

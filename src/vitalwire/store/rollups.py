@@ -88,14 +88,15 @@ def _number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def rollup_rows(events: Iterable[Event]) -> list[dict[str, Any]]:
+def rollup_rows(events: Iterable[Event], *, spans: bool = True) -> list[dict[str, Any]]:
     """The roll-up rows of ``events`` (readings only; other kinds are skipped), merged per
-    (stream, grain, metric), ready for :func:`upsert`."""
+    (stream, grain, metric), ready for :func:`upsert`. ``spans``: with the offsets' span
+    (``lo_offset``, ``hi_offset``: migration 0014; False for the migrations before it)."""
     per: dict[str, dict[tuple[int, str], _Acc]] = {}
     for e in events:
         if e.kind == READING:
             _add(per.setdefault(e.stream, {}), e)
-    return [
+    out = [
         {
             "stream": s,
             "start": start,
@@ -107,40 +108,59 @@ def rollup_rows(events: Iterable[Event]) -> list[dict[str, Any]]:
             "last_ts": r[4],
             "last_offset": r[5],
             "vlast": float(r[6]),
+            "lo_offset": r[7],
+            "hi_offset": r[8],
         }
         for s, rows in per.items()
         for (start, m), r in rows.items()
     ]
+    if not spans:
+        for row in out:
+            del row["lo_offset"], row["hi_offset"]
+    return out
 
 
-def upsert(dialect: Any) -> Any:
-    """INSERT ... ON CONFLICT that merges a row into the stored one (SQLite and PostgreSQL)."""
+def upsert(dialect: Any, *, spans: bool = True) -> Any:
+    """INSERT ... ON CONFLICT that merges a row into the stored one (SQLite and PostgreSQL);
+    ``spans`` as :func:`rollup_rows`'s."""
     r = t.vital_rollups
     stmt = dialect.insert(r)
     x = stmt.excluded
     later = or_(
         x.last_ts > r.c.last_ts, and_(x.last_ts == r.c.last_ts, x.last_offset > r.c.last_offset)
     )
+    merged = {
+        "vmin": case((x.vmin < r.c.vmin, x.vmin), else_=r.c.vmin),
+        "vmax": case((x.vmax > r.c.vmax, x.vmax), else_=r.c.vmax),
+        "vsum": r.c.vsum + x.vsum,
+        "n": r.c.n + x.n,
+        "last_ts": case((later, x.last_ts), else_=r.c.last_ts),
+        "last_offset": case((later, x.last_offset), else_=r.c.last_offset),
+        "vlast": case((later, x.vlast), else_=r.c.vlast),
+    }
+    if spans:  # a row whose span was never known (retention emptied it) takes the new one's
+        merged["lo_offset"] = case(
+            (or_(r.c.lo_offset.is_(None), x.lo_offset < r.c.lo_offset), x.lo_offset),
+            else_=r.c.lo_offset,
+        )
+        merged["hi_offset"] = case(
+            (or_(r.c.hi_offset.is_(None), x.hi_offset > r.c.hi_offset), x.hi_offset),
+            else_=r.c.hi_offset,
+        )
     return stmt.on_conflict_do_update(
-        index_elements=[r.c.stream, r.c.start, r.c.metric],
-        set_={
-            "vmin": case((x.vmin < r.c.vmin, x.vmin), else_=r.c.vmin),
-            "vmax": case((x.vmax > r.c.vmax, x.vmax), else_=r.c.vmax),
-            "vsum": r.c.vsum + x.vsum,
-            "n": r.c.n + x.n,
-            "last_ts": case((later, x.last_ts), else_=r.c.last_ts),
-            "last_offset": case((later, x.last_offset), else_=r.c.last_offset),
-            "vlast": case((later, x.vlast), else_=r.c.vlast),
-        },
+        index_elements=[r.c.stream, r.c.start, r.c.metric], set_=merged
     )
 
 
-def backfill(conn: Connection, dialect: Any, before: float | None = None) -> int:
+def backfill(
+    conn: Connection, dialect: Any, before: float | None = None, *, spans: bool = True
+) -> int:
     """Roll up the readings a store holds (all, or those with ``ts < before``) into
     ``vital_rollups``, merging with what is there; returns the events read. Reads the events in
-    (stream, offset) order a chunk at a time (migration 0010, retention)."""
+    (stream, offset) order a chunk at a time (migration 0010, retention); ``spans`` as
+    :func:`rollup_rows`'s."""
     e = t.events
-    stmt = upsert(dialect)
+    stmt = upsert(dialect, spans=spans)
     after: tuple[str, int] | None = None
     seen = 0
     while True:
@@ -157,20 +177,20 @@ def backfill(conn: Connection, dialect: Any, before: float | None = None) -> int
             return seen
         seen += len(rows)
         batch = [Event.from_stored(s, o, k, ts, d.encode()) for s, o, k, ts, d in rows]
-        out = rollup_rows(batch)
+        out = rollup_rows(batch, spans=spans)
         if out:
             conn.execute(stmt, out)
         after = (rows[-1][0], rows[-1][1])
 
 
-def upsert_above_marks(conn: Connection, dialect: Any) -> int:
+def upsert_above_marks(conn: Connection, dialect: Any, *, spans: bool = True) -> int:
     """Roll up every stream's readings above its mark into ``vital_rollups`` (migration 0012's
     downgrade: the versions before it expect every stored reading rolled up); returns the events
-    read."""
+    read. ``spans`` as :func:`rollup_rows`'s."""
     e, m = t.events, t.rollup_marks
     heads = conn.execute(select(e.c.stream, func.max(e.c.offset)).group_by(e.c.stream)).all()
     marks = dict(conn.execute(select(m.c.stream, m.c.rolled_offset)).all())
-    stmt = upsert(dialect)
+    stmt = upsert(dialect, spans=spans)
     seen = 0
     for stream, head in heads:
         after = int(marks.get(stream, 0))
@@ -186,24 +206,26 @@ def upsert_above_marks(conn: Connection, dialect: Any) -> int:
                 break
             seen += len(rows)
             batch = [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in rows]
-            if out := rollup_rows(batch):
+            if out := rollup_rows(batch, spans=spans):
                 conn.execute(stmt, out)
             after = int(rows[-1][0])
     return seen
 
 
-#: One metric's running roll-up: [min, max, sum, count, last_ts, last_offset, last].
+#: One metric's running roll-up: [min, max, sum, count, last_ts, last_offset, last], and in a
+#: node's book (not vitals history's buckets) the span of its readings' offsets [lo, hi].
 _Acc = list[Any]
 
 
 def _add(rows: dict[tuple[int, str], _Acc], e: Event) -> None:
     start = grain_of(e.ts)
+    off = e.offset
     for m, v in e.data.items():
         if m not in METRIC_BY_NAME or not _number(v):
             continue
         r = rows.get((start, m))
         if r is None:
-            rows[(start, m)] = [v, v, v, 1, e.ts, e.offset, v]
+            rows[(start, m)] = [v, v, v, 1, e.ts, off, v, off, off]
         else:
             if v < r[0]:
                 r[0] = v
@@ -211,13 +233,18 @@ def _add(rows: dict[tuple[int, str], _Acc], e: Event) -> None:
                 r[1] = v
             r[2] += v
             r[3] += 1
-            if (e.ts, e.offset) > (r[4], r[5]):
-                r[4], r[5], r[6] = e.ts, e.offset, v
+            if (e.ts, off) > (r[4], r[5]):
+                r[4], r[5], r[6] = e.ts, off, v
+            if off < r[7]:
+                r[7] = off
+            if off > r[8]:
+                r[8] = off
 
 
 def merge(acc: _Acc | None, other: _Acc) -> _Acc:
     """``other`` merged into ``acc`` (a copy of ``other`` when ``acc`` is None): the row of
-    both sets of readings. Also vitals history's, over roll-ups and raw readings."""
+    both sets of readings. Also vitals history's, over roll-ups and raw readings (rows of 7,
+    without the offsets' span)."""
     if acc is None:
         return list(other)
     if other[0] < acc[0]:
@@ -228,6 +255,11 @@ def merge(acc: _Acc | None, other: _Acc) -> _Acc:
     acc[3] += other[3]
     if (other[4], other[5]) > (acc[4], acc[5]):
         acc[4], acc[5], acc[6] = other[4], other[5], other[6]
+    if len(acc) > 7:
+        if other[7] < acc[7]:
+            acc[7] = other[7]
+        if other[8] > acc[8]:
+            acc[8] = other[8]
     return acc
 
 
@@ -244,7 +276,7 @@ class Flush(NamedTuple):
     stream: str
     base: int
     upto: int
-    #: (start, metric, min, max, sum, count, last_ts, last_offset, last)
+    #: (start, metric, min, max, sum, count, last_ts, last_offset, last, lo_offset, hi_offset)
     rows: list[tuple[Any, ...]]
 
 
@@ -399,16 +431,25 @@ _MERGE_SET = (
     "THEN excluded.last_offset ELSE vital_rollups.last_offset END, "
     "vlast = CASE WHEN (excluded.last_ts, excluded.last_offset) > "
     "(vital_rollups.last_ts, vital_rollups.last_offset) "
-    "THEN excluded.vlast ELSE vital_rollups.vlast END"
+    "THEN excluded.vlast ELSE vital_rollups.vlast END, "
+    "lo_offset = {least}(coalesce(vital_rollups.lo_offset, excluded.lo_offset), "
+    "excluded.lo_offset), "
+    "hi_offset = {greatest}(coalesce(vital_rollups.hi_offset, excluded.hi_offset), "
+    "excluded.hi_offset)"
 )
-_COLUMNS = "(stream, start, metric, vmin, vmax, vsum, n, last_ts, last_offset, vlast)"
+_COLUMNS = (
+    "(stream, start, metric, vmin, vmax, vsum, n, last_ts, last_offset, vlast, lo_offset, "
+    "hi_offset)"
+)
 _SQLITE_MARK = "coalesce((SELECT m.rolled_offset FROM rollup_marks m WHERE m.stream = {s}), 0)"
 
 #: SQLite, one JSON parameter of rows ``[stream, base, start, metric, min, max, sum, count,
-#: last_ts, last_offset, last]``: the rows whose stream's stored mark is ``base``.
+#: last_ts, last_offset, last, lo_offset, hi_offset]``: the rows whose stream's stored mark is
+#: ``base``.
 SQLITE_FLUSH_ROWS: Final = (
     f"INSERT INTO vital_rollups {_COLUMNS} SELECT value ->> 0, value ->> 2, value ->> 3, "
-    "value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 "
+    "value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, "
+    "value ->> 11, value ->> 12 "
     f"FROM json_each(?) WHERE {_SQLITE_MARK.format(s='value ->> 0')} = value ->> 1 "
     "ON CONFLICT (stream, start, metric) DO UPDATE SET "
     + _MERGE_SET.format(least="min", greatest="max")
@@ -418,7 +459,8 @@ SQLITE_FLUSH_ROWS: Final = (
 SQLITE_FLUSH_CATCH_UP: Final = (
     f"INSERT INTO vital_rollups {_COLUMNS} "
     "SELECT stream, start, metric, min(v), max(v), sum(v), count(*), max(lts), max(loff), "
-    "max(lv) FROM (SELECT e.stream AS stream, CAST(e.ts / 60 AS INTEGER) * 60 AS start, "
+    "max(lv), min(o), max(o) FROM (SELECT e.stream AS stream, "
+    'CAST(e.ts / 60 AS INTEGER) * 60 AS start, e."offset" AS o, '
     "j.key AS metric, j.value AS v, first_value(e.ts) OVER w AS lts, "
     'first_value(e."offset") OVER w AS loff, first_value(j.value) OVER w AS lv '
     "FROM json_each(?) d JOIN events e ON e.stream = d.value ->> 0 "
@@ -458,15 +500,16 @@ PG_FLUSH: Final = (
     "SELECT r.* FROM unnest(CAST(:rs AS text[]), CAST(:rt AS bigint[]), CAST(:rm AS text[]), "
     "CAST(:rlo AS float8[]), CAST(:rhi AS float8[]), CAST(:rsum AS float8[]), "
     "CAST(:rn AS bigint[]), CAST(:rlts AS float8[]), CAST(:rloff AS bigint[]), "
-    "CAST(:rlast AS float8[])) AS r(stream, start, metric, vmin, vmax, vsum, n, last_ts, "
-    "last_offset, vlast) JOIN m ON m.stream = r.stream AND m.mark = m.base "
+    "CAST(:rlast AS float8[]), CAST(:rlof AS bigint[]), CAST(:rhof AS bigint[])) "
+    "AS r(stream, start, metric, vmin, vmax, vsum, n, last_ts, last_offset, vlast, lo_offset, "
+    "hi_offset) JOIN m ON m.stream = r.stream AND m.mark = m.base "
     "ON CONFLICT (stream, start, metric) DO UPDATE SET "
     + _MERGE_SET.format(least="least", greatest="greatest")
     + " RETURNING 1), "
     f"caught AS (INSERT INTO vital_rollups {_COLUMNS} "
     "SELECT e.stream, CAST(floor(e.ts / 60) AS bigint) * 60, j.key, min(x.v), max(x.v), "
     f"sum(x.v), count(*), {_PG_LAST.format(x='e.ts')}, {_PG_LAST.format(x='e.offset')}, "
-    f"{_PG_LAST.format(x='x.v')} "
+    f'{_PG_LAST.format(x="x.v")}, min(e."offset"), max(e."offset") '
     'FROM m JOIN events e ON e.stream = m.stream AND e."offset" > m.mark '
     'AND e."offset" <= m.upto AND m.mark <> m.base '
     "CROSS JOIN LATERAL jsonb_each(CAST(e.data AS jsonb)) AS j(key, value) "
@@ -491,8 +534,8 @@ def sqlite_flush_params(flushes: list[Flush]) -> tuple[list[list[Any]], list[lis
 def pg_flush_params(flushes: list[Flush]) -> dict[str, list[Any]]:
     """:data:`PG_FLUSH`'s arrays."""
     rows = [(f.stream, *r) for f in flushes for r in f.rows]
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 10
-    names = ("rs", "rt", "rm", "rlo", "rhi", "rsum", "rn", "rlts", "rloff", "rlast")
+    names = ("rs", "rt", "rm", "rlo", "rhi", "rsum", "rn", "rlts", "rloff", "rlast", "rlof", "rhof")
+    cols = list(zip(*rows, strict=True)) if rows else [()] * len(names)
     out: dict[str, list[Any]] = {k: list(c) for k, c in zip(names, cols, strict=True)}
     for k in ("rlo", "rhi", "rsum", "rlast"):  # ints in JSON are floats in the table
         out[k] = [float(v) for v in out[k]]

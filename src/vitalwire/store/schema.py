@@ -14,6 +14,7 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    text,
 )
 
 metadata = MetaData()
@@ -105,8 +106,18 @@ events = Table(
     Column("kind", String(32), nullable=False),
     Column("ts", Float, nullable=False),
     Column("data", Text, nullable=False),
-    # a patient's readings (or device statuses) in a time range: vitals history (migration 0008)
-    Index("ix_events_stream_kind_ts", "stream", "kind", "ts"),
+    # a patient's device statuses (vitals history's gaps) or a command's lifecycle in a time
+    # range (migration 0008); not its readings (migration 0014): those are found through the
+    # offsets' span of each roll-up grain (store/sql.py ``readings_between``), for the index
+    # cost a page write per stream and reading
+    Index(
+        "ix_events_stream_kind_ts_other",
+        "stream",
+        "kind",
+        "ts",
+        sqlite_where=text("kind <> 'reading'"),
+        postgresql_where=text("kind <> 'reading'"),
+    ),
 )
 
 # Who may write each stream, for several nodes on one store (migration 0011; docs/architecture.md,
@@ -140,6 +151,10 @@ vital_rollups = Table(
     Column("last_ts", Float, nullable=False),
     Column("last_offset", BigInteger, nullable=False),
     Column("vlast", Float, nullable=False),
+    # the lowest and highest offset of the readings counted (migration 0014): where a time
+    # range's readings lie in the events' primary key; NULL when retention deleted them all
+    Column("lo_offset", BigInteger, nullable=True),
+    Column("hi_offset", BigInteger, nullable=True),
     # SQLite: the rows stored in key order, so a patient's day is consecutive pages
     sqlite_with_rowid=False,
 )

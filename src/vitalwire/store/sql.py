@@ -27,6 +27,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal_column,
     or_,
     select,
     text,
@@ -135,6 +136,9 @@ _FENCED_READINGS_PG = text(
 )
 #: The SQLSTATE of ``vitalwire_fence_held``'s error: :data:`_FENCED_READINGS_PG`'s "fenced".
 _FENCED_SQLSTATE = "VWF01"
+#: The condition of the events' partial index by time (migration 0014), as the index has it:
+#: SQLite uses a partial index only for a query whose WHERE names its condition, literal included.
+_NOT_READING = t.events.c.kind != literal_column("'reading'")
 _PG_FLUSH = text(rollups.PG_FLUSH)
 _PG_NEW_MARKS = text(rollups.PG_NEW_MARKS)
 
@@ -1239,9 +1243,19 @@ class SqlStore:
         after: tuple[float, int] | None,
         limit: int,
     ) -> list[Event]:
-        """Readings of ``stream`` with ``ts_from <= ts < ts_to`` in (ts, offset) order, after
-        the position ``after``: one range scan of ix_events_stream_kind_ts."""
-        e = t.events
+        """Readings of ``stream`` with ``ts_from <= ts < ts_to`` and at least one metric (the
+        readings roll-ups count), in (ts, offset) order, after the position ``after``.
+
+        No index orders readings by time (migration 0014: it cost a page write per stream and
+        batch). Those at or below the stream's roll-up mark lie within the offsets' span of the
+        roll-up rows of the range's grains (``lo_offset`` … ``hi_offset``); those above it are
+        the events after the mark. So: two range scans of the events' primary key, merged. The
+        mark is read before the spans: a flush in between moves both, and the rows it adds above
+        the mark read here are cut off (the scan after the mark holds them), so nothing is read
+        twice or missed. A span is as wide as its grain's readings' offsets: narrow while
+        receive times follow offsets (one node's clock); a clock stepped back only widens it."""
+        e, r, m = t.events, t.vital_rollups, t.rollup_marks
+        begin = ts_from if after is None else max(ts_from, after[0])
         q = select(e.c.offset, e.c.kind, e.c.ts, e.c.data).where(
             e.c.stream == stream, e.c.kind == READING, e.c.ts >= ts_from, e.c.ts < ts_to
         )
@@ -1250,7 +1264,22 @@ class SqlStore:
             q = q.where(or_(e.c.ts > a_ts, and_(e.c.ts == a_ts, e.c.offset > a_off)))
         q = q.order_by(e.c.ts, e.c.offset).limit(limit)
         async with self.engine.connect() as conn:
-            rows = await conn.execute(q)
+            mark = (await conn.scalar(select(m.c.rolled_offset).where(m.c.stream == stream))) or 0
+            lo, hi = (
+                await conn.execute(
+                    select(func.min(r.c.lo_offset), func.max(r.c.hi_offset)).where(
+                        r.c.stream == stream,
+                        r.c.start >= rollups.grain_of(begin),
+                        r.c.start < ts_to,
+                    )
+                )
+            ).one()
+            rows = list(await conn.execute(q.where(e.c.offset > mark)))
+            if lo is not None and lo <= mark:
+                span = (e.c.offset >= lo, e.c.offset <= min(hi, mark))
+                rows += await conn.execute(q.where(*span))
+                rows.sort(key=lambda x: (x[2], x[0]))
+                del rows[limit:]
             return [Event.from_stored(stream, o, k, ts, d.encode()) for o, k, ts, d in rows]
 
     async def events_of_kind_between(
@@ -1259,7 +1288,13 @@ class SqlStore:
         e = t.events
         q = (
             select(e.c.offset, e.c.kind, e.c.ts, e.c.data)
-            .where(e.c.stream == stream, e.c.kind == kind, e.c.ts >= ts_from, e.c.ts <= ts_to)
+            .where(
+                e.c.stream == stream,
+                e.c.kind == kind,
+                _NOT_READING,
+                e.c.ts >= ts_from,
+                e.c.ts <= ts_to,
+            )
             .order_by(e.c.ts, e.c.offset)
             .limit(limit)
         )
@@ -1292,6 +1327,7 @@ class SqlStore:
             .where(
                 e.c.stream == stream,
                 e.c.kind == DEVICE_STATUS,
+                _NOT_READING,
                 e.c.ts >= ts_from,
                 e.c.ts < ts_to,
             )

@@ -39,7 +39,7 @@ def upgrade() -> None:
     from vitalwire.store.rollups import backfill
 
     bind = op.get_bind()
-    backfill(bind, sqlite if bind.dialect.name == "sqlite" else postgresql)
+    backfill(bind, sqlite if bind.dialect.name == "sqlite" else postgresql, spans=False)
 
 
 def downgrade() -> None:

@@ -39,5 +39,5 @@ def downgrade() -> None:
     from vitalwire.store.rollups import upsert_above_marks
 
     bind = op.get_bind()
-    upsert_above_marks(bind, sqlite if bind.dialect.name == "sqlite" else postgresql)
+    upsert_above_marks(bind, sqlite if bind.dialect.name == "sqlite" else postgresql, spans=False)
     op.drop_table("rollup_marks")
