@@ -31,15 +31,22 @@ BASE = 1_700_000_013.25  # not on a grain boundary
 STREAM = "patient:P1"
 
 
+@contextlib.asynccontextmanager
+async def _store_url(backend: str, path: Path) -> AsyncIterator[str]:
+    """A fresh store's URL: a new PostgreSQL database, or a SQLite file at ``path``."""
+    if backend == "postgresql":
+        async with fresh_postgres_db() as url:
+            yield url
+    else:
+        yield f"sqlite:///{path}"
+
+
 @pytest.fixture(params=["sqlite", "sqlite-engine", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
     """``sqlite``: the dedicated writer's one-statement path; ``sqlite-engine`` and
     ``postgresql``: the async engine's."""
-    async with contextlib.AsyncExitStack() as stack:
-        if request.param == "postgresql":
-            url = await stack.enter_async_context(fresh_postgres_db())
-        else:
-            url = f"sqlite:///{tmp_path / 'store.db'}"
+    backend = "postgresql" if request.param == "postgresql" else "sqlite"
+    async with _store_url(backend, tmp_path / "store.db") as url:
         s = SqlStore(url, dedicated_writer=request.param == "sqlite")
         await s.open()
         try:
@@ -398,11 +405,7 @@ async def test_migration_0010_backfills_a_store_written_before_it(
     from vitalwire.store.sql import _async_url
 
     for backend in ("sqlite", "postgresql"):
-        async with contextlib.AsyncExitStack() as stack:
-            if backend == "postgresql":
-                url = await stack.enter_async_context(fresh_postgres_db())
-            else:
-                url = f"sqlite:///{tmp_path / 'old.db'}"
+        async with _store_url(backend, tmp_path / "old.db") as url:
             engine = create_async_engine(_async_url(url))
 
             events = [e for b in _events(seed=4, n=400) for e in b]
@@ -442,11 +445,7 @@ async def test_migration_0012_downgrade_rolls_up_what_is_above_the_marks(
     from vitalwire.store.sql import _async_url
 
     for backend in ("sqlite", "postgresql"):
-        async with contextlib.AsyncExitStack() as stack:
-            if backend == "postgresql":
-                url = await stack.enter_async_context(fresh_postgres_db())
-            else:
-                url = f"sqlite:///{tmp_path / 'down.db'}"
+        async with _store_url(backend, tmp_path / "down.db") as url:
             s = SqlStore(url)
             await s.open()
             for batch in _events(seed=7, n=500):
@@ -714,11 +713,7 @@ async def test_migration_0014_keeps_an_index_by_time_for_the_other_kinds_only(
     from vitalwire.store.sql import _async_url
 
     for backend in ("sqlite", "postgresql"):
-        async with contextlib.AsyncExitStack() as stack:
-            if backend == "postgresql":
-                url = await stack.enter_async_context(fresh_postgres_db())
-            else:
-                url = f"sqlite:///{tmp_path / 'spans.db'}"
+        async with _store_url(backend, tmp_path / "spans.db") as url:
             s = SqlStore(url)
             await s.open()
             for batch in _events(seed=5, n=200):
